@@ -1,0 +1,393 @@
+"""RL math checked against values computed independently (plain Python floats, loops, a second formula)."""
+
+import math
+import statistics
+
+import pytest
+import torch
+import torch.nn as nn
+
+from vold_pl.rl.advantages import group_advantages
+from vold_pl.rl.logprobs import (
+    model_token_logprobs,
+    selective_log_softmax,
+    token_logprobs_from_hidden,
+    token_logprobs_from_logits,
+)
+from vold_pl.rl.losses import (
+    AGGREGATIONS,
+    OPD_ESTIMATORS,
+    aggregate,
+    clipped_surrogate,
+    full_reverse_kl,
+    k3_kl,
+    masked_mean,
+    opd_gate,
+    opd_loss,
+    opd_token_advantages,
+    sampled_reverse_kl,
+)
+
+EPS = 1e-6
+D = torch.float64
+
+
+def t(x):
+    return torch.tensor(x, dtype=D)
+
+
+# ------------------------------------------------------------------------------------------------ advantages
+GROUPS = [[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.5, 1.5, 2.0, 0.0], [0.1 + 0.2] * 4]
+
+
+def _expected(groups, scale, unbiased=True):
+    std_fn = statistics.stdev if unbiased else statistics.pstdev
+    flat = [r for g in groups for r in g]
+    out, zero = [], []
+    for g in groups:
+        mean = sum(g) / len(g)
+        equal = max(g) == min(g)
+        zero.append(equal)
+        for r in g:
+            if equal:
+                out.append(0.0)
+            elif scale == "none":
+                out.append(r - mean)
+            elif scale == "group":
+                out.append((r - mean) / (std_fn(g) + EPS))
+            else:
+                out.append((r - mean) / (std_fn(flat) + EPS))
+    return out, zero
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_group_advantages_by_hand(scale, unbiased):
+    rewards = t([r for g in GROUPS for r in g])
+    adv, zero = group_advantages(rewards, 4, scale, eps=EPS, unbiased=unbiased)
+    exp_adv, exp_zero = _expected(GROUPS, scale, unbiased)
+    assert adv.shape == (16,) and zero.shape == (4,) and zero.dtype == torch.bool
+    assert torch.allclose(adv, t(exp_adv), atol=1e-12)
+    assert zero.tolist() == exp_zero == [False, True, False, True]
+    # all-equal groups are exactly zero, even 0.30000000000000004 whose mean has float residue
+    assert torch.equal(adv[4:8], torch.zeros(4, dtype=D)) and torch.equal(adv[12:], torch.zeros(4, dtype=D))
+
+
+def test_group_advantages_known_numbers():
+    adv, _ = group_advantages(t([1.0, 0.0, 0.0, 0.0]), 4, "group", eps=0.0)
+    # mean 0.25, unbiased std sqrt(0.75/3) = 0.5
+    assert torch.allclose(adv, t([1.5, -0.5, -0.5, -0.5]))
+    adv, _ = group_advantages(t([1.0, 0.0, 0.0, 0.0]), 4, "none")
+    assert torch.allclose(adv, t([0.75, -0.25, -0.25, -0.25]))
+
+
+def test_group_advantages_edge_cases():
+    adv, zero = group_advantages(t([1.0, 0.0, 0.5]), 1, "group")  # G=1: unbiased std undefined
+    assert torch.equal(adv, torch.zeros(3, dtype=D)) and zero.all()
+    adv, zero = group_advantages(torch.tensor([1, 0, 1, 1]), 2, "batch")  # int rewards
+    assert adv.dtype == torch.float32 and zero.tolist() == [False, True]
+    assert torch.isfinite(adv).all()
+    with pytest.raises(ValueError):
+        group_advantages(t([1.0, 0.0, 1.0]), 2)
+    with pytest.raises(ValueError):
+        group_advantages(t([1.0, 0.0]), 2, "bogus")
+
+
+# ------------------------------------------------------------------------------------------ clipped surrogate
+# (rho, A, expected loss, low clipped, high clipped), eps_low = 0.2, eps_high = 0.28
+CASES = [
+    (1.5, 1.0, -1.28, False, True),   # -min(1.5, 1.28)
+    (0.5, -1.0, 0.8, True, False),    # -min(-0.5, -0.8)
+    (1.5, -1.0, 1.5, False, False),   # -min(-1.5, -1.28): unclipped side
+    (0.5, 1.0, -0.5, False, False),   # -min(0.5, 0.8)
+    (1.1, 2.0, -2.2, False, False),   # inside the clip range
+    (0.7, -2.0, 1.6, True, False),    # -min(-1.4, -1.6)
+]
+
+
+def test_clipped_surrogate_hand_values_and_grads():
+    rho = t([[c[0] for c in CASES]])  # [1, 6]
+    adv = t([[c[1] for c in CASES]])  # [1, 6] per-token advantages
+    logp = rho.log().requires_grad_(True)
+    loss, stats = clipped_surrogate(logp, torch.zeros_like(logp), adv, eps_low=0.2, eps_high=0.28)
+    assert torch.allclose(loss, t([[c[2] for c in CASES]]), atol=1e-12)
+    assert stats.low_clipped.tolist() == [[c[3] for c in CASES]]
+    assert stats.high_clipped.tolist() == [[c[4] for c in CASES]]
+    loss.sum().backward()
+    # d/dlogp of -rho*A is -rho*A where the unclipped branch is taken, 0 where the clip is active
+    exp_grad = [0.0 if (c[3] or c[4]) else -c[0] * c[1] for c in CASES]
+    assert torch.allclose(logp.grad, t([exp_grad]), atol=1e-12)
+
+
+def test_clip_fractions_masked():
+    rho = t([[c[0] for c in CASES]])
+    adv = t([[c[1] for c in CASES]])
+    _, stats = clipped_surrogate(rho.log(), torch.zeros_like(rho), adv, 0.2, 0.28)
+    mask = torch.tensor([[True, True, True, True, False, False]])
+    fr = stats.fractions(mask)
+    assert fr["clip_low"].item() == pytest.approx(1 / 4)
+    assert fr["clip_high"].item() == pytest.approx(1 / 4)
+    assert fr["clip_region"].item() == pytest.approx(2 / 4)
+    assert fr["ratio_mean"].item() == pytest.approx((1.5 + 0.5 + 1.5 + 0.5) / 4)
+    assert masked_mean(rho, torch.zeros_like(mask)).item() == 0.0
+
+
+def test_on_policy_ratio_is_one_and_gradient_is_policy_gradient():
+    torch.manual_seed(0)
+    logp = (torch.randn(3, 5, dtype=D) - 2).requires_grad_(True)
+    adv = t([0.7, -1.3, 0.0])
+    loss, stats = clipped_surrogate(logp, logp.detach(), adv, 0.2, 0.28)
+    assert torch.equal(stats.ratio, torch.ones(3, 5, dtype=D))
+    assert not stats.low_clipped.any() and not stats.high_clipped.any()
+    loss.sum().backward()
+    assert torch.allclose(logp.grad, -adv[:, None].expand(3, 5))
+
+
+# --------------------------------------------------------------------------------------------------- k3 KL
+def test_k3_hand_values_and_nonnegative():
+    pairs = [(math.log(0.5), math.log(0.25)), (math.log(0.1), math.log(0.9)), (-1.0, -1.0)]
+    got = k3_kl(t([[p[0] for p in pairs]]), t([[p[1] for p in pairs]]))
+    exp = [math.exp(r - lp) - (r - lp) - 1 for lp, r in pairs]
+    assert torch.allclose(got, t([exp]), atol=1e-12)
+    assert exp[0] == pytest.approx(0.5 + math.log(2) - 1) and exp[2] == 0.0
+    torch.manual_seed(1)
+    assert (k3_kl(torch.randn(50, 20) * 3, torch.randn(50, 20) * 3) >= 0).all()
+
+
+# ----------------------------------------------------------------------------------------------- aggregation
+NAN = float("nan")
+X = [[1.0, 2.0, 3.0, 4.0], [10.0, 20.0, NAN, NAN], [5.0, float("inf"), 0.0, 0.0], [NAN, NAN, NAN, NAN]]
+M = [[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
+
+
+def test_aggregation_modes_uneven_masks():
+    x, m = t(X), torch.tensor(M, dtype=torch.bool)
+    rows = [sum(v for v, k in zip(xr, mr) if k) / max(sum(mr), 1) for xr, mr in zip(X, M)]
+    total = sum(v for xr, mr in zip(X, M) for v, k in zip(xr, mr) if k)  # 45
+    count = sum(map(sum, M))  # 7
+    assert aggregate(x, m, "sequence").item() == pytest.approx(sum(rows) / 4)  # (2.5 + 15 + 5 + 0) / 4
+    assert aggregate(x, m, "sequence").item() == pytest.approx(5.625)
+    assert aggregate(x, m, "token").item() == pytest.approx(total / count)
+    assert aggregate(x, m, "dr_grpo").item() == pytest.approx(total / (4 * 4))
+    assert aggregate(x, m, "dr_grpo", max_len=8).item() == pytest.approx(45 / 32)
+    assert aggregate(x, m.float(), "token").item() == pytest.approx(45 / 7)  # float masks too
+    for mode in AGGREGATIONS:
+        assert aggregate(x, torch.zeros_like(m), mode).item() == 0.0
+    with pytest.raises(ValueError):
+        aggregate(x, m, "mean")
+
+
+def test_aggregation_gradient_has_no_nan():
+    x = t(X).requires_grad_(True)
+    aggregate(x, torch.tensor(M, dtype=torch.bool), "sequence").backward()
+    exp = [[0.25 / 4] * 4, [0.125, 0.125, 0, 0], [0.25, 0, 0, 0], [0, 0, 0, 0]]
+    assert torch.allclose(x.grad, t(exp))
+
+
+# -------------------------------------------------------------------------------------------------- OPD
+def test_sampled_reverse_kl_value_and_gradients():
+    s = t([[math.log(0.6), math.log(0.1)]]).requires_grad_(True)
+    tl = t([[math.log(0.3), math.log(0.4)]])
+    exp = [math.log(0.6 / 0.3), math.log(0.1 / 0.4)]
+    k1 = sampled_reverse_kl(s, tl)
+    assert torch.allclose(k1, t([exp]))
+    k1.sum().backward()  # reinforce: grad = sg(k1)
+    assert torch.allclose(s.grad, t([exp]))
+    s.grad = None
+    sampled_reverse_kl(s, tl, grad="pathwise").sum().backward()
+    assert torch.allclose(s.grad, torch.ones_like(s))
+    assert OPD_ESTIMATORS["k1"] is sampled_reverse_kl and OPD_ESTIMATORS["full"] is full_reverse_kl
+
+
+def _softmax(row):
+    z = [math.exp(v) for v in row]
+    return [v / sum(z) for v in z]
+
+
+def _manual_kl(srow, trow, top_k=None, renorm=True):
+    p, q = _softmax(srow), _softmax(trow)
+    idx = range(len(p)) if top_k is None else sorted(range(len(p)), key=lambda i: -p[i])[:top_k]
+    pp, qq = [p[i] for i in idx], [q[i] for i in idx]
+    if top_k is not None and renorm:
+        pp, qq = [v / sum(pp) for v in pp], [v / sum(qq) for v in qq]
+    return sum(a * (math.log(a) - math.log(b)) for a, b in zip(pp, qq))
+
+
+@pytest.mark.parametrize("top_k,renorm", [(None, True), (2, True), (2, False), (5, True)])
+def test_full_reverse_kl_against_vocab_loop(top_k, renorm):
+    torch.manual_seed(2)
+    s, tt = torch.randn(2, 3, 5, dtype=D), torch.randn(2, 3, 5, dtype=D)
+    got = full_reverse_kl(s, tt, top_k=top_k, renormalize=renorm)
+    for i in range(2):
+        for j in range(3):
+            exp = _manual_kl(s[i, j].tolist(), tt[i, j].tolist(), top_k, renorm)
+            assert got[i, j].item() == pytest.approx(exp, rel=1e-5, abs=1e-6)
+    if renorm:
+        assert (got >= 0).all()
+
+
+def test_full_reverse_kl_zero_when_equal_and_logprob_inputs():
+    torch.manual_seed(3)
+    s = torch.randn(4, 6, 11)
+    assert torch.allclose(full_reverse_kl(s, s + 3.0), torch.zeros(4, 6), atol=1e-5)  # shift = same dist
+    logprobs = torch.log_softmax(s, -1)
+    tt = torch.randn(4, 6, 11)
+    assert torch.allclose(full_reverse_kl(s, tt), full_reverse_kl(logprobs, torch.log_softmax(tt, -1)), atol=1e-5)
+    assert (full_reverse_kl(s, tt) >= 0).all()
+    with pytest.raises(ValueError):
+        full_reverse_kl(s, torch.randn(4, 6, 12))
+
+
+def test_full_reverse_kl_gradient_closed_form():
+    torch.manual_seed(4)
+    s = torch.randn(2, 3, 7, requires_grad=True)
+    tt = torch.randn(2, 3, 7, requires_grad=True)
+    kl = full_reverse_kl(s, tt)
+    kl.sum().backward()
+    # dKL/dz_j = p_j * ((log p_j - log q_j) - KL), the softmax Jacobian applied by hand
+    p, lp, lq = torch.softmax(s.detach(), -1), torch.log_softmax(s.detach(), -1), torch.log_softmax(tt.detach(), -1)
+    exp = p * ((lp - lq) - kl.detach().unsqueeze(-1))
+    assert torch.allclose(s.grad, exp, atol=1e-6)
+    assert tt.grad is None  # the teacher is a constant
+
+
+def test_opd_gate():
+    r = t([1.0, 0.0, 1.0, 0.0, 1.5, -0.5])
+    assert opd_gate(r, "failed").tolist() == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+    assert opd_gate(r, "all").tolist() == [1.0] * 6
+    avail = torch.tensor([True, True, False, False, True, True])
+    assert opd_gate(r, "failed", available=avail).tolist() == [0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    assert opd_gate(torch.tensor([True, False]), "failed").tolist() == [0.0, 1.0]
+    with pytest.raises(ValueError):
+        opd_gate(r, "succeeded")
+
+
+def test_opd_token_advantages_hand_values():
+    adv = t([1.0, -1.0, 0.5])
+    k1 = t([[0.2, -0.4], [0.3, 0.1], [float("inf"), NAN]])
+    gate = t([1.0, 0.5, 0.0])
+    out = opd_token_advantages(adv, k1, 0.5, gate)
+    exp = [[1.0 - 0.5 * 0.2, 1.0 + 0.5 * 0.4], [-1.0 - 0.25 * 0.3, -1.0 - 0.25 * 0.1], [0.5, 0.5]]
+    assert torch.allclose(out, t(exp))
+
+
+def test_opd_advantage_mode_gradient():
+    logp = t([[-1.0, -2.0], [-0.5, -0.3]]).requires_grad_(True)
+    tl = t([[-1.5, -1.0], [-0.5, -0.1]])
+    adv, gate, lam = t([1.0, -2.0]), t([1.0, 1.0]), 0.25
+    a_t = opd_token_advantages(adv, sampled_reverse_kl(logp, tl), lam, gate)
+    loss, _ = clipped_surrogate(logp, logp.detach(), a_t, 0.2, 0.28)
+    loss.sum().backward()
+    exp = [[-(1.0 - lam * 0.5), -(1.0 - lam * -1.0)], [-(-2.0 - 0.0), -(-2.0 - lam * -0.2)]]
+    assert torch.allclose(logp.grad, t(exp))
+
+
+def test_opd_loss_mode_values_and_gradient():
+    logp = t([[-1.0, -2.0, -0.1], [-0.5, -0.3, -0.2]]).requires_grad_(True)
+    tl = t([[-1.5, -1.0, NAN], [-0.5, -0.1, -0.4]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    gate, lam = t([1.0, 0.0]), 0.5
+    k1 = sampled_reverse_kl(logp, tl)  # row 0: [0.5, -1.0, nan]
+    loss = opd_loss(k1, mask, gate, lam, "token")
+    assert loss.item() == pytest.approx(0.5 * (0.5 - 1.0) / 5)  # gated row still counts in the normaliser
+    loss.backward()
+    assert torch.allclose(logp.grad, t([[0.5 * 0.5 / 5, 0.5 * -1.0 / 5, 0.0], [0.0, 0.0, 0.0]]))
+    seq = opd_loss(full_reverse_kl(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4)), mask, gate, lam, "sequence")
+    assert seq.item() == 0.0
+
+
+# ------------------------------------------------------------------------------------------------ logprobs
+def _ref_logp(logits, ids, temp=1.0):
+    lp = torch.log_softmax(logits.float() / temp, -1)
+    return lp.gather(-1, ids.unsqueeze(-1)).squeeze(-1), -(lp.exp() * lp).sum(-1)
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+@pytest.mark.parametrize("chunk", [4, 1000])
+def test_chunked_logprobs_match_unchunked(ckpt, chunk):
+    torch.manual_seed(5)
+    head = nn.Linear(16, 50, bias=False)
+    h1 = torch.randn(3, 7, 16, requires_grad=True)
+    h2 = h1.detach().clone().requires_grad_(True)
+    ids = torch.randint(0, 50, (3, 7))
+    lp, ent = token_logprobs_from_hidden(h1, head, ids, chunk_size=chunk, temperature=0.7,
+                                         return_entropy=True, checkpoint_chunks=ckpt)
+    ref_lp, ref_ent = _ref_logp(head(h2), ids, 0.7)
+    assert torch.allclose(lp, ref_lp, atol=1e-5) and torch.allclose(ent, ref_ent, atol=1e-5)
+    (lp.sum() + 0.3 * ent.sum()).backward()
+    g_head = head.weight.grad.clone()
+    head.weight.grad = None
+    (ref_lp.sum() + 0.3 * ref_ent.sum()).backward()
+    assert torch.allclose(h1.grad, h2.grad, atol=1e-5)
+    assert torch.allclose(g_head, head.weight.grad, atol=1e-5)
+    only = token_logprobs_from_hidden(h1, head.weight, ids, chunk_size=chunk, temperature=0.7)
+    assert torch.allclose(only, ref_lp, atol=1e-5)
+
+
+def test_logits_paths_match_manual():
+    torch.manual_seed(6)
+    logits = torch.randn(2, 5, 30).bfloat16()
+    ids = torch.randint(0, 30, (2, 5))
+    ref, ref_ent = _ref_logp(logits, ids, 1.3)
+    lp, ent = token_logprobs_from_logits(logits, ids, 1.3, return_entropy=True)
+    assert lp.dtype == torch.float32 and torch.allclose(lp, ref, atol=1e-5)
+    assert torch.allclose(ent, ref_ent, atol=1e-5)
+    assert torch.allclose(selective_log_softmax(logits, ids, 1.3, chunk_size=3), ref, atol=1e-5)
+
+
+def _tiny_qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(7)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def test_model_token_logprobs_matches_full_logits():
+    model = _tiny_qwen2()
+    ids = torch.randint(0, 300, (2, 10))
+    attn = torch.ones(2, 10, dtype=torch.long)
+    attn[1, :2] = 0  # left padding on row 1
+    start = 6
+    lp = model_token_logprobs(model, ids, attn, start, chunk_size=3, checkpoint_chunks=True)
+    g_ours = torch.autograd.grad(lp.sum(), model.lm_head.weight)[0]
+    logits = model(input_ids=ids, attention_mask=attn).logits  # [2, 10, 300]
+    manual = torch.zeros(2, 10 - start)
+    for i in range(2):
+        for j, pos in enumerate(range(start, 10)):
+            manual[i, j] = torch.log_softmax(logits[i, pos - 1], -1)[ids[i, pos]]
+    assert lp.shape == (2, 4) and torch.allclose(lp, manual, atol=1e-5)
+    g_ref = torch.autograd.grad(manual.sum(), model.lm_head.weight)[0]
+    assert torch.allclose(g_ours, g_ref, atol=1e-5)
+
+    comp = torch.zeros(2, 10, dtype=torch.bool)
+    comp[0, 6:] = True
+    comp[1, 6:9] = True  # row 1's completion is one token shorter (right padding)
+    lpm = model_token_logprobs(model, ids, attn, comp)
+    assert lpm.shape == (2, 4) and torch.allclose(lpm[:, :3], manual[:, :3], atol=1e-5)
+    assert lpm[0, 3].item() == pytest.approx(manual[0, 3].item(), abs=1e-5) and lpm[1, 3].item() == 0.0
+
+
+def test_model_token_logprobs_fallback_without_backbone_attr():
+    model = _tiny_qwen2()
+
+    class Wrapped(nn.Module):  # exposes the head but no `.model`: forces the output_hidden_states path
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def get_output_embeddings(self):
+            return self.inner.lm_head
+
+        def forward(self, **kw):
+            return self.inner(**kw)
+
+    ids = torch.randint(0, 300, (2, 8))
+    with torch.no_grad():
+        ours = model_token_logprobs(Wrapped(model), ids, None, 3, temperature=0.9)
+        logits = model(input_ids=ids).logits
+    ref = torch.log_softmax(logits[:, 2:7] / 0.9, -1).gather(-1, ids[:, 3:].unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    with pytest.raises(ValueError):
+        model_token_logprobs(model, ids, None, 0)

@@ -1,0 +1,204 @@
+"""Tests of the synthetic visual-reasoning generator.
+
+The checks of answers and pixels parse the caption with their own regexes and recompute everything, so they
+test the generator against an independent reading of its text view, not against its own helpers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from vold_pl.data import synthetic as syn
+from vold_pl.data.schema import read_jsonl
+
+SMALL = dict(n_train=96, n_val=24, n_test=24)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("syn") / "seed0"
+    syn.generate_dataset(out, seed=0, **SMALL)
+    return out
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _load(d: Path, name: str):
+    recs, skipped = read_jsonl(d / f"{name}.jsonl")
+    assert skipped == []
+    return recs
+
+
+# ---- an independent reader of the text view ----
+
+def parse_caption(text_view: str) -> tuple[str, dict[tuple[int, int], tuple[str, str]], str]:
+    """(background, {(row, col): (colour, shape)}, question) from a text view."""
+    caption, question = text_view.split("\n", 1)
+    bg = re.search(r"on a (\w+) background", caption).group(1)
+    cells = {}
+    for row, body in re.findall(r"Row (\d): ([^.]*)\.", caption):
+        for color, shape, col in re.findall(r"a (\w+) (square|circle) in column (\d)", body):
+            cells[int(row), int(col)] = (color, shape)
+    n = int(re.search(r"with (\d+) shapes?\.", caption).group(1))
+    assert n == len(cells)
+    totals = dict((f"{c} {s}", int(k)) for k, c, s in re.findall(r"(\d+) (\w+) (square|circle)s?", caption.split("In total:")[1]))
+    assert sum(totals.values()) == n and all(sum(v == tuple(k.split()) for v in cells.values()) == m for k, m in totals.items())
+    return bg, cells, question
+
+
+def solve(cells: dict, question: str) -> str:
+    """Answer any generated question from the parsed scene (raises on an unknown template)."""
+    objs = list(cells.values())
+
+    def count(phrase: str) -> int:  # "red squares", "circles", "blue shapes"
+        words = phrase.split()
+        color = words[0] if len(words) == 2 else None
+        shape = words[-1][:-1]
+        return sum((color in (None, c)) and (shape in ("shape", s)) for c, s in objs)
+
+    q = question.split(" Options:")[0]
+    yn = lambda b: "yes" if b else "no"  # noqa: E731
+    if m := re.fullmatch(r"How many ((?:\w+ )?\w+) are there\?", q):
+        return str(count(m.group(1)))
+    if m := re.fullmatch(r"How many shapes are (\w+) or (\w+)\?", q):
+        return str(count(f"{m.group(1)} shapes") + count(f"{m.group(2)} shapes"))
+    if m := re.fullmatch(r"How many shapes are in row (\d)\?", q):
+        return str(sum(r == int(m.group(1)) for r, _ in cells))
+    if m := re.fullmatch(r"What is the number of (.+) times the number of (.+) plus (\d)\?", q):
+        return str(count(m.group(1)) * count(m.group(2)) + int(m.group(3)))
+    if m := re.fullmatch(r"What is the total number of shapes minus the number of (\w+ shapes)\?", q):
+        return str(len(objs) - count(m.group(1)))
+    if m := re.fullmatch(r"Is there a (\w+) (\w+)\?", q):
+        return yn(count(f"{m.group(1)} {m.group(2)}s") > 0)
+    if m := re.fullmatch(r"Are there more (.+) than (.+)\?", q):
+        return yn(count(m.group(1)) > count(m.group(2)))
+    if m := re.fullmatch(r"Is the number of (\w+ shapes) plus the number of (\w+ shapes) greater than the number of (\w+)\?", q):
+        return yn(count(m.group(1)) + count(m.group(2)) > count(m.group(3)))
+    if m := re.fullmatch(r"What colour is the shape in row (\d), column (\d)\?", q):
+        return cells[int(m.group(1)), int(m.group(2))][0]
+    if q == "Which are there more of, squares or circles?":
+        a, b = count("squares"), count("circles")
+        assert a != b
+        return "squares" if a > b else "circles"
+    if q == "Which colour has the most shapes?":
+        counts = {c: count(f"{c} shapes") for c in ("red", "green", "blue", "yellow")}
+        best = [c for c, n in counts.items() if n == max(counts.values())]
+        assert len(best) == 1
+        return best[0]
+    raise AssertionError(f"unknown question template: {q!r}")
+
+
+# ---- tests ----
+
+def test_read_jsonl_validates_all_output(data_dir):
+    for split in syn.SPLITS:
+        assert len(_load(data_dir, split)) == SMALL[f"n_{split}"]
+        assert len(_load(data_dir, f"{split}_text")) == SMALL[f"n_{split}"]
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    assert manifest["seed"] == 0 and manifest["splits"]["train"]["n"] == SMALL["n_train"]
+
+
+def test_deterministic_and_idempotent(data_dir, tmp_path):
+    # Write a different, larger data set first: regenerating over it must leave exactly the seed-0 files.
+    syn.generate_dataset(tmp_path, seed=1, n_train=120, n_val=30, n_test=30)
+    other = _files(tmp_path)
+    syn.generate_dataset(tmp_path, seed=0, **SMALL)
+    assert _files(tmp_path) == _files(data_dir)  # jsonl, manifest and image bytes
+    assert other["train.jsonl"] != _files(data_dir)["train.jsonl"]
+    assert other["images/train-00000.png"] != _files(data_dir)["images/train-00000.png"]
+
+
+def test_test_split_independent_of_n_train():
+    a = syn.generate_items(seed=3, n_train=10, n_val=5, n_test=12)
+    b = syn.generate_items(seed=3, n_train=50, n_val=5, n_test=12)
+    assert a["test"] == b["test"] and a["val"] == b["val"]
+
+
+def test_splits_disjoint(data_dir):
+    keys = {}
+    for split in syn.SPLITS:
+        recs = _load(data_dir, split)
+        ks = {(r.text_view.split("\n")[0], r.problem.split(" Options:")[0]) for r in recs}
+        assert len(ks) == len(recs), f"duplicate (scene, question) inside {split}"
+        keys[split] = ks
+    assert not keys["train"] & keys["val"] and not keys["train"] & keys["test"] and not keys["val"] & keys["test"]
+
+
+def test_every_answer_type_and_difficulty_appears(data_dir):
+    recs = _load(data_dir, "train")
+    assert {(r.answer_type, r.difficulty) for r in recs} == {(t, d) for t in syn.ANSWER_TYPES for d in (1, 2, 3)}
+    assert {r.category for r in recs} >= {"count", "compare", "arith", "position", "exist"}
+    for r in recs:
+        assert r.source == "synthetic" and r.trace and r.trace.endswith(f"The answer is {r.answer}.")
+    yes = sum(r.answer == "yes" for r in recs if r.answer_type == "yesno")
+    assert 0 < yes < sum(r.answer_type == "yesno" for r in recs)  # both answers occur
+    assert len({r.answer for r in recs if r.answer_type == "choice"}) >= 3  # the gold letter is no constant
+
+
+def test_text_view_determines_answer(data_dir):
+    for split in syn.SPLITS:
+        for r in _load(data_dir, split) + _load(data_dir, f"{split}_text"):
+            _, cells, question = parse_caption(r.text_view)
+            assert r.problem in (question, r.text_view)  # image record: the question; text twin: the text view
+            gold = solve(cells, question)
+            if r.answer_type == "choice":
+                assert len(r.choices) == 4 and r.choices[ord(r.answer) - ord("A")] == gold
+                assert "Options: " + " ".join(f"{L}. {c}" for L, c in zip("ABCD", r.choices)) in r.problem
+            else:
+                assert r.answer == gold, (r.id, question)
+
+
+def test_pixels_match_caption(data_dir):
+    for split in syn.SPLITS:
+        for r in _load(data_dir, split):
+            bg, cells, _ = parse_caption(r.text_view)
+            with Image.open(r.images[0]) as im:
+                assert im.size == (112, 112) and im.mode == "RGB"
+                px = im.load()
+                for row in range(1, 5):
+                    for col in range(1, 5):
+                        x0, y0 = (col - 1) * 28, (row - 1) * 28
+                        centre, corner = px[x0 + 14, y0 + 14], px[x0 + 5, y0 + 5]
+                        if (row, col) in cells:
+                            color, shape = cells[row, col]
+                            assert centre == syn.COLORS[color], (r.id, row, col)
+                            # a square fills its corner probe, a circle leaves it background
+                            assert corner == (syn.COLORS[color] if shape == "square" else syn.BACKGROUNDS[bg])
+                        else:
+                            assert centre == corner == syn.BACKGROUNDS[bg], (r.id, row, col)
+
+
+def test_text_twins(data_dir):
+    for split in syn.SPLITS:
+        recs, twins = _load(data_dir, split), _load(data_dir, f"{split}_text")
+        for r, t in zip(recs, twins):
+            assert t.id == f"{r.id}-text" and t.images == [] and len(r.images) == 1
+            assert t.source == "synthetic-text" and t.problem == t.text_view == r.text_view
+            assert (t.answer, t.answer_type, t.choices, t.trace, t.difficulty, t.category) == (
+                r.answer, r.answer_type, r.choices, r.trace, r.difficulty, r.category)
+
+
+def test_filters_and_errors():
+    items = syn.generate_items(seed=0, n_train=12, n_val=0, n_test=0, answer_types=["yesno"], difficulties=[2])
+    assert {(q["answer_type"], q["difficulty"]) for _, q in items["train"]} == {("yesno", 2)}
+    with pytest.raises(ValueError):
+        syn.generate_items(answer_types=["essay"])
+
+
+def test_corpus_texts_deterministic():
+    a, b = list(syn.corpus_texts(seed=0, n=24)), list(syn.corpus_texts(seed=0, n=24))
+    assert a == b and len(a) == 4 * 24 and all(isinstance(s, str) and s for s in a)
+    assert a != list(syn.corpus_texts(seed=1, n=24))
+
+
+def test_cli(tmp_path, capsys):
+    paths = syn.main(["--out", str(tmp_path), "--seed", "2", "--n-train", "12", "--n-val", "4", "--n-test", "4"])
+    assert "12/4/4" in capsys.readouterr().out and paths["train"].is_file()
+    assert len(_load(tmp_path, "test_text")) == 4

@@ -1,0 +1,172 @@
+"""From records to model inputs: chat prompts with image placeholders, SFT labels, teacher views.
+
+Two collators share the prompt code:
+- :class:`SFTCollator`: prompt + target, labels are ``-100`` on the prompt and padding (completion-only NLL);
+- :class:`PromptCollator`: prompt only, left-padded for generation (rollouts, benchmarks, trace writing).
+Both carry each row's metadata (``batch["records"]``) so rewards and the teacher's text view travel along.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+DEFAULT_INSTRUCTION = (
+    "Think step by step inside <think> </think>, then give the final answer inside <answer> </answer>."
+)
+IGNORE_INDEX = -100
+# Fields carried into ``batch["records"]``; images stay out of it (they are already pixel_values).
+META_FIELDS = ("id", "problem", "answer", "answer_type", "choices", "trace", "text_view", "difficulty", "source",
+               "category")
+
+
+def student_messages(row: dict, instruction: str = DEFAULT_INSTRUCTION) -> list[dict]:
+    """The student's chat: its images, then the problem and the output-format instruction."""
+    content: list[dict[str, Any]] = [{"type": "image"} for _ in row.get("images") or []]
+    content.append({"type": "text", "text": f"{row['problem']}\n{instruction}".strip()})
+    return [{"role": "user", "content": content}]
+
+
+def teacher_text(row: dict) -> str | None:
+    """What a text-only teacher reads: the text view of an image problem, the problem itself otherwise.
+
+    ``None`` for an image problem without a text view: the teacher cannot see it, so it gets no OPD term.
+    """
+    if row.get("images"):
+        return row.get("text_view") or None
+    return row.get("text_view") or row["problem"]
+
+
+def teacher_messages(row: dict, instruction: str = DEFAULT_INSTRUCTION) -> list[dict] | None:
+    text = teacher_text(row)
+    if text is None:
+        return None
+    return [{"role": "user", "content": f"{text}\n{instruction}".strip()}]
+
+
+def target_text(row: dict) -> str:
+    """The SFT target in the output format of METHODS.md §6 (the closing ``<|im_end|>`` is added as a token)."""
+    trace = (row.get("trace") or "").strip()
+    return f"<think> {trace} </think><answer> {row['answer']} </answer>"
+
+
+def _tokenizer(processor):
+    return getattr(processor, "tokenizer", processor)
+
+
+def _has_images(processor) -> bool:
+    return getattr(processor, "image_processor", None) is not None
+
+
+def encode_prompts(processor, rows: list[dict], view: str = "student",
+                   instruction: str = DEFAULT_INSTRUCTION) -> dict[str, Any]:
+    """Tokenise chat prompts, unpadded: ``input_ids`` is a list of lists; image tensors when there are images.
+
+    ``view='teacher'`` renders each row as a text-only model sees it (no pixels, the text view).
+    """
+    tok = _tokenizer(processor)
+    if view == "teacher":
+        msgs = [teacher_messages(r, instruction) or [{"role": "user", "content": r["problem"]}] for r in rows]
+        images = []
+    else:
+        msgs = [student_messages(r, instruction) for r in rows]
+        images = [im for r in rows for im in (r.get("images") or [])]
+    texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in msgs]
+    if images:
+        if not _has_images(processor):
+            raise ValueError("rows have images but the model has no image processor: a text-only model needs "
+                             "view='teacher' (the text view) or text-only data.")
+        enc = processor(text=texts, images=images, padding=False, return_tensors=None)
+        out = {"input_ids": [list(x) for x in enc["input_ids"]],
+               "pixel_values": torch.as_tensor(enc["pixel_values"]),
+               "image_grid_thw": torch.as_tensor(enc["image_grid_thw"])}
+    else:
+        out = {"input_ids": [tok(t, add_special_tokens=False)["input_ids"] for t in texts]}
+    return out
+
+
+def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad to a ``[B, T]`` tensor and its attention mask (generation appends on the right)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def mm_token_type_ids(input_ids: torch.Tensor, image_token_id: int | None) -> torch.Tensor:
+    """1 on image placeholder tokens, 0 elsewhere: transformers 5 needs it for multimodal rope positions."""
+    if image_token_id is None:
+        return torch.zeros_like(input_ids)
+    return (input_ids == image_token_id).long()
+
+
+def image_token_id(processor) -> int | None:
+    return getattr(processor, "image_token_id", None) if _has_images(processor) else None
+
+
+def meta(rows: list[dict]) -> list[dict]:
+    return [{k: r.get(k) for k in META_FIELDS} | {"has_image": bool(r.get("images"))} for r in rows]
+
+
+@dataclass
+class PromptCollator:
+    """Rows → left-padded prompts for generation, with each row's metadata under ``records``."""
+
+    processor: Any
+    view: str = "student"
+    instruction: str = DEFAULT_INSTRUCTION
+
+    def __call__(self, rows: list[dict]) -> dict[str, Any]:
+        enc = encode_prompts(self.processor, rows, self.view, self.instruction)
+        ids, mask = pad_left(enc.pop("input_ids"), _tokenizer(self.processor).pad_token_id)
+        return {"input_ids": ids, "attention_mask": mask,
+                "mm_token_type_ids": mm_token_type_ids(ids, image_token_id(self.processor)),
+                **enc, "records": meta(rows)}
+
+
+@dataclass
+class SFTCollator:
+    """Rows → prompt + target with labels only on the target (completion-only NLL).
+
+    Prompt and target are tokenised apart and concatenated, so the boundary is exact: every prompt token,
+    image placeholders included, is ``-100``; every target token and the closing ``<|im_end|>`` is learned.
+    Rows longer than ``max_length`` lose the end of their target, and are counted in ``truncated``.
+    """
+
+    processor: Any
+    view: str = "student"
+    instruction: str = DEFAULT_INSTRUCTION
+    max_length: int = 1024
+
+    def __call__(self, rows: list[dict]) -> dict[str, Any]:
+        tok = _tokenizer(self.processor)
+        enc = encode_prompts(self.processor, rows, self.view, self.instruction)
+        seqs, labels, truncated = [], [], 0
+        for prompt, row in zip(enc.pop("input_ids"), rows):
+            target = tok(target_text(row), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            room = self.max_length - len(prompt)
+            if room <= 0:
+                raise ValueError(f"record {row['id']!r}: the prompt alone is {len(prompt)} tokens, above max_length="
+                                 f"{self.max_length}. Raise max_length or shorten the problem.")
+            if len(target) > room:
+                target, truncated = target[:room], truncated + 1
+            seqs.append(prompt + target)
+            labels.append([IGNORE_INDEX] * len(prompt) + target)
+        width = max(len(s) for s in seqs)
+        # Right padding: labels line up with inputs and padding is never learned.
+        ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
+        lab = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, (s, l) in enumerate(zip(seqs, labels)):
+            ids[i, : len(s)] = torch.tensor(s)
+            lab[i, : len(l)] = torch.tensor(l)
+            mask[i, : len(s)] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": lab,
+                "mm_token_type_ids": mm_token_type_ids(ids, image_token_id(self.processor)),
+                **enc, "records": meta(rows), "truncated": truncated}

@@ -1,0 +1,69 @@
+"""Supervised fine-tuning: completion-only next-token NLL on reasoning traces.
+
+Used for VOLD's cold start (the student learns the teacher's traces, METHODS.md §1), for the tiny
+teacher's own SFT on text-only problems, for Curr-ReFT's rejection-sampled SFT and OpenVLThinker's SFT rounds.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vold_pl.data.collate import IGNORE_INDEX
+from vold_pl.modules.base import OptimConfig, PolicyModule
+from vold_pl.models.factory import ModelSpec
+
+
+def completion_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Mean NLL over target tokens, token accuracy, and the number of target tokens.
+
+    Position t predicts token t+1, so logits drop their last step and labels their first.
+    """
+    logits = logits[:, :-1].float()  # [B, T-1, V]
+    targets = labels[:, 1:]  # [B, T-1]
+    mask = targets != IGNORE_INDEX  # [B, T-1]
+    n = int(mask.sum())
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="sum") / max(n, 1)
+    acc = ((logits.argmax(-1) == targets) & mask).sum() / max(n, 1)
+    return loss, acc, n
+
+
+class SFTModule(PolicyModule):
+    """Completion-only SFT of a VLM or a text-only LLM (prompt tokens carry label -100).
+
+    Args:
+        model: the model to fine-tune (hub id or local folder).
+        optim: optimizer and schedule (AdamW or bitsandbytes AdamW8bit, warmup + cosine).
+        gradient_checkpointing: recompute activations in backward to save memory.
+        export_dir: folder for the final HF-format export; default ``<log_dir>/export``.
+        export: write the export at the end of fit.
+        seed: run seed.
+    """
+
+    collate_mode = "sft"
+
+    def __init__(self, model: ModelSpec, optim: OptimConfig | None = None, gradient_checkpointing: bool = False,
+                 export_dir: str | None = None, export: bool = True, seed: int = 0):
+        super().__init__(model, optim, gradient_checkpointing, export_dir, export, seed)
+        self.save_hyperparameters()
+
+    def _step(self, batch: dict, stage: str) -> torch.Tensor:
+        out = self.model(**self.model_inputs(batch), use_cache=False)
+        loss, acc, n = completion_nll(out.logits, batch["labels"])
+        bs = batch["input_ids"].size(0)
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=bs, sync_dist=stage != "train")
+        self.log(f"{stage}/token_accuracy", acc, batch_size=bs, sync_dist=stage != "train")
+        if stage == "train":
+            self.log("train/tokens_per_second", self.tokens_per_second(int(batch["attention_mask"].sum())), batch_size=bs)
+            self.log("train/truncated", float(batch.get("truncated", 0)), batch_size=bs, reduce_fx="sum")
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "test")

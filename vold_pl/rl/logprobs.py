@@ -1,0 +1,217 @@
+"""Memory-lean per-token log-probabilities of given tokens under a causal LM.
+
+GRPO and on-policy distillation (METHODS.md §2-3) only need ``log pi(o_t | o_<t)`` of the *sampled* token,
+not the whole ``[N, L, V]`` distribution. With the Qwen2 vocabulary (V = 151,936) the full float32 logits of
+a batch of 16 x 4k-token completions would take ~40 GB, so this module projects the final hidden states
+through the LM head chunk by chunk, keeps one ``[chunk, V]`` slab alive at a time, and gathers at once (the
+"selective log-softmax" idea of TRL, and Liger/torchtune's chunked output projection).
+
+Logits are divided by the sampling temperature before the softmax so that the log-probs are those of the
+distribution the rollouts were drawn from (otherwise rho != 1 on-policy and the teacher KL is off-policy).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "selective_log_softmax",
+    "token_logprobs_from_logits",
+    "token_logprobs_from_hidden",
+    "model_token_logprobs",
+]
+
+LMHead = Union[nn.Module, torch.Tensor]
+
+
+def _logp_and_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    # logits [M, V] (any dtype), targets [M] -> logp [M], entropy [M] (empty if not asked).
+    x = logits.float()  # [M, V]; upcast because bf16 log-softmax loses ~2 digits on large vocabularies
+    if temperature != 1.0:
+        x = x / temperature
+    lse = torch.logsumexp(x, dim=-1)  # [M]
+    # Negative ids (e.g. -100 padding) would break gather; their values are masked later anyway.
+    logp = x.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) - lse  # [M]
+    if not with_entropy:
+        return logp, logp.new_empty(0)
+    # H = lse - sum_v softmax(x)_v x_v, avoids materialising log_softmax separately.
+    ent = lse - (torch.softmax(x, dim=-1) * x).sum(-1)  # [M]
+    return logp, ent
+
+
+def selective_log_softmax(
+    logits: torch.Tensor, index: torch.Tensor, temperature: float = 1.0, chunk_size: int = 1024
+) -> torch.Tensor:
+    """``log_softmax(logits / T).gather(-1, index)`` without a full float32 ``[..., V]`` copy.
+
+    Works in slabs of ``chunk_size`` positions, each upcast to float32 and reduced with the logsumexp trick
+    (``x_i - logsumexp(x)``). Shapes: ``logits [..., V], index [...] -> [...]``.
+    """
+    lead = index.shape  # [...]
+    flat = logits.reshape(-1, logits.shape[-1])  # [M, V]
+    idx = index.reshape(-1)  # [M]
+    out = [
+        _logp_and_entropy(flat[s : s + chunk_size], idx[s : s + chunk_size], temperature, False)[0]
+        for s in range(0, flat.shape[0], chunk_size)
+    ]
+    return torch.cat(out).reshape(lead) if out else flat.new_zeros(lead, dtype=torch.float32)
+
+
+def token_logprobs_from_logits(
+    logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Simple path when the logits already exist. ``logits [N, L, V]`` must already be aligned with
+    ``target_ids [N, L]`` (``logits[:, t]`` scores ``target_ids[:, t]``). Returns ``logp [N, L]`` float32 (and
+    ``entropy [N, L]``)."""
+    n, l = target_ids.shape
+    logp, ent = _logp_and_entropy(logits.reshape(n * l, -1), target_ids.reshape(-1), temperature, return_entropy)
+    return (logp.view(n, l), ent.view(n, l)) if return_entropy else logp.view(n, l)
+
+
+def _as_head_fn(lm_head: LMHead) -> Callable[[torch.Tensor], torch.Tensor]:
+    # A module is called (keeps LoRA/quantised heads working); a bare [V, H] weight is a bias-free linear.
+    if isinstance(lm_head, nn.Module):
+        return lm_head
+    if isinstance(lm_head, torch.Tensor) and lm_head.dim() == 2:
+        return lambda h: F.linear(h, lm_head)
+    raise TypeError(f"lm_head must be an nn.Module or a [V, H] weight tensor, got {type(lm_head)}")
+
+
+def token_logprobs_from_hidden(
+    hidden: torch.Tensor,
+    lm_head: LMHead,
+    target_ids: torch.Tensor,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    checkpoint_chunks: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Log-probs of ``target_ids`` from final hidden states, one ``[chunk_size, V]`` logits slab at a time.
+
+    Args:
+        hidden: ``[N, L, H]`` final (post-norm) hidden states, already aligned so ``hidden[:, t]`` predicts
+            ``target_ids[:, t]``.
+        lm_head: the output projection (``nn.Linear`` or any module) or its ``[V, H]`` weight.
+        target_ids: ``[N, L]`` token ids to score.
+        chunk_size: number of *positions* (over the flattened ``N * L``) per slab.
+        temperature: sampling temperature the logits are divided by.
+        return_entropy: also return the entropy of each position's distribution.
+        checkpoint_chunks: recompute each slab in backward (``torch.utils.checkpoint``). Without it autograd
+            keeps every slab's float32 logits for backward, so only the forward peak is bounded; with it the
+            backward peak is one slab too, at the cost of one extra head matmul per slab.
+
+    Returns: ``logp [N, L]`` float32, differentiable w.r.t. ``hidden`` and the head (and ``entropy [N, L]``).
+    """
+    n, l, h = hidden.shape
+    head = _as_head_fn(lm_head)
+    flat_h = hidden.reshape(n * l, h)  # [M, H]
+    flat_t = target_ids.reshape(n * l)  # [M]
+
+    def slab(h_c: torch.Tensor, t_c: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        # h_c [c, H], t_c [c] -> ([c], [c])
+        return _logp_and_entropy(head(h_c), t_c, temperature, return_entropy)
+
+    use_ckpt = checkpoint_chunks and torch.is_grad_enabled()
+    logps, ents = [], []
+    for s in range(0, n * l, chunk_size):
+        h_c, t_c = flat_h[s : s + chunk_size], flat_t[s : s + chunk_size]
+        lp, en = checkpoint(slab, h_c, t_c, use_reentrant=False) if use_ckpt else slab(h_c, t_c)
+        logps.append(lp)
+        ents.append(en)
+    if not logps:  # L == 0: nothing to score
+        empty = hidden.new_zeros((n, l), dtype=torch.float32)
+        return (empty, empty.clone()) if return_entropy else empty
+    logp = torch.cat(logps).view(n, l)  # [N, L]
+    return (logp, torch.cat(ents).view(n, l)) if return_entropy else logp
+
+
+def _backbone_and_head(model: nn.Module) -> Tuple[Optional[nn.Module], nn.Module]:
+    # PEFT wraps the HF model; its LoRA layers live inside the modules, so the unwrapped backbone still uses them.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    head = head if head is not None else getattr(base, "lm_head", None)
+    if head is None:
+        raise AttributeError(f"{type(base).__name__} has no lm_head / output embeddings")
+    # Qwen2/Qwen3ForCausalLM.model -> Qwen2Model; Qwen2_5_VLForConditionalGeneration.model -> Qwen2_5_VLModel
+    # (which takes pixel_values / image_grid_thw). Both return last_hidden_state after the final norm.
+    return getattr(base, "model", None), head
+
+
+def model_token_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
+    completion_start: Union[int, torch.Tensor] = 1,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    checkpoint_chunks: bool = False,
+    return_entropy: bool = False,
+    **model_inputs,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Log-probs of the completion tokens of ``input_ids`` under a HF causal LM or Qwen2.5-VL, lean on memory.
+
+    Runs the backbone (``model.model``) for the final hidden states, then applies the LM head only at the
+    completion positions, chunked (:func:`token_logprobs_from_hidden`). The causal shift: the hidden state at
+    position ``t - 1`` predicts token ``t``.
+
+    Args:
+        model: e.g. ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``Qwen2_5_VLForConditionalGeneration``
+            (optionally PEFT-wrapped). Models without ``.model`` fall back to ``output_hidden_states``.
+        input_ids: ``[N, T]`` prompt (left-padded) followed by completion (right-padded).
+        attention_mask: ``[N, T]``. Left padding shifts absolute positions by a per-row constant, which RoPE
+            attention is invariant to; pass ``position_ids`` in ``model_inputs`` to override.
+        completion_start: int ``s >= 1``, the column where completions begin: returns ``[N, T - s]`` for
+            tokens ``input_ids[:, s:]``. Or a ``[N, T]`` bool completion mask: ``s`` is its first column with
+            any True, and entries outside the mask are set to 0.
+        model_inputs: forwarded to the backbone (``pixel_values``, ``image_grid_thw``, ``position_ids``...).
+
+    Returns: ``logp [N, T - s]`` float32 aligned with the last ``T - s`` columns of ``input_ids`` (and
+    ``entropy [N, T - s]``).
+    """
+    comp_mask = None
+    if isinstance(completion_start, torch.Tensor):
+        comp_mask = completion_start.bool()  # [N, T]
+        cols = comp_mask.any(0).nonzero()
+        start = int(cols[0]) if cols.numel() else input_ids.shape[1]
+    else:
+        start = int(completion_start)
+    if not 1 <= start <= input_ids.shape[1]:
+        raise ValueError(f"completion must start at column >= 1 (a token needs a context), got {start}")
+
+    backbone, head = _backbone_and_head(model)
+    if backbone is not None:
+        out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_inputs)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # [N, T, H]
+    else:
+        # logits_to_keep=1 stops the wrapper from materialising the full [N, T, V] logits we avoid here.
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                    output_hidden_states=True, logits_to_keep=1, **model_inputs)
+        hidden = out.hidden_states[-1]  # [N, T, H]
+
+    result = token_logprobs_from_hidden(
+        hidden[:, start - 1 : -1],  # [N, T - s, H]
+        head,
+        input_ids[:, start:],  # [N, T - s]
+        chunk_size=chunk_size,
+        temperature=temperature,
+        return_entropy=return_entropy,
+        checkpoint_chunks=checkpoint_chunks,
+    )
+    if comp_mask is None:
+        return result
+    keep = comp_mask[:, start:]  # [N, T - s]
+    zero = torch.zeros((), dtype=torch.float32, device=input_ids.device)
+    if return_entropy:
+        return torch.where(keep, result[0], zero), torch.where(keep, result[1], zero)
+    return torch.where(keep, result, zero)

@@ -1,0 +1,284 @@
+"""Per-token losses for GRPO + on-policy distillation (METHODS.md §1-3).
+
+Every function is pure and works on padded ``[N, L]`` completion tensors (``N`` completions of at most ``L``
+tokens); padding is removed only by :func:`aggregate`, which takes the completion mask. The LightningModule
+assembles, in "loss" mode (VOLD, arXiv 2510.23497, eq. L_VOLD)::
+
+    pg, stats = clipped_surrogate(logp, old_logp, adv, eps_low, eps_high)         # [N, L]
+    loss = aggregate(pg, mask, agg)
+    loss += beta_ref * aggregate(k3_kl(logp, ref_logp), mask, agg)                  # if beta_ref > 0
+    kl = OPD_ESTIMATORS[name](student, teacher)                                     # [N, L]
+    loss += opd_loss(kl, mask, opd_gate(acc_reward, gate, has_teacher), lam, agg)
+
+or, in "advantage" mode (Thinking Machines "On-Policy Distillation" note; verl's distillation recipe)::
+
+    adv_t = opd_token_advantages(adv, sampled_reverse_kl(logp, teacher_logp), lam, gate_w)   # [N, L]
+    pg, stats = clipped_surrogate(logp, old_logp, adv_t, eps_low, eps_high)
+
+The teacher is always treated as a constant (detached): it is frozen and never receives gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "SurrogateStats", "masked_mean", "clipped_surrogate", "k3_kl", "aggregate", "AGGREGATIONS",
+    "sampled_reverse_kl", "full_reverse_kl", "OPD_ESTIMATORS", "opd_gate", "OPD_GATES",
+    "opd_token_advantages", "opd_loss",
+]
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over the True entries of ``mask`` (0 when the mask is empty, never NaN)."""
+    m = mask.bool()  # [N, L]
+    x = torch.where(m, x.to(torch.float32), torch.zeros((), dtype=torch.float32, device=x.device))
+    return x.sum() / m.sum().clamp(min=1)
+
+
+class SurrogateStats(NamedTuple):
+    """Diagnostics of :func:`clipped_surrogate`, unmasked so the caller decides which tokens count.
+
+    ``low_clipped``: ``rho < 1 - eps_low`` with ``A < 0``; ``high_clipped``: ``rho > 1 + eps_high`` with
+    ``A > 0``. Those are exactly the tokens where the clip is active, i.e. whose gradient is zeroed (the same
+    definition as TRL's ``clip_ratio/low_mean`` and ``clip_ratio/high_mean``).
+    """
+
+    ratio: torch.Tensor  # [N, L]
+    low_clipped: torch.Tensor  # [N, L] bool
+    high_clipped: torch.Tensor  # [N, L] bool
+
+    def fractions(self, mask: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Clip fractions over the completion tokens selected by ``mask [N, L]``."""
+        return {
+            "clip_low": masked_mean(self.low_clipped.float(), mask),
+            "clip_high": masked_mean(self.high_clipped.float(), mask),
+            "clip_region": masked_mean((self.low_clipped | self.high_clipped).float(), mask),
+            "ratio_mean": masked_mean(self.ratio.detach(), mask),
+        }
+
+
+def clipped_surrogate(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+) -> tuple[torch.Tensor, SurrogateStats]:
+    """PPO/GRPO clipped surrogate per token (GRPO, arXiv 2402.03300 eq. 3; clip-higher from DAPO, arXiv 2503.14476).
+
+    ``l = -min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A)`` with ``rho = exp(logp - old_logp)``.
+    With one optimizer step per rollout batch pass ``old_logp = logp.detach()``: ``rho == 1`` exactly and
+    the gradient is the plain policy gradient ``-A * grad(logp)``.
+
+    Args:
+        logp: ``[N, L]`` log pi_theta of the sampled tokens (differentiable).
+        old_logp: ``[N, L]`` log pi_old of the same tokens, stored at rollout time.
+        advantages: ``[N]`` sequence advantages, or ``[N, L]`` per-token advantages (OPD advantage mode).
+        eps_low, eps_high: clip range; ``eps_high > eps_low`` is DAPO's clip-higher.
+
+    Returns:
+        ``(per_token_loss [N, L], SurrogateStats)``; reduce the loss with :func:`aggregate`.
+    """
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages  # [N, 1] or [N, L]
+    adv = adv.detach().to(logp.dtype)
+    ratio = torch.exp(logp - old_logp.detach())  # [N, L]
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)  # [N, L]
+    loss = -torch.min(ratio * adv, clipped * adv)  # [N, L]
+    with torch.no_grad():
+        low = (ratio < 1.0 - eps_low) & (adv < 0)  # [N, L] bool
+        high = (ratio > 1.0 + eps_high) & (adv > 0)  # [N, L] bool
+    return loss, SurrogateStats(ratio.detach(), low, high)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k3 estimator of KL(pi_theta || pi_ref) per token (Schulman, "Approximating KL divergence", 2020).
+
+    ``k3 = exp(ref - logp) - (ref - logp) - 1``: unbiased for the sampled tokens and >= 0 for every sample
+    (``e^x >= 1 + x``), as used by GRPO (arXiv 2402.03300 eq. 4). Shapes: ``[N, L] -> [N, L]``.
+    """
+    d = ref_logp.detach() - logp  # [N, L]
+    return torch.exp(d) - d - 1.0
+
+
+# ---------------------------------------------------------------------------------------------- aggregation
+def _agg_sequence(x: torch.Tensor, m: torch.Tensor, max_len: Optional[int]) -> torch.Tensor:
+    # Original GRPO: 1/N sum_i 1/|o_i| sum_t. Rows with no tokens contribute 0 but still count in 1/N, so a
+    # gate or a missing teacher view shrinks the term instead of re-weighting the remaining rows (as TRL).
+    per_row = (x * m).sum(-1) / m.sum(-1).clamp(min=1)  # [N]
+    return per_row.mean()
+
+
+def _agg_token(x: torch.Tensor, m: torch.Tensor, max_len: Optional[int]) -> torch.Tensor:
+    # DAPO token-level mean: long completions weigh in proportion to their length.
+    return (x * m).sum() / m.sum().clamp(min=1)
+
+
+def _agg_dr_grpo(x: torch.Tensor, m: torch.Tensor, max_len: Optional[int]) -> torch.Tensor:
+    # Dr. GRPO: a constant normaliser removes the length bias of 1/|o_i|.
+    denom = x.shape[0] * (x.shape[-1] if max_len is None else max_len)
+    return (x * m).sum() / max(denom, 1)
+
+
+AGGREGATIONS: Dict[str, Callable[[torch.Tensor, torch.Tensor, Optional[int]], torch.Tensor]] = {
+    "sequence": _agg_sequence,
+    "token": _agg_token,
+    "dr_grpo": _agg_dr_grpo,
+}
+
+
+def aggregate(
+    per_token: torch.Tensor, mask: torch.Tensor, mode: str = "sequence", max_len: Optional[int] = None
+) -> torch.Tensor:
+    """Reduce a ``[N, L]`` per-token loss to a scalar over the completion tokens (METHODS.md §2).
+
+    ``sequence``: GRPO (arXiv 2402.03300); ``token``: DAPO (arXiv 2503.14476); ``dr_grpo``: sum over
+    ``N * max_len`` (arXiv 2503.20783), ``max_len`` defaulting to ``L`` (pass the generation limit to keep
+    the normaliser constant across batches). Masked-out entries are replaced by 0 before summing, so
+    NaN/inf in padding never leaks; rows with zero tokens are guarded.
+    """
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {mode!r}; choose from {sorted(AGGREGATIONS)}")
+    m_bool = mask.bool()  # [N, L]
+    x = torch.where(m_bool, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
+    return AGGREGATIONS[mode](x, m_bool.to(per_token.dtype), max_len)
+
+
+# ------------------------------------------------------------------------------------ on-policy distillation
+def sampled_reverse_kl(
+    student_logp: torch.Tensor, teacher_logp: torch.Tensor, grad: str = "reinforce"
+) -> torch.Tensor:
+    """Sampled per-token reverse KL ``k1_t = log pi_theta(o_t) - log pi_T(o_t)`` (METHODS.md §3).
+
+    Its *value* is the single-sample estimate of KL(pi_theta || pi_T) at each position. Its gradient needs
+    care: o_t was sampled from pi_theta, so the pathwise gradient ``grad(k1) = grad(log pi_theta(o_t))`` has
+    expectation zero and carries no teacher signal. ``grad="reinforce"`` (default) therefore returns a
+    tensor whose value is k1 but whose gradient is the score-function one, ``sg(k1) * grad(log pi_theta)``
+    with no credit to earlier tokens (discount 0, as the Thinking Machines OPD note). ``"pathwise"`` gives
+    the naive gradient, for ablation only. Advantage mode detaches k1 anyway.
+
+    Shapes: ``[N, L], [N, L] -> [N, L]``.
+    """
+    k1 = student_logp - teacher_logp.detach()  # [N, L]
+    if grad == "pathwise":
+        return k1
+    if grad != "reinforce":
+        raise ValueError(f"grad must be 'reinforce' or 'pathwise', got {grad!r}")
+    # Non-finite k1 (a teacher -inf at a padded position) would turn the masked-out zero upstream gradient
+    # into NaN (0 * inf); only the gradient coefficient is sanitised, the value keeps showing the problem.
+    coef = torch.nan_to_num(k1.detach(), nan=0.0, posinf=0.0, neginf=0.0)  # [N, L]
+    return k1.detach() + coef * (student_logp - student_logp.detach())
+
+
+def full_reverse_kl(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    top_k: Optional[int] = None,
+    renormalize: bool = True,
+) -> torch.Tensor:
+    """Full-vocabulary reverse KL per position, ``sum_v pi_theta(v) (log pi_theta(v) - log pi_T(v))``.
+
+    Exact (no sampling noise) and differentiable in closed form; needs a shared vocabulary (VOLD,
+    arXiv 2510.23497: Qwen2.5-VL and Qwen3 share the Qwen2 BPE). Both inputs may be logits or log-probs
+    (``log_softmax`` is idempotent on log-probs), computed in float32.
+
+    ``top_k``: restrict the sum to the student's k most likely tokens at each position. With
+    ``renormalize=True`` (default) both distributions are renormalised on that support, giving a true KL of
+    the conditionals: >= 0 and 0 iff they agree there. ``renormalize=False`` returns the raw partial sum,
+    which can be negative.
+
+    Shapes: ``[N, L, V], [N, L, V] -> [N, L]``. Materialises a few ``[N, L, V]`` float32 tensors: chunk the
+    positions in the caller for large vocabularies.
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} vocab/shape differ")
+    s = F.log_softmax(student.float(), dim=-1)  # [N, L, V]
+    t = F.log_softmax(teacher.detach().float(), dim=-1)  # [N, L, V]
+    if top_k is not None and top_k < s.shape[-1]:
+        idx = s.detach().topk(top_k, dim=-1).indices  # [N, L, k]
+        s = s.gather(-1, idx)  # [N, L, k]
+        t = t.gather(-1, idx)  # [N, L, k]
+        if renormalize:
+            s = s - s.logsumexp(-1, keepdim=True)  # [N, L, k]
+            t = t - t.logsumexp(-1, keepdim=True)  # [N, L, k]
+    return (s.exp() * (s - t)).sum(-1)  # [N, L]
+
+
+# Name -> estimator. "k1" takes token log-probs [N, L]; "full" takes logits/log-probs [N, L, V].
+OPD_ESTIMATORS: Dict[str, Callable[..., torch.Tensor]] = {
+    "k1": sampled_reverse_kl,
+    "full": full_reverse_kl,
+}
+
+
+def _gate_all(r: torch.Tensor) -> torch.Tensor:
+    return torch.ones_like(r)
+
+
+def _gate_failed(r: torch.Tensor) -> torch.Tensor:
+    # VOLD: g = 1 - r on the {0, 1} accuracy reward; clipping keeps it a weight for graded rewards too.
+    return (1.0 - r).clamp(0.0, 1.0)
+
+
+OPD_GATES: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"all": _gate_all, "failed": _gate_failed}
+
+
+def opd_gate(
+    rewards: torch.Tensor, gate: str = "failed", available: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Per-rollout OPD weights ``g_i`` (VOLD, arXiv 2510.23497, §1 of METHODS.md).
+
+    Args:
+        rewards: ``[N]`` accuracy reward in {0, 1} (or bool success); not the summed reward, since a format
+            bonus would make a wrong answer look partly successful.
+        gate: ``"all"`` (g = 1) or ``"failed"`` (g = clip(1 - r, 0, 1)).
+        available: optional ``[N]`` bool, False where the teacher has no view of the prompt (image without
+            a text view); those rollouts get g = 0.
+
+    Returns: ``[N]`` float weights.
+    """
+    if gate not in OPD_GATES:
+        raise ValueError(f"unknown OPD gate {gate!r}; choose from {sorted(OPD_GATES)}")
+    r = rewards.detach().float()  # [N]
+    g = OPD_GATES[gate](r)  # [N]
+    if available is not None:
+        g = g * available.to(g.dtype)
+    return g
+
+
+def opd_token_advantages(
+    advantages: torch.Tensor, k1: torch.Tensor, lam: float, gate_w: torch.Tensor
+) -> torch.Tensor:
+    """OPD in advantage mode: ``A_{i,t} = A_i - lam * g_i * sg(k1_{i,t})`` (METHODS.md §3).
+
+    The per-token reverse KL acts as a dense negative reward inside the clipped surrogate (Thinking Machines
+    "On-Policy Distillation"). Rows with ``g_i = 0`` keep ``A_i`` even where k1 is garbage (inf/NaN from a
+    masked teacher), since ``0 * inf`` would otherwise be NaN.
+
+    Shapes: ``[N], [N, L], scalar, [N] -> [N, L]``.
+    """
+    g = gate_w.detach().to(k1.dtype).unsqueeze(-1)  # [N, 1]
+    penalty = torch.where(g > 0, lam * g * k1.detach(), torch.zeros((), dtype=k1.dtype, device=k1.device))
+    return advantages.detach().to(k1.dtype).unsqueeze(-1) - penalty  # [N, L]
+
+
+def opd_loss(
+    kl: torch.Tensor,
+    mask: torch.Tensor,
+    gate_w: torch.Tensor,
+    lam: float,
+    mode: str = "sequence",
+    max_len: Optional[int] = None,
+) -> torch.Tensor:
+    """OPD in loss mode: ``lam * aggregate(g_i * KL_{i,t})``, VOLD's ``lam * E[g(tau) KL_token]``.
+
+    ``kl [N, L]`` comes from an :data:`OPD_ESTIMATORS` entry; ``gate_w [N]`` from :func:`opd_gate`. Rows
+    with zero gate contribute exactly 0 (non-finite KL there cannot poison the sum) but their tokens stay in
+    the normaliser, so the OPD term is normalised like the policy-gradient term it is added to.
+    """
+    g = gate_w.detach().to(kl.dtype).unsqueeze(-1)  # [N, 1]
+    weighted = torch.where(g > 0, g * kl, torch.zeros((), dtype=kl.dtype, device=kl.device))  # [N, L]
+    return lam * aggregate(weighted, mask, mode, max_len)
