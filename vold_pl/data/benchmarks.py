@@ -133,15 +133,14 @@ def _save_image(value: Any, dest_stem: Path, fail, field: str, fallback: Path | 
         ext = _EXTS.get((im.format or "").lower())
     except Exception as e:  # PIL raises many types for garbage bytes
         raise fail(field, f"image bytes cannot be decoded ({type(e).__name__}: {e})", "Re-download the file.") from None
-    too_big = w * h > MAX_IMAGE_PIXELS
-    if too_big or ext is None:
-        ext = "png"
-    dest = dest_stem.parent / f"{dest_stem.name}.{ext}"
-    if dest.is_file() and (too_big or dest.stat().st_size == len(data)):
+    # re-encode to PNG when too big for the schema or in a format the processors may not read
+    convert = w * h > MAX_IMAGE_PIXELS or ext is None
+    dest = dest_stem.parent / f"{dest_stem.name}.{'png' if convert else ext}"
+    if dest.is_file() and (convert or dest.stat().st_size == len(data)):
         return str(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".tmp")
-    if too_big or ext == "png" and im.format != "PNG":
+    if convert:
         scale = min(1.0, (MAX_IMAGE_PIXELS / (w * h)) ** 0.5)
         im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
         im.resize((max(1, int(w * scale)), max(1, int(h * scale)))).save(tmp, format="PNG")

@@ -1,0 +1,35 @@
+# vold-pl: `make quickstart` runs the offline VOLD recipe on tiny models; `make test` runs the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ART ?= artifacts
+# The CPU wheel of torch is pinned here, not in the package metadata (which keeps a range).
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: venv artifacts quickstart test clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+$(ART)/data/manifest.json: $(VENV)/.installed
+	$(PY) -m vold_pl.data.synthetic --out $(ART)/data --seed 0 --n-train 2000 --n-val 200 --n-test 200
+
+$(ART)/tiny/student/config.json: $(ART)/data/manifest.json
+	$(PY) -m vold_pl.models.tiny --out $(ART)/tiny --seed 0
+
+artifacts: $(ART)/tiny/student/config.json
+
+quickstart: artifacts
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m vold_pl.quickstart --artifacts $(ART)
+
+test: venv
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(ART) runs
