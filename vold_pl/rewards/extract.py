@@ -26,6 +26,7 @@ _OPEN_RE = re.compile(r"<answer>", re.IGNORECASE)
 _CLOSE_RE = re.compile(r"</answer>", re.IGNORECASE)
 # Tokens of a brace scan: a box opener, an escaped char (so ``\{`` is not a brace), or a brace.
 _BOX_TOKEN_RE = re.compile(r"\\(?:boxed|fbox)\s*\{|\\.|\{|\}", re.DOTALL)
+_BOX_OPEN_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _THINK_ANSWER_RE = re.compile(r"</think>\s*<answer>")
 
 
@@ -36,15 +37,12 @@ def _text(s: object, cap: int) -> str | None:
     return s[-cap:] if len(s) > cap else s
 
 
-def find_boxed(text: str) -> str | None:
-    """Content of the last *balanced* ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``, else None.
+def _last_box_span(text: str) -> tuple[int, int] | None:
+    """(start, end) of the content of the ``\\boxed{`` / ``\\fbox{`` whose ``}`` comes last, or None.
 
-    "Last" is the box that closes last, so for ``\\boxed{\\boxed{5}}`` it is the outer one; nested boxes
-    are then unwrapped (``"5"``). Escaped braces ``\\{ \\}`` do not count. One linear pass with a stack, so
-    100 KB of ``\\boxed{`` fragments costs milliseconds. Unbalanced boxes are ignored.
+    One linear pass with a stack of open braces; escaped braces ``\\{ \\}`` do not count and
+    unbalanced boxes are ignored, so 100 KB of ``\\boxed{`` fragments costs milliseconds.
     """
-    if not isinstance(text, str):
-        return None
     stack: list[int | None] = []  # per open brace: content start if it opened a box, else None
     last: tuple[int, int] | None = None
     for m in _BOX_TOKEN_RE.finditer(text):
@@ -56,24 +54,31 @@ def find_boxed(text: str) -> str | None:
                     last = (start, m.start())
         elif tok == "{":
             stack.append(None)
-        elif tok.endswith("{"):
+        elif len(tok) > 2:  # a box opener; 2-char tokens are escapes like \{
             stack.append(m.end())
-    if last is None:
+    return last
+
+
+def find_boxed(text: object) -> str | None:
+    """Content of the last balanced ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``, else None.
+
+    "Last" is the box that closes last, so for ``\\boxed{\\boxed{5}}`` it is the outer one, whose nested
+    boxes are then unwrapped (``"5"``).
+    """
+    if not isinstance(text, str):
         return None
-    return _unwrap_boxed(text[last[0]:last[1]].strip())
+    span = _last_box_span(text)
+    return None if span is None else _unwrap_boxed(text[span[0]:span[1]].strip())
 
 
 def _unwrap_boxed(s: str) -> str:
-    """Strip ``\\boxed{...}`` wrappers that enclose the *whole* string (bounded depth)."""
-    for _ in range(8):
-        m = re.match(r"\\(?:boxed|fbox)\s*\{", s)
-        if not m:
-            break
-        inner = find_boxed(s)
+    """Strip ``\\boxed{...}`` wrappers that enclose the *whole* string (iterative, bounded depth)."""
+    for _ in range(16):
+        m = _BOX_OPEN_RE.match(s)
         # Only unwrap when the box spans everything: "\boxed{1} + \boxed{2}" stays as is.
-        if inner is None or not s.endswith("}") or _balanced_end(s, m.end()) != len(s) - 1:
+        if not m or _balanced_end(s, m.end()) != len(s) - 1:
             break
-        s = inner
+        s = s[m.end():-1].strip()
     return s
 
 
@@ -86,7 +91,7 @@ def _balanced_end(s: str, start: int) -> int:
             depth -= 1
             if depth == 0:
                 return m.start()
-        elif tok.endswith("{"):
+        elif tok == "{" or len(tok) > 2:  # a brace or a box opener; 2-char tokens are escapes like \{
             depth += 1
     return -1
 
@@ -221,7 +226,7 @@ def parse_yesno(s: object, strict: bool = False) -> str | None:
 
 _LETTER_TOKEN_RE = re.compile(r"\(?([A-Za-z])[).]?")
 _CHOICE_PREFIX_RE = re.compile(
-    r"(?:the\s+)?(?:correct\s+|final\s+|right\s+)?(?:answer|options?|choices?)\s*(?:is|are)?\s*:?\s*", re.IGNORECASE
+    r"(?:the\s+)?(?:correct\s+|final\s+|right\s+)?(?:answer|options?|choices?)\b\s*(?:(?:is|are)\b)?\s*:?\s*", re.IGNORECASE
 )
 _LEADING_LETTER_RE = re.compile(r"\(?([A-Z])\s*[).:]\s*\S")
 

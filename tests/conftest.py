@@ -1,0 +1,31 @@
+"""Shared offline fixtures: a small synthetic data set and tiny student/teacher models, built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory) -> dict[str, Path]:
+    """``generate_dataset`` output: train/val/test (+ _text twins) JSONL and images (seed 0)."""
+    from vold_pl.data.synthetic import generate_dataset
+
+    return generate_dataset(tmp_path_factory.mktemp("data"), seed=0, n_train=96, n_val=24, n_test=24)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Folders ``student`` (tiny Qwen2.5-VL + processor) and ``teacher`` (tiny Qwen3 + same tokenizer)."""
+    from vold_pl.data.synthetic import corpus_texts
+    from vold_pl.models.tiny import TinySizes, save_tiny_models
+
+    sizes = TinySizes(vocab_size=512, hidden_size=64, intermediate_size=128, vision_hidden_size=32,
+                      teacher_hidden_size=64)
+    return save_tiny_models(tmp_path_factory.mktemp("tiny"), corpus_texts(seed=0, n=300), sizes, seed=0)
