@@ -2,8 +2,9 @@
 
 Every function here accepts *any* input (including ``None``, non-strings and megabytes of garbage),
 never raises and runs in time linear in a capped input size: no regex in this module can backtrack
-catastrophically (each pattern is a literal, or a bounded token scan), and inputs are cut to
-``MAX_SCAN_CHARS`` / ``MAX_ANSWER_CHARS`` before anything else looks at them.
+catastrophically (each pattern is a literal, a character class, or a token scan), only the last
+``MAX_SCAN_CHARS`` of an output are searched for the answer, and an answer longer than
+``MAX_ANSWER_CHARS`` counts as no answer.
 
 Output convention (METHODS.md §6, Curr-ReFT arXiv 2503.07065):
 ``<think> reasoning </think> <answer> final answer </answer>``, ``\\boxed{}`` accepted inside the answer.
@@ -11,6 +12,7 @@ Output convention (METHODS.md §6, Curr-ReFT arXiv 2503.07065):
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import string
@@ -35,6 +37,15 @@ def _text(s: object, cap: int) -> str | None:
     if not isinstance(s, str):
         return None
     return s[-cap:] if len(s) > cap else s
+
+
+def _bounded(s: object) -> str | None:
+    """``s`` stripped; "" when over ``MAX_ANSWER_CHARS`` (an over-long answer is no answer: truncating it
+    would change its meaning); None for a non-string."""
+    if not isinstance(s, str):
+        return None
+    t = s.strip()
+    return "" if len(t) > MAX_ANSWER_CHARS else t
 
 
 def _last_box_span(text: str) -> tuple[int, int] | None:
@@ -72,7 +83,13 @@ def find_boxed(text: object) -> str | None:
 
 
 def _unwrap_boxed(s: str) -> str:
-    """Strip ``\\boxed{...}`` wrappers that enclose the *whole* string (iterative, bounded depth)."""
+    """Strip ``\\boxed{...}`` wrappers that enclose the *whole* string (iterative, bounded depth).
+
+    Strings over ``MAX_ANSWER_CHARS`` are left alone: they are no answer anyway, and unwrapping a
+    7,000-deep box tower would cost a rescan per level.
+    """
+    if len(s) > MAX_ANSWER_CHARS:
+        return s
     for _ in range(16):
         m = _BOX_OPEN_RE.match(s)
         # Only unwrap when the box spans everything: "\boxed{1} + \boxed{2}" stays as is.
@@ -109,12 +126,16 @@ def extract_answer(text: object) -> str | None:
        complete block.
     3. If the block contains a balanced ``\\boxed{}``, the answer is the content of its last one.
     4. With no complete block, the answer is the content of the last ``\\boxed{}`` in the text.
-    5. The result is stripped and capped to ``MAX_ANSWER_CHARS``; empty or whitespace-only → None
+    5. The result is stripped; empty, whitespace-only or longer than ``MAX_ANSWER_CHARS`` → None
        (an empty ``<answer></answer>`` must never earn reward: METHODS.md §6).
     """
-    t = _text(text, MAX_SCAN_CHARS)
-    if t is None:
-        return None
+    return _extract_answer(text) if isinstance(text, str) else None
+
+
+@functools.lru_cache(maxsize=1024)
+def _extract_answer(text: str) -> str | None:
+    # Cached: compute_rewards runs several rewards over the same completion, each extracting the answer.
+    t = _text(text, MAX_SCAN_CHARS) or ""
     answer: str | None = None
     closes = [m.start() for m in _CLOSE_RE.finditer(t)]
     if closes:
@@ -129,8 +150,7 @@ def extract_answer(text: object) -> str | None:
         answer = find_boxed(t)
     if answer is None:
         return None
-    answer = answer.strip()[:MAX_ANSWER_CHARS].strip()
-    return answer or None
+    return _bounded(answer) or None
 
 
 def is_well_formatted(text: object) -> bool:
@@ -153,12 +173,15 @@ def is_well_formatted(text: object) -> bool:
     return m is not None and m.end() <= len(s) - len(tail)
 
 
-def _clean(s: object) -> str | None:
-    """Shared pre-cleaning of an extracted answer: cap, unwrap box / ``\\text{}`` / ``$``, strip."""
-    t = _text(s, MAX_ANSWER_CHARS)
-    if t is None:
-        return None
-    t = t.strip()
+def clean_answer(s: object) -> str | None:
+    """An extracted answer cleaned for type parsers ("" when empty, None for a non-string).
+
+    Over ``MAX_ANSWER_CHARS`` → "". Unwraps a whole-string ``\\boxed{}``, ``\\text{}``-like wrappers and
+    the math delimiters ``$ \\( \\) \\[ \\]``, and strips whitespace.
+    """
+    t = _bounded(s)
+    if not t:
+        return t
     t = _unwrap_boxed(t)
     t = _unwrap_text_cmds(t)
     t = t.replace("$", "").replace("\\(", "").replace("\\)", "").replace("\\[", "").replace("\\]", "")
@@ -191,7 +214,7 @@ def normalize_text(s: object) -> str:
     separators (``1,000`` → ``1000``), turn punctuation into spaces except a ``.`` between digits and a
     ``-`` before a digit, drop the articles a/an/the, collapse whitespace. SQuAD-style, plus LaTeX.
     """
-    t = _clean(s)
+    t = clean_answer(s)
     if not t:
         return ""
     t = unicodedata.normalize("NFKC", t)
@@ -214,10 +237,10 @@ def parse_yesno(s: object, strict: bool = False) -> str | None:
     ``"Yes/No"`` are None: a hedge is no answer.
     """
     if strict:
-        t = _text(s, MAX_ANSWER_CHARS)
-        t = t.strip().lower() if t is not None else None
+        t = _bounded(s)
+        t = t.lower() if t else None
         return t if t in ("yes", "no") else None
-    t = _clean(s)
+    t = clean_answer(s)
     if not t:
         return None
     m = re.match(r"(yes|no)(?:$|\s*[.,;:!])", t.lower())
@@ -226,7 +249,8 @@ def parse_yesno(s: object, strict: bool = False) -> str | None:
 
 _LETTER_TOKEN_RE = re.compile(r"\(?([A-Za-z])[).]?")
 _CHOICE_PREFIX_RE = re.compile(
-    r"(?:the\s+)?(?:correct\s+|final\s+|right\s+)?(?:answer|options?|choices?)\b\s*(?:(?:is|are)\b)?\s*:?\s*", re.IGNORECASE
+    r"(?:the\s+)?(?:correct\s+|final\s+|right\s+)?(?:answer|options?|choices?)\b\s*(?:(?:is|are)\b)?\s*:?\s*",
+    re.IGNORECASE,
 )
 _LEADING_LETTER_RE = re.compile(r"\(?([A-Z])\s*[).:]\s*\S")
 
@@ -248,7 +272,7 @@ def parse_choice_letters(s: object, n_choices: int, choices: list[str] | None = 
        exactly one option, that option's letter.
     A letter outside the first ``n_choices`` makes the whole answer invalid (empty set).
     """
-    t = _clean(s)
+    t = clean_answer(s)
     if not t:
         return frozenset()
     n = n_choices if n_choices and n_choices > 0 else (len(choices) if choices else 26)
@@ -279,10 +303,10 @@ def parse_choice_letters(s: object, n_choices: int, choices: list[str] | None = 
 
 def parse_choice_letters_strict(s: object, n_choices: int) -> frozenset[str]:
     """Curr-ReFT stage 2: nothing but uppercase option letters separated by commas/whitespace, else empty."""
-    t = _text(s, MAX_ANSWER_CHARS)
-    if t is None or not re.fullmatch(r"[A-Z,\s]+", t.strip() or "-"):
+    t = _bounded(s)
+    if not t or not re.fullmatch(r"[A-Z,\s]+", t):
         return frozenset()
-    letters = [p for p in re.split(r"[,\s]+", t.strip()) if p]
+    letters = [p for p in re.split(r"[,\s]+", t) if p]
     valid = {chr(ord("A") + i) for i in range(min(n_choices if n_choices > 0 else 26, 26))}
     if not letters or any(len(p) != 1 or p not in valid for p in letters):
         return frozenset()
@@ -299,7 +323,7 @@ def parse_bbox(s: object) -> list[float] | None:
     ``"10 20 30 40"``, ``"dog: [10, 20, 30, 40]"``. More or fewer numbers (e.g. two boxes) → None: we
     don't guess which box was meant. Coordinates are returned as written (not reordered).
     """
-    t = _clean(s)
+    t = clean_answer(s)
     if not t:
         return None
     nums = _NUMBER_RE.findall(t)
@@ -314,7 +338,7 @@ def parse_bbox(s: object) -> list[float] | None:
 
 def parse_labels(s: object) -> frozenset[str]:
     """Labels of a multi-label answer: split on commas / semicolons, each normalised, empties dropped."""
-    t = _clean(s)
+    t = clean_answer(s)
     if not t:
         return frozenset()
     labels = (normalize_text(p) for p in re.split(r"[,;]", t))

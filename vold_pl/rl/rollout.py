@@ -112,8 +112,14 @@ class HFGenerateEngine:
         tokenizer: decodes completions and gives pad/EOS ids.
     """
 
+    # A sampled vision placeholder would desynchronise image tokens and image features in the next forward.
+    SUPPRESSED = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        unk = getattr(tokenizer, "unk_token_id", None)
+        ids = [tokenizer.convert_tokens_to_ids(t) for t in self.SUPPRESSED]
+        self.suppress_ids = [i for i in ids if i is not None and i != unk]
         eos = tokenizer.eos_token_id
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos)
 
@@ -129,7 +135,8 @@ class HFGenerateEngine:
         extra.update(repeat_images(batch, G))
         inputs.update(extra)
         gen_kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample,
-                          pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_ids)
+                          pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_ids,
+                          suppress_tokens=self.suppress_ids or None)
         if sampling.do_sample:
             gen_kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
         else:

@@ -1,0 +1,286 @@
+"""``BenchmarkCallback``: decode benchmark problems, score them with the training reward code, report.
+
+When it runs: under ``trainer.validate`` / ``vold-pl validate`` (at the end of the validation epoch, so its
+metrics appear in the validate results), and during fit every ``every_n_steps`` optimizer steps, every
+``every_n_epochs`` epochs and once when training ends. Scoring is :func:`~vold_pl.rewards.extract.extract_answer`
+then :func:`~vold_pl.rewards.functions.score_answer`: the same code as the training reward (one source of truth).
+
+Distributed: each rank decodes its own slice ``records[rank::world]`` with no collective inside the loop (a
+rank with fewer batches cannot hang the others), then one torchmetrics sum-reduction of a fixed-shape count
+matrix per benchmark (the group keys come from the full record list every rank loads) and one
+``all_gather_object`` of the predictions. Rank 0 writes the reports (see :mod:`vold_pl.callbacks.report`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torchmetrics
+from lightning.pytorch.trainer.states import TrainerFn
+
+from vold_pl.callbacks.report import NO_CATEGORY, STATS, summarize, write_reports
+from vold_pl.data.benchmarks import load_benchmark
+from vold_pl.data.collate import DEFAULT_INSTRUCTION, PromptCollator
+from vold_pl.data.schema import Record
+from vold_pl.rewards.extract import extract_answer, is_well_formatted
+from vold_pl.rewards.functions import score_answer
+from vold_pl.rl.rollout import HFGenerateEngine, SamplingConfig
+
+
+@dataclass
+class BenchmarkSpec:
+    """One benchmark to evaluate.
+
+    Args:
+        name: label in logs and reports (``bench/<name>/accuracy``); unique among the benchmarks.
+        path: the benchmark's local folder or file (see ``vold_pl/data/benchmarks.py`` for the layouts).
+        loader: which loader reads it: ``mathvista``, ``mathvision``, ``mmmu_pro_standard``, ``mmmu_pro_vision``,
+            ``logicvista`` or ``synthetic``; default ``name``.
+        limit: evaluate only the first ``limit`` records (quick checks).
+        cache_dir: where embedded images are written once; default ``<path>/images_cache``.
+        kwargs: extra loader arguments, e.g. ``{split: test}`` for MathVision.
+    """
+
+    name: str
+    path: str
+    loader: str | None = None
+    limit: int | None = None
+    cache_dir: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class _Tally(torchmetrics.Metric):
+    """A ``[groups, len(STATS)]`` matrix of sums; ``compute()`` sums it over ranks in one collective."""
+
+    full_state_update = False
+
+    def __init__(self, n_groups: int):
+        super().__init__()
+        # float64: counts stay exact integers and multilabel fractions lose nothing.
+        self.add_state("counts", torch.zeros(n_groups, len(STATS), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, counts: torch.Tensor) -> None:
+        self.counts += counts.to(self.counts)
+
+    def compute(self) -> torch.Tensor:
+        return self.counts
+
+
+def group_keys(records: list[Record]) -> list[tuple[str, str]]:
+    """``("all", "")``, then every category, then every answer type, sorted: the same list on every rank."""
+    cats = sorted({r.category or NO_CATEGORY for r in records})
+    types = sorted({r.answer_type for r in records})
+    return [("all", "")] + [("category", c) for c in cats] + [("answer_type", t) for t in types]
+
+
+class BenchmarkCallback(L.Callback):
+    """Evaluate the policy on benchmarks and write ``benchmark_report.{json,md,png}`` and the predictions.
+
+    Logs ``bench/<name>/accuracy``, ``bench/<name>/format_valid`` and, with ``pass_k > 1``,
+    ``bench/<name>/pass@<k>``.
+
+    Args:
+        benchmarks: the benchmarks to evaluate.
+        every_n_steps: during fit, evaluate after every this many optimizer steps (``null``: never).
+        every_n_epochs: during fit, evaluate at the end of every this many training epochs (``null``: never).
+        at_fit_end: evaluate once when training ends.
+        on_validate: evaluate under ``trainer.validate`` / ``vold-pl validate``.
+        max_new_tokens: completion length cap.
+        do_sample: sample instead of greedy decoding (needed for ``pass_k > 1``).
+        temperature: sampling temperature (with ``do_sample``).
+        top_p: nucleus sampling mass (with ``do_sample``).
+        pass_k: samples per problem; reports pass@k (any of k fully correct) next to mean accuracy.
+        batch_size: problems per generation batch (per rank).
+        instruction: the output-format instruction appended to each problem (as in training).
+        view: ``student`` (images + problem) or ``teacher`` (text view, for a text-only model).
+        out_dir: folder of the reports; default the trainer's log directory.
+        write_predictions: write ``benchmark_predictions.jsonl`` (every completion, for error analysis).
+        engine: generation engine with ``generate(model, batch, num_samples, sampling)``; default the module's
+            ``rollout_engine`` or an ``HFGenerateEngine`` (tests pass a scripted one).
+    """
+
+    def __init__(self, benchmarks: list[BenchmarkSpec], every_n_steps: int | None = None,
+                 every_n_epochs: int | None = None, at_fit_end: bool = True, on_validate: bool = True,
+                 max_new_tokens: int = 512, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                 pass_k: int = 1, batch_size: int = 8, instruction: str = DEFAULT_INSTRUCTION,
+                 view: str = "student", out_dir: str | None = None, write_predictions: bool = True,
+                 engine: Any = None):
+        names = [b.name for b in benchmarks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"benchmark names must be unique, got {names}")
+        if pass_k < 1 or batch_size < 1 or max_new_tokens < 1:
+            raise ValueError("pass_k, batch_size and max_new_tokens must be >= 1")
+        if pass_k > 1 and not do_sample:
+            raise ValueError(f"pass_k={pass_k} needs do_sample: true (greedy decoding gives {pass_k} identical samples)")
+        self.benchmarks, self.every_n_steps, self.every_n_epochs = benchmarks, every_n_steps, every_n_epochs
+        self.at_fit_end, self.on_validate, self.pass_k, self.batch_size = at_fit_end, on_validate, pass_k, batch_size
+        self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                       do_sample=do_sample)
+        self.instruction, self.view, self.out_dir = instruction, view, out_dir
+        self.write_predictions, self.engine = write_predictions, engine
+        self._records: dict[str, list[Record]] = {}
+        self._datasets: dict[str, Any] = {}
+        self._last_step: int | None = None
+        self._ckpt_step: int | None = None
+        self.last_report: dict | None = None
+
+    # -- when to run ------------------------------------------------------------------------------------------
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        # Under `validate --ckpt_path`, Lightning restores weights but not the loop counters: keep the step.
+        self._ckpt_step = checkpoint.get("global_step")
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self.on_validate and trainer.state.fn == TrainerFn.VALIDATING and not trainer.sanity_checking:
+            metrics = self.evaluate(trainer, pl_module)
+            for k, v in metrics.items():  # identical on every rank already; sync only keeps Lightning quiet
+                pl_module.log(k, v, sync_dist=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self._evaluate_in_fit(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            if trainer.global_step != self._last_step:
+                self._evaluate_in_fit(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.at_fit_end and trainer.global_step != self._last_step:
+            self._evaluate_in_fit(trainer, pl_module)
+
+    def _evaluate_in_fit(self, trainer, pl_module) -> None:
+        # pl_module.log is not allowed in every hook (and is thinned by log_every_n_steps): log directly.
+        metrics = self.evaluate(trainer, pl_module)
+        if trainer.is_global_zero:
+            for lg in trainer.loggers:
+                lg.log_metrics(metrics, step=trainer.global_step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+
+    # -- evaluation -------------------------------------------------------------------------------------------
+    def evaluate(self, trainer, pl_module) -> dict[str, float]:
+        """Evaluate every benchmark; returns the metrics to log. Every rank must call it."""
+        out_dir = self.out_dir or trainer.log_dir or "."  # log_dir is a collective: call it on every rank
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        step = trainer.global_step if fitting or self._ckpt_step is None else self._ckpt_step
+        self._last_step = trainer.global_step
+        model = pl_module.model
+        engine = self.engine or getattr(pl_module, "rollout_engine", None) or HFGenerateEngine(pl_module.tokenizer)
+        was_training = model.training
+        model.eval()
+        summaries, predictions = {}, []
+        try:
+            with torch.no_grad():
+                for spec in self.benchmarks:
+                    summaries[spec.name], preds = self._evaluate_one(spec, trainer, pl_module, engine)
+                    predictions += preds
+        finally:
+            model.train(was_training)
+        predictions = _gather_objects(predictions) if self.write_predictions else None
+        report = {"model": _model_name(pl_module), "checkpoint": trainer.ckpt_path, "step": step,
+                  "epoch": trainer.current_epoch, "stage": trainer.state.fn.value if trainer.state.fn else None,
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                  "decoding": {"max_new_tokens": self.sampling.max_new_tokens, "do_sample": self.sampling.do_sample,
+                               "temperature": self.sampling.temperature, "top_p": self.sampling.top_p,
+                               "pass_k": self.pass_k, "instruction": self.instruction},
+                  "benchmarks": summaries}
+        if trainer.is_global_zero:
+            if predictions is not None:  # the same order whatever the number of ranks
+                predictions.sort(key=lambda p: (p.pop("_order"), p["sample"]))
+            paths = write_reports(out_dir, report, predictions)
+            print(f"[vold-pl] benchmark report: {paths['md']}")
+        self.last_report = report
+        metrics = {}
+        for name, s in summaries.items():
+            metrics[f"bench/{name}/accuracy"] = s["accuracy"]
+            metrics[f"bench/{name}/format_valid"] = s["format_valid"]
+            if self.pass_k > 1:
+                metrics[f"bench/{name}/pass@{self.pass_k}"] = s[f"pass@{self.pass_k}"]
+        return metrics
+
+    def _load(self, spec: BenchmarkSpec):
+        if spec.name not in self._records:
+            from vold_pl.data.sources import to_dataset
+
+            records = load_benchmark(spec.loader or spec.name, spec.path, limit=spec.limit, cache_dir=spec.cache_dir,
+                                     **spec.kwargs)
+            if not records:
+                raise ValueError(f"benchmark {spec.name!r} at {spec.path} has no records")
+            self._records[spec.name], self._datasets[spec.name] = records, to_dataset(records)
+        return self._records[spec.name], self._datasets[spec.name]
+
+    def _evaluate_one(self, spec: BenchmarkSpec, trainer, pl_module, engine) -> tuple[dict, list[dict]]:
+        records, dataset = self._load(spec)
+        rank, world = trainer.global_rank, trainer.world_size
+        groups = group_keys(records)
+        index = {g: i for i, g in enumerate(groups)}
+        mine = list(range(rank, len(records), world))
+        loader = torch.utils.data.DataLoader(dataset.select(mine), batch_size=self.batch_size, shuffle=False,
+                                             collate_fn=PromptCollator(pl_module.processor, self.view, self.instruction))
+        counts = torch.zeros(len(groups), len(STATS), dtype=torch.float64)
+        preds: list[dict] = []
+        k = self.pass_k
+        for b, batch in enumerate(_progress(loader, trainer, f"bench {spec.name}")):
+            batch = {key: v.to(pl_module.device) if torch.is_tensor(v) else v for key, v in batch.items()}
+            rollout = engine.generate(pl_module.model, batch, k, self.sampling)
+            lengths = rollout.completion_mask.sum(-1).tolist()
+            for i, meta in enumerate(batch["records"]):
+                pos = mine[b * self.batch_size + i]
+                rec = records[pos]
+                assert rec.id == meta["id"], "loader order must follow the slice"
+                row = torch.zeros(len(STATS), dtype=torch.float64)
+                for g in range(k):
+                    text = rollout.texts[i * k + g]
+                    answer = extract_answer(text)
+                    score = float(score_answer(answer, rec))
+                    fmt = is_well_formatted(text)
+                    row += torch.tensor([0, 1, score, 0, float(fmt), lengths[i * k + g]], dtype=torch.float64)
+                    preds.append({"_order": (spec.name, pos), "benchmark": spec.name, "id": rec.id, "sample": g,
+                                  "prompt": rec.problem, "completion": text, "extracted": answer, "gold": rec.answer,
+                                  "answer_type": rec.answer_type, "category": rec.category, "score": score,
+                                  "correct": score >= 1.0, "format_valid": fmt})
+                row[STATS.index("records")] = 1
+                row[STATS.index("solved")] = float(any(p["correct"] for p in preds[-k:]))
+                for g in (("all", ""), ("category", rec.category or NO_CATEGORY), ("answer_type", rec.answer_type)):
+                    counts[index[g]] += row
+        tally = _Tally(len(groups)).to(pl_module.device)
+        tally.update(counts)
+        total = tally.compute().cpu().tolist()  # the one collective: a sum over ranks
+        return summarize(groups, total, k), preds
+
+
+def _progress(loader, trainer, desc: str):
+    """A tqdm bar on rank 0 when the trainer shows progress bars; the plain loader elsewhere."""
+    if not trainer.is_global_zero or trainer.progress_bar_callback is None:
+        return loader
+    from tqdm.auto import tqdm
+
+    return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _gather_objects(objs: list) -> list:
+    """Everyone's list, concatenated (one ``all_gather_object``); the list itself when not distributed."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return objs
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return objs
+    out: list[list | None] = [None] * world
+    torch.distributed.all_gather_object(out, objs)
+    return [o for part in out for o in part or []]
+
+
+def _model_name(pl_module) -> str | None:
+    spec = getattr(pl_module, "model_spec", None)
+    if spec is not None and getattr(spec, "name_or_path", None):
+        return spec.name_or_path
+    cfg = getattr(getattr(pl_module, "model", None), "config", None)
+    return getattr(cfg, "_name_or_path", None) or type(getattr(pl_module, "model", pl_module)).__name__
+
+
+__all__ = ["BenchmarkCallback", "BenchmarkSpec", "group_keys"]

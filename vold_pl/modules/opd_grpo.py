@@ -1,0 +1,314 @@
+"""OPD-GRPO: GRPO with on-policy distillation from a text-only teacher — VOLD's second stage.
+
+One training step is the algorithm box of VOLD (arXiv 2510.23497) on top of GRPO (METHODS.md §1-3)::
+
+    rollout   o_1..o_G ~ π_old(·|q)                      for each prompt q of the batch
+    reward    r_i = Σ_k w_k R_k(o_i, q)
+    advantage A_i = (r_i − mean_G r) / (std_G r + ε)
+    teacher   log π_T(o_t | q_T, o_<t)                   q_T: the text view; frozen
+    repeat μ times:
+      loss = agg(clip-surrogate(ρ, A)) + β_ref·agg(k3) + λ·agg(g(τ)·KL_t)     (OPD in loss mode)
+      or, OPD in advantage mode: A_{i,t} = A_i − λ·g_i·sg(k1_t) inside the surrogate
+      one optimizer step
+
+Every formula lives in ``vold_pl/rl`` and ``vold_pl/rewards``; this module only sequences them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Literal
+
+import torch
+
+from vold_pl.models.factory import ModelSpec, check_tokenizers_aligned, freeze, get_tokenizer, load_model, load_processor
+from vold_pl.modules.base import OptimConfig, PolicyModule
+from vold_pl.rewards.functions import compute_rewards, validate_weights
+from vold_pl.rl.advantages import group_advantages
+from vold_pl.rl.logprobs import model_token_logprobs
+from vold_pl.rl.losses import (
+    aggregate, clipped_surrogate, full_reverse_kl, k3_kl, masked_mean, opd_gate, opd_loss, opd_token_advantages,
+    sampled_reverse_kl,
+)
+from vold_pl.rl.rollout import HFGenerateEngine, Rollout, SamplingConfig
+from vold_pl.rl.teacher import build_teacher_inputs, teacher_completion_logits, teacher_token_logprobs
+
+
+@dataclass
+class GRPOConfig:
+    """The GRPO core (METHODS.md §2).
+
+    Args:
+        num_generations: G, completions sampled per prompt.
+        scale: advantage normalisation: ``group`` (÷ group std), ``batch`` (÷ batch std), ``none`` (Dr. GRPO).
+        epsilon_low: lower clip range ε_low of the ratio.
+        epsilon_high: upper clip range ε_high; above ε_low gives DAPO's clip-higher.
+        loss_aggregation: ``sequence`` (GRPO), ``token`` (DAPO) or ``dr_grpo`` (÷ N·max length).
+        num_iterations: μ, optimizer steps per rollout batch; μ > 1 stores π_old log-probs at rollout time.
+        beta_ref: weight of the k3 KL to a frozen reference model; 0 builds no reference model at all.
+    """
+
+    num_generations: int = 4
+    scale: Literal["group", "batch", "none"] = "group"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    loss_aggregation: Literal["sequence", "token", "dr_grpo"] = "sequence"
+    num_iterations: int = 1
+    beta_ref: float = 0.0
+
+
+@dataclass
+class OPDConfig:
+    """On-policy distillation from the teacher (METHODS.md §1, §3).
+
+    Args:
+        lam: λ, weight of the distillation term; 0 turns OPD off (plain GRPO) and loads no teacher.
+        gate: ``failed`` (VOLD: distil only rollouts whose accuracy reward is 0) or ``all``.
+        estimator: ``k1`` (sampled reverse KL on the student's tokens) or ``full`` (full-vocabulary reverse KL).
+        mode: ``loss`` (λ·KL added to the GRPO loss, VOLD) or ``advantage`` (A_t = A − λ·sg(k1_t)).
+        top_k: with ``estimator: full``, restrict the KL to the student's top-k tokens (0 = whole vocabulary).
+    """
+
+    lam: float = 0.0
+    gate: Literal["failed", "all"] = "failed"
+    estimator: Literal["k1", "full"] = "k1"
+    mode: Literal["loss", "advantage"] = "loss"
+    top_k: int = 0
+
+
+class OPDGRPOModule(PolicyModule):
+    """GRPO + on-policy distillation from a frozen text-only teacher, with manual optimization.
+
+    Args:
+        model: the student policy (a VLM such as Qwen2.5-VL, or a text LLM).
+        teacher: the text-only teacher; needed when ``opd.lam > 0``. May be quantized (``quantization: 4bit``).
+        reference: the frozen reference for the k3 KL; default the student's initial weights (``model``).
+        optim: optimizer and LR schedule (one scheduler step per optimizer step).
+        grpo: GRPO options.
+        opd: distillation options.
+        sampling: rollout sampling.
+        rewards: reward name → weight; names from ``vold_pl.rewards.functions`` (``accuracy``, ``format``, …).
+        max_grad_norm: gradient clipping by global norm (0 = off).
+        logprob_chunk_size: positions per chunk when projecting hidden states to log-probs.
+        log_completions_every_n_steps: append a few decoded completions to ``<log_dir>/completions.jsonl``.
+        gradient_checkpointing: recompute activations in backward.
+        export_dir: final HF-format export folder; default ``<log_dir>/export``.
+        export: write the export at the end of fit.
+        seed: run seed.
+    """
+
+    collate_mode = "prompt"
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        teacher: ModelSpec | None = None,
+        reference: ModelSpec | None = None,
+        optim: OptimConfig | None = None,
+        grpo: GRPOConfig | None = None,
+        opd: OPDConfig | None = None,
+        sampling: SamplingConfig | None = None,
+        rewards: dict[str, float] | None = None,
+        max_grad_norm: float = 1.0,
+        logprob_chunk_size: int = 1024,
+        log_completions_every_n_steps: int = 10,
+        gradient_checkpointing: bool = False,
+        export_dir: str | None = None,
+        export: bool = True,
+        seed: int = 0,
+    ):
+        super().__init__(model, optim, gradient_checkpointing, export_dir, export, seed)
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.grpo, self.opd, self.sampling = grpo or GRPOConfig(), opd or OPDConfig(), sampling or SamplingConfig()
+        self.reward_weights = validate_weights(rewards if rewards is not None else {"accuracy": 1.0, "format": 0.1})
+        self.teacher_spec, self.reference_spec = teacher, reference
+        self.max_grad_norm, self.chunk = max_grad_norm, logprob_chunk_size
+        self.log_completions_every = log_completions_every_n_steps
+        if self.opd.lam > 0:
+            if teacher is None:
+                raise ValueError("opd.lam > 0 needs a teacher: set model.init_args.teacher.name_or_path, or opd.lam: 0.")
+            self.teacher_tokenizer = get_tokenizer(load_processor(teacher))
+            # Fails at setup, not deep in a step, when the teacher cannot score the student's tokens.
+            check_tokenizers_aligned(self.tokenizer, self.teacher_tokenizer)
+        self.rollout_engine = HFGenerateEngine(self.tokenizer)
+        # Frozen models live outside the module tree: not trained, not checkpointed, not sharded by Lightning.
+        self._frozen: dict[str, torch.nn.Module] = {}
+
+    # -- setup ---------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.opd.lam > 0 and "teacher" not in self._frozen:
+            self._frozen["teacher"] = self._load_frozen(self.teacher_spec)
+        if self.grpo.beta_ref > 0 and "reference" not in self._frozen:
+            self._frozen["reference"] = self._load_frozen(self.reference_spec or self.model_spec)
+
+    def _load_frozen(self, spec: ModelSpec) -> torch.nn.Module:
+        model, _ = load_model(spec)
+        model = freeze(model)
+        return model if spec.quantization != "none" else model.to(self.device)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        for name, m in self._frozen.items():
+            if getattr(m, "quantization_method", None) is None and not getattr(m, "is_quantized", False):
+                self._frozen[name] = m.to(self.device)
+
+    def _optimizer_steps(self, batches: int) -> int:
+        return batches * self.grpo.num_iterations
+
+    # -- the step ------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        t0 = time.perf_counter()
+        G = self.grpo.num_generations
+        records = batch["records"]
+        rollout = self.rollout_engine.generate(self.model, batch, G, self.sampling)
+        t_roll = time.perf_counter() - t0
+        mask = rollout.completion_mask.float()  # [N, L]
+
+        rec_objs = [SimpleNamespace(**r) for r in records for _ in range(G)]
+        rw = compute_rewards(rollout.texts, rec_objs, self.reward_weights)
+        rewards = rw.total.to(self.device)  # [N]
+        adv, zero_std = group_advantages(rewards, G, self.grpo.scale)  # [N], [B]
+
+        ids, attn, start, extra = self._policy_inputs(rollout)
+        teacher_out = self._teacher_scores(records, rollout) if self.opd.lam > 0 else None
+        ref_logp = None
+        if self.grpo.beta_ref > 0:
+            with torch.no_grad():
+                ref_logp = model_token_logprobs(self._frozen["reference"], ids, attn, start, temperature=self.sampling.temperature,
+                                                chunk_size=self.chunk, **extra)  # [N, L]
+        old_logp = None
+        if self.grpo.num_iterations > 1:
+            with torch.no_grad():  # π_old at rollout time: the weights the samples came from
+                old_logp = self._logprobs(ids, attn, start, extra)[0]  # [N, L]
+
+        accuracy = rw.named.get("accuracy", rw.total).to(self.device)  # [N]
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        for _ in range(self.grpo.num_iterations):
+            logp, entropy = self._logprobs(ids, attn, start, extra)  # [N, L], [N, L]
+            old = old_logp if old_logp is not None else logp.detach()  # μ = 1: ρ ≡ 1
+            loss, stats = self._loss(logp, old, adv, mask, ref_logp, teacher_out, accuracy, ids, attn, start, extra)
+            self._optimizer_step(opt, sched, loss)
+        self._log_step(rw, rewards, zero_std, rollout, mask, entropy, stats, loss, t_roll, time.perf_counter() - t0)
+        if self.log_completions_every and self.global_step % self.log_completions_every < self.grpo.num_iterations:
+            self._write_completions(records, rollout, rewards)
+
+    def _policy_inputs(self, rollout: Rollout):
+        ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)  # [N, P + L]
+        attn = torch.cat([rollout.prompt_mask, rollout.completion_mask.to(rollout.prompt_mask.dtype)], 1)  # [N, P + L]
+        extra = dict(rollout.extra)
+        if "mm_token_type_ids" in extra:  # generated tokens are text: type 0
+            extra["mm_token_type_ids"] = torch.cat([extra["mm_token_type_ids"], torch.zeros_like(rollout.completion_ids)], 1)
+        if not self.is_vision:
+            extra = {}
+        return ids, attn, rollout.prompt_ids.size(1), extra
+
+    def _logprobs(self, ids, attn, start, extra):
+        return model_token_logprobs(self.model, ids, attn, start, temperature=self.sampling.temperature,
+                                    chunk_size=self.chunk, return_entropy=True, **extra)
+
+    def _teacher_scores(self, records: list[dict], rollout: Rollout) -> dict:
+        tin = build_teacher_inputs(self.teacher_tokenizer, records, rollout.completion_ids, rollout.completion_mask,
+                                   rollout.group_size)
+        teacher = self._frozen["teacher"]
+        out = {"available": tin.available}
+        if self.opd.estimator == "full":
+            out["logits"] = teacher_completion_logits(teacher, tin, self.sampling.temperature)  # [N, L, V]
+        else:
+            out["logp"] = teacher_token_logprobs(teacher, tin, self.sampling.temperature, self.chunk)  # [N, L]
+        return out
+
+    def _loss(self, logp, old, adv, mask, ref_logp, teacher_out, accuracy, ids, attn, start, extra):
+        agg = self.grpo.loss_aggregation
+        metrics: dict[str, torch.Tensor] = {}
+        gate_w = None
+        if teacher_out is not None:
+            gate_w = opd_gate(accuracy, self.opd.gate, teacher_out["available"])  # [N]
+            if self.opd.estimator == "full":
+                logits = self.model(input_ids=ids, attention_mask=attn, use_cache=False, **extra).logits
+                student = logits[:, start - 1 : -1].float() / self.sampling.temperature  # [N, L, V]
+                kl = full_reverse_kl(student, teacher_out["logits"], top_k=self.opd.top_k or None)  # [N, L]
+            else:
+                kl = sampled_reverse_kl(logp, teacher_out["logp"])  # [N, L]
+            tok_mask = mask * (gate_w > 0).float().unsqueeze(-1)  # [N, L]
+            metrics["opd/reverse_kl"] = masked_mean(kl.detach(), tok_mask)
+            metrics["opd/frac_tokens"] = tok_mask.sum() / mask.sum().clamp(min=1)
+            metrics["opd/frac_masked_no_text_view"] = 1 - teacher_out["available"].float().mean()
+            if self.opd.mode == "advantage":
+                adv = opd_token_advantages(adv, kl.detach(), self.opd.lam, gate_w)  # [N, L]
+        pg, stats = clipped_surrogate(logp, old, adv, self.grpo.epsilon_low, self.grpo.epsilon_high)  # [N, L]
+        loss = aggregate(pg, mask, agg)
+        if ref_logp is not None:
+            kl_ref = k3_kl(logp, ref_logp)  # [N, L]
+            loss = loss + self.grpo.beta_ref * aggregate(kl_ref, mask, agg)
+            metrics["kl"] = masked_mean(kl_ref.detach(), mask)
+        if teacher_out is not None and self.opd.mode == "loss":
+            loss = loss + opd_loss(kl, mask, gate_w, self.opd.lam, agg)
+        metrics.update({k: v for k, v in stats.fractions(mask).items()})
+        return loss, metrics
+
+    def _optimizer_step(self, opt, sched, loss: torch.Tensor) -> None:
+        opt.zero_grad()
+        self.manual_backward(loss)
+        if self.max_grad_norm > 0:
+            self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+        opt.step()
+        sched.step()
+
+    # -- logging -------------------------------------------------------------------------------------------
+    def _log_step(self, rw, rewards, zero_std, rollout, mask, entropy, stats, loss, t_roll, t_step) -> None:
+        lengths = mask.sum(-1)  # [N]
+        n_tokens = float(lengths.sum())
+        m = {
+            "loss": loss.detach(),
+            "reward": rewards.mean(),
+            "reward_std": rewards.std() if rewards.numel() > 1 else rewards.new_zeros(()),
+            "frac_reward_zero_std": zero_std.float().mean(),
+            "completions/mean_length": lengths.mean(),
+            "completions/max_length": lengths.max(),
+            "completions/clipped_ratio": rollout.clipped.float().mean(),
+            "entropy": masked_mean(entropy.detach(), mask),
+            "rollout/tokens_per_second": torch.tensor(n_tokens / max(t_roll, 1e-9)),
+            "time/rollout": torch.tensor(t_roll),
+            "time/step": torch.tensor(t_step),
+            "lr": torch.tensor(self.optimizers().param_groups[0]["lr"]),
+        }
+        for name, v in rw.named.items():
+            m[f"rewards/{name}/mean"] = v.mean()
+        if rw.n_errors:
+            m["rewards/errors"] = torch.tensor(float(rw.n_errors))
+        renames = {"clip_low": "clip_ratio/low_mean", "clip_high": "clip_ratio/high_mean",
+                   "clip_region": "clip_ratio/region_mean", "ratio_mean": "ratio/mean"}
+        m.update({renames.get(k, k): v for k, v in stats.items()})
+        bs = rollout.num_rows // rollout.group_size
+        self.log_dict({f"train/{k}": v.float() for k, v in m.items()}, batch_size=bs, prog_bar=False)
+        self.log("reward", m["reward"].float(), prog_bar=True, batch_size=bs, logger=False)
+
+    def _write_completions(self, records, rollout: Rollout, rewards: torch.Tensor, k: int = 4) -> None:
+        if self.trainer.global_rank != 0:
+            return
+        path = Path(self.trainer.log_dir or ".") / "completions.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        G = rollout.group_size
+        with path.open("a") as fh:
+            for i in range(min(k, rollout.num_rows)):
+                rec = records[i // G]
+                fh.write(json.dumps({"step": self.global_step, "id": rec["id"], "answer": rec["answer"],
+                                     "completion": rollout.texts[i], "reward": float(rewards[i])}) + "\n")
+
+    # -- evaluation ----------------------------------------------------------------------------------------
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        greedy = SamplingConfig(max_new_tokens=self.sampling.max_new_tokens, do_sample=False)
+        rollout = self.rollout_engine.generate(self.model, batch, 1, greedy)
+        recs = [SimpleNamespace(**r) for r in batch["records"]]
+        rw = compute_rewards(rollout.texts, recs, self.reward_weights)
+        bs = len(recs)
+        self.log("val/reward", rw.total.mean(), batch_size=bs, sync_dist=True)
+        if "accuracy" in rw.named:
+            self.log("val/accuracy", rw.named["accuracy"].mean(), batch_size=bs, sync_dist=True, prog_bar=True)

@@ -1,0 +1,68 @@
+"""The teacher's view of a student completion: its own prompt, then the student's very tokens.
+
+VOLD's teacher is a text-only LLM (METHODS.md §1): it never sees pixels. For an image problem it reads the
+record's text view, for a text-only problem the same prompt as the student. Its prompt is re-tokenised
+with its own chat template, and the student's completion ids are appended unchanged; that is only
+meaningful because the two share a vocabulary, which :func:`vold_pl.models.factory.check_tokenizers_aligned`
+checks at setup. A record with an image and no text view is marked unavailable: it gets no OPD term.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vold_pl.data.collate import DEFAULT_INSTRUCTION, pad_left, teacher_messages
+from vold_pl.rl.logprobs import model_token_logprobs
+
+
+@dataclass
+class TeacherInputs:
+    input_ids: torch.Tensor  # [N, S + L] left-padded teacher prompt, then the student completion
+    attention_mask: torch.Tensor  # [N, S + L]
+    completion_start: int  # S: the column where completions begin
+    available: torch.Tensor  # [N] bool: the teacher has a view of this prompt
+
+
+def build_teacher_inputs(tokenizer, records: list[dict], completion_ids: torch.Tensor,
+                         completion_mask: torch.Tensor, group_size: int,
+                         instruction: str = DEFAULT_INSTRUCTION) -> TeacherInputs:
+    """Teacher prompt (one per record, repeated for its G samples) + the student's completion tokens.
+
+    ``records`` has B entries; ``completion_ids`` has ``B * group_size`` rows, group-contiguous.
+    """
+    prompts, available = [], []
+    for rec in records:
+        msgs = teacher_messages(rec, instruction)
+        available.append(msgs is not None)
+        # An unavailable row still needs some prompt to keep the batch rectangular; its KL is masked out.
+        msgs = msgs or [{"role": "user", "content": rec["problem"]}]
+        text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    prompt_ids, prompt_mask = pad_left(prompts, tokenizer.pad_token_id)  # [B, S]
+    prompt_ids = prompt_ids.repeat_interleave(group_size, 0).to(completion_ids.device)  # [N, S]
+    prompt_mask = prompt_mask.repeat_interleave(group_size, 0).to(completion_ids.device)  # [N, S]
+    avail = torch.tensor(available, device=completion_ids.device).repeat_interleave(group_size)  # [N]
+    return TeacherInputs(
+        input_ids=torch.cat([prompt_ids, completion_ids], 1),
+        attention_mask=torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], 1),
+        completion_start=prompt_ids.size(1),
+        available=avail,
+    )
+
+
+@torch.no_grad()
+def teacher_token_logprobs(teacher: torch.nn.Module, inputs: TeacherInputs, temperature: float = 1.0,
+                           chunk_size: int = 1024) -> torch.Tensor:
+    """``log π_T(o_t | q_T, o_<t)`` for every completion token: ``[N, L]``."""
+    return model_token_logprobs(teacher, inputs.input_ids, inputs.attention_mask, inputs.completion_start,
+                                temperature=temperature, chunk_size=chunk_size)
+
+
+@torch.no_grad()
+def teacher_completion_logits(teacher: torch.nn.Module, inputs: TeacherInputs, temperature: float = 1.0) -> torch.Tensor:
+    """Full next-token logits at every completion position, ``[N, L, V]``, for the full-vocabulary KL."""
+    s = inputs.completion_start
+    out = teacher(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, use_cache=False)
+    return out.logits[:, s - 1 : -1].float() / temperature  # [N, L, V]
