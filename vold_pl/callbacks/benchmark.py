@@ -176,8 +176,8 @@ class BenchmarkCallback(L.Callback):
         summaries, predictions = {}, []
         try:
             with torch.no_grad():
-                for spec in self.benchmarks:
-                    summaries[spec.name], preds = self._evaluate_one(spec, trainer, pl_module, engine)
+                for b, spec in enumerate(self.benchmarks):
+                    summaries[spec.name], preds = self._evaluate_one(b, spec, trainer, pl_module, engine)
                     predictions += preds
         finally:
             model.train(was_training)
@@ -214,7 +214,7 @@ class BenchmarkCallback(L.Callback):
             self._records[spec.name], self._datasets[spec.name] = records, to_dataset(records)
         return self._records[spec.name], self._datasets[spec.name]
 
-    def _evaluate_one(self, spec: BenchmarkSpec, trainer, pl_module, engine) -> tuple[dict, list[dict]]:
+    def _evaluate_one(self, bench_idx: int, spec: BenchmarkSpec, trainer, pl_module, engine) -> tuple[dict, list[dict]]:
         records, dataset = self._load(spec)
         rank, world = trainer.global_rank, trainer.world_size
         groups = group_keys(records)
@@ -240,7 +240,7 @@ class BenchmarkCallback(L.Callback):
                     score = float(score_answer(answer, rec))
                     fmt = is_well_formatted(text)
                     row += torch.tensor([0, 1, score, 0, float(fmt), lengths[i * k + g]], dtype=torch.float64)
-                    preds.append({"_order": (spec.name, pos), "benchmark": spec.name, "id": rec.id, "sample": g,
+                    preds.append({"_order": (bench_idx, pos), "benchmark": spec.name, "id": rec.id, "sample": g,
                                   "prompt": rec.problem, "completion": text, "extracted": answer, "gold": rec.answer,
                                   "answer_type": rec.answer_type, "category": rec.category, "score": score,
                                   "correct": score >= 1.0, "format_valid": fmt})
