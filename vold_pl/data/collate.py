@@ -19,7 +19,7 @@ DEFAULT_INSTRUCTION = (
 IGNORE_INDEX = -100
 # Fields carried into ``batch["records"]``; images stay out of it (they are already pixel_values).
 META_FIELDS = ("id", "problem", "answer", "answer_type", "choices", "trace", "text_view", "difficulty", "source",
-               "category")
+               "category", "image_paths")
 
 
 def student_messages(row: dict, instruction: str = DEFAULT_INSTRUCTION) -> list[dict]:

@@ -156,8 +156,8 @@ class ReasoningDataModule(L.LightningDataModule):
         path.write_text("\n".join(self.skipped) + "\n")
         print(f"[vold-pl] skipped {len(self.skipped)} malformed record(s); listed in {path}")
 
-    def _collator(self):
-        mode = self.collate
+    def _collator(self, mode: str | None = None):
+        mode = mode or self.collate
         if mode == "auto":
             module = self.trainer.lightning_module if self._trainer_attached() else None
             mode = getattr(module, "collate_mode", "sft")
@@ -185,8 +185,10 @@ class ReasoningDataModule(L.LightningDataModule):
     def _eval_loader(self, split: str) -> DataLoader | list:
         if split not in self.datasets:
             return []
+        # Predicting always generates, so it always needs bare prompts.
+        mode = "prompt" if split == "predict" else None
         return DataLoader(self.datasets[split], batch_size=self.val_batch_size, shuffle=False,
-                          collate_fn=self._collator(), num_workers=self.num_workers)
+                          collate_fn=self._collator(mode), num_workers=self.num_workers)
 
     def val_dataloader(self):
         return self._eval_loader("val")

@@ -43,6 +43,8 @@ def _features():
         "answer_type": Value("string"), "images": List(Image()), "choices": List(Value("string")),
         "trace": Value("string"), "text_view": Value("string"), "difficulty": Value("int32"),
         "source": Value("string"), "category": Value("string"),
+        # The files behind ``images``, kept so writers (traces, rejection sampling) can re-emit records.
+        "image_paths": List(Value("string")),
     })
 
 
@@ -83,6 +85,7 @@ def to_dataset(records: list[Record]):
     rows = [r.to_json() for r in records]
     for r in rows:
         r["choices"] = r["choices"] or []
+        r["image_paths"] = list(r["images"])
     return Dataset.from_list(rows, features=_features())
 
 

@@ -12,6 +12,7 @@ import lightning as L
 import torch
 
 from vold_pl.models.factory import ModelSpec, get_tokenizer, load_model, load_processor
+from vold_pl.rl.rollout import HFGenerateEngine, SamplingConfig
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 
@@ -88,6 +89,9 @@ class PolicyModule(L.LightningModule):
         self.tokenizer = get_tokenizer(self.processor)
         self.model: torch.nn.Module | None = None
         self._t_last: float | None = None
+        # Sampling for ``vold-pl predict``; a writer callback (TraceWriter) sets both before predicting.
+        self.rollout_engine = HFGenerateEngine(self.tokenizer)
+        self.predict_num_samples, self.predict_sampling = 1, SamplingConfig(do_sample=False)
 
     # -- model ---------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -117,6 +121,13 @@ class PolicyModule(L.LightningModule):
 
     def _optimizer_steps(self, batches: int) -> int:
         return batches
+
+    # -- predict: k samples per prompt, for trace writers ----------------------------------------------------
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        k = self.predict_num_samples
+        rollout = self.rollout_engine.generate(self.model, batch, k, self.predict_sampling)
+        texts = [rollout.texts[i * k : (i + 1) * k] for i in range(len(batch["records"]))]
+        return {"records": batch["records"], "texts": texts}
 
     # -- fit hooks -----------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:

@@ -34,7 +34,7 @@ from vold_pl.rl.losses import (
     aggregate, clipped_surrogate, full_reverse_kl, k3_kl, masked_mean, opd_gate, opd_loss, opd_token_advantages,
     sampled_reverse_kl,
 )
-from vold_pl.rl.rollout import HFGenerateEngine, Rollout, SamplingConfig
+from vold_pl.rl.rollout import Rollout, SamplingConfig
 from vold_pl.rl.teacher import build_teacher_inputs, teacher_completion_logits, teacher_token_logprobs
 
 
@@ -135,7 +135,6 @@ class OPDGRPOModule(PolicyModule):
             self.teacher_tokenizer = get_tokenizer(load_processor(teacher))
             # Fails at setup, not deep in a step, when the teacher cannot score the student's tokens.
             check_tokenizers_aligned(self.tokenizer, self.teacher_tokenizer)
-        self.rollout_engine = HFGenerateEngine(self.tokenizer)
         # Frozen models live outside the module tree: not trained, not checkpointed, not sharded by Lightning.
         self._frozen: dict[str, torch.nn.Module] = {}
 

@@ -130,9 +130,9 @@ class HFGenerateEngine:
         mask = batch["attention_mask"].repeat_interleave(G, 0)  # [N, P]
         inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
         extra: dict[str, Any] = {}
-        if "mm_token_type_ids" in batch:
+        if getattr(model.config, "vision_config", None) is not None:  # text-only LLMs take ids only
             extra["mm_token_type_ids"] = batch["mm_token_type_ids"].repeat_interleave(G, 0)
-        extra.update(repeat_images(batch, G))
+            extra.update(repeat_images(batch, G))
         inputs.update(extra)
         gen_kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample,
                           pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_ids,
