@@ -13,20 +13,23 @@ matrix per benchmark (the group keys come from the full record list every rank l
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 import torchmetrics
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 
 from vold_pl.callbacks.report import NO_CATEGORY, STATS, summarize, write_reports
 from vold_pl.data.benchmarks import load_benchmark
 from vold_pl.data.collate import DEFAULT_INSTRUCTION, PromptCollator
 from vold_pl.data.schema import Record
+from vold_pl.distributed import is_fsdp2
 from vold_pl.rewards.extract import extract_answer, is_well_formatted
 from vold_pl.rewards.functions import score_answer
 from vold_pl.rl.rollout import HFGenerateEngine, SamplingConfig
@@ -108,7 +111,7 @@ class BenchmarkCallback(L.Callback):
                  every_n_epochs: int | None = None, at_fit_end: bool = True, on_validate: bool = True,
                  max_new_tokens: int = 512, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                  pass_k: int = 1, batch_size: int = 8, instruction: str = DEFAULT_INSTRUCTION,
-                 view: str = "student", out_dir: str | None = None, write_predictions: bool = True,
+                 view: Literal["student", "teacher"] = "student", out_dir: str | None = None, write_predictions: bool = True,
                  engine: Any = None):
         names = [b.name for b in benchmarks]
         if len(set(names)) != len(names):
@@ -127,6 +130,7 @@ class BenchmarkCallback(L.Callback):
         self._datasets: dict[str, Any] = {}
         self._last_step: int | None = None
         self._ckpt_step: int | None = None
+        self._validated = False
         self.last_report: dict | None = None
 
     # -- when to run ------------------------------------------------------------------------------------------
@@ -136,9 +140,18 @@ class BenchmarkCallback(L.Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if self.on_validate and trainer.state.fn == TrainerFn.VALIDATING and not trainer.sanity_checking:
+            self._validated = True
             metrics = self.evaluate(trainer, pl_module)
             for k, v in metrics.items():  # identical on every rank already; sync only keeps Lightning quiet
                 pl_module.log(k, v, sync_dist=True)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._validated = False
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if stage == "validate" and self.on_validate and not self._validated:
+            rank_zero_warn("BenchmarkCallback did not run: `validate` ran no validation batch. It evaluates at the "
+                           "end of the validation epoch, so give the data module a `val` source.")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -220,6 +233,12 @@ class BenchmarkCallback(L.Callback):
         groups = group_keys(records)
         index = {g: i for i, g in enumerate(groups)}
         mine = list(range(rank, len(records), world))
+        n_real, model = len(mine), pl_module.model
+        if world > 1 and is_fsdp2(model):
+            # Sharded weights: every forward is a collective, so every rank runs the same number of batches
+            # (padded with repeats that are not scored) and generate keeps stepping until all ranks finish.
+            mine += [mine[0] if mine else 0] * (math.ceil(len(records) / world) - n_real)
+            model = _SyncedGenerate(model)
         loader = torch.utils.data.DataLoader(dataset.select(mine), batch_size=self.batch_size, shuffle=False,
                                              collate_fn=PromptCollator(pl_module.processor, self.view, self.instruction))
         counts = torch.zeros(len(groups), len(STATS), dtype=torch.float64)
@@ -227,9 +246,11 @@ class BenchmarkCallback(L.Callback):
         k = self.pass_k
         for b, batch in enumerate(_progress(loader, trainer, f"bench {spec.name}")):
             batch = {key: v.to(pl_module.device) if torch.is_tensor(v) else v for key, v in batch.items()}
-            rollout = engine.generate(pl_module.model, batch, k, self.sampling)
+            rollout = engine.generate(model, batch, k, self.sampling)
             lengths = rollout.completion_mask.sum(-1).tolist()
             for i, meta in enumerate(batch["records"]):
+                if b * self.batch_size + i >= n_real:
+                    break  # padding
                 pos = mine[b * self.batch_size + i]
                 rec = records[pos]
                 assert rec.id == meta["id"], "loader order must follow the slice"
@@ -255,12 +276,46 @@ class BenchmarkCallback(L.Callback):
 
 
 def _progress(loader, trainer, desc: str):
-    """A tqdm bar on rank 0 when the trainer shows progress bars; the plain loader elsewhere."""
-    if not trainer.is_global_zero or trainer.progress_bar_callback is None:
-        return loader
+    """Iterate ``loader`` with a progress bar on rank 0 when the trainer shows bars.
+
+    Under Lightning's ``RichProgressBar`` (the CLI's default when rich is installed) the bar is a task of its
+    live display: a second live display would garble the terminal. Otherwise tqdm, like Lightning's own bar.
+    """
+    bar = trainer.progress_bar_callback
+    if not trainer.is_global_zero or bar is None or not getattr(bar, "is_enabled", True):
+        yield from loader
+        return
+    live = getattr(bar, "progress", None)
+    if live is not None and not getattr(bar, "_progress_stopped", False):
+        task = live.add_task(desc, total=len(loader))
+        try:
+            for item in loader:
+                yield item
+                live.update(task, advance=1)
+                live.refresh()
+        finally:
+            live.remove_task(task)
+        return
     from tqdm.auto import tqdm
 
-    return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+    yield from tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+
+
+class _SyncedGenerate:
+    """The model, with ``generate(synced_gpus=True)``: a rank that finished keeps stepping with the others.
+
+    Needed under FSDP2 (each forward all-gathers weights); transformers only turns it on by itself for models
+    it sharded. Everything else is the wrapped model's.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self._model = model
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+    def generate(self, *args, **kwargs):
+        return self._model.generate(*args, **{**kwargs, "synced_gpus": True})
 
 
 def _gather_objects(objs: list) -> list:

@@ -202,7 +202,7 @@ def render_png(report: dict) -> tuple[bytes, list[str]]:
     ax.set_xticks(range(len(names)), [f"{n}\n(n={report['benchmarks'][n]['n']})" for n in names])
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("accuracy")
-    ax.set_title(f"step {report.get('step')}: {report.get('model')}"[:80], fontsize=10)
+    ax.set_title(f"step {report.get('step')}: {str(report.get('model'))[-60:]}", fontsize=10)
     if pk:
         ax.legend(loc="upper right", fontsize=8)
     if panels == 2:

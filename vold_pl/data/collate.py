@@ -34,7 +34,7 @@ def teacher_text(row: dict) -> str | None:
 
     ``None`` for an image problem without a text view: the teacher cannot see it, so it gets no OPD term.
     """
-    if row.get("images"):
+    if row.get("images") or row.get("has_image"):  # dataset rows carry images, batch metadata has_image
         return row.get("text_view") or None
     return row.get("text_view") or row["problem"]
 

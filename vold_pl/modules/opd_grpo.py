@@ -158,7 +158,11 @@ class OPDGRPOModule(PolicyModule):
                 self._frozen[name] = m.to(self.device)
 
     def _optimizer_steps(self, batches: int) -> int:
-        return batches * self.grpo.num_iterations
+        # ``estimated_stepping_batches`` is min(batches, max_steps), and max_steps already counts optimizer
+        # steps (μ per batch under manual optimization): scale batches by μ, never max_steps.
+        steps = batches * self.grpo.num_iterations
+        max_steps = self.trainer.max_steps if self._trainer is not None else -1
+        return min(steps, max_steps) if max_steps > 0 else steps
 
     # -- the step ------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> None:

@@ -170,7 +170,13 @@ class ScriptedEngine:
         comp = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
         for i, s in enumerate(seqs):
             comp[i, : len(s)] = torch.tensor(s)
-        cmask, clipped = completion_mask_from_ids(comp, self.eos_ids)
         ids = batch["input_ids"].repeat_interleave(G, 0)
+        comp = comp.to(ids.device)
+        cmask, clipped = completion_mask_from_ids(comp, self.eos_ids)
+        # The same model inputs as HFGenerateEngine, so image prompts stay scorable (pixels per row, repeated).
+        extra: dict[str, Any] = {}
+        if "mm_token_type_ids" in batch:
+            extra["mm_token_type_ids"] = batch["mm_token_type_ids"].repeat_interleave(G, 0)
+        extra.update(repeat_images(batch, G))
         return Rollout(ids, batch["attention_mask"].repeat_interleave(G, 0), comp, cmask,
-                       self.tokenizer.batch_decode(comp, skip_special_tokens=True), G, clipped)
+                       self.tokenizer.batch_decode(comp, skip_special_tokens=True), G, clipped, extra)
