@@ -57,15 +57,41 @@ CORRECT = {"right", "boxed"}
 WELL_FORMATTED = {"right", "wrong", "empty"}
 
 
-def run_validate(model_dir, data_path, out_dir, plan: list[list[str]], devices: int = 1, batch_size: int = 3):
-    """``trainer.validate`` of the stub policy on the first ``len(plan)`` synthetic test records."""
-    records = load_benchmark("synthetic", data_path, limit=len(plan))
-    module = StubPolicy(model_dir)
-    engine = ScriptedEngine(module.tokenizer, {r.id: [completion(k, r.answer) for k in ks] for r, ks in zip(records, plan)})
-    k = len(plan[0])
-    cb = BenchmarkCallback([BenchmarkSpec("synthetic", str(data_path), limit=len(plan))], max_new_tokens=128,
+class ShardedStubPolicy(StubPolicy):
+    """FSDP2 through Lightning's ModelParallelStrategy: each decoder layer and the root sharded over the ranks."""
+
+    def configure_model(self):
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        if getattr(self, "_sharded", False):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.model.model.language_model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+        register_fsdp_forward_method(self.model, "generate")  # root weights gathered for the whole generate
+        self._sharded = True
+
+
+def run_validate(model_dir, data_path, out_dir, plan: list[list[str]] | None, n: int | None = None,
+                 devices: int = 1, batch_size: int = 3, strategy="auto", module_cls=StubPolicy):
+    """``trainer.validate`` of the stub policy on the first synthetic test records.
+
+    ``plan``: the scripted completions of each record (k per record); ``None``: the real engine, greedy, 8 new
+    tokens, on ``n`` records.
+    """
+    n = len(plan) if plan is not None else n
+    records = load_benchmark("synthetic", data_path, limit=n)
+    module = module_cls(model_dir)
+    engine, k = None, 1
+    if plan is not None:
+        scripted = {r.id: [completion(kind, r.answer) for kind in ks] for r, ks in zip(records, plan)}
+        engine, k = ScriptedEngine(module.tokenizer, scripted), len(plan[0])
+    cb = BenchmarkCallback([BenchmarkSpec("synthetic", str(data_path), limit=n)], max_new_tokens=128 if plan else 8,
                            do_sample=k > 1, pass_k=k, batch_size=batch_size, out_dir=str(out_dir), engine=engine)
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", logger=False,
+    if devices > 1 and strategy == "auto":
+        strategy = "ddp"
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=str(out_dir), callbacks=[cb])
     results = trainer.validate(module, verbose=False)
@@ -172,22 +198,52 @@ def test_hf_generate_end_to_end(synth_data, tiny_models, tmp_path):
 PLAN_DDP = [["right", "wrong"], ["boxed", "boxed"], ["malformed", "empty"], ["wrong", "right"], ["right", "right"]]
 
 
+def _launch(mode: str, tiny_models, synth_data, out: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(tiny_models["student"]),
+                           str(synth_data["test"]), str(out), mode], env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _predictions(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "benchmark_predictions.jsonl").read_text().splitlines()]
+
+
 def test_ddp_two_processes_equals_single(synth_data, tiny_models, tmp_path):
     """2 ranks (gloo, CPU) over 5 records in batches of 2: rank 0 runs 2 batches, rank 1 one. Same report."""
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     run_validate(tiny_models["student"], synth_data["test"], single, PLAN_DDP, batch_size=2)
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(tiny_models["student"]),
-                           str(synth_data["test"]), str(ddp)], env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    _launch("ddp", tiny_models, synth_data, ddp)
     a, b = read_json(single), read_json(ddp)
     assert b["benchmarks"] == a["benchmarks"]
+    # Hand count: scores 1 + 2 + 0 + 1 + 2 = 6 of 10 samples; 4 of 5 records solved at least once.
     assert a["benchmarks"]["synthetic"]["accuracy"] == 0.6 and a["benchmarks"]["synthetic"]["pass@2"] == 0.8
-    strip = lambda p: [json.loads(x) for x in p.read_text().splitlines()]  # noqa: E731
-    assert strip(ddp / "benchmark_predictions.jsonl") == strip(single / "benchmark_predictions.jsonl")
+    assert _predictions(ddp) == _predictions(single)
     assert (ddp / "benchmark_report.md").is_file() and (ddp / "benchmark_report.png").is_file()
 
 
-if __name__ == "__main__":  # the DDP test's worker; Lightning relaunches this script for rank 1
+def test_fsdp2_uneven_slices_do_not_hang(synth_data, tiny_models, tmp_path):
+    """FSDP2 (every forward is a collective) with 3 vs 2 records per rank: real greedy decoding finishes on both
+    ranks and gives the single-process completions."""
+    single, fsdp = tmp_path / "single", tmp_path / "fsdp"
+    run_validate(tiny_models["student"], synth_data["test"], single, None, n=5, batch_size=2)
+    _launch("fsdp", tiny_models, synth_data, fsdp)
+    assert read_json(fsdp)["benchmarks"] == read_json(single)["benchmarks"]
+    assert [p["completion"] for p in _predictions(fsdp)] == [p["completion"] for p in _predictions(single)]
+
+
+if __name__ == "__main__":  # the multi-process tests' worker; Lightning relaunches this script for rank 1
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    run_validate(sys.argv[1], sys.argv[2], Path(sys.argv[3]), PLAN_DDP, devices=2, batch_size=2)
+    model_dir, data_path, out_dir, mode = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+    if mode == "ddp":
+        run_validate(model_dir, data_path, out_dir, PLAN_DDP, devices=2, batch_size=2)
+    else:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        from vold_pl.distributed import is_fsdp2
+
+        *_, module = run_validate(model_dir, data_path, out_dir, None, n=5, devices=2, batch_size=2,
+                                  strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+                                  module_cls=ShardedStubPolicy)
+        assert is_fsdp2(module.model), "the model should be sharded"

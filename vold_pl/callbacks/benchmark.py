@@ -9,6 +9,9 @@ Distributed: each rank decodes its own slice ``records[rank::world]`` with no co
 rank with fewer batches cannot hang the others), then one torchmetrics sum-reduction of a fixed-shape count
 matrix per benchmark (the group keys come from the full record list every rank loads) and one
 ``all_gather_object`` of the predictions. Rank 0 writes the reports (see :mod:`vold_pl.callbacks.report`).
+Under FSDP2 every forward is itself a collective, so there the slices are padded to equal batch counts (the
+padding is not scored) and ``generate`` runs with ``synced_gpus``; the sharding code must make the root's
+``generate`` an FSDP forward method (``torch.distributed.fsdp.register_fsdp_forward_method``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -104,22 +106,23 @@ class BenchmarkCallback(L.Callback):
         out_dir: folder of the reports; default the trainer's log directory.
         write_predictions: write ``benchmark_predictions.jsonl`` (every completion, for error analysis).
         engine: generation engine with ``generate(model, batch, num_samples, sampling)``; default the module's
-            ``rollout_engine`` or an ``HFGenerateEngine`` (tests pass a scripted one).
+            ``rollout_engine`` or an ``HFGenerateEngine``, and always ``HFGenerateEngine`` on a model sharded with
+            FSDP2 (its ``generate`` can keep finished ranks in step). Tests pass a scripted one.
     """
 
     def __init__(self, benchmarks: list[BenchmarkSpec], every_n_steps: int | None = None,
                  every_n_epochs: int | None = None, at_fit_end: bool = True, on_validate: bool = True,
                  max_new_tokens: int = 512, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                  pass_k: int = 1, batch_size: int = 8, instruction: str = DEFAULT_INSTRUCTION,
-                 view: Literal["student", "teacher"] = "student", out_dir: str | None = None, write_predictions: bool = True,
-                 engine: Any = None):
+                 view: Literal["student", "teacher"] = "student", out_dir: str | None = None,
+                 write_predictions: bool = True, engine: Any = None):
         names = [b.name for b in benchmarks]
         if len(set(names)) != len(names):
             raise ValueError(f"benchmark names must be unique, got {names}")
         if pass_k < 1 or batch_size < 1 or max_new_tokens < 1:
             raise ValueError("pass_k, batch_size and max_new_tokens must be >= 1")
         if pass_k > 1 and not do_sample:
-            raise ValueError(f"pass_k={pass_k} needs do_sample: true (greedy decoding gives {pass_k} identical samples)")
+            raise ValueError(f"pass_k={pass_k} needs do_sample: true (greedy decoding gives identical samples)")
         self.benchmarks, self.every_n_steps, self.every_n_epochs = benchmarks, every_n_steps, every_n_epochs
         self.at_fit_end, self.on_validate, self.pass_k, self.batch_size = at_fit_end, on_validate, pass_k, batch_size
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -183,14 +186,16 @@ class BenchmarkCallback(L.Callback):
         step = trainer.global_step if fitting or self._ckpt_step is None else self._ckpt_step
         self._last_step = trainer.global_step
         model = pl_module.model
-        engine = self.engine or getattr(pl_module, "rollout_engine", None) or HFGenerateEngine(pl_module.tokenizer)
+        sharded = trainer.world_size > 1 and is_fsdp2(model)
+        engine = self.engine or (None if sharded else getattr(pl_module, "rollout_engine", None))
+        engine = engine or HFGenerateEngine(pl_module.tokenizer)
         was_training = model.training
         model.eval()
         summaries, predictions = {}, []
         try:
             with torch.no_grad():
                 for b, spec in enumerate(self.benchmarks):
-                    summaries[spec.name], preds = self._evaluate_one(b, spec, trainer, pl_module, engine)
+                    summaries[spec.name], preds = self._evaluate_one(b, spec, trainer, pl_module, engine, sharded)
                     predictions += preds
         finally:
             model.train(was_training)
@@ -227,20 +232,21 @@ class BenchmarkCallback(L.Callback):
             self._records[spec.name], self._datasets[spec.name] = records, to_dataset(records)
         return self._records[spec.name], self._datasets[spec.name]
 
-    def _evaluate_one(self, bench_idx: int, spec: BenchmarkSpec, trainer, pl_module, engine) -> tuple[dict, list[dict]]:
+    def _evaluate_one(self, bench_idx: int, spec: BenchmarkSpec, trainer, pl_module, engine,
+                      sharded: bool) -> tuple[dict, list[dict]]:
         records, dataset = self._load(spec)
         rank, world = trainer.global_rank, trainer.world_size
         groups = group_keys(records)
         index = {g: i for i, g in enumerate(groups)}
         mine = list(range(rank, len(records), world))
         n_real, model = len(mine), pl_module.model
-        if world > 1 and is_fsdp2(model):
+        if sharded:
             # Sharded weights: every forward is a collective, so every rank runs the same number of batches
             # (padded with repeats that are not scored) and generate keeps stepping until all ranks finish.
             mine += [mine[0] if mine else 0] * (math.ceil(len(records) / world) - n_real)
             model = _SyncedGenerate(model)
-        loader = torch.utils.data.DataLoader(dataset.select(mine), batch_size=self.batch_size, shuffle=False,
-                                             collate_fn=PromptCollator(pl_module.processor, self.view, self.instruction))
+        collate = PromptCollator(pl_module.processor, self.view, self.instruction)
+        loader = torch.utils.data.DataLoader(dataset.select(mine), batch_size=self.batch_size, collate_fn=collate)
         counts = torch.zeros(len(groups), len(STATS), dtype=torch.float64)
         preds: list[dict] = []
         k = self.pass_k

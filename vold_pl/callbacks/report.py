@@ -208,7 +208,8 @@ def render_png(report: dict) -> tuple[bytes, list[str]]:
     if panels == 2:
         ax2 = axes[0][1]
         for n in dict.fromkeys(p["benchmark"] for p in history):
-            pts = sorted((p["step"], p["accuracy"]) for p in history if p["benchmark"] == n and p.get("step") is not None)
+            pts = sorted((p["step"], p["accuracy"]) for p in history
+                         if p["benchmark"] == n and p.get("step") is not None)
             ax2.plot([s for s, _ in pts], [a for _, a in pts], marker="o", label=n)
         ax2.set_xlabel("step")
         ax2.set_ylabel("accuracy")
