@@ -10,8 +10,6 @@ import csv
 import importlib
 import json
 import math
-import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -33,6 +31,9 @@ from vold_pl.data.schema import RecordError, read_jsonl
 from vold_pl.data.sources import DataSource, read_records, to_dataset
 from vold_pl.models.factory import ModelSpec, check_tokenizers_aligned, load_model, load_processor
 from vold_pl.models.processor import ImageTextProcessor
+
+# In-process CLI calls pass ``args`` while pytest has its own ``sys.argv``; Lightning warns about that.
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
 
 REPO = Path(__file__).resolve().parents[1]
 CHAT_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]
@@ -415,19 +416,19 @@ def test_cli_fit_lowers_val_loss(tmp_path, tiny_models, synth_data, capsys):
     config = {
         "seed_everything": 0,
         "trainer": {
-            "accelerator": "cpu", "devices": 1, "max_steps": 36, "val_check_interval": 6,
-            "limit_val_batches": 2, "num_sanity_val_steps": 0, "log_every_n_steps": 6,
+            "accelerator": "cpu", "devices": 1, "max_steps": 30, "val_check_interval": 6,
+            "limit_val_batches": 1, "num_sanity_val_steps": 0, "log_every_n_steps": 6,
             "enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False,
-            "default_root_dir": str(tmp_path / "run"),
+            "gradient_clip_val": 1.0, "default_root_dir": str(tmp_path / "run"),
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
                        "init_args": {"save_dir": str(tmp_path / "logs"), "name": "sft"}},
         },
         "model": {"class_path": "vold_pl.modules.sft.SFTModule",
                   "init_args": {"model": {"name_or_path": str(tiny_models["student"])},
                                 "optim": {"lr": 1.0e-2, "warmup_steps": 3}, "export": False}},
-        "data": {"train": [{"path": str(synth_data["train"]), "weight": 0.5},
-                           {"path": str(synth_data["train_text"]), "weight": 0.5}],
-                 "val": [{"path": str(synth_data["val_text"])}], "batch_size": 8},
+        # image rows only: their prompts are short (the text twins carry a long caption), so steps are cheap
+        "data": {"train": [{"path": str(synth_data["train"])}], "val": [{"path": str(synth_data["val"])}],
+                 "batch_size": 8},
     }
     cfg = tmp_path / "sft.yaml"
     cfg.write_text(yaml.safe_dump(config))
@@ -440,9 +441,9 @@ def test_cli_fit_lowers_val_loss(tmp_path, tiny_models, synth_data, capsys):
 
     _run_cli(["fit", "--config", str(cfg)])
     losses = _val_losses(tmp_path / "logs" / "sft" / "version_0" / "metrics.csv")
-    assert [s for s, _ in losses] == [5, 11, 17, 23, 29, 35]
+    assert [s for s, _ in losses] == [5, 11, 17, 23, 29]
     first, last = losses[0][1], losses[-1][1]
-    assert math.isfinite(last) and last < 0.7 * first, losses
+    assert math.isfinite(last) and last < 0.6 * first, losses
 
 
 def test_cli_help_documents_options(capsys):

@@ -1,14 +1,573 @@
-"""Distributed helpers: FSDP2 sharding of HF models and gathering full weights for export."""
+"""Distributed training: FSDP2 sharding of HF models, image-free batches under sharding, full weights for export.
+
+vold-pl shards with FSDP2 (``torch.distributed.fsdp.fully_shard``) through Lightning's
+:class:`~lightning.pytorch.strategies.ModelParallelStrategy`, or its subclass :class:`FSDP2Strategy` that adds
+the sharding options below and sizes the data-parallel mesh to the whole world by default.
+
+What happens in ``configure_model`` (see :func:`prepare_model`):
+
+- the student is sharded per decoder layer and per vision block (the classes in the model's
+  ``_no_split_modules``), then at the root (embeddings, final norm, LM head, patch embedding, merger);
+  mixed precision is bf16 compute with fp32 gradient reduction on GPU, fp32 on CPU; activation checkpointing
+  is optional;
+- ``generate`` is registered as an FSDP forward method, so rollouts all-gather the root like a forward
+  does, and the model is marked FSDP-managed so ``generate`` runs with ``synced_gpus`` (a rank whose
+  completions all ended keeps stepping until every rank is done, or the others would wait forever);
+- a hook on the backbone (``model.model``) makes the backbone callable on its own, as the chunked log-prob
+  code does (``backbone(...)`` then the LM head slab by slab): it gathers the root unit first;
+- on a vision model, the same hook runs the vision tower on a 1-token dummy image when a forward has no
+  pixels, and adds ``0 * dummy.sum()`` to the output (see :class:`BackboneHooks`).
+
+Frozen models (teacher, reference) are sharded the same way or replicated: ``frozen: auto`` replicates
+those below ``replicate_frozen_below_mb``; a bitsandbytes-quantized model is always replicated (its packed
+4/8-bit weights are not shardable DTensors).
+
+Lightning's ``FSDPStrategy`` (FSDP1) is refused with a message naming ``ModelParallelStrategy``: see
+:func:`check_strategy` for why.
+"""
 
 from __future__ import annotations
 
-import torch
+import math
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Iterator, Literal
 
+import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout as _DEFAULT_PG_TIMEOUT
+from lightning.pytorch.strategies import ModelParallelStrategy as _ModelParallelStrategy
+from torch import nn
+
+__all__ = [
+    "ShardingConfig", "FSDP2Strategy", "check_strategy", "prepare_model", "prepare_frozen", "shard_model",
+    "shard_blocks", "mixed_precision_policy", "BackboneHooks", "install_backbone_hooks", "keeps_ranks_in_step",
+    "rollout_engine_for", "make_adamw8bit", "EvenShardSampler", "is_fsdp2", "is_quantized", "full_state_dict",
+    "local_param_bytes", "optimizer_state_bytes",
+]
+
+
+# ----------------------------------------------------------------------------------------------- configuration
+
+@dataclass
+class ShardingConfig:
+    """How :func:`prepare_model` shards (read from :class:`FSDP2Strategy`; defaults under a plain ModelParallelStrategy).
+
+    Args:
+        mixed_precision: ``auto`` (bf16 compute, fp32 gradient reduce on GPU; fp32 on CPU), ``bf16`` or ``fp32``.
+        reshard_after_forward: free each layer's gathered weights after its forward (ZeRO-3); ``false`` keeps
+            them until backward (ZeRO-2-like: faster, more memory).
+        activation_checkpointing: recompute layer activations in backward; ``null`` follows the module's
+            ``gradient_checkpointing``.
+        frozen: teacher / reference: ``shard`` like the student, ``replicate`` (a full copy per rank) or
+            ``auto`` (replicate below ``replicate_frozen_below_mb``). Quantized models are always replicated.
+        replicate_frozen_below_mb: the ``auto`` threshold, in MB of parameters.
+        dummy_visual: run the vision tower on a dummy image when a rank's forward has no pixels (see
+            :class:`BackboneHooks`); only installed when there is more than one rank.
+    """
+
+    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
+    reshard_after_forward: bool = True
+    activation_checkpointing: bool | None = None
+    frozen: Literal["auto", "shard", "replicate"] = "auto"
+    replicate_frozen_below_mb: float = 1024.0
+    dummy_visual: bool = True
+
+
+class FSDP2Strategy(_ModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` set up for FSDP2 data parallelism, with vold-pl's sharding options.
+
+    Differences from the parent: ``data_parallel_size: auto`` is the whole world (nodes x devices) and
+    ``tensor_parallel_size`` defaults to 1, so ``fully_shard`` spans every rank; the options of
+    :class:`ShardingConfig` are accepted here (``trainer.strategy.init_args`` in a config).
+
+    Args:
+        data_parallel_size: ranks that shard the model (``auto``: every rank).
+        tensor_parallel_size: must stay 1; vold-pl does not apply tensor parallelism.
+        save_distributed_checkpoint: each rank writes its own shard (a folder of files) instead of rank 0
+            assembling full weights.
+        process_group_backend: ``nccl`` on GPU, ``gloo`` on CPU by default.
+        timeout: collective timeout; a rank stuck longer than this fails instead of hanging forever.
+        mixed_precision: see :class:`ShardingConfig`.
+        reshard_after_forward: see :class:`ShardingConfig`.
+        activation_checkpointing: see :class:`ShardingConfig`.
+        frozen: see :class:`ShardingConfig`.
+        replicate_frozen_below_mb: see :class:`ShardingConfig`.
+        dummy_visual: see :class:`ShardingConfig`.
+    """
+
+    def __init__(
+        self,
+        data_parallel_size: Literal["auto"] | int = "auto",
+        tensor_parallel_size: int = 1,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = _DEFAULT_PG_TIMEOUT,
+        mixed_precision: Literal["auto", "bf16", "fp32"] = "auto",
+        reshard_after_forward: bool = True,
+        activation_checkpointing: bool | None = None,
+        frozen: Literal["auto", "shard", "replicate"] = "auto",
+        replicate_frozen_below_mb: float = 1024.0,
+        dummy_visual: bool = True,
+    ) -> None:
+        if tensor_parallel_size != 1:
+            raise ValueError("FSDP2Strategy shards over data parallelism only: tensor_parallel_size must be 1.")
+        super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=tensor_parallel_size,
+                         save_distributed_checkpoint=save_distributed_checkpoint,
+                         process_group_backend=process_group_backend, timeout=timeout)
+        self.sharding = ShardingConfig(mixed_precision, reshard_after_forward, activation_checkpointing, frozen,
+                                       replicate_frozen_below_mb, dummy_visual)
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":
+            self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+
+def sharding_config(trainer) -> ShardingConfig:
+    return getattr(getattr(trainer, "strategy", None), "sharding", None) or ShardingConfig()
+
+
+FSDP1_MESSAGE = (
+    "vold-pl does not run under Lightning's FSDPStrategy (FSDP1). Use "
+    "lightning.pytorch.strategies.ModelParallelStrategy (FSDP2; set data_parallel_size to the number of ranks and "
+    "tensor_parallel_size: 1) or vold_pl.distributed.FSDP2Strategy, which does that for you. Why: rollouts call "
+    "model.generate every step, which under FSDP1 needs summon_full_params - the whole model gathered on every rank "
+    "for the whole rollout, which undoes the sharding - while FSDP2 gathers layer by layer inside generate. "
+    "See docs/distributed.md."
+)
+
+
+def check_strategy(strategy) -> None:
+    """Refuse FSDP1 (Lightning's ``FSDPStrategy``) with a message naming ``ModelParallelStrategy``.
+
+    Decision: FSDP1 is not supported. OPD-GRPO generates in every training step; FSDP1 can only do that inside
+    ``FullyShardedDataParallel.summon_full_params``, which materialises every parameter on every rank for the
+    whole rollout (a 3B student plus its KV cache on each GPU) and is incompatible with its
+    ``use_orig_params=False`` flat parameters under the HF ``generate`` loop. FSDP2 gathers one layer at a
+    time inside ``generate`` (``register_fsdp_forward_method``), composes with quantized frozen models and
+    Lightning's distributed checkpoints, and is what PyTorch develops; one tested path beats two.
+    """
+    if strategy is None:
+        return
+    try:
+        from lightning.pytorch.strategies import FSDPStrategy
+    except ImportError:  # pragma: no cover
+        return
+    if isinstance(strategy, FSDPStrategy):
+        raise ValueError(FSDP1_MESSAGE)
+
+
+# ---------------------------------------------------------------------------------------------------- sharding
+
+def mixed_precision_policy(kind: str = "auto", device: torch.device | str | None = None):
+    """``MixedPrecisionPolicy``: bf16 params with fp32 reduce on GPU (``auto``), fp32 everywhere on CPU."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if kind == "auto":
+        kind = "bf16" if dev.type == "cuda" else "fp32"
+    if kind == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if kind == "fp32":
+        return MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    raise ValueError(f"mixed_precision must be auto, bf16 or fp32; got {kind!r}")
+
+
+def _block_class_names(model: nn.Module) -> set[str]:
+    names: set[str] = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    return names
+
+
+def shard_blocks(model: nn.Module) -> list[nn.Module]:
+    """The modules :func:`shard_model` shards one by one: every decoder layer and vision block."""
+    names = _block_class_names(model)
+    return [m for m in model.modules() if type(m).__name__ in names and m is not model]
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of every layer / block (HF's when the model has it)."""
+    if hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if getattr(model, "config", None) is not None:
+            model.config.use_cache = False
+        return
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    blocks = set(map(id, shard_blocks(model)))
+    apply_activation_checkpointing(model, check_fn=lambda m: id(m) in blocks)
+
+
+def shard_model(model: nn.Module, mesh, mp_policy=None, reshard_after_forward: bool = True,
+                activation_checkpointing: bool = False) -> nn.Module:
+    """Apply FSDP2 in place: ``fully_shard`` each decoder layer and vision block, then the root.
+
+    The root unit holds what is left (embeddings, final norm, LM head, the vision patch embedding and
+    merger), so tied input/output embeddings stay in one unit. ``generate`` is registered as an FSDP forward
+    method, ``_is_fsdp_managed_module`` makes HF ``generate`` use ``synced_gpus``, and
+    :func:`install_backbone_hooks` makes ``model.model`` callable on its own.
+    """
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    if activation_checkpointing:
+        enable_activation_checkpointing(model)
+    kwargs: dict[str, Any] = {"mesh": mesh}
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
+    for block in shard_blocks(model):
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
+    fully_shard(model, **kwargs)
+    if hasattr(model, "generate"):
+        register_fsdp_forward_method(model, "generate")
+    model._is_fsdp_managed_module = True  # transformers: generate(synced_gpus=True) when world_size > 1
+    install_backbone_hooks(model, fsdp_root=model, dummy_visual=False)
+    return model
+
+
+# ------------------------------------------------------------------------------------------- backbone hooks
+
+def _backbone(model: nn.Module) -> nn.Module | None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, "model", None)
+
+
+class BackboneHooks:
+    """Forward hooks on ``model.model`` (the backbone the chunked log-prob code calls directly).
+
+    1. FSDP2 root: when the backbone runs outside the root's own forward (``model_token_logprobs`` calls
+       ``model.model(...)`` and then the LM head slab by slab), the root unit (embeddings, LM head, ...) is
+       gathered first, and the root is lazily initialised as root. In training its gradients are
+       reduce-scattered and it is resharded by FSDP's end-of-backward callback; a frozen model (no backward)
+       keeps its root gathered, one all-gather for the whole run.
+    2. Dummy visual forward: on a vision model, a forward without pixels (a text-only batch) at the first
+       step (no KV cache yet) runs the vision tower on one dummy image (``spatial_merge_size``² zero patches,
+       one merged token), and adds ``0 * features.sum()`` to the backbone's last hidden state. Every rank
+       then runs the vision blocks at the same point of every forward (their all-gathers line up) and every
+       vision parameter gets a (zero) gradient (their reduce-scatters line up; under DDP, no unused
+       parameters). The output values are unchanged. Decoding steps of ``generate`` (KV cache filled) run no
+       vision on any rank, so they line up too.
+    """
+
+    def __init__(self, model: nn.Module, backbone: nn.Module, fsdp_root: nn.Module | None, dummy_visual: bool):
+        self.model, self.backbone, self.fsdp_root = model, backbone, fsdp_root
+        self.dummy_visual = dummy_visual and getattr(backbone, "visual", None) is not None
+        self.dummy_calls = 0
+        self._pending: torch.Tensor | None = None  # the dummy's features, between pre- and post-hook
+        self.handles = [backbone.register_forward_pre_hook(self.pre, with_kwargs=True),
+                        backbone.register_forward_hook(self.post, with_kwargs=True)]
+
+    # -- hooks ------------------------------------------------------------------------------------------
+    def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.fsdp_root is not None:
+            self._ensure_root_gathered()
+        self._pending = None
+        if self.dummy_visual and self._needs_dummy(args, kwargs):
+            self._pending = self._visual_dummy(kwargs, args)
+        return None
+
+    def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if self._pending is None:
+            return None
+        zero, self._pending = self._pending * 0.0, None
+        if isinstance(output, tuple):
+            return (output[0] + zero.to(output[0].dtype),) + tuple(output[1:])
+        output.last_hidden_state = output.last_hidden_state + zero.to(output.last_hidden_state.dtype)
+        return output
+
+    # -- helpers ----------------------------------------------------------------------------------------
+    def _ensure_root_gathered(self) -> None:
+        root = self.fsdp_root
+        state = root._get_fsdp_state()
+        state._lazy_init()  # the real root claims root-ness before any layer runs on its own
+        if getattr(state._state_ctx, "iter_forward_root", None) is None:  # outside the root's forward / generate
+            root.unshard()  # a no-op when already gathered
+
+    @staticmethod
+    def _needs_dummy(args: tuple, kwargs: dict) -> bool:
+        if len(args) > 6:  # positional pixel_values (Qwen2/2.5-VL forward order); callers pass kwargs
+            return False
+        if any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos")):
+            return False
+        if kwargs.get("mm_encoder_outputs"):
+            return False
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+            return False  # a decoding step of generate: no rank runs vision here
+        return True
+
+    def _visual_dummy(self, kwargs: dict, args: tuple) -> torch.Tensor:
+        visual = self.backbone.visual
+        cfg = visual.config
+        m = int(getattr(cfg, "spatial_merge_size", 2))
+        in_dim = int(cfg.in_channels * getattr(cfg, "temporal_patch_size", 1) * cfg.patch_size ** 2)
+        ref = kwargs.get("input_ids")
+        if ref is None:
+            ref = kwargs.get("inputs_embeds", args[0] if args else None)
+        device = ref.device if isinstance(ref, torch.Tensor) else next(self.model.buffers(), torch.empty(0)).device
+        dtype = getattr(visual, "dtype", torch.float32)
+        pixels = torch.zeros(m * m, in_dim, dtype=dtype, device=device)
+        thw = torch.tensor([[1, m, m]], device=device)
+        out = visual(pixels, grid_thw=thw)
+        feats = getattr(out, "pooler_output", None)
+        if feats is None:
+            feats = out[0] if isinstance(out, (tuple, list)) else out
+        self.dummy_calls += 1
+        return feats.float().sum()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def install_backbone_hooks(model: nn.Module, fsdp_root: nn.Module | None = None,
+                           dummy_visual: bool = True) -> BackboneHooks | None:
+    """Install (or update) :class:`BackboneHooks` on ``model.model``; returns ``None`` without a backbone."""
+    backbone = _backbone(model)
+    if backbone is None:
+        return None
+    hooks: BackboneHooks | None = getattr(model, "_vold_backbone_hooks", None)
+    if hooks is not None:
+        hooks.fsdp_root = fsdp_root or hooks.fsdp_root
+        hooks.dummy_visual = hooks.dummy_visual or (dummy_visual and getattr(backbone, "visual", None) is not None)
+        return hooks
+    hooks = BackboneHooks(model, backbone, fsdp_root, dummy_visual)
+    object.__setattr__(model, "_vold_backbone_hooks", hooks)  # not a submodule / not in the state dict
+    return hooks
+
+
+# -------------------------------------------------------------------------------------- from configure_model
+
+def fsdp_mesh(trainer):
+    """The data-parallel mesh of a ModelParallelStrategy, else ``None`` (single process, DDP)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = getattr(trainer, "strategy", None)
+    if not isinstance(strategy, ModelParallelStrategy):
+        return None
+    mesh = strategy.device_mesh
+    if "data_parallel" not in (mesh.mesh_dim_names or ()):
+        return mesh
+    tp = mesh["tensor_parallel"].size() if "tensor_parallel" in mesh.mesh_dim_names else 1
+    if tp != 1:
+        raise ValueError(
+            f"vold-pl shards with FSDP2 over data parallelism only, but the ModelParallelStrategy mesh has "
+            f"tensor_parallel_size={tp} (its default 'auto' is the number of devices). Set "
+            f"data_parallel_size={trainer.world_size} and tensor_parallel_size=1, or use "
+            f"vold_pl.distributed.FSDP2Strategy.")
+    return mesh["data_parallel"]
+
+
+def prepare_model(model: nn.Module, trainer, activation_checkpointing: bool = False) -> nn.Module:
+    """Make the trainable model ready for the trainer's strategy (call from ``configure_model``).
+
+    ModelParallelStrategy: FSDP2 sharding (:func:`shard_model`) plus the backbone hooks. Any multi-rank
+    strategy (DDP too): the dummy visual forward for image-free batches. Single process: nothing.
+    """
+    if trainer is None:
+        if activation_checkpointing:
+            enable_activation_checkpointing(model)
+        return model
+    check_strategy(trainer.strategy)
+    cfg = sharding_config(trainer)
+    ac = cfg.activation_checkpointing if cfg.activation_checkpointing is not None else activation_checkpointing
+    mesh = fsdp_mesh(trainer)
+    if mesh is not None:
+        shard_model(model, mesh, mixed_precision_policy(cfg.mixed_precision, mesh.device_type),
+                    reshard_after_forward=cfg.reshard_after_forward, activation_checkpointing=ac)
+    elif ac:
+        enable_activation_checkpointing(model)
+    if trainer.world_size > 1 and cfg.dummy_visual:
+        install_backbone_hooks(model, fsdp_root=model if mesh is not None else None, dummy_visual=True)
+    return model
+
+
+def keeps_ranks_in_step(engine) -> bool:
+    """Whether a rollout engine is safe on a model sharded across ranks.
+
+    Under FSDP2 every forward is a collective, so every rank must run the same number of forwards per
+    rollout: HF ``generate`` does (``synced_gpus``: a finished rank keeps stepping), a scripted engine never
+    calls the model, and an engine may declare ``keeps_ranks_in_step = True``. A custom decode loop that stops
+    when its own rows are done does not, and would leave the other ranks waiting.
+    """
+    from vold_pl.rl.rollout import HFGenerateEngine, ScriptedEngine
+
+    if getattr(engine, "keeps_ranks_in_step", None) is not None:
+        return bool(engine.keeps_ranks_in_step)
+    return type(engine) is HFGenerateEngine or isinstance(engine, ScriptedEngine)
+
+
+def rollout_engine_for(engine, model: nn.Module, tokenizer, world_size: int):
+    """``engine``, or an :class:`~vold_pl.rl.rollout.HFGenerateEngine` when ``model`` is sharded across ranks
+    and ``engine`` cannot keep them in step (see :func:`keeps_ranks_in_step`)."""
+    if world_size <= 1 or not is_fsdp2(model) or keeps_ranks_in_step(engine):
+        return engine
+    from vold_pl.rl.rollout import HFGenerateEngine
+
+    return HFGenerateEngine(tokenizer)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return getattr(model, "quantization_method", None) is not None or bool(getattr(model, "is_quantized", False))
+
+
+def prepare_frozen(model: nn.Module, trainer, device: torch.device) -> nn.Module:
+    """Shard a frozen model like the student, or replicate it on ``device`` (see :class:`ShardingConfig`)."""
+    if trainer is None:
+        return model if is_quantized(model) else model.to(device)
+    cfg = sharding_config(trainer)
+    mesh = fsdp_mesh(trainer)
+    shard = False
+    if mesh is not None and not is_quantized(model):
+        mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+        shard = cfg.frozen == "shard" or (cfg.frozen == "auto" and mb >= cfg.replicate_frozen_below_mb)
+    if shard:
+        shard_model(model, mesh, mixed_precision_policy(cfg.mixed_precision, mesh.device_type),
+                    reshard_after_forward=True)
+        install_backbone_hooks(model, fsdp_root=model, dummy_visual=cfg.dummy_visual and trainer.world_size > 1)
+        return model
+    if not is_quantized(model):
+        model = model.to(device)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------- optimizer
+
+def _adamw8bit_base():
+    import bitsandbytes as bnb
+
+    return bnb.optim.AdamW8bit
+
+
+def make_adamw8bit(params, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0, **kwargs):
+    """bitsandbytes ``AdamW8bit`` that also steps FSDP2 (DTensor) parameters; see :class:`ShardedAdamW8bit`."""
+    return _sharded_adamw8bit_class()(params, lr=lr, betas=betas, weight_decay=weight_decay, **kwargs)
+
+
+_SHARDED_ADAMW8BIT = None
+
+
+def _sharded_adamw8bit_class():
+    global _SHARDED_ADAMW8BIT
+    if _SHARDED_ADAMW8BIT is not None:
+        return _SHARDED_ADAMW8BIT
+    base = _adamw8bit_base()
+
+    class ShardedAdamW8bit(base):
+        """bitsandbytes ``AdamW8bit`` on each rank's local shard when parameters are FSDP2 DTensors.
+
+        bitsandbytes' fused update is a custom op that DTensor cannot dispatch ("mixed torch.Tensor and
+        DTensor"). Adam is element-wise and the 8-bit block quantization of its moments is per block of the
+        tensor it is given, so each rank updates its own shard (``p.to_local()``, ``p.grad.to_local()``) with
+        8-bit states of the shard's size: optimizer memory is sharded like the parameters. Plain tensors
+        (single process, DDP) take bitsandbytes' path unchanged.
+
+        Checkpoints: the moments are plain per-rank tensors, which a distributed checkpoint would take for
+        replicated values and save once; so ``state_dict()`` refuses on more than one rank instead of writing
+        a checkpoint that resumes wrong (use ``optim.name: adamw`` or ``enable_checkpointing: false``).
+        """
+
+        def _local_view(self, p):
+            local = p.to_local().detach()  # aliases the shard's storage: updates land in the parameter
+            if p.grad is not None:
+                local.grad = p.grad.to_local()
+            return local
+
+        def init_state(self, group, p, gindex, pindex):
+            if not _is_dtensor(p):
+                return super().init_state(group, p, gindex, pindex)
+            local = self._local_view(p)
+            super().init_state(group, local, gindex, pindex)
+            self.state[p] = self.state.pop(local)
+            self.state[p]["_vold_local_shard"] = True
+
+        @torch.no_grad()
+        def update_step(self, group, p, gindex, pindex):
+            if not _is_dtensor(p):
+                return super().update_step(group, p, gindex, pindex)
+            local = self._local_view(p)
+            self.state[local] = self.state[p]
+            try:
+                super().update_step(group, local, gindex, pindex)
+            finally:
+                del self.state[local]
+            if local.data_ptr() != p.to_local().data_ptr():  # contiguous() copied: write the result back
+                p.to_local().copy_(local)
+
+        def state_dict(self):
+            sharded = any(isinstance(st, dict) and st.get("_vold_local_shard") for st in self.state.values())
+            if sharded and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+                raise RuntimeError(
+                    "AdamW8bit on FSDP2-sharded parameters keeps per-rank 8-bit moments that a distributed "
+                    "checkpoint cannot tell apart, so vold-pl does not save them (a resume would be wrong). Use "
+                    "optim.name: adamw with checkpointing, or trainer.enable_checkpointing: false.")
+            return super().state_dict()
+
+    _SHARDED_ADAMW8BIT = ShardedAdamW8bit
+    return ShardedAdamW8bit
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+class EvenShardSampler(torch.utils.data.Sampler[int]):
+    """Sequential evaluation indices split across ranks, padded so every rank gets the same count.
+
+    Rank ``r`` takes items ``r, r + W, r + 2W, ...``; when ``len(dataset)`` is not a multiple of ``W`` the
+    short ranks repeat their first item(s), so every rank runs the same number of batches and no rank waits
+    in a collective (``generate`` under FSDP2, ``sync_dist`` logging) for a batch another rank never has.
+    The few repeated items are counted twice in rank-averaged metrics, as with ``DistributedSampler``.
+    """
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1):
+        self.n, self.rank, self.world_size = n, rank, world_size
+        self.per_rank = math.ceil(n / world_size) if n else 0
+
+    def __iter__(self) -> Iterator[int]:
+        mine = list(range(self.rank, self.n, self.world_size))
+        while mine and len(mine) < self.per_rank:
+            mine.append(mine[len(mine) % max(1, len(mine))])
+        if not mine and self.per_rank:  # more ranks than items
+            mine = [self.rank % self.n] * self.per_rank
+        return iter(mine)
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
+# ------------------------------------------------------------------------------------------------ accounting
 
 def is_fsdp2(model: torch.nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def local_param_bytes(model: nn.Module) -> int:
+    """Bytes of parameters this rank holds (its shards under FSDP2)."""
+    return sum(_local(p).numel() * _local(p).element_size() for p in model.parameters())
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state tensors this rank holds (Adam moments, 8-bit states and their scales)."""
+    total = 0
+    for state in optimizer.state.values():
+        for v in state.values():
+            if isinstance(v, torch.Tensor):
+                loc = _local(v)
+                total += loc.numel() * loc.element_size()
+    return total
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Sampler
 
-from vold_pl.data.collate import DEFAULT_INSTRUCTION, PromptCollator, SFTCollator
+from vold_pl.data.collate import DEFAULT_INSTRUCTION, PromptCollator, SFTCollator, student_messages, teacher_messages
 from vold_pl.data.sources import DataSource, load_source
 
 
@@ -60,6 +60,50 @@ class MixedSampler(Sampler[int]):
         return self.num_samples - self.start
 
 
+class ResumableDataLoader(DataLoader):
+    """The training loader: counts the batches it yields, so a checkpoint records where the epoch stands.
+
+    Lightning saves ``state_dict()`` with every checkpoint (the loader is "stateful") and calls
+    ``load_state_dict`` when it resumes; the next epoch iterator then skips the draws of the batches already
+    trained on (``MixedSampler.start``), so a resumed run sees exactly the batches the uninterrupted run saw.
+    The skip is decided when iteration starts (after Lightning has set the sampler's epoch): a checkpoint
+    written after the last batch of an epoch resumes with the next epoch, in full.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._epoch, self._yielded = 0, 0
+        self._pending: dict | None = None
+
+    def __iter__(self):
+        return self._counting()
+
+    def _counting(self):
+        sampler = self.sampler
+        skip = 0
+        if self._pending is not None:
+            if self._pending["epoch"] == sampler.epoch and self._pending["sampler_size"] == sampler.num_samples:
+                skip = self._pending["batches"]
+            self._pending = None
+        sampler.start = skip * self.batch_size
+        self._epoch, self._yielded = sampler.epoch, skip
+        for batch in super().__iter__():
+            self._yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "batches": self._yielded, "batch_size": self.batch_size,
+                "sampler_size": self.sampler.num_samples, "world_size": self.sampler.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("batch_size") != self.batch_size or state.get("world_size") != self.sampler.world_size:
+            print(f"[vold-pl] the checkpoint's data position was taken with batch_size={state.get('batch_size')} on "
+                  f"{state.get('world_size')} process(es), this run has batch_size={self.batch_size} on "
+                  f"{self.sampler.world_size}: the epoch restarts from its first batch.")
+            return
+        self._pending = dict(state)
+
+
 class ReasoningDataModule(L.LightningDataModule):
     """Mixed text-only and image-text reasoning data for SFT, RL rollouts and evaluation.
 
@@ -75,7 +119,9 @@ class ReasoningDataModule(L.LightningDataModule):
         view: ``student`` (images + problem) or ``teacher`` (the text view only, for a text-only model).
         processor: model folder or hub id whose processor/tokenizer collates; default the LightningModule's.
         instruction: appended to every prompt; says how to format the answer.
-        max_length: SFT rows longer than this lose the end of their target (counted per batch).
+        max_length: token limit of a row. A prompt (images included) above it is a bad record, found at setup
+            (an SFT prompt must also leave room for its target); SFT rows whose target does not fit lose the end
+            of their target (counted per batch).
         on_bad_record: ``error`` stops at the first malformed record naming file, line and field;
             ``skip`` skips it, counts it and lists it in ``<log_dir>/skipped_records.txt``.
         num_workers: DataLoader worker processes.
@@ -110,7 +156,12 @@ class ReasoningDataModule(L.LightningDataModule):
         self.datasets: dict[str, ConcatDataset] = {}
         self.skipped: list[str] = []
         self._sampler: MixedSampler | None = None
-        self._resume_consumed = 0
+        self._train_loader: ResumableDataLoader | None = None
+        # Curriculum (not built yet): a stage index and whatever state the curriculum keeps. It is saved with every
+        # checkpoint and restored before the train loader is built; a curriculum sets it and reads it in
+        # train_dataloader (e.g. to pick the stage's sources), see ``set_curriculum_stage``.
+        self.curriculum_stage: int | None = None
+        self.curriculum_state: dict = {}
 
     # -- setup -------------------------------------------------------------------------------------------
     def _processor(self):
@@ -130,20 +181,62 @@ class ReasoningDataModule(L.LightningDataModule):
         except RuntimeError:
             return False
 
-    def _load(self, sources: list[DataSource]) -> ConcatDataset:
+    def _load(self, sources: list[DataSource], split: str) -> ConcatDataset:
+        processor = self._processor_or_none()
+        mode = "prompt" if split == "predict" else self._mode()
         parts = []
         for src in sources:
             ds, skipped = load_source(src, self.on_bad_record)
             self.skipped += skipped
+            if processor is not None:
+                ds = self._check_prompt_lengths(ds, src, processor, mode)
             parts.append(ds)
         return ConcatDataset(parts)
+
+    def _processor_or_none(self):
+        try:
+            return self._processor()
+        except ValueError:
+            return None  # no processor yet (no trainer, no data.processor): lengths are checked when collating
+
+    def _mode(self) -> str:
+        mode = self.collate
+        if mode == "auto":
+            module = self.trainer.lightning_module if self._trainer_attached() else None
+            mode = getattr(module, "collate_mode", "sft")
+        return mode
+
+    def _check_prompt_lengths(self, ds, src: DataSource, processor, mode: str):
+        """Refuse (or, with ``on_bad_record: skip``, drop and list) rows whose prompt exceeds ``max_length``."""
+        lengths = prompt_lengths(processor, ds, self.view, self.instruction)
+        limit = self.max_length - 1 if mode == "sft" else self.max_length  # SFT needs room for a target
+        bad = [i for i, n in enumerate(lengths) if n > limit]
+        if not bad:
+            return ds
+        msgs = []
+        for i in bad:
+            need = ("at most max_length - 1 tokens (room for the target)" if mode == "sft"
+                    else "at most max_length tokens")
+            msgs.append(f"{src.path} (id={ds[i]['id']!r}): the prompt is {lengths[i]} tokens (images included), above "
+                        f"data.max_length={self.max_length}; a {mode} prompt must be {need}. Raise data.max_length, "
+                        "shorten the problem or downscale its images, or set data.on_bad_record: skip to skip it.")
+        if self.on_bad_record == "error":
+            from vold_pl.data.schema import RecordError
+
+            more = f" ({len(bad) - 1} more record(s) of this source are too long as well)" if len(bad) > 1 else ""
+            raise RecordError(msgs[0] + more)
+        self.skipped += msgs
+        keep = [i for i in range(len(ds)) if i not in set(bad)]
+        if not keep:
+            raise ValueError(f"data source {src.path}: every prompt is longer than data.max_length={self.max_length}.")
+        return ds.select(keep)
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}
         for split in wanted.get(stage, ["train", "val", "test", "predict"]):
             sources = getattr(self, f"{split}_sources")
             if sources and split not in self.datasets:
-                self.datasets[split] = self._load(sources)
+                self.datasets[split] = self._load(sources, split)
         if self.skipped:
             self._write_skipped()
 
@@ -172,15 +265,21 @@ class ReasoningDataModule(L.LightningDataModule):
         rank, world = 0, 1
         if self._trainer_attached():
             rank, world = self.trainer.global_rank, self.trainer.world_size
+            if world > 1 and getattr(self.trainer._accelerator_connector, "use_distributed_sampler", False):
+                raise ValueError("ReasoningDataModule splits its mixed draws across ranks itself (and resumes from "
+                                 "them); Lightning's DistributedSampler on top would split them again. Set "
+                                 "Trainer(use_distributed_sampler=False) (vold-pl fit does by default).")
         sizes = [len(d) for d in ds.datasets]
         per_rank = math.ceil((self.epoch_size or sum(sizes)) / world)
         self._sampler = MixedSampler(sizes, [s.weight for s in self.train_sources], per_rank, self.seed, rank, world)
         if self._trainer_attached():
             self._sampler.set_epoch(self.trainer.current_epoch)
-        if self._resume_consumed:
-            self._sampler.start, self._resume_consumed = self._resume_consumed, 0
-        return DataLoader(ds, batch_size=self.batch_size, sampler=self._sampler, collate_fn=self._collator(),
-                          num_workers=self.num_workers, drop_last=True)
+        # Its own generator: creating an iterator draws a worker base seed, which must not consume (and so shift)
+        # the global RNG that rollouts sample from.
+        self._train_loader = ResumableDataLoader(
+            ds, batch_size=self.batch_size, sampler=self._sampler, collate_fn=self._collator(),
+            num_workers=self.num_workers, drop_last=True, generator=torch.Generator().manual_seed(self.seed))
+        return self._train_loader
 
     def _eval_loader(self, split: str) -> DataLoader | list:
         if split not in self.datasets:
@@ -188,7 +287,8 @@ class ReasoningDataModule(L.LightningDataModule):
         # Predicting always generates, so it always needs bare prompts.
         mode = "prompt" if split == "predict" else None
         return DataLoader(self.datasets[split], batch_size=self.val_batch_size, shuffle=False,
-                          collate_fn=self._collator(mode), num_workers=self.num_workers)
+                          collate_fn=self._collator(mode), num_workers=self.num_workers,
+                          generator=torch.Generator().manual_seed(self.seed))
 
     def val_dataloader(self):
         return self._eval_loader("val")
@@ -200,13 +300,67 @@ class ReasoningDataModule(L.LightningDataModule):
         return self._eval_loader("predict")
 
     # -- resume ------------------------------------------------------------------------------------------
+    # The position inside the epoch is the train loader's own state (Lightning saves it with the loops); the data
+    # module keeps what identifies the mix, so a resume on different data is called out, and the curriculum.
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "skipped": len(self.skipped)}
+        train = self.datasets.get("train")
+        return {"seed": self.seed, "skipped": len(self.skipped),
+                "train_sizes": [len(d) for d in train.datasets] if train is not None else None,
+                "train_sources": [s.path for s in self.train_sources],
+                "curriculum_stage": self.curriculum_stage, "curriculum_state": self.curriculum_state}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("seed", self.seed) != self.seed:
             print(f"[vold-pl] data seed changed on resume ({state['seed']} -> {self.seed}): the mix order differs.")
+        train = self.datasets.get("train")
+        sizes = [len(d) for d in train.datasets] if train is not None else None
+        saved = state.get("train_sizes")
+        if saved is not None and sizes is not None and saved != sizes:
+            print(f"[vold-pl] the training sources changed since the checkpoint (sizes {saved} -> {sizes}, sources "
+                  f"{state.get('train_sources')} -> {[s.path for s in self.train_sources]}): the resumed run "
+                  "continues on a different mix order, not exactly where it stopped.")
+        self.curriculum_stage = state.get("curriculum_stage")
+        self.curriculum_state = dict(state.get("curriculum_state") or {})
+
+    def set_curriculum_stage(self, stage: int | None, **state) -> None:
+        """Hook for a curriculum: record the stage (and any state); both travel with checkpoints."""
+        self.curriculum_stage = stage
+        self.curriculum_state.update(state)
 
     def describe(self) -> str:
         parts = {k: len(v) for k, v in self.datasets.items()}
         return json.dumps(parts)
+
+
+def prompt_lengths(processor, ds, view: str = "student", instruction: str = DEFAULT_INSTRUCTION) -> list[int]:
+    """Token count of every row's prompt as the collators build it, images expanded, without decoding pixels.
+
+    Image sizes come from the file headers; the image processor says how many patches each image becomes.
+    """
+    from PIL import Image
+
+    tok = getattr(processor, "tokenizer", processor)
+    image_processor = getattr(processor, "image_processor", None)
+    merge = getattr(image_processor, "merge_size", 2) or 1
+    columns = ds.select_columns([c for c in ("id", "problem", "text_view", "image_paths") if c in ds.column_names])
+    rows = list(columns)
+    texts = []
+    for r in rows:
+        r["images"] = r.get("image_paths") or []
+        if view == "teacher":
+            msgs = teacher_messages(r, instruction) or [{"role": "user", "content": r["problem"]}]
+        else:
+            msgs = student_messages(r, instruction)
+        texts.append(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    out = []
+    for r, seq in zip(rows, ids):
+        n = len(seq)
+        if view != "teacher" and image_processor is not None:
+            for path in r["images"]:
+                with Image.open(path) as im:
+                    w, h = im.size
+                patches = image_processor.get_number_of_image_patches(h, w)
+                n += patches // (merge * merge) - 1  # the one placeholder token becomes this many
+        out.append(n)
+    return out

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,10 +213,8 @@ def write_jsonl(records, path: str | Path) -> Path:
             d = r.to_json() if isinstance(r, Record) else dict(r)
             imgs = []
             for p in d.get("images") or []:
-                try:
-                    imgs.append(str(Path(p).resolve().relative_to(path.parent.resolve())))
-                except ValueError:
-                    imgs.append(str(p))
+                # Relative to the written file (``../`` where needed), so the data set can move as a folder.
+                imgs.append(os.path.relpath(Path(p).resolve(), path.parent.resolve()))
             d["images"] = imgs
             fh.write(json.dumps(d, ensure_ascii=False) + "\n")
     tmp.replace(path)

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import math
+import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
+import numpy as np
 import torch
 
+from vold_pl.checkpointing import (FINGERPRINT_KEY, allow_in_checkpoints, check_fingerprint,
+                                   fingerprint_from_state_dict, model_fingerprint)
 from vold_pl.models.factory import ModelSpec, get_tokenizer, load_model, load_processor
 from vold_pl.rl.rollout import HFGenerateEngine, SamplingConfig
 
@@ -66,6 +71,34 @@ def lr_lambda(cfg: OptimConfig, total_steps: int):
     return f
 
 
+allow_in_checkpoints(ModelSpec, OptimConfig, SamplingConfig)
+
+
+class NonFiniteStepsError(RuntimeError):
+    """Too many optimizer steps in a row were skipped for a non-finite loss or gradient."""
+
+
+def rng_state() -> dict:
+    """Every RNG that touches sampling in this process: torch CPU (and CUDA), numpy, python ``random``."""
+    # Plain tensors, strings and ints only: checkpoints stay loadable with ``torch.load(weights_only=True)``.
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                       int(has_gauss), float(gauss)),
+             "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
 class PolicyModule(L.LightningModule):
     """Base of the trainable-policy modules: loads the model in ``configure_model``, exports at fit end.
 
@@ -77,14 +110,27 @@ class PolicyModule(L.LightningModule):
             default ``<log_dir>/export``. ``null`` with ``export: false`` writes nothing.
         export: write the export folder at the end of fit.
         seed: seed set at the start of fit so the run is reproducible.
+        max_consecutive_skips: an optimizer step whose loss or gradient is not finite is skipped (no weight
+            changes) and counted (``train/skipped_steps``); this many skips in a row stop the run (0 = never).
+
+    Checkpoints carry, besides Lightning's own state: a fingerprint of the model (a resume with another model
+    fails at once, naming both), every rank's RNG states (torch, CUDA, numpy, python; restored when training
+    resumes, so sampled rollouts continue exactly) and the skip counters.
     """
 
     def __init__(self, model: ModelSpec, optim: OptimConfig | None = None, gradient_checkpointing: bool = False,
-                 export_dir: str | None = None, export: bool = True, seed: int = 0):
+                 export_dir: str | None = None, export: bool = True, seed: int = 0, max_consecutive_skips: int = 10):
         super().__init__()
         self.model_spec, self.optim_cfg = model, optim or OptimConfig()
         self.gradient_checkpointing, self.export_dir, self.export, self.seed = (
             gradient_checkpointing, export_dir, export, seed)
+        if max_consecutive_skips < 0:
+            raise ValueError(f"max_consecutive_skips must be >= 0 (0 = never stop), got {max_consecutive_skips}")
+        self.max_consecutive_skips = max_consecutive_skips
+        self.skipped_steps, self.consecutive_skips = 0, 0
+        self._step_skipped, self._last_skip = False, ""
+        self._rng_to_restore: dict | None = None
+        self._preempted = False  # set by PreemptionCallback: fit ended early, do not export
         self.processor = load_processor(model)
         self.tokenizer = get_tokenizer(self.processor)
         self.model: torch.nn.Module | None = None
@@ -95,13 +141,23 @@ class PolicyModule(L.LightningModule):
 
     # -- model ---------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
+        """Load the model; under ModelParallelStrategy shard it with FSDP2 (``vold_pl.distributed``).
+
+        Also installs, on more than one rank, the dummy visual forward that keeps ranks with image-free
+        batches in step with ranks that have images. Refuses Lightning's FSDPStrategy (FSDP1).
+        """
         if self.model is not None:
             return
+        from vold_pl.distributed import check_strategy, prepare_model, rollout_engine_for
+
+        trainer = self._trainer
+        check_strategy(getattr(trainer, "strategy", None))  # before loading weights: FSDP1 is refused
         self.model, _ = load_model(self.model_spec)
-        if self.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            self.model.config.use_cache = False
         self.model.train()
+        prepare_model(self.model, trainer, activation_checkpointing=self.gradient_checkpointing)
+        if trainer is not None:  # sharded across ranks: rollouts must keep every rank stepping (synced generate)
+            self.rollout_engine = rollout_engine_for(self.rollout_engine, self.model, self.tokenizer,
+                                                     trainer.world_size)
 
     @property
     def is_vision(self) -> bool:
@@ -133,6 +189,14 @@ class PolicyModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self._t_last = time.perf_counter()
 
+    def on_train_start(self) -> None:
+        # RNG states of a resumed run are put back here, after everything Lightning does between loading the
+        # checkpoint and the first step (sanity validation, data loader set-up), so the next rollout samples
+        # exactly what the uninterrupted run sampled.
+        if self._rng_to_restore is not None:
+            set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+
     def tokens_per_second(self, n_tokens: int) -> float:
         now = time.perf_counter()
         dt = now - (self._t_last or now)
@@ -140,18 +204,115 @@ class PolicyModule(L.LightningModule):
         return n_tokens / dt if dt > 0 else 0.0
 
     def on_fit_end(self) -> None:
+        if self._preempted:  # a preempted run is unfinished: its checkpoint, not an export, is what it leaves
+            if self.trainer.is_global_zero:
+                print("[vold-pl] preempted: no export (the run is unfinished).")
+            return
         if self.export:
             self.export_model(self.export_dir or str(Path(self.trainer.log_dir or ".") / "export"))
+
+    # -- numerical faults: a non-finite loss or gradient skips the update ---------------------------------------
+    def _agree(self, bad: bool) -> bool:
+        """True on every rank when ``bad`` is true on any: all ranks skip the same steps (no hang, no drift)."""
+        if self._trainer is None:
+            return bad
+        return bool(self.trainer.strategy.reduce_boolean_decision(bad, all=False))
+
+    def loss_is_finite(self, loss: torch.Tensor, what: str = "loss") -> bool:
+        """Check a loss before backward; a non-finite one (on any rank) marks this optimizer step skipped."""
+        bad = self._agree(not bool(torch.isfinite(loss.detach()).all()))
+        if bad:
+            self._skip(f"non-finite {what} ({float(loss.detach().float().mean())})")
+        return not bad
+
+    def _skip(self, reason: str) -> None:
+        if not self._step_skipped:
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+        self._step_skipped, self._last_skip = True, reason
+        step = self.trainer.global_step if self._trainer is not None else 0
+        if self._trainer is None or self.trainer.is_global_zero:
+            print(f"[vold-pl] step {step}: {reason}; update skipped, no weight changed "
+                  f"({self.consecutive_skips} in a row, {self.skipped_steps} in total).")
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Runs after backward and before the update (automatic and manual optimization alike).
+
+        A skipped step (non-finite loss before backward, or a non-finite gradient now) leaves every ``.grad`` at
+        ``None``: AdamW (torch or bitsandbytes 8-bit) then skips every parameter, so neither weights nor
+        optimizer moments change. The step still counts as a step (Lightning's rule for a skipped update).
+        """
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        if not self._step_skipped:
+            grads = [p.grad for p in params if p.grad is not None]
+            local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+            bad = bool(local) and not bool(torch.stack([torch.isfinite(g).all() for g in local]).all())
+            if self._agree(bad):
+                self._skip("non-finite gradient")
+        if self._step_skipped:
+            for p in params:
+                p.grad = None
+            self._step_skipped = False
+        else:
+            self.consecutive_skips = 0
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1, reduce_fx="max")
+        limit = self.max_consecutive_skips
+        if limit and self.consecutive_skips >= limit:
+            ids = [r.get("id") for r in batch.get("records", [])][:8] if isinstance(batch, dict) else []
+            raise NonFiniteStepsError(
+                f"stopping: {self.consecutive_skips} optimizer steps in a row had a non-finite loss or gradient "
+                f"(last: {self._last_skip} at global step {self.trainer.global_step}, batch ids {ids}). No weights "
+                "were changed by the skipped steps, so the last checkpoint is still good. Lower optim.lr, clip "
+                "gradients (trainer.gradient_clip_val for SFT, max_grad_norm for OPD-GRPO), check those records, "
+                f"or raise max_consecutive_skips (now {limit}).")
+
+    # -- checkpoints: model identity, RNG states, counters ---------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        states = [rng_state()]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            states = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, rng_state())
+        checkpoint[FINGERPRINT_KEY] = {
+            "format": 1,
+            "fingerprint": model_fingerprint(self),
+            "rng": states,  # one per rank, in rank order
+            "counters": {"skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        info = checkpoint.get(FINGERPRINT_KEY)
+        current = model_fingerprint(self)
+        if info is not None:
+            saved = info["fingerprint"]
+        else:
+            saved = fingerprint_from_state_dict(checkpoint.get("state_dict", {}))
+        ckpt_path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        check_fingerprint(saved, current, ckpt_path)
+        if info is None:
+            return
+        counters = info.get("counters", {})
+        self.skipped_steps = int(counters.get("skipped_steps", 0))
+        self.consecutive_skips = int(counters.get("consecutive_skips", 0))
+        states = info.get("rng") or []
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if len(states) != world:
+            warnings.warn(f"the checkpoint holds RNG states of {len(states)} process(es) and this run has {world}: "
+                          "sampling will not continue exactly as the original run would have.", stacklevel=2)
+        if states:
+            self._rng_to_restore = states[rank % len(states)]
 
     def export_model(self, out: str) -> Path | None:
         """``save_pretrained`` of model + processor in safetensors, from rank 0 (full weights gathered)."""
         from vold_pl.distributed import full_state_dict
 
-        state = full_state_dict(self.model)
-        if self.trainer.global_rank != 0:
-            return None
-        out_path = Path(out)
-        self.model.save_pretrained(out_path, state_dict=state, safe_serialization=True)
-        self.processor.save_pretrained(out_path)
-        print(f"[vold-pl] exported model to {out_path}")
+        state = full_state_dict(self.model)  # a collective under FSDP2: every rank gathers, rank 0 writes
+        out_path = Path(out) if self.trainer.global_rank == 0 else None
+        if out_path is not None:
+            self.model.save_pretrained(out_path, state_dict=state, safe_serialization=True)
+            self.processor.save_pretrained(out_path)
+            print(f"[vold-pl] exported model to {out_path}")
+        self.trainer.strategy.barrier("vold_pl_export")  # no rank tears down while rank 0 still writes
         return out_path

@@ -25,6 +25,7 @@ from typing import Literal
 
 import torch
 
+from vold_pl.checkpointing import allow_in_checkpoints
 from vold_pl.models.factory import ModelSpec, check_tokenizers_aligned, freeze, get_tokenizer, load_model, load_processor
 from vold_pl.modules.base import OptimConfig, PolicyModule
 from vold_pl.rewards.functions import compute_rewards, validate_weights
@@ -80,6 +81,9 @@ class OPDConfig:
     top_k: int = 0
 
 
+allow_in_checkpoints(GRPOConfig, OPDConfig)
+
+
 class OPDGRPOModule(PolicyModule):
     """GRPO + on-policy distillation from a frozen text-only teacher, with manual optimization.
 
@@ -99,6 +103,8 @@ class OPDGRPOModule(PolicyModule):
         export_dir: final HF-format export folder; default ``<log_dir>/export``.
         export: write the export at the end of fit.
         seed: run seed.
+        max_consecutive_skips: an optimizer step whose loss or gradient is not finite is skipped (no weight
+            changes) and counted in ``train/skipped_steps``; this many in a row stop the run (0 = never).
     """
 
     collate_mode = "prompt"
@@ -120,8 +126,9 @@ class OPDGRPOModule(PolicyModule):
         export_dir: str | None = None,
         export: bool = True,
         seed: int = 0,
+        max_consecutive_skips: int = 10,
     ):
-        super().__init__(model, optim, gradient_checkpointing, export_dir, export, seed)
+        super().__init__(model, optim, gradient_checkpointing, export_dir, export, seed, max_consecutive_skips)
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.grpo, self.opd, self.sampling = grpo or GRPOConfig(), opd or OPDConfig(), sampling or SamplingConfig()
@@ -147,14 +154,22 @@ class OPDGRPOModule(PolicyModule):
             self._frozen["reference"] = self._load_frozen(self.reference_spec or self.model_spec)
 
     def _load_frozen(self, spec: ModelSpec) -> torch.nn.Module:
+        """Load a frozen model; under FSDP2 shard it like the student or replicate it (``vold_pl.distributed``).
+
+        Quantized models (bitsandbytes 4/8-bit) are placed by ``load_model`` and always replicated.
+        """
+        from vold_pl.distributed import prepare_frozen
+
         model, _ = load_model(spec)
         model = freeze(model)
-        return model if spec.quantization != "none" else model.to(self.device)
+        return prepare_frozen(model, self._trainer, self.device)
 
     def on_fit_start(self) -> None:
+        from vold_pl.distributed import is_fsdp2, is_quantized
+
         super().on_fit_start()
-        for name, m in self._frozen.items():
-            if getattr(m, "quantization_method", None) is None and not getattr(m, "is_quantized", False):
+        for name, m in self._frozen.items():  # sharded and quantized models are already where they belong
+            if not is_quantized(m) and not is_fsdp2(m):
                 self._frozen[name] = m.to(self.device)
 
     def _optimizer_steps(self, batches: int) -> int:
@@ -258,9 +273,13 @@ class OPDGRPOModule(PolicyModule):
 
     def _optimizer_step(self, opt, sched, loss: torch.Tensor) -> None:
         opt.zero_grad()
-        self.manual_backward(loss)
-        if self.max_grad_norm > 0:
-            self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+        # A non-finite loss skips backward on every rank; a non-finite gradient is caught in
+        # ``on_before_optimizer_step``, which ``opt.step()`` runs first. Either way ``opt.step()`` then finds no
+        # gradient and changes nothing, and the step still counts (global_step, LR schedule).
+        if self.loss_is_finite(loss):
+            self.manual_backward(loss)
+            if self.max_grad_norm > 0:
+                self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
         opt.step()
         sched.step()
 

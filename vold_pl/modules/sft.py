@@ -39,13 +39,15 @@ class SFTModule(PolicyModule):
         export_dir: folder for the final HF-format export; default ``<log_dir>/export``.
         export: write the export at the end of fit.
         seed: run seed.
+        max_consecutive_skips: a step whose loss or gradient is not finite is skipped (no weight changes) and
+            counted in ``train/skipped_steps``; this many in a row stop the run (0 = never).
     """
 
     collate_mode = "sft"
 
     def __init__(self, model: ModelSpec, optim: OptimConfig | None = None, gradient_checkpointing: bool = False,
-                 export_dir: str | None = None, export: bool = True, seed: int = 0):
-        super().__init__(model, optim, gradient_checkpointing, export_dir, export, seed)
+                 export_dir: str | None = None, export: bool = True, seed: int = 0, max_consecutive_skips: int = 10):
+        super().__init__(model, optim, gradient_checkpointing, export_dir, export, seed, max_consecutive_skips)
         self.save_hyperparameters()
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
@@ -59,8 +61,11 @@ class SFTModule(PolicyModule):
             self.log("train/truncated", float(batch.get("truncated", 0)), batch_size=bs, reduce_fx="sum")
         return loss
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        loss = self._step(batch, "train")
+        # None skips backward and the update (every rank agrees); a non-finite gradient is caught later, in
+        # ``on_before_optimizer_step``. Trainer's gradient_clip_val still applies to the steps that go through.
+        return loss if self.loss_is_finite(loss) else None
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "val")

@@ -1,13 +1,23 @@
 """Sampling G completions per prompt, behind a small engine interface.
 
-The loss code only sees a :class:`Rollout`; how it was produced is the engine's business. The default
-:class:`HFGenerateEngine` uses ``model.generate`` with the KV cache; a vLLM engine on GPU would implement
-the same ``generate(model, batch, num_samples, sampling)`` and return the same fields. Rows are laid out
-group-contiguous: rows ``i*G .. i*G+G-1`` are the G samples of prompt ``i``.
+The loss code only sees a :class:`Rollout`; how it was produced is the engine's business. Engines:
+
+- :class:`CachedSamplingEngine` (the fast one, :func:`default_engine`): a lean batched sampling loop over the
+  HF model and its ``DynamicCache``. The prompt is prefilled ONCE per prompt (for Qwen2.5-VL: the vision
+  encoder runs once per image, not once per sample) and the KV cache is then expanded G times; rows that
+  emitted EOS are dropped from the batch and the cache, so finished sequences stop costing compute. Greedy
+  output equals ``model.generate`` token for token; sampling uses HF's own temperature / top-k / top-p warpers.
+- :class:`HFGenerateEngine`: ``model.generate`` with the KV cache, on the G-times repeated batch (reference).
+- :class:`ScriptedEngine`: fixed completions, for tests of everything after the rollout.
+
+A vLLM engine on GPU would implement the same ``generate(model, batch, num_samples, sampling)`` and return the
+same fields. Rows are laid out group-contiguous: rows ``i*G .. i*G+G-1`` are the G samples of prompt ``i``.
 """
 
 from __future__ import annotations
 
+import inspect
+import os
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -45,6 +55,14 @@ class Rollout:
     group_size: int
     clipped: torch.Tensor  # [N] bool: hit max_new_tokens without EOS
     extra: dict[str, Any] = field(default_factory=dict)  # model inputs beyond ids (pixel_values, ...), repeated
+    # [N, L] float32 log pi(o_t | q, o_<t) of each sampled token under the sampling-time weights, from the
+    # temperature-scaled full-vocabulary distribution (the one the loss scores, before top-k/top-p and token
+    # suppression), 0 outside ``completion_mask``. Engines that do not track it leave ``None``.
+    logprobs: torch.Tensor | None = None
+    # The B distinct prompts as the model takes them, NOT repeated (``input_ids``, ``attention_mask`` and, for a
+    # VLM, ``pixel_values`` / ``image_grid_thw`` / ``mm_token_type_ids``): lets scoring run each prompt (and
+    # its images) once per group, :func:`rollout_token_logprobs`.
+    prompts: dict[str, Any] | None = None
 
     @property
     def num_rows(self) -> int:
@@ -54,6 +72,14 @@ class Rollout:
 class RolloutEngine(Protocol):
     def generate(self, model: torch.nn.Module, batch: dict, num_samples: int, sampling: SamplingConfig) -> Rollout:
         ...
+
+
+def prompt_inputs(model: torch.nn.Module, batch: dict) -> dict[str, Any]:
+    """The model inputs of the B prompts, unrepeated: ids and mask, plus the image tensors for a VLM."""
+    keys = ("input_ids", "attention_mask")
+    if getattr(_unwrap(model).config, "vision_config", None) is not None:
+        keys += ("mm_token_type_ids", "pixel_values", "image_grid_thw")
+    return {k: batch[k] for k in keys if k in batch}
 
 
 def repeat_images(batch: dict, num_samples: int) -> dict[str, torch.Tensor]:
@@ -151,7 +177,575 @@ class HFGenerateEngine:
         cmask, clipped = completion_mask_from_ids(comp, self.eos_ids)
         comp = comp.masked_fill(cmask == 0, self.tokenizer.pad_token_id)
         texts = self.tokenizer.batch_decode(comp, skip_special_tokens=True)
-        return Rollout(ids, mask, comp, cmask, texts, G, clipped, extra)
+        return Rollout(ids, mask, comp, cmask, texts, G, clipped, extra, prompts=prompt_inputs(model, batch))
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    # PEFT wraps the HF model; generation and the cache live on the base model.
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _rope_owner(model: torch.nn.Module):
+    """The submodule with Qwen2-VL-style ``get_rope_index`` (multimodal rope), or ``None``."""
+    for m in (model, getattr(model, "model", None)):
+        if m is not None and hasattr(m, "get_rope_index"):
+            return m
+    return None
+
+
+def _text_positions(mask: torch.Tensor) -> torch.Tensor:
+    """HF's positions for a left-padded batch: ``cumsum(mask) - 1``, 0 on padding. ``[B, P] -> [B, P]``."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def _prompt_positions(model, ids, mask, batch, vision: bool) -> torch.Tensor | None:
+    """Prompt position ids as ``generate`` builds them: ``[B, P]`` (text LLM) or ``[4, B, P]`` (Qwen2.5-VL:
+    text positions, then the temporal/height/width rope positions). ``None``: a VLM without Qwen2-VL-style rope."""
+    text = _text_positions(mask)  # [B, P]
+    if not vision:
+        return text
+    owner = _rope_owner(model)
+    if owner is None:
+        return None
+    if "image_grid_thw" in batch:
+        mm = batch["mm_token_type_ids"].to(ids.device)
+        vis, _ = owner.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=batch["image_grid_thw"],
+                                      attention_mask=mask)  # [3, B, P]
+    else:
+        vis = text.unsqueeze(0).expand(3, -1, -1)
+    return torch.cat([text.unsqueeze(0), vis.to(text.dtype)], 0)  # [4, B, P]
+
+
+def _checkpointing(model: torch.nn.Module) -> bool:
+    """Activation checkpointing on (HF then turns ``use_cache`` off in training forwards)."""
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    # transformers 5.x renamed ``past_key_values`` to ``cache`` (the old name is deprecated until 5.40).
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _full_attention_only(model: torch.nn.Module) -> bool:
+    """True when every decoder layer is plain full attention (no sliding window, chunking or KV sharing)."""
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        types, _ = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
+    except Exception:  # noqa: BLE001 - an unknown config layout: let the model build its own cache
+        return False
+    return bool(types) and all(t == "full_attention" for t in types)
+
+
+def _growing_cache(model: torch.nn.Module, capacity: int):
+    """A ``DynamicCache`` whose layers append into preallocated ``capacity``-token buffers (no ``torch.cat`` of
+    the whole cache per decoded token), or ``None`` (the model then makes a plain ``DynamicCache``)."""
+    if not _full_attention_only(model):
+        return None
+    from transformers.cache_utils import DynamicCache
+
+    n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    cache = DynamicCache()
+    cache.layers = [_GrowingLayer(capacity) for _ in range(n_layers)]
+    cache.layer_class_to_replicate = None
+    return cache
+
+
+def _make_growing_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        """A ``DynamicLayer`` over ``[batch, heads, capacity, dim]`` buffers: ``update`` writes the new tokens in
+        place and returns views of the filled part. Same values as ``DynamicLayer``, O(new tokens) per step
+        instead of O(cache) for the concatenation."""
+
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity, self.length = capacity, 0
+            self._k = self._v = None
+
+        def lazy_initialization(self, key_states, value_states) -> None:
+            self.device, self.is_initialized, self.length = key_states.device, True, 0
+
+        def _views(self) -> None:
+            self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            new = self.length + key_states.shape[-2]
+            if self._k is None or new > self._k.shape[-2]:  # first write, or beyond the reserved capacity
+                cap = max(new, self.capacity)
+                b, h, _, d = key_states.shape
+                k = key_states.new_empty((b, h, cap, d))
+                v = value_states.new_empty((b, h, cap, value_states.shape[-1]))
+                if self._k is not None:
+                    k[:, :, : self.length] = self._k[:, :, : self.length]
+                    v[:, :, : self.length] = self._v[:, :, : self.length]
+                self._k, self._v = k, v
+            self._k[:, :, self.length : new] = key_states
+            self._v[:, :, self.length : new] = value_states
+            self.length = new
+            self._views()
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length if self.is_initialized else 0
+
+        def reset(self) -> None:
+            self.length = 0
+            if self._k is not None:
+                self._views()
+
+        def crop(self, tokens_to_remove: int) -> None:
+            if tokens_to_remove < 0 and self.is_initialized:
+                self.length = max(0, self.length + tokens_to_remove)
+                self._views()
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            if self.length:
+                self._k, self._v = self._k.repeat_interleave(repeats, 0), self._v.repeat_interleave(repeats, 0)
+                self._views()
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            if self.length:
+                self._k, self._v = self._k[indices], self._v[indices]
+                self._views()
+
+    return GrowingLayer
+
+
+def _GrowingLayer(capacity: int):  # noqa: N802 - a lazily built class (transformers is imported on first use)
+    global _GROWING_LAYER
+    if _GROWING_LAYER is None:
+        _GROWING_LAYER = _make_growing_layer_class()
+    return _GROWING_LAYER(capacity)
+
+
+_GROWING_LAYER = None
+
+
+def set_cpu_threads(num_threads: int | None = None) -> int:
+    """Intra-op threads for CPU runs: ``num_threads``, else ``$VOLD_NUM_THREADS``, else the cores this process
+    may use (``sched_getaffinity``; torch's default can count hyper-threads or the whole host in containers).
+
+    Returns the thread count now in effect. A no-op on CUDA runs beyond setting the CPU pool.
+    """
+    n = num_threads or int(os.environ.get("VOLD_NUM_THREADS", "0") or 0)
+    if not n:
+        try:
+            n = len(os.sched_getaffinity(0))
+        except AttributeError:  # macOS / Windows
+            n = os.cpu_count() or 1
+    torch.set_num_threads(max(1, n))
+    return torch.get_num_threads()
+
+
+class _LeanDecoder:
+    """One-token decode steps of a Qwen2-family decoder (Qwen2, Qwen2.5-VL's text model, Qwen3) without the
+    HF forward's per-call machinery (kwargs plumbing, mask construction, output records, cache objects).
+
+    It calls the model's own submodules (embedding, RMSNorms, projections, MLP, LM head; LoRA-wrapped ones
+    included) in the order and with the ops of the HF code, so the numbers are the HF forward's: the greedy
+    tests compare it token for token with ``model.generate``. Built only when the structure is recognised
+    (``build`` returns ``None`` otherwise and the engine calls the HF forward).
+    """
+
+    def __init__(self, text_model, lm_head, layers_cache):
+        self.embed, self.norm, self.head = text_model.embed_tokens, text_model.norm, lm_head
+        rot = text_model.rotary_emb
+        self.inv_freq, self.rope_scale = rot.inv_freq, rot.attention_scaling
+        self.layers = list(text_model.layers)
+        self.cache_layers = layers_cache
+
+    @staticmethod
+    def build(model, cache) -> "_LeanDecoder | None":
+        try:
+            inner = getattr(model, "model", None)
+            text = getattr(inner, "language_model", inner)
+            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            cfg = text.config
+            rot = text.rotary_emb
+            ok = (
+                head is not None and cache is not None
+                and all(type(layer).__name__ == "GrowingLayer" for layer in cache.layers)
+                and getattr(cfg, "_attn_implementation", None) == "sdpa"
+                and getattr(rot, "rope_type", None) == "default"
+                and not getattr(rot, "_dynamic_update", False)
+                and type(text).__name__ in _LEAN_TEXT_MODELS
+                and len(cache.layers) == len(text.layers)
+                and not _is_sharded(model)
+            )
+            if ok:
+                for layer in text.layers:
+                    a = layer.self_attn
+                    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "num_key_value_groups", "scaling"):
+                        getattr(a, name)
+                    layer.mlp, layer.input_layernorm, layer.post_attention_layernorm  # noqa: B018
+            return _LeanDecoder(text, head, cache.layers) if ok else None
+        except AttributeError:
+            return None
+
+    @staticmethod
+    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+        return torch.cat((-x2, x1), dim=-1)
+
+    def step(self, tok: torch.Tensor, pos: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """``tok [n]``, ``pos [n]`` rope position of each row, ``key_mask [n, 1, 1, K]`` bool or ``None``
+        (no padding) -> next-token logits ``[n, V]`` float32. Appends this token's K/V to the cache."""
+        F = torch.nn.functional
+        n = tok.shape[0]
+        h = self.embed(tok.unsqueeze(1))  # [n, 1, H]
+        freqs = pos.view(n, 1, 1).float() * self.inv_freq.to(device=h.device, dtype=torch.float)  # [n, 1, d/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.rope_scale).to(h.dtype).unsqueeze(1)  # [n, 1, 1, d]
+        sin = (emb.sin() * self.rope_scale).to(h.dtype).unsqueeze(1)
+        rot = self._rotate_half
+        for layer, kv in zip(self.layers, self.cache_layers):
+            a = layer.self_attn
+            hd = a.head_dim
+            residual = h
+            x = layer.input_layernorm(h)
+            q = a.q_proj(x).view(n, 1, -1, hd)
+            k = a.k_proj(x).view(n, 1, -1, hd)
+            if getattr(a, "q_norm", None) is not None:  # Qwen3
+                q, k = a.q_norm(q), a.k_norm(k)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+            v = a.v_proj(x).view(n, 1, -1, hd).transpose(1, 2)
+            q = (q * cos) + (rot(q) * sin)
+            k = (k * cos) + (rot(k) * sin)
+            keys, values = kv.update(k, v)
+            groups = a.num_key_value_groups
+            if groups > 1 and key_mask is None and hd <= 256:
+                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=None, dropout_p=0.0, scale=a.scaling,
+                                                   is_causal=False, enable_gqa=True)
+            else:
+                qq = q.reshape(n, q.shape[1] // groups, groups, hd) if groups > 1 else q
+                o = F.scaled_dot_product_attention(qq, keys, values, attn_mask=key_mask, dropout_p=0.0,
+                                                   scale=a.scaling, is_causal=False)
+            o = o.reshape(n, -1, 1, hd).transpose(1, 2).contiguous()
+            o = a.o_proj(o.reshape(n, 1, -1).contiguous())
+            h = residual + o
+            residual = h
+            h = residual + layer.mlp(layer.post_attention_layernorm(h))
+        h = self.norm(h)
+        return self.head(h[:, -1:, :])[:, -1].float()  # [n, V]
+
+
+_LEAN_TEXT_MODELS = {"Qwen2Model", "Qwen2_5_VLTextModel", "Qwen3Model"}
+
+
+def _is_sharded(model: torch.nn.Module) -> bool:
+    """FSDP-wrapped modules or DTensor parameters: their parameters are gathered by hooks on the wrapped
+    modules' ``forward``, which the lean decoder's direct submodule calls would bypass."""
+    if any(type(m).__name__.startswith("FSDP") for m in model.modules()):
+        return True
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
+class CachedSamplingEngine(HFGenerateEngine):
+    """Rollouts with a lean batched sampling loop over the HF model and a ``DynamicCache``.
+
+    What it does that ``model.generate`` on the G-times repeated batch does not:
+
+    - **one prefill per prompt**: the B prompts (and, for Qwen2.5-VL, their images through the vision encoder)
+      are run once, then the KV cache and the last logits are expanded G times (``repeat_interleave``);
+    - **finished rows stop costing compute**: once a row emits EOS it is dropped from the decode batch and from
+      the cache (``batch_select_indices``), so a group with one long completion decodes one row, not G;
+    - **no per-step generate machinery**: explicit ``position_ids`` (the multimodal rope positions of
+      Qwen2.5-VL from ``get_rope_index`` for the prompt, ``last + 1`` while decoding; the same numbers
+      ``generate`` computes), ``logits_to_keep=1``, and the sampled tokens' log-probs for free;
+    - **cheap decode steps**: the KV cache appends into preallocated buffers (no concatenation of the whole
+      cache per token), the attention mask is built once, and for Qwen2 / Qwen2.5-VL / Qwen3 each step runs
+      through :class:`_LeanDecoder` (the model's own modules, the HF ops, none of the per-call wrappers).
+
+    Sampling is HF's: suppression of the vision placeholders, then ``TemperatureLogitsWarper``,
+    ``TopKLogitsWarper``, ``TopPLogitsWarper``, softmax and ``torch.multinomial``; greedy is ``argmax``, and its
+    completions equal :class:`HFGenerateEngine`'s token for token (``tests/test_rollout.py``). A VLM without
+    ``get_rope_index`` falls back to ``model.generate``.
+
+    Args:
+        tokenizer: decodes completions and gives pad/EOS ids.
+        compact: drop finished rows from the decode batch (off: they keep decoding pad tokens, as ``generate``).
+        share_prefill: prefill once per prompt and expand the cache (off: prefill the repeated batch).
+        lean_decode: decode steps of Qwen2 / Qwen2.5-VL / Qwen3 through :class:`_LeanDecoder` (the model's own
+            modules, without the HF forward's per-call machinery); off, or for other models: the HF forward.
+    """
+
+    # It stops when ITS rows are done: under FSDP2 across ranks the trainer swaps in HFGenerateEngine
+    # (``vold_pl.distributed.keeps_ranks_in_step``), whose synced generate keeps every rank stepping.
+    keeps_ranks_in_step = False
+
+    def __init__(self, tokenizer, compact: bool = True, share_prefill: bool = True, lean_decode: bool = True):
+        super().__init__(tokenizer)
+        self.compact, self.share_prefill, self.lean_decode = compact, share_prefill, lean_decode
+        self.last_decode_path: str | None = None  # "lean" or "hf": which forward the last decode loop used
+
+    def _warpers(self, sampling: SamplingConfig) -> list:
+        from transformers.generation.logits_process import (
+            TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+        )
+
+        if not sampling.do_sample:
+            return []
+        warpers: list = []
+        # The same conditions and order as GenerationMixin._get_logits_processor.
+        if sampling.temperature is not None and sampling.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(sampling.temperature))
+        if sampling.top_k:
+            warpers.append(TopKLogitsWarper(top_k=sampling.top_k, min_tokens_to_keep=1))
+        if sampling.top_p is not None and sampling.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p=sampling.top_p, min_tokens_to_keep=1))
+        return warpers
+
+    @torch.no_grad()
+    def generate(self, model: torch.nn.Module, batch: dict, num_samples: int, sampling: SamplingConfig) -> Rollout:
+        G = num_samples
+        base = _unwrap(model)
+        vision = getattr(base.config, "vision_config", None) is not None
+        p_ids, p_mask = batch["input_ids"], batch["attention_mask"]  # [B, P]
+        positions = _prompt_positions(base, p_ids, p_mask, batch, vision)
+        if positions is None:
+            return super().generate(model, batch, num_samples, sampling)
+        device = p_ids.device
+        ids, mask = p_ids.repeat_interleave(G, 0), p_mask.repeat_interleave(G, 0)  # [N, P]
+        extra: dict[str, Any] = {}
+        if vision:
+            extra["mm_token_type_ids"] = batch["mm_token_type_ids"].repeat_interleave(G, 0)
+            extra.update(repeat_images(batch, G))
+
+        # -- prefill: once per prompt, or on the repeated batch ------------------------------------------
+        pre: dict[str, Any] = {}
+        if self.share_prefill:
+            pre_ids, pre_mask, pre_pos = p_ids, p_mask, positions
+            if vision and "pixel_values" in batch:
+                pre.update(pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                           mm_token_type_ids=batch["mm_token_type_ids"])
+        else:
+            pre_ids, pre_mask = ids, mask
+            pre_pos = positions.repeat_interleave(G, dim=positions.dim() - 2)
+            if vision and "pixel_values" in extra:
+                pre.update(extra)
+        cache_key = _cache_kwarg(base)
+        cache = _growing_cache(base, p_ids.size(1) + sampling.max_new_tokens)
+        if cache is not None:
+            pre[cache_key] = cache
+        was_training = base.training
+        base.eval()
+        try:
+            out = base(input_ids=pre_ids, attention_mask=pre_mask, position_ids=pre_pos, use_cache=True,
+                       logits_to_keep=1, **pre)
+            cache = out[cache_key] if cache_key in out else out.past_key_values
+            logits = out.logits[:, -1].float()  # [B or N, V]
+            del out
+            if self.share_prefill and G > 1:
+                cache.batch_repeat_interleave(G)
+                logits = logits.repeat_interleave(G, 0)
+            comp, logps = self._decode(base, cache, cache_key, logits, mask, positions[..., -1:], G, sampling, device)
+        finally:
+            base.train(was_training)
+
+        if comp.size(1) == 0:
+            comp = torch.full((ids.size(0), 1), self.tokenizer.pad_token_id, dtype=torch.long, device=device)
+            logps = torch.zeros(comp.shape, dtype=torch.float32, device=device)
+        cmask, clipped = completion_mask_from_ids(comp, self.eos_ids)
+        comp = comp.masked_fill(cmask == 0, self.tokenizer.pad_token_id)
+        logps = logps.masked_fill(cmask == 0, 0.0)
+        texts = self.tokenizer.batch_decode(comp, skip_special_tokens=True)
+        return Rollout(ids, mask, comp, cmask, texts, G, clipped, extra, logprobs=logps,
+                       prompts=prompt_inputs(base, batch))
+
+    def _decode(self, model, cache, cache_key: str, logits: torch.Tensor, mask: torch.Tensor,
+                last_pos: torch.Tensor, G: int, sampling: SamplingConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode loop. ``logits [N, V]`` of the next token, ``mask [N, P]``, ``last_pos [B|N, 1]`` or
+        ``[4, B|N, 1]``. Returns ``tokens [N, T]`` (pad after EOS) and their log-probs ``[N, T]``.
+
+        One model call per generated position over the rows still running; everything per row is tensor ops."""
+        N, P = mask.shape
+        L = sampling.max_new_tokens
+        pad = self.tokenizer.pad_token_id
+        bdim = last_pos.dim() - 2  # batch dim of the position ids
+        if last_pos.size(bdim) != N:  # positions of the shared prefill: one row per prompt
+            last_pos = last_pos.repeat_interleave(G, dim=bdim)
+        out_tok = torch.full((N, L), pad, dtype=torch.long, device=device)
+        out_lp = torch.zeros((N, L), dtype=torch.float32, device=device)
+        eos = torch.tensor(self.eos_ids, device=device)
+        suppress = torch.tensor(self.suppress_ids, dtype=torch.long, device=device) if self.suppress_ids else None
+        warpers = self._warpers(sampling)
+        inv_t = 1.0 / sampling.temperature if sampling.do_sample and sampling.temperature else 1.0
+        # The attention mask over prompt + generated tokens, preallocated. With SDPA and full attention it goes
+        # in as the 4-D boolean key mask the model would build from the 2-D one (``None`` without padding,
+        # as ``create_causal_mask`` returns then), skipping the per-step mask construction.
+        keys = torch.ones((N, P + L), dtype=torch.bool, device=device)
+        keys[:, :P] = mask.bool()
+        prebuilt = (getattr(model.config, "_attn_implementation", None) == "sdpa" and _full_attention_only(model))
+        padded = not bool(keys[:, :P].all())
+        lean = _LeanDecoder.build(model, cache) if self.lean_decode and prebuilt else None
+        if lean is not None and last_pos.dim() == 3 and not bool((last_pos[1:] == last_pos[1:2]).all()):
+            lean = None  # rope positions that differ across the t/h/w axes at a text token: not expected
+        self.last_decode_path = "lean" if lean is not None else "hf"
+        rows = torch.arange(N, device=device)  # compaction: original row of each active row
+        alive = torch.ones(N, dtype=torch.bool, device=device)  # no compaction: rows without EOS yet
+        steps = 0
+        for t in range(L):
+            # log pi of the full temperature-scaled distribution (what the loss scores), then HF's processing.
+            logp_all = torch.log_softmax(logits * inv_t if inv_t != 1.0 else logits, -1)  # [n, V]
+            scores = logits if suppress is None else logits.index_fill(1, suppress, float("-inf"))
+            if sampling.do_sample:
+                for w in warpers:
+                    scores = w(None, scores)
+                tok = torch.multinomial(torch.softmax(scores, -1), 1).squeeze(1)  # [n]
+            else:
+                tok = scores.argmax(-1)  # [n]
+            lp = logp_all.gather(1, tok.unsqueeze(1)).squeeze(1)  # [n]
+            done = torch.isin(tok, eos)  # [n]
+            steps = t + 1
+            if self.compact:
+                out_tok[rows, t] = tok
+                out_lp[rows, t] = lp
+            else:  # finished rows keep decoding, on pad tokens, as generate does
+                tok = torch.where(alive, tok, pad)
+                out_tok[:, t] = tok
+                out_lp[:, t] = torch.where(alive, lp, 0.0)
+                alive &= ~done
+            if t == L - 1:
+                break
+            if self.compact:
+                n_done = int(done.sum())  # the one host sync per step (generate has one too)
+                if n_done == tok.numel():
+                    break
+                if n_done:  # drop finished rows from the batch and the KV cache
+                    idx = (~done).nonzero().squeeze(1)
+                    cache.batch_select_indices(idx)
+                    rows, tok, keys = rows[idx], tok[idx], keys[idx]
+                    last_pos = last_pos.index_select(bdim, idx)
+            elif not bool(alive.any()):
+                break
+            width = P + t + 1  # cached tokens + this one
+            last_pos = last_pos + 1
+            if lean is not None:
+                rope = last_pos[1] if last_pos.dim() == 3 else last_pos  # [n, 1]: t = h = w for text tokens
+                logits = lean.step(tok, rope.view(-1), keys[:, None, None, :width] if padded else None)
+                continue
+            if prebuilt:
+                attn = {"full_attention": keys[:, None, None, :width]} if padded else None
+            else:
+                attn = keys[:, :width].long()
+            out = model(input_ids=tok.unsqueeze(1), attention_mask=attn, position_ids=last_pos, use_cache=True,
+                        logits_to_keep=1, **{cache_key: cache})
+            logits = out.logits[:, -1].float()  # [n, V]
+            del out
+        return out_tok[:, :steps], out_lp[:, :steps]
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring a rollout with each prompt run once per group
+
+
+def shared_prefix_token_logprobs(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    group_size: int,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    return_entropy: bool = False,
+    checkpoint_chunks: bool = False,
+    **prompt_model_inputs,
+):
+    """``log pi(o_t | q, o_<t)`` of G completions per prompt, running each prompt (and its images) ONCE.
+
+    The same numbers as :func:`vold_pl.rl.logprobs.model_token_logprobs` on the ``[N, P + L]`` concatenation of
+    G-times repeated prompts and completions (to float rounding), and differentiable the same way, but the
+    prompt's forward (vision encoder included) runs on B rows instead of N = B*G: its KV cache is computed with
+    autograd on, expanded G times (``repeat_interleave``, so gradients from the G samples add up in the prompt
+    activations), and the completions run on top of it. With prompts longer than completions, as in most RL
+    prompts, this removes most of the policy, reference and teacher forward and backward FLOPs.
+
+    Args:
+        prompt_ids, prompt_mask: ``[B, P]`` left-padded prompts, one row per group.
+        completion_ids, completion_mask: ``[N, L]`` right-padded completions, group-contiguous.
+        group_size: G.
+        prompt_model_inputs: the prompts' extra model inputs, unrepeated (``pixel_values``, ``image_grid_thw``,
+            ``mm_token_type_ids``); ignored for a text-only model.
+
+    Returns ``logp [N, L]`` float32 (and ``entropy [N, L]``), unmasked like ``model_token_logprobs`` with an int
+    ``completion_start``. Falls back to ``model_token_logprobs`` under gradient checkpointing (HF drops the cache
+    there) and for VLMs without Qwen2-VL-style ``get_rope_index``.
+    """
+    from vold_pl.rl.logprobs import _backbone_and_head, model_token_logprobs, token_logprobs_from_hidden
+
+    G = group_size
+    base = _unwrap(model)
+    vision = getattr(base.config, "vision_config", None) is not None
+    B, P = prompt_ids.shape
+    N, L = completion_ids.shape
+    if N != B * G:
+        raise ValueError(f"{N} completion rows for {B} prompts x G={G}")
+    mm = {k: v for k, v in prompt_model_inputs.items() if v is not None} if vision else {}
+    positions = _prompt_positions(base, prompt_ids, prompt_mask, mm, vision)
+    backbone, head = _backbone_and_head(model)
+    grad_ckpt = torch.is_grad_enabled() and base.training and _checkpointing(base)
+    if positions is None or backbone is None or grad_ckpt or L == 0:
+        ids = torch.cat([prompt_ids.repeat_interleave(G, 0), completion_ids], 1)
+        attn = torch.cat([prompt_mask.repeat_interleave(G, 0), completion_mask.to(prompt_mask.dtype)], 1)
+        extra = {}
+        if vision:
+            extra.update(repeat_images(mm, G))
+            if "mm_token_type_ids" in mm:
+                extra["mm_token_type_ids"] = torch.cat(
+                    [mm["mm_token_type_ids"].repeat_interleave(G, 0), torch.zeros_like(completion_ids)], 1)
+        return model_token_logprobs(model, ids, attn, P, temperature=temperature, chunk_size=chunk_size,
+                                    return_entropy=return_entropy, checkpoint_chunks=checkpoint_chunks, **extra)
+    cache_key = _cache_kwarg(backbone)
+    pre = {k: mm[k] for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids") if k in mm and "pixel_values" in mm}
+    out = backbone(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, **pre)
+    cache = out[cache_key] if cache_key in out else out.past_key_values
+    h_last = out.last_hidden_state[:, -1]  # [B, H]: left padding puts every prompt's last token in the last column
+    del out
+    cache.batch_repeat_interleave(G)  # [B, ...] -> [N, ...], differentiable
+    bdim = positions.dim() - 2
+    steps = torch.arange(1, L + 1, device=prompt_ids.device)  # [L]
+    comp_pos = positions[..., -1:].repeat_interleave(G, dim=bdim) + steps  # [N, L] or [4, N, L]
+    attn = torch.cat([prompt_mask.repeat_interleave(G, 0), completion_mask.to(prompt_mask.dtype)], 1)  # [N, P+L]
+    out = backbone(input_ids=completion_ids, attention_mask=attn, position_ids=comp_pos, use_cache=True,
+                   **{cache_key: cache})
+    # hidden[t] predicts token t: the prompt's last state for t = 0, the completion's state t - 1 after that.
+    hidden = torch.cat([h_last.repeat_interleave(G, 0).unsqueeze(1), out.last_hidden_state[:, :-1]], 1)  # [N, L, H]
+    del out, cache
+    return token_logprobs_from_hidden(hidden, head, completion_ids, chunk_size=chunk_size, temperature=temperature,
+                                      return_entropy=return_entropy, checkpoint_chunks=checkpoint_chunks)
+
+
+def rollout_token_logprobs(model: torch.nn.Module, rollout: Rollout, *, temperature: float = 1.0,
+                           chunk_size: int = 1024, return_entropy: bool = False, checkpoint_chunks: bool = False):
+    """Log-probs ``[N, L]`` of a rollout's completion tokens under ``model`` (the policy or the reference),
+    each prompt run once per group (:func:`shared_prefix_token_logprobs`). Rollouts without ``prompts`` take the
+    G-times repeated path (:func:`vold_pl.rl.logprobs.model_token_logprobs`): the same numbers."""
+    kw = dict(temperature=temperature, chunk_size=chunk_size, return_entropy=return_entropy,
+              checkpoint_chunks=checkpoint_chunks)
+    if rollout.prompts is not None:
+        pr = dict(rollout.prompts)
+        return shared_prefix_token_logprobs(model, pr.pop("input_ids"), pr.pop("attention_mask"),
+                                            rollout.completion_ids, rollout.completion_mask, rollout.group_size,
+                                            **pr, **kw)
+    from vold_pl.rl.logprobs import model_token_logprobs
+
+    ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
+    attn = torch.cat([rollout.prompt_mask, rollout.completion_mask.to(rollout.prompt_mask.dtype)], 1)
+    extra = dict(rollout.extra) if getattr(_unwrap(model).config, "vision_config", None) is not None else {}
+    if "mm_token_type_ids" in extra:
+        extra["mm_token_type_ids"] = torch.cat([extra["mm_token_type_ids"], torch.zeros_like(rollout.completion_ids)], 1)
+    return model_token_logprobs(model, ids, attn, rollout.prompt_ids.size(1), **kw, **extra)
+
+
+def default_engine(tokenizer) -> RolloutEngine:
+    """The rollout engine trainers use unless told otherwise: :class:`CachedSamplingEngine`."""
+    return CachedSamplingEngine(tokenizer)
 
 
 class ScriptedEngine:
@@ -178,5 +772,8 @@ class ScriptedEngine:
         if "mm_token_type_ids" in batch:
             extra["mm_token_type_ids"] = batch["mm_token_type_ids"].repeat_interleave(G, 0)
         extra.update(repeat_images(batch, G))
+        prompts = {k: batch[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values",
+                                         "image_grid_thw") if k in batch}
         return Rollout(ids, batch["attention_mask"].repeat_interleave(G, 0), comp, cmask,
-                       self.tokenizer.batch_decode(comp, skip_special_tokens=True), G, clipped, extra)
+                       self.tokenizer.batch_decode(comp, skip_special_tokens=True), G, clipped, extra,
+                       prompts=prompts)

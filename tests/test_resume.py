@@ -1,0 +1,292 @@
+"""Exact resume (issue 6): N steps straight == N/2 steps, preempted, + resume for N/2, bit for bit.
+
+Every run is seeded; the first half is stopped by a real signal (SIGUSR1 sent to the process at step N/2, caught by
+``PreemptionCallback``, which writes ``last.ckpt`` and stops cleanly); the second half resumes from
+``ckpt_path="last"`` in a freshly built module, data module and trainer, after re-seeding (as a new process does).
+Compared per step: loss, reward, the batch's record ids, the sampled completions; at the end: every weight.
+The straight run crosses an epoch boundary and the stop is mid-epoch, so the loader position, the sampler epoch,
+the optimizer (8-bit AdamW for SFT), the LR schedule and every RNG must all come back.
+
+Also: a SIGTERM sent to a running ``vold-pl fit`` subprocess, and a 2-process DDP (gloo) resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from vold_pl.callbacks.preemption import PreemptionCallback
+from vold_pl.checkpointing import ResumableCheckpoint
+from vold_pl.data.datamodule import ReasoningDataModule
+from vold_pl.data.sources import DataSource
+from vold_pl.models.factory import ModelSpec
+from vold_pl.modules.base import OptimConfig
+from vold_pl.modules.opd_grpo import GRPOConfig, OPDConfig, OPDGRPOModule
+from vold_pl.modules.sft import SFTModule
+from vold_pl.rewards import functions as reward_fns
+from vold_pl.rl.rollout import SamplingConfig
+
+REPO = Path(__file__).resolve().parents[1]
+HASH_REWARD = "_test_resume_text_hash"
+
+
+def _hash_reward(c, r):
+    return (zlib.crc32(c.encode()) % 997) / 997
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two busy shared cores: one intra-op thread is ~10x faster than two fighting; results are per-setting."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hash_reward():
+    """A reward that varies with the text: random tiny-model rollouts get non-zero advantages, weights move."""
+    reward_fns.register_reward(HASH_REWARD, overwrite=True)(_hash_reward)
+    yield HASH_REWARD
+    reward_fns._REGISTRY.pop(HASH_REWARD, None)
+
+
+def build(kind: str, models: dict, data: dict, optim: str = "adamw", world: int = 1):
+    """(module, datamodule, optimizer steps per batch) for a tiny seeded run on mixed image + text sources."""
+    student = ModelSpec(str(models["student"]))
+    if kind == "sft":
+        module = SFTModule(student, optim=OptimConfig(name=optim, lr=1e-2, warmup_steps=1), export=False)
+        mu = 1
+    else:
+        mu = 2
+        module = OPDGRPOModule(
+            student, teacher=ModelSpec(str(models["teacher"])), optim=OptimConfig(lr=1e-3, warmup_steps=1),
+            grpo=GRPOConfig(num_generations=2, num_iterations=mu, epsilon_high=0.28, loss_aggregation="token"),
+            opd=OPDConfig(lam=0.5), sampling=SamplingConfig(max_new_tokens=6),
+            rewards={"accuracy": 1.0, "format": 0.1, HASH_REWARD: 1.0}, export=False,
+            log_completions_every_n_steps=0)
+    dm = ReasoningDataModule(
+        train=[DataSource(str(data["train"]), 0.5), DataSource(str(data["train_text"]), 0.5)],
+        val=[DataSource(str(data["val"]), limit=2)], batch_size=2, val_batch_size=2,
+        epoch_size=6 * world)  # 3 batches per rank and epoch
+    return module, dm, mu
+
+
+class Recorder(L.Callback):
+    """Per batch: global step, loss, reward, record ids and (RL) the sampled completions."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+        self._texts: list[str] = []
+
+    def on_train_start(self, trainer, pl_module):
+        engine = pl_module.rollout_engine
+        orig = engine.generate
+
+        def generate(model, batch, n, sampling):
+            out = orig(model, batch, n, sampling)
+            if model.training or n > 1:
+                self._texts.extend(out.texts)
+            return out
+
+        engine.generate = generate
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        m = trainer.callback_metrics
+        self.rows.append({"step": trainer.global_step, "loss": float(m["train/loss"]),
+                          "reward": float(m["train/reward"]) if "train/reward" in m else None,
+                          "ids": [r["id"] for r in batch["records"]], "texts": self._texts})
+        self._texts = []
+
+
+class SignalAt(L.Callback):
+    """Sends ``signum`` to this process when the global step reaches ``step`` (from rank ``rank`` only)."""
+
+    def __init__(self, step: int, signum: int = signal.SIGUSR1, rank: int = 0):
+        self.step, self.signum, self.rank = step, signum, rank
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
+            os.kill(os.getpid(), self.signum)
+
+
+def fit(kind, models, data, root: Path, steps: int, stop_at: int | None = None, ckpt: str | None = None,
+        optim: str = "adamw", **trainer_kw):
+    L.seed_everything(0)  # what every new process does first (the CLI's seed_everything)
+    module, dm, mu = build(kind, models, data, optim, trainer_kw.get("devices", 1))
+    rec = Recorder()
+    cbs = [rec] + ([SignalAt(stop_at)] if stop_at else [])
+    cbs += [PreemptionCallback(), ResumableCheckpoint(every_n_train_steps=1000)]
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, use_distributed_sampler=False, callbacks=cbs,
+                        default_root_dir=str(root), val_check_interval=2, limit_val_batches=1,
+                        num_sanity_val_steps=1, **({"gradient_clip_val": 1.0} if kind == "sft" else {}), **trainer_kw)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    weights = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+    return rec.rows, weights, trainer, module
+
+
+def assert_same_run(straight, halves, weights_a, weights_b):
+    assert [r["step"] for r in straight] == [r["step"] for r in halves], (straight, halves)
+    for a, b in zip(straight, halves):
+        assert a == b, f"step {a['step']} differs:\n{a}\n{b}"
+    diff = [k for k in weights_a if not torch.equal(weights_a[k], weights_b[k])]
+    assert not diff, f"final weights differ in {diff[:5]}"
+
+
+# SFT stops after batch 3, the last of epoch 0 (the resume must start epoch 1 in full); OPD-GRPO (μ = 2 optimizer
+# steps per batch) after batch 2, mid-epoch (the resume must skip exactly the consumed draws).
+@pytest.mark.parametrize("kind,optim,stop_batch", [("sft", "adamw8bit", 3), ("opd_grpo", "adamw", 2)])
+def test_resume_is_exact(kind, optim, stop_batch, tiny_models, synth_data, tmp_path):
+    mu = 2 if kind == "opd_grpo" else 1
+    n = 4 * mu  # 4 batches: epochs of 3 batches, so the straight run crosses into epoch 1
+    a, wa, _, _ = fit(kind, tiny_models, synth_data, tmp_path / "straight", n, optim=optim)
+    b1, _, t1, m1 = fit(kind, tiny_models, synth_data, tmp_path / "halves", n, stop_at=stop_batch * mu, optim=optim)
+    assert t1.global_step == stop_batch * mu and m1._preempted, "the signal did not stop the first half"
+    assert (tmp_path / "halves" / "checkpoints" / "last.ckpt").is_file()
+    b2, wb, t2, _ = fit(kind, tiny_models, synth_data, tmp_path / "halves", n, ckpt="last", optim=optim)
+    assert t2.global_step == n
+    assert len(a) == 4 and len(b1) == stop_batch and len(b2) == 4 - stop_batch
+    if kind == "opd_grpo":
+        assert all(len(r["texts"]) == 4 for r in a), "each batch samples B x G = 4 completions"
+        assert len({r["reward"] for r in a}) > 1
+    assert_same_run(a, b1 + b2, wa, wb)
+    # the weights did move: the comparison above is not between two untouched models
+    init = build(kind, tiny_models, synth_data)[0]
+    init.configure_model()
+    assert any(not torch.equal(wa[k], v) for k, v in init.model.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------- SIGTERM, subprocess
+
+def _cli_config(tmp_path: Path, models: dict, data: dict, max_steps: int) -> Path:
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": max_steps, "num_sanity_val_steps": 0,
+                    "enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": 1,
+                    "default_root_dir": str(tmp_path / "run"),
+                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                               "init_args": {"save_dir": str(tmp_path / "logs"), "name": "sft",
+                                             "flush_logs_every_n_steps": 1}}},
+        "model": {"class_path": "vold_pl.modules.sft.SFTModule",
+                  "init_args": {"model": {"name_or_path": str(models["student"])}, "optim": {"lr": 1e-3}}},
+        "data": {"train": [{"path": str(data["train"])}], "batch_size": 2},
+    }
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    return cfg
+
+
+def _train_steps(metrics_csv: Path) -> list[int]:
+    import csv
+
+    if not metrics_csv.is_file():
+        return []
+    with metrics_csv.open() as fh:
+        return [int(r["step"]) for r in csv.DictReader(fh) if r.get("train/loss")]
+
+
+def test_sigterm_checkpoints_exits_cleanly_and_resumes(tiny_models, synth_data, tmp_path):
+    cfg = _cli_config(tmp_path, tiny_models, synth_data, max_steps=10_000)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    log = (tmp_path / "fit.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "vold_pl.cli", "fit", "--config", str(cfg)], cwd=REPO,
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    metrics = tmp_path / "logs" / "sft" / "version_0" / "metrics.csv"
+    deadline = time.time() + 180
+    while len(_train_steps(metrics)) < 2:
+        assert proc.poll() is None, (tmp_path / "fit.log").read_text()[-3000:]
+        assert time.time() < deadline, "the fit never got going"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=120)
+    out = (tmp_path / "fit.log").read_text()
+    assert rc == 0, out[-3000:]
+    assert "preempted (SIGTERM)" in out and "Traceback" not in out, out[-3000:]
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)  # the safe loader reads our checkpoints
+    k = state["global_step"]
+    assert 2 <= k < 10_000 and "vold_pl" in state
+    assert not (tmp_path / "logs" / "sft" / "version_0" / "export").exists(), "a preempted run must not export"
+
+    from vold_pl.cli import main
+
+    main(["fit", "--config", str(cfg), "--ckpt_path", "last", "--trainer.max_steps", str(k + 2)])
+    resumed = _train_steps(tmp_path / "logs" / "sft" / "version_1" / "metrics.csv")
+    assert resumed == [k, k + 1], resumed  # CSV 'step' is the step before the update: k, k+1 -> global k+2
+    assert (tmp_path / "logs" / "sft" / "version_1" / "export" / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------------- DDP (gloo), 2 processes
+
+DDP_SCRIPT = r'''
+import json, os, sys
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+import lightning as L, torch
+from tests.test_resume import HASH_REWARD, _hash_reward, fit
+from vold_pl.rewards.functions import register_reward
+register_reward(HASH_REWARD, overwrite=True)(_hash_reward)
+torch.set_num_threads(1)
+
+models = {{"student": Path({student!r}), "teacher": Path({teacher!r})}}
+data = {{k: Path(v) for k, v in json.loads({data!r}).items()}}
+out, kind = Path({out!r}), {kind!r}
+rank = int(os.environ["LOCAL_RANK"])
+kw = dict(strategy="ddp_find_unused_parameters_true", devices=2, num_nodes=1)
+n = 4 if kind == "sft" else 8
+a, wa, _, _ = fit(kind, models, data, out / "straight", n, **kw)
+b1, _, _, _ = fit(kind, models, data, out / "halves", n, stop_at=n // 2, **kw)
+b2, wb, _, _ = fit(kind, models, data, out / "halves", n, ckpt="last", **kw)
+(out / f"rank{{rank}}.json").write_text(json.dumps({{"straight": a, "halves": b1 + b2}}))
+torch.save({{"straight": wa, "halves": wb}}, out / f"rank{{rank}}.pt")
+'''
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("kind", ["opd_grpo"])
+def test_ddp_gloo_resume_is_exact(kind, tiny_models, synth_data, tmp_path):
+    script = tmp_path / "ddp_resume.py"
+    script.write_text(DDP_SCRIPT.format(repo=str(REPO), student=str(tiny_models["student"]),
+                                        teacher=str(tiny_models["teacher"]), out=str(tmp_path), kind=kind,
+                                        data=json.dumps({k: str(v) for k, v in synth_data.items()})))
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
+            "NODE_RANK": "0", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    procs, logs = [], []
+    for rank in range(2):
+        logs.append((tmp_path / f"rank{rank}.log").open("w"))
+        procs.append(subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=logs[-1],
+                                      stderr=subprocess.STDOUT, env={**base, "LOCAL_RANK": str(rank)}))
+    try:
+        codes = [p.wait(timeout=400) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    text = "\n".join((tmp_path / f"rank{r}.log").read_text()[-2500:] for r in range(2))
+    assert codes == [0, 0], text
+    for rank in range(2):
+        res = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        w = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert len(res["straight"]) == 4
+        assert_same_run(res["straight"], res["halves"], w["straight"], w["halves"])
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert [r["ids"] for r in r0["straight"]] != [r["ids"] for r in r1["straight"]], "ranks must see different data"
