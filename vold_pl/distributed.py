@@ -577,3 +577,10 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def is_fsdp2_params(params) -> bool:
+    """Whether any of ``params`` is an FSDP2 shard (a DTensor)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in params)

@@ -17,7 +17,7 @@ import torch
 from vold_pl.checkpointing import (FINGERPRINT_KEY, allow_in_checkpoints, check_fingerprint,
                                    fingerprint_from_state_dict, model_fingerprint)
 from vold_pl.models.factory import ModelSpec, get_tokenizer, load_model, load_processor
-from vold_pl.rl.rollout import HFGenerateEngine, SamplingConfig
+from vold_pl.rl.rollout import SamplingConfig, default_engine
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 
@@ -50,6 +50,10 @@ def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
     if cfg.name == "adamw8bit":
         import bitsandbytes as bnb
 
+        from vold_pl.distributed import is_fsdp2_params, make_adamw8bit
+
+        if is_fsdp2_params(params):  # bitsandbytes cannot step DTensor shards; this updates each rank's shard
+            return make_adamw8bit(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         return bnb.optim.AdamW8bit(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     if cfg.name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -136,7 +140,7 @@ class PolicyModule(L.LightningModule):
         self.model: torch.nn.Module | None = None
         self._t_last: float | None = None
         # Sampling for ``vold-pl predict``; a writer callback (TraceWriter) sets both before predicting.
-        self.rollout_engine = HFGenerateEngine(self.tokenizer)
+        self.rollout_engine = default_engine(self.tokenizer)
         self.predict_num_samples, self.predict_sampling = 1, SamplingConfig(do_sample=False)
 
     # -- model ---------------------------------------------------------------------------------------------

@@ -30,12 +30,11 @@ from vold_pl.models.factory import ModelSpec, check_tokenizers_aligned, freeze, 
 from vold_pl.modules.base import OptimConfig, PolicyModule
 from vold_pl.rewards.functions import compute_rewards, validate_weights
 from vold_pl.rl.advantages import group_advantages
-from vold_pl.rl.logprobs import model_token_logprobs
 from vold_pl.rl.losses import (
     aggregate, clipped_surrogate, full_reverse_kl, k3_kl, masked_mean, opd_gate, opd_loss, opd_token_advantages,
     sampled_reverse_kl,
 )
-from vold_pl.rl.rollout import Rollout, SamplingConfig
+from vold_pl.rl.rollout import Rollout, SamplingConfig, rollout_token_logprobs
 from vold_pl.rl.teacher import build_teacher_inputs, teacher_completion_logits, teacher_token_logprobs
 
 
@@ -198,18 +197,18 @@ class OPDGRPOModule(PolicyModule):
         ref_logp = None
         if self.grpo.beta_ref > 0:
             with torch.no_grad():
-                ref_logp = model_token_logprobs(self._frozen["reference"], ids, attn, start, temperature=self.sampling.temperature,
-                                                chunk_size=self.chunk, **extra)  # [N, L]
+                ref_logp = rollout_token_logprobs(self._frozen["reference"], rollout, temperature=self.sampling.temperature,
+                                                  chunk_size=self.chunk)  # [N, L]
         old_logp = None
         if self.grpo.num_iterations > 1:
             with torch.no_grad():  # π_old at rollout time: the weights the samples came from
-                old_logp = self._logprobs(ids, attn, start, extra)[0]  # [N, L]
+                old_logp = self._logprobs(rollout)[0]  # [N, L]
 
         accuracy = rw.named.get("accuracy", rw.total).to(self.device)  # [N]
         opt = self.optimizers()
         sched = self.lr_schedulers()
         for _ in range(self.grpo.num_iterations):
-            logp, entropy = self._logprobs(ids, attn, start, extra)  # [N, L], [N, L]
+            logp, entropy = self._logprobs(rollout)  # [N, L], [N, L]
             old = old_logp if old_logp is not None else logp.detach()  # μ = 1: ρ ≡ 1
             loss, stats = self._loss(logp, old, adv, mask, ref_logp, teacher_out, accuracy, ids, attn, start, extra)
             self._optimizer_step(opt, sched, loss)
@@ -227,9 +226,11 @@ class OPDGRPOModule(PolicyModule):
             extra = {}
         return ids, attn, rollout.prompt_ids.size(1), extra
 
-    def _logprobs(self, ids, attn, start, extra):
-        return model_token_logprobs(self.model, ids, attn, start, temperature=self.sampling.temperature,
-                                    chunk_size=self.chunk, return_entropy=True, **extra)
+    def _logprobs(self, rollout: Rollout):
+        # Each prompt (and its images) runs once per group; completions are scored on its expanded KV cache.
+        # Chunks are recomputed in backward so the [N, L, V] logits never live whole.
+        return rollout_token_logprobs(self.model, rollout, temperature=self.sampling.temperature,
+                                      chunk_size=self.chunk, return_entropy=True, checkpoint_chunks=True)
 
     def _teacher_scores(self, records: list[dict], rollout: Rollout) -> dict:
         tin = build_teacher_inputs(self.teacher_tokenizer, records, rollout.completion_ids, rollout.completion_mask,
