@@ -108,9 +108,6 @@ def run_voldpl(policy: Path, rows: list[dict], args, vision: bool, profile_dir: 
     )
     engine_cls = CachedSamplingEngine if args.engine == "cached" else HFGenerateEngine
     module.rollout_engine = counter = CountingEngine(engine_cls(module.tokenizer))
-    import vold_pl.modules.opd_grpo as M
-
-    saved = M.model_token_logprobs
     if shared_prefix:
         apply_shared_prefix(module)
     loader = DataLoader(rows, batch_size=args.batch, shuffle=False, collate_fn=PromptCollator(module.processor))
@@ -125,10 +122,7 @@ def run_voldpl(policy: Path, rows: list[dict], args, vision: bool, profile_dir: 
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[timer], profiler=profiler, default_root_dir=str(args.workdir / "lightning"))
     L.seed_everything(args.seed, verbose=False)
-    try:
-        trainer.fit(module, train_dataloaders=loader)
-    finally:
-        M.model_token_logprobs = saved
+    trainer.fit(module, train_dataloaders=loader)
     return {"steps_s": timer.steps, "completion_tokens": counter.tokens}
 
 
