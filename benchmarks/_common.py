@@ -106,62 +106,6 @@ def eos_biased(model: torch.nn.Module, eos_id: int, bias: float) -> torch.nn.Mod
 
 # ---------------------------------------------------------------------------------------------- the proposed change
 
-def apply_shared_prefix(module) -> None:
-    """Emulate the proposed OPD-GRPO change on one module instance: score policy, reference and teacher with
-    each prompt run once per group (``vold_pl.rl.rollout.rollout_token_logprobs`` /
-    ``shared_prefix_token_logprobs``, exact to float rounding, see tests/test_rollout.py). Patches
-    ``vold_pl.modules.opd_grpo.model_token_logprobs``: restore it after the run."""
-    import vold_pl.modules.opd_grpo as M
-    from vold_pl.rl.rollout import rollout_token_logprobs, shared_prefix_token_logprobs
-    from vold_pl.rl.teacher import build_teacher_inputs
-
-    engine = module.rollout_engine
-
-    class KeepRollout:  # the module's _logprobs gets tensors only; keep the Rollout (it has the prompts)
-        def generate(self, *a, **k):
-            module._last_rollout = engine.generate(*a, **k)
-            return module._last_rollout
-
-        def __getattr__(self, n):
-            return getattr(engine, n)
-
-    module.rollout_engine = KeepRollout()
-
-    def _logprobs(ids, attn, start, extra):
-        return rollout_token_logprobs(module.model, module._last_rollout, temperature=module.sampling.temperature,
-                                      chunk_size=module.chunk, return_entropy=True)
-
-    module._logprobs = _logprobs
-    orig_mtl = M.model_token_logprobs
-
-    def mtl(model, *a, **k):
-        if model is module._frozen.get("reference"):
-            return rollout_token_logprobs(model, module._last_rollout, temperature=module.sampling.temperature,
-                                          chunk_size=module.chunk)
-        return orig_mtl(model, *a, **k)
-
-    M.model_token_logprobs = mtl
-    orig_teacher = module._teacher_scores
-
-    def _teacher_scores(records, rollout):
-        if module.opd.estimator != "k1":
-            return orig_teacher(records, rollout)
-        G = rollout.group_size
-        tin = build_teacher_inputs(module.teacher_tokenizer, records, rollout.completion_ids,
-                                   rollout.completion_mask, G)
-        S = tin.completion_start
-        with torch.no_grad():
-            logp = shared_prefix_token_logprobs(module._frozen["teacher"], tin.input_ids[::G, :S],
-                                                tin.attention_mask[::G, :S], rollout.completion_ids,
-                                                rollout.completion_mask, G, temperature=module.sampling.temperature,
-                                                chunk_size=module.chunk)
-        return {"available": tin.available, "logp": logp}
-
-    module._teacher_scores = _teacher_scores
-
-
-# ---------------------------------------------------------------------------------------------- timing
-
 def lightning_step_timer():
     """A Lightning callback recording ``perf_counter`` at every training-batch boundary."""
     import lightning as L

@@ -12,7 +12,6 @@
 
     python benchmarks/bench_rollout.py                     # both parts, tables + benchmarks/results/bench_rollout.json
     python benchmarks/bench_rollout.py --parts rollout --reps 5
-    python benchmarks/bench_rollout.py --parts breakdown --shared-prefix   # + the proposed prefix-shared scoring
     python benchmarks/bench_rollout.py --parts breakdown --profile         # + PyTorch profiler table / trace
 """
 
@@ -24,7 +23,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from _common import (RESULTS, apply_shared_prefix, build_data, build_text_policy, build_vlm, eos_biased, median,
+from _common import (RESULTS, build_data, build_text_policy, build_vlm, eos_biased, median,
                      quiet, read_rows, table, write_json)
 
 import torch  # noqa: E402
@@ -154,7 +153,7 @@ def instrument(module, clock: Clock) -> None:
     module.training_step = step
 
 
-def step_breakdown(args, shared_prefix: bool) -> dict:
+def step_breakdown(args) -> dict:
     import lightning as L
     from torch.utils.data import DataLoader
 
@@ -179,8 +178,6 @@ def step_breakdown(args, shared_prefix: bool) -> dict:
 
     saved = {n: getattr(M, n) for n in ("model_token_logprobs", "compute_rewards", "group_advantages")}
     clock = Clock()
-    if shared_prefix:
-        apply_shared_prefix(module)
     instrument(module, clock)
     n_steps = args.steps + 1
     half = args.prompts // 2
@@ -207,13 +204,12 @@ def step_breakdown(args, shared_prefix: bool) -> dict:
     steps = clock.steps[1:]  # the first step warms up allocators and caches
     med = {p: median(s.get(p, 0.0) for s in steps) for p in PARTS + ["total"]}
     total = sum(med[p] for p in PARTS)
-    label = "shared-prefix scoring (proposed)" if shared_prefix else "as shipped"
-    print(f"\nOne OPD-GRPO step ({label}): VLM student + text teacher, OPD on (k1, gate all), k3 reference, "
+    print(f"\nOne OPD-GRPO step: VLM student + text teacher, OPD on (k1, gate all), k3 reference, "
           f"{args.prompts} prompts x G={args.G}, max {args.max_new_tokens} new tokens, engine={args.engine}; "
           f"median over {len(steps)} steps\n")
     print(table(["part", "seconds", "percent"], [[p, med[p], f"{100 * med[p] / total:.1f}%"] for p in PARTS]
                 + [["total (median step)", med["total"], "100%"]]))
-    return {"median_s": med, "steps": steps, "shared_prefix": shared_prefix, "engine": args.engine}
+    return {"median_s": med, "steps": steps, "engine": args.engine}
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -232,9 +228,6 @@ def main(argv=None) -> None:
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions per engine and case")
     p.add_argument("--steps", type=int, default=4, help="measured OPD-GRPO steps of the breakdown (+1 warm-up)")
     p.add_argument("--engine", choices=["cached", "hf"], default="cached", help="rollout engine of the breakdown")
-    p.add_argument("--shared-prefix", action="store_true",
-                   help="also run the breakdown with policy/reference/teacher scored prompt-once-per-group "
-                        "(the proposed OPD-GRPO change, emulated by patching the module instance)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: the cores this process may use)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, default=None, help="models/data folder (default: a temp dir)")
@@ -253,10 +246,7 @@ def main(argv=None) -> None:
     if "rollout" in args.parts:
         results["rollout"] = rollout_throughput(args)
     if "breakdown" in args.parts:
-        results["breakdown"] = step_breakdown(args, shared_prefix=False)
-        if args.shared_prefix:
-            args.profile = False
-            results["breakdown_shared_prefix"] = step_breakdown(args, shared_prefix=True)
+        results["breakdown"] = step_breakdown(args)
     write_json("bench_rollout", results, args.out)
 
 

@@ -8,7 +8,6 @@ repeats the whole grid so machine drift spreads over all cells.
 
     python benchmarks/bench_scaling.py                              # G x L grid, table + results JSON
     python benchmarks/bench_scaling.py --groups 4 8 --lengths 32 64 --steps 2
-    python benchmarks/bench_scaling.py --shared-prefix              # with the proposed prefix-shared scoring
     python benchmarks/bench_scaling.py --profile                    # PyTorch profiler trace of the first cell
 """
 
@@ -34,7 +33,6 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=1, help="passes over the grid (medians pool the rounds)")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--engine", choices=["cached", "hf"], default="cached", help="vold-pl rollout engine")
-    p.add_argument("--shared-prefix", action="store_true", help="emulate the proposed prefix-shared scoring")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: the cores this process may use)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, default=None, help="models/data folder (default: a temp dir)")
@@ -61,7 +59,7 @@ def main(argv=None) -> None:
             for L in args.lengths:
                 a = argparse.Namespace(**{**vars(args), "G": G, "max_completion": L})
                 prof = (args.workdir / "profile") if (args.profile and first) else None
-                res = run_voldpl(policy, rows, a, False, prof, shared_prefix=args.shared_prefix)
+                res = run_voldpl(policy, rows, a, False, prof)
                 first = False
                 c = cells.setdefault((G, L), {"s": [], "tokens": []})
                 c["s"] += res["steps_s"][args.warmup:]
@@ -86,14 +84,13 @@ def main(argv=None) -> None:
     coef = torch.linalg.lstsq(A, y.unsqueeze(1)).solution.squeeze(1)
     pred = A @ coef
     r2 = float(1 - ((y - pred) ** 2).sum() / ((y - y.mean()) ** 2).sum().clamp(min=1e-12))
-    label = " (prefix-shared scoring)" if args.shared_prefix else ""
-    print(f"\nOPD-GRPO step time vs group size and completion length{label}: text policy, {args.batch} prompts "
+    print(f"\nOPD-GRPO step time vs group size and completion length: text policy, {args.batch} prompts "
           f"({prompt_tokens} prompt tokens) per step, median of {args.steps * args.rounds} steps per cell\n")
     print(table(["G", "max len", "max tokens", "completion tokens/step", "s/step", "s per 1k tokens"], out_rows))
     print(f"\nleast squares: step_s = {coef[0]:.3f} + {1000 * coef[1]:.3f} ms x completion_tokens   (R^2 = {r2:.3f})")
     if args.profile:
         print(f"[profile] op table (.txt) and chrome trace (.json) of vold-pl steps in {args.workdir / 'profile'}")
-    write_json("bench_scaling" + ("_shared_prefix" if args.shared_prefix else ""),
+    write_json("bench_scaling",
                {"threads": threads, "args": {k: str(v) for k, v in vars(args).items()}, "cells": out,
                 "fit": {"intercept_s": float(coef[0]), "s_per_token": float(coef[1]), "r2": r2},
                 "prompt_tokens_per_step": prompt_tokens}, args.out)

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from _common import (RESULTS, apply_shared_prefix, build_data, build_text_policy, build_vlm, lightning_step_timer, median, quiet,
+from _common import (RESULTS, build_data, build_text_policy, build_vlm, lightning_step_timer, median, quiet,
                      read_rows, table, trl_step_timer, write_json)
 
 import torch  # noqa: E402
@@ -86,8 +86,7 @@ class CountingEngine:
 
 # ------------------------------------------------------------------------------------------------ the two runs
 
-def run_voldpl(policy: Path, rows: list[dict], args, vision: bool, profile_dir: Path | None = None,
-               shared_prefix: bool = False) -> dict:
+def run_voldpl(policy: Path, rows: list[dict], args, vision: bool, profile_dir: Path | None = None) -> dict:
     import lightning as L
     from torch.utils.data import DataLoader
 
@@ -108,8 +107,6 @@ def run_voldpl(policy: Path, rows: list[dict], args, vision: bool, profile_dir: 
     )
     engine_cls = CachedSamplingEngine if args.engine == "cached" else HFGenerateEngine
     module.rollout_engine = counter = CountingEngine(engine_cls(module.tokenizer))
-    if shared_prefix:
-        apply_shared_prefix(module)
     loader = DataLoader(rows, batch_size=args.batch, shuffle=False, collate_fn=PromptCollator(module.processor))
     timer = lightning_step_timer()
     profiler = None
@@ -196,7 +193,7 @@ def run_case(case: str, args) -> dict:
         rows = read_rows(data["train"], args.batch * (args.warmup + args.steps))
     vision = case == "vlm"
     check_same_prompts(policy, rows, vision)
-    names = ["trl", "vold-pl"] + (["vold-pl+shared-prefix"] if args.shared_prefix else [])
+    names = ["trl", "vold-pl"]
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for r in range(args.rounds):
         for name in names:
@@ -205,7 +202,7 @@ def run_case(case: str, args) -> dict:
             if name == "trl":
                 res = run_trl(policy, rows, args, vision)
             else:
-                res = run_voldpl(policy, rows, args, vision, prof, shared_prefix=name.endswith("shared-prefix"))
+                res = run_voldpl(policy, rows, args, vision, prof)
             res["wall_s"] = time.perf_counter() - t0
             res["measured_s"] = res["steps_s"][args.warmup:]
             res["measured_tokens"] = res["completion_tokens"][args.warmup:]
@@ -249,9 +246,6 @@ def main(argv=None) -> None:
                    help="torch intra-op threads for both trainers (0: the cores this process may use)")
     p.add_argument("--engine", choices=["cached", "hf"], default="cached",
                    help="vold-pl rollout engine: CachedSamplingEngine (default) or HFGenerateEngine")
-    p.add_argument("--shared-prefix", action="store_true",
-                   help="also time vold-pl with the proposed prefix-shared scoring (policy forward with each prompt "
-                        "run once per group; emulated by patching the module instance)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, default=None, help="models/data/scratch folder (default: a temp dir)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for bench_vs_trl.json")

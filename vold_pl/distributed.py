@@ -543,9 +543,7 @@ class EvenShardSampler(torch.utils.data.Sampler[int]):
 # ------------------------------------------------------------------------------------------------ accounting
 
 def is_fsdp2(model: torch.nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return is_fsdp2_params(model.parameters())
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
