@@ -4,104 +4,18 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Sampler
+from torch.utils.data import ConcatDataset, DataLoader
 
 from vold_pl.data.collate import DEFAULT_INSTRUCTION, PromptCollator, SFTCollator, student_messages, teacher_messages
+from vold_pl.data.sampling import MixedSampler, ResumableDataLoader
 from vold_pl.data.sources import DataSource, load_source
 
-
-class MixedSampler(Sampler[int]):
-    """Indices into a ``ConcatDataset`` drawn by source weight, reproducible from ``(seed, epoch)``.
-
-    Each source is walked in its own shuffled order (reshuffled when exhausted), so a small source
-    repeats only after every item was seen. Under DDP/FSDP each rank takes every ``world_size``-th draw.
-    ``start`` skips draws already consumed, which is how a resumed run continues mid-epoch.
-    """
-
-    def __init__(self, sizes: list[int], weights: list[float], num_samples: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
-        if len(sizes) != len(weights) or any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise ValueError(f"source weights must be non-negative with a positive sum, got {weights}")
-        self.sizes, self.weights, self.num_samples, self.seed = sizes, weights, num_samples, seed
-        self.rank, self.world_size, self.epoch, self.start = rank, world_size, 0, 0
-        self.offsets = [0]
-        for s in sizes[:-1]:
-            self.offsets.append(self.offsets[-1] + s)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _draws(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        total = self.num_samples * self.world_size
-        choice = torch.multinomial(torch.tensor(self.weights, dtype=torch.double), total, replacement=True, generator=g)
-        orders = [torch.randperm(n, generator=g).tolist() for n in self.sizes]
-        pos = [0] * len(self.sizes)
-        out = []
-        for s in choice.tolist():
-            if pos[s] == self.sizes[s]:
-                orders[s], pos[s] = torch.randperm(self.sizes[s], generator=g).tolist(), 0
-            out.append(self.offsets[s] + orders[s][pos[s]])
-            pos[s] += 1
-        return out
-
-    def __iter__(self) -> Iterator[int]:
-        mine = self._draws()[self.rank :: self.world_size]
-        start, self.start = self.start, 0
-        return iter(mine[start:])
-
-    def __len__(self) -> int:
-        return self.num_samples - self.start
-
-
-class ResumableDataLoader(DataLoader):
-    """The training loader: counts the batches it yields, so a checkpoint records where the epoch stands.
-
-    Lightning saves ``state_dict()`` with every checkpoint (the loader is "stateful") and calls
-    ``load_state_dict`` when it resumes; the next epoch iterator then skips the draws of the batches already
-    trained on (``MixedSampler.start``), so a resumed run sees exactly the batches the uninterrupted run saw.
-    The skip is decided when iteration starts (after Lightning has set the sampler's epoch): a checkpoint
-    written after the last batch of an epoch resumes with the next epoch, in full.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._epoch, self._yielded = 0, 0
-        self._pending: dict | None = None
-
-    def __iter__(self):
-        return self._counting()
-
-    def _counting(self):
-        sampler = self.sampler
-        skip = 0
-        if self._pending is not None:
-            if self._pending["epoch"] == sampler.epoch and self._pending["sampler_size"] == sampler.num_samples:
-                skip = self._pending["batches"]
-            self._pending = None
-        sampler.start = skip * self.batch_size
-        self._epoch, self._yielded = sampler.epoch, skip
-        for batch in super().__iter__():
-            self._yielded += 1
-            yield batch
-
-    def state_dict(self) -> dict:
-        return {"epoch": self._epoch, "batches": self._yielded, "batch_size": self.batch_size,
-                "sampler_size": self.sampler.num_samples, "world_size": self.sampler.world_size}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("batch_size") != self.batch_size or state.get("world_size") != self.sampler.world_size:
-            print(f"[vold-pl] the checkpoint's data position was taken with batch_size={state.get('batch_size')} on "
-                  f"{state.get('world_size')} process(es), this run has batch_size={self.batch_size} on "
-                  f"{self.sampler.world_size}: the epoch restarts from its first batch.")
-            return
-        self._pending = dict(state)
+__all__ = ["MixedSampler", "ReasoningDataModule", "ResumableDataLoader", "prompt_lengths"]
 
 
 class ReasoningDataModule(L.LightningDataModule):
@@ -113,7 +27,8 @@ class ReasoningDataModule(L.LightningDataModule):
         test: test sources; defaults to ``val``.
         predict: sources for ``vold-pl predict`` (trace writing); defaults to ``train``.
         batch_size: rows per batch (per device). For RL this is the number of prompts; each gets G samples.
-        epoch_size: rows per training epoch; default the sum of the training sources' sizes.
+        epoch_size: rows per training epoch; default the sum of the training sources' sizes (under a curriculum
+            stage, of the records the stage selects: one pass over them).
         collate: ``sft`` (prompt + target, masked labels), ``prompt`` (prompt only, for generation) or
             ``auto`` (ask the LightningModule's ``collate_mode``).
         view: ``student`` (images + problem) or ``teacher`` (the text view only, for a text-only model).
@@ -157,11 +72,12 @@ class ReasoningDataModule(L.LightningDataModule):
         self.skipped: list[str] = []
         self._sampler: MixedSampler | None = None
         self._train_loader: ResumableDataLoader | None = None
-        # Curriculum (not built yet): a stage index and whatever state the curriculum keeps. It is saved with every
-        # checkpoint and restored before the train loader is built; a curriculum sets it and reads it in
-        # train_dataloader (e.g. to pick the stage's sources), see ``set_curriculum_stage``.
+        # Curriculum (``vold_pl.callbacks.curriculum``): the stage index and its record filter (``name``,
+        # ``answer_types``, ``difficulties``). Saved with every checkpoint and restored before the train loader is
+        # iterated; the loader reads the filter whenever an epoch's iterator is created, see ``set_curriculum_stage``.
         self.curriculum_stage: int | None = None
         self.curriculum_state: dict = {}
+        self._pools_cache: dict[str, list[list[int]]] = {}
 
     # -- setup -------------------------------------------------------------------------------------------
     def _processor(self):
@@ -270,16 +186,57 @@ class ReasoningDataModule(L.LightningDataModule):
                                  "them); Lightning's DistributedSampler on top would split them again. Set "
                                  "Trainer(use_distributed_sampler=False) (vold-pl fit does by default).")
         sizes = [len(d) for d in ds.datasets]
-        per_rank = math.ceil((self.epoch_size or sum(sizes)) / world)
-        self._sampler = MixedSampler(sizes, [s.weight for s in self.train_sources], per_rank, self.seed, rank, world)
+        self._sampler = MixedSampler(sizes, [s.weight for s in self.train_sources], self._per_rank(sum(sizes), world),
+                                     self.seed, rank, world)
         if self._trainer_attached():
-            self._sampler.set_epoch(self.trainer.current_epoch)
+            # The epoch the fit loop is about to run (``current_epoch`` lags by one when resuming from a checkpoint
+            # written at an epoch's end): the length Lightning reads now must be that epoch's.
+            self._sampler.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed)
         # Its own generator: creating an iterator draws a worker base seed, which must not consume (and so shift)
         # the global RNG that rollouts sample from.
         self._train_loader = ResumableDataLoader(
             ds, batch_size=self.batch_size, sampler=self._sampler, collate_fn=self._collator(),
-            num_workers=self.num_workers, drop_last=True, generator=torch.Generator().manual_seed(self.seed))
+            num_workers=self.num_workers, drop_last=True, generator=torch.Generator().manual_seed(self.seed),
+            stage_filter=self._curriculum_filter, plan=self._draw_plan)
+        self._train_loader.prepare_epoch()
         return self._train_loader
+
+    def _per_rank(self, n_records: int, world: int) -> int:
+        # At least one batch per rank, so a stage with fewer records than a batch still trains (with repeats).
+        return max(self.batch_size, math.ceil((self.epoch_size or n_records) / world))
+
+    # -- curriculum --------------------------------------------------------------------------------------------
+    def _curriculum_filter(self) -> dict | None:
+        """The current stage's record filter (plain data), or ``None`` without a curriculum."""
+        if self.curriculum_stage is None:
+            return None
+        s = self.curriculum_state
+        return {"name": s.get("name"), "answer_types": s.get("answer_types"), "difficulties": s.get("difficulties")}
+
+    def curriculum_pools(self, stage_filter: dict | Any | None) -> list[list[int]] | None:
+        """Eligible local indices of each training source under a stage filter (``None``: no filter);
+        :class:`~vold_pl.data.curriculum.EmptyStageError` when the stage selects nothing. Cached per filter."""
+        get = (lambda k: stage_filter.get(k)) if isinstance(stage_filter, dict) else (
+            lambda k: getattr(stage_filter, k, None))
+        if stage_filter is None or (get("answer_types") is None and get("difficulties") is None):
+            return None
+        key = json.dumps([get("answer_types"), get("difficulties")])
+        if key not in self._pools_cache:
+            from vold_pl.data.curriculum import stage_pools
+
+            if "train" not in self.datasets:
+                raise RuntimeError("curriculum_pools needs the training data loaded (setup('fit') first).")
+            parts = self.datasets["train"].datasets
+            self._pools_cache[key] = stage_pools([(src.label, d) for src, d in zip(self.train_sources, parts)],
+                                                 stage_filter)
+        return self._pools_cache[key]
+
+    def _draw_plan(self, stage_filter: dict | None) -> tuple[list[list[int]] | None, int]:
+        """(pools, draws per rank) of an epoch under ``stage_filter``: the epoch is ``epoch_size`` draws, or one
+        pass over the eligible records."""
+        pools = self.curriculum_pools(stage_filter)
+        n = sum(len(p) for p in pools) if pools is not None else sum(self._sampler.sizes)
+        return pools, self._per_rank(n, self._sampler.world_size)
 
     def _eval_loader(self, split: str) -> DataLoader | list:
         if split not in self.datasets:
@@ -323,9 +280,15 @@ class ReasoningDataModule(L.LightningDataModule):
         self.curriculum_state = dict(state.get("curriculum_state") or {})
 
     def set_curriculum_stage(self, stage: int | None, **state) -> None:
-        """Hook for a curriculum: record the stage (and any state); both travel with checkpoints."""
+        """Hook for a curriculum: record the stage and its state (plain values: they travel with checkpoints).
+
+        ``answer_types`` / ``difficulties`` in ``state`` filter the training draws from the next epoch on (the
+        running epoch keeps its draws); a filter that selects nothing raises at once when the data is loaded.
+        """
         self.curriculum_stage = stage
         self.curriculum_state.update(state)
+        if stage is not None and "train" in self.datasets:
+            self.curriculum_pools(self._curriculum_filter())
 
     def describe(self) -> str:
         parts = {k: len(v) for k, v in self.datasets.items()}

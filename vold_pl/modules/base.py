@@ -135,6 +135,8 @@ class PolicyModule(L.LightningModule):
         self._step_skipped, self._last_skip = False, ""
         self._rng_to_restore: dict | None = None
         self._preempted = False  # set by PreemptionCallback: fit ended early, do not export
+        # Set by the Curriculum callback when a stage ends mid-epoch (saved in its state, cleared at epoch start).
+        self.curriculum_end_epoch = False
         self.processor = load_processor(model)
         self.tokenizer = get_tokenizer(self.processor)
         self.model: torch.nn.Module | None = None
@@ -259,6 +261,11 @@ class PolicyModule(L.LightningModule):
             self._step_skipped = False
         else:
             self.consecutive_skips = 0
+
+    def on_train_batch_start(self, batch, batch_idx) -> int | None:
+        """-1 (Lightning: skip the rest of the epoch) once a curriculum stage has ended mid-epoch, so the next
+        epoch's draws obey the new stage's record filter; the batch fetched here is not trained on."""
+        return -1 if self.curriculum_end_epoch else None
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1, reduce_fx="max")
