@@ -18,38 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+from vold_pl.pipeline import run, sources  # noqa: F401  (importable from here too: benchmarks use it)
+
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "quickstart"
-
-
-def run(args: list[str], log: Path) -> None:
-    """Run one ``vold-pl`` command, its output teed into ``log``; stop the quickstart if it fails."""
-    cmd = [sys.executable, "-m", "vold_pl.cli", *args]
-    print(f"\n$ vold-pl {' '.join(shlex.quote(a) for a in args)}", flush=True)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    with log.open("w") as fh:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        for line in proc.stdout:
-            fh.write(line)
-            if line.startswith("[vold-pl]") or "Error" in line:
-                print("  " + line.rstrip(), flush=True)
-        rc = proc.wait()
-    print(f"  ({time.perf_counter() - t0:.0f} s, log: {log})", flush=True)
-    if rc != 0:
-        tail = log.read_text().splitlines()[-25:]
-        raise SystemExit(f"stage failed (exit {rc}); last lines of {log}:\n" + "\n".join(tail))
-
-
-def sources(*paths: str | Path) -> str:
-    return json.dumps([{"path": str(p)} for p in paths])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,100 @@
+"""Running recipes as chains of plain ``vold-pl`` commands (the quickstart, the OpenVLThinker rounds, benchmarks).
+
+Every stage of a recipe is one ``vold-pl`` command line, printed before it runs so that it can be rerun by
+hand; its output is teed into a log file, and a failing stage stops the recipe with the last lines of its log.
+Stages normally run as subprocesses (a crash or an out-of-memory kill cannot take the driver with it, and each
+stage starts with fresh global state); ``in_process=True`` runs them inside the driver, which saves the few
+seconds of interpreter start per stage that tests and debugging care about.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def command_line(args: list[str]) -> str:
+    """The shell form of a ``vold-pl`` command, quoted so it can be pasted back into a shell."""
+    return "vold-pl " + " ".join(shlex.quote(a) for a in args)
+
+
+def run(args: list[str], log: Path, in_process: bool = False) -> None:
+    """Run one ``vold-pl`` command, its output teed into ``log``; raise ``SystemExit`` naming the log if it fails."""
+    print(f"\n$ {command_line(args)}", flush=True)
+    log = Path(log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    rc = _run_in_process(args, log) if in_process else _run_subprocess(args, log)
+    print(f"  ({time.perf_counter() - t0:.0f} s, log: {log})", flush=True)
+    if rc != 0:
+        tail = log.read_text(errors="replace").splitlines()[-25:]
+        raise SystemExit(f"stage failed (exit {rc}): {command_line(args)}\nlast lines of {log}:\n" + "\n".join(tail))
+
+
+def _run_subprocess(args: list[str], log: Path) -> int:
+    cmd = [sys.executable, "-m", "vold_pl.cli", *args]
+    with log.open("w") as fh:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for line in proc.stdout:
+            fh.write(line)
+            if line.startswith("[vold-pl]") or "Error" in line:
+                print("  " + line.rstrip(), flush=True)
+        return proc.wait()
+
+
+class _Tee:
+    """A stdout stand-in writing to the log and to the real stdout (``[vold-pl]`` lines are what users read)."""
+
+    def __init__(self, fh, out):
+        self.fh, self.out = fh, out
+
+    def write(self, s: str) -> int:
+        self.fh.write(s)
+        return self.out.write(s)
+
+    def flush(self) -> None:
+        self.fh.flush()
+        self.out.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+def _run_in_process(args: list[str], log: Path) -> int:
+    """``vold_pl.cli.main(args)`` in this process; stdout is teed into the log (stderr stays as it is)."""
+    from vold_pl.cli import main
+
+    with log.open("w") as fh:
+        real = sys.stdout
+        sys.stdout = _Tee(fh, real)
+        try:
+            main(list(args))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if code:
+                fh.write(f"SystemExit: {e.code}\n")
+            return code
+        finally:
+            sys.stdout = real
+    return 0
+
+
+def sources(*paths: str | Path) -> str:
+    """A ``--data.train`` / ``--data.val`` value: the given files as a JSON list of data sources."""
+    return json.dumps([{"path": str(p)} for p in paths])
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write through a temporary file in the same folder and rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
