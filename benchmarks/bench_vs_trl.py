@@ -32,7 +32,6 @@ from types import SimpleNamespace
 from _common import (RESULTS, build_data, build_text_policy, build_vlm, lightning_step_timer, median, quiet,
                      read_rows, table, trl_step_timer, write_json)
 
-import torch  # noqa: E402
 
 REWARD_WEIGHTS = {"accuracy": 1.0, "format": 0.1}
 

@@ -330,7 +330,7 @@ def table(results: dict[str, list[dict]], device: str) -> str:
         return results[name][0] if name in results else None
 
     base = rank0("baseline")
-    fs1, fs1b = rank0("fsdp2-1rank"), rank0("fsdp2-1rank-adamw8bit")
+    fs1 = rank0("fsdp2-1rank")
     for name, rows in results.items():
         r = rows[0]
         step = r["peak"] - r["before"]

@@ -10,7 +10,7 @@ The teacher SFT and its verified traces come from the quickstart stages (reused 
 runs for every seed; the script prints mean ± std accuracy per arm and writes
 ``<out>/ablation.json`` and ``<out>/ablation.png`` (final accuracy per arm and the accuracy curves).
 
-    python benchmarks/toy_vold_ablation.py --seeds 0 1 2 --rl-steps 60
+    python benchmarks/toy_vold_ablation.py --seeds 0 1 2 --rl-steps 100
 """
 
 from __future__ import annotations
@@ -50,10 +50,17 @@ def rl_arm(name: str, start: Path, teacher: Path, lam: float, seed: int, a: argp
     args = ["fit", "--config", str(CONFIGS / "opd_grpo.yaml"), f"--seed_everything={seed}",
             f"--model.init_args.model.name_or_path={start}", f"--model.init_args.teacher.name_or_path={teacher}",
             f"--model.init_args.opd.lam={lam}", "--model.init_args.export=false",
+            f"--model.init_args.optim.lr={a.lr}", f"--model.init_args.sampling.max_new_tokens={a.max_new_tokens}",
             f"--trainer.max_steps={a.rl_steps}", "--trainer.limit_val_batches=0",
             f"--trainer.default_root_dir={out}", "--trainer.enable_checkpointing=false",
             "--data.train", sources(data / "train.jsonl"), f"--data.seed={seed}"]
     run(args + bench_args(out, data / "test.jsonl", a.eval_every, a.limit_test), out / "run.log")
+
+
+def finished(out: Path, steps: int) -> bool:
+    """An arm is done once its report is the end-of-fit one (the report is rewritten at every evaluation)."""
+    path = out / "benchmark_report.json"
+    return path.exists() and json.loads(path.read_text()).get("step", -1) >= steps
 
 
 def final_and_curve(out: Path) -> tuple[float, list[tuple[int, float]]]:
@@ -69,9 +76,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quickstart-runs", default="runs/quickstart", help="where the teacher SFT and traces live")
     p.add_argument("--out", default="runs/ablation", help="output folder")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per arm")
-    p.add_argument("--rl-steps", type=int, default=60, help="RL optimizer steps of arms b, c, d")
+    p.add_argument("--rl-steps", type=int, default=100, help="RL optimizer steps of arms b, c, d")
     p.add_argument("--lam", type=float, default=0.5, help="λ_opd of arms c and d")
-    p.add_argument("--eval-every", type=int, default=20, help="benchmark every N RL steps (accuracy curves)")
+    p.add_argument("--lr", type=float, default=1e-4, help="RL learning rate of arms b, c, d")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="rollout length cap of arms b, c, d")
+    p.add_argument("--eval-every", type=int, default=25, help="benchmark every N RL steps (accuracy curves)")
     p.add_argument("--limit-test", type=int, default=200, help="test records evaluated")
     a = p.parse_args(argv)
     art, qs, out = Path(a.artifacts), Path(a.quickstart_runs), Path(a.out)
@@ -95,11 +104,14 @@ def main(argv: list[str] | None = None) -> None:
                 + bench_args(sd / "a_sft", data / "test.jsonl", None, a.limit_test), sd / "cold_start.log")
         arms = {"b_sft_grpo": (cold, 0.0), "c_sft_grpo_opd": (cold, a.lam), "d_grpo_opd": (art / "tiny" / "student", a.lam)}
         for arm, (start, lam) in arms.items():
-            if not (sd / arm / "benchmark_report.json").exists():
+            if not finished(sd / arm, a.rl_steps):
                 rl_arm(arm, start, teacher, lam, seed, a, data, sd / arm)
         for arm in ARMS:
             acc, curve = final_and_curve(sd / arm)
+            if arm in ("b_sft_grpo", "c_sft_grpo_opd"):  # RL starts from the cold-start model: its step-0 point
+                curve = [(0, results["a_sft"][seed]["accuracy"])] + curve
             results[arm][seed] = {"accuracy": acc, "curve": curve}
+        print(f"seed {seed}: " + ", ".join(f"{k} {100 * results[k][seed]['accuracy']:.1f}%" for k in ARMS), flush=True)
     summary = summarize(results)
     minutes = (time.perf_counter() - t0) / 60
     cmd = "python benchmarks/toy_vold_ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -110,18 +122,24 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def summarize(results) -> dict[str, dict]:
+    """Mean ± std per arm, and the paired difference to arm (a) on the same seed (the cold start is shared by
+    a, b and c of one seed, so the paired difference removes its seed-to-seed spread)."""
     out = {}
     for arm, by_seed in results.items():
         accs = [v["accuracy"] for v in by_seed.values()]
+        deltas = [v["accuracy"] - results["a_sft"][s]["accuracy"] for s, v in by_seed.items()]
         out[arm] = {"label": ARMS[arm], "mean": statistics.mean(accs),
-                    "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "n_seeds": len(accs)}
+                    "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "n_seeds": len(accs),
+                    "delta_vs_a_mean": statistics.mean(deltas),
+                    "delta_vs_a_std": statistics.stdev(deltas) if len(deltas) > 1 else 0.0}
     return out
 
 
 def print_table(summary: dict, minutes: float) -> None:
-    print(f"\n{'arm':<32}{'accuracy (mean ± std)':>24}")
+    print(f"\n{'arm':<32}{'accuracy (mean ± std)':>24}{'paired Δ vs (a)':>22}")
     for arm, s in summary.items():
-        print(f"{s['label']:<32}{100 * s['mean']:>14.1f} ± {100 * s['std']:.1f} %  (n={s['n_seeds']})")
+        print(f"{s['label']:<32}{100 * s['mean']:>14.1f} ± {100 * s['std']:.1f} %"
+              f"{100 * s['delta_vs_a_mean']:>+12.1f} ± {100 * s['delta_vs_a_std']:.1f}  (n={s['n_seeds']})")
     print(f"\ntook {minutes:.1f} min")
 
 

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -29,3 +30,13 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     sizes = TinySizes(vocab_size=512, hidden_size=64, intermediate_size=128, vision_hidden_size=32,
                       teacher_hidden_size=64)
     return save_tiny_models(tmp_path_factory.mktemp("tiny"), corpus_texts(seed=0, n=300), sizes, seed=0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tiny trainings: two busy shared cores run them ~10x faster than two
+    threads fighting, and bit-for-bit comparisons need one setting anyway."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -31,12 +31,7 @@ NAN = float("nan")
 RAISING_REWARD, HASH_REWARD = "_test_faults_raises", "_test_faults_hash"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 # --------------------------------------------------------------------------------------------- poisoned modules

@@ -46,13 +46,7 @@ def _hash_reward(c, r):
     return (zlib.crc32(c.encode()) % 997) / 997
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two busy shared cores: one intra-op thread is ~10x faster than two fighting; results are per-setting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module", autouse=True)
