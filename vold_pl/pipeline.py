@@ -88,13 +88,3 @@ def _run_in_process(args: list[str], log: Path) -> int:
 def sources(*paths: str | Path) -> str:
     """A ``--data.train`` / ``--data.val`` value: the given files as a JSON list of data sources."""
     return json.dumps([{"path": str(p)} for p in paths])
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write through a temporary file in the same folder and rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path

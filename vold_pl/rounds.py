@@ -31,7 +31,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from vold_pl.pipeline import atomic_write_text, command_line, run
+from vold_pl.checkpointing import atomic_write_text
+from vold_pl.pipeline import command_line, run
 
 STAGES = ("sft", "bench_sft", "grpo", "bench_grpo", "traces")
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
+
+from vold_pl.checkpointing import atomic_write_bytes
 
 # Columns of the per-group count matrix the evaluator reduces across ranks (all plain sums, so exact).
 STATS = ("records", "samples", "score", "solved", "format_valid", "tokens")
@@ -64,18 +64,6 @@ def summarize(groups: list[tuple[str, str]], counts: list[list[float]], pass_k: 
 
 
 # ------------------------------------------------------------------------------------------------- writing
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def read_history(out_dir: str | Path) -> list[dict]:
     """The ``history`` of an earlier ``benchmark_report.json`` in ``out_dir`` ([] if none or unreadable)."""
     path = Path(out_dir) / REPORT_JSON
@@ -110,14 +98,14 @@ def write_reports(out_dir: str | Path, report: dict, predictions: list[dict] | N
     out = Path(out_dir)
     report = dict(report, history=merge_history(read_history(out), history_entries(report)))
     paths = {"json": out / REPORT_JSON, "md": out / REPORT_MD, "png": out / REPORT_PNG}
-    _atomic_write(paths["json"], (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode())
-    _atomic_write(paths["md"], render_markdown(report).encode())
+    atomic_write_bytes(paths["json"], (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode())
+    atomic_write_bytes(paths["md"], render_markdown(report).encode())
     png, _ = render_png(report)
-    _atomic_write(paths["png"], png)
+    atomic_write_bytes(paths["png"], png)
     if predictions is not None:
         paths["predictions"] = out / PREDICTIONS_JSONL
         lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
-        _atomic_write(paths["predictions"], lines.encode())
+        atomic_write_bytes(paths["predictions"], lines.encode())
     return paths
 
 

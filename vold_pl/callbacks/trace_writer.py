@@ -21,7 +21,7 @@ from typing import Literal
 
 import lightning as L
 
-from vold_pl.pipeline import atomic_write_text
+from vold_pl.checkpointing import atomic_write_text
 from vold_pl.rewards.extract import extract_answer
 from vold_pl.rewards.functions import score_answer
 from vold_pl.rl.rollout import SamplingConfig
