@@ -7,7 +7,8 @@ Arms (same RL budget for b, c, d; every arm evaluated on the held-out synthetic 
   (d) GRPO + OPD from the base student, without cold start
 
 The teacher SFT and its verified traces come from the quickstart stages (reused when present). Each arm
-runs for every seed; the script prints mean ± std accuracy per arm and writes
+runs for every seed; the script prints mean ± std accuracy per arm, and each arm's difference to (a) paired by
+seed (a, b and c of one seed share its cold start), and writes
 ``<out>/ablation.json`` and ``<out>/ablation.png`` (final accuracy per arm and the accuracy curves).
 
     python benchmarks/toy_vold_ablation.py --seeds 0 1 2 --rl-steps 100
