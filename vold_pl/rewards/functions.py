@@ -7,6 +7,9 @@ or anything with ``answer``, ``answer_type`` and ``choices`` attributes. The GRP
 
 Accuracy rules per answer type follow Curr-ReFT (arXiv 2503.07065, METHODS.md §4); :func:`score_answer` is
 the single source of truth, reused by the benchmark evaluator on already-extracted answers.
+
+Besides registered names, a reward may be a user's function named ``module.path:function`` or
+``path/to/file.py:function`` (see :mod:`vold_pl.rewards.plugins`; loaded only when enabled, once per process).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from vold_pl.errors import UserError
 from vold_pl.rewards.extract import (clean_answer, extract_answer, is_well_formatted, normalize_text, parse_bbox,
                                     parse_choice_letters, parse_choice_letters_strict, parse_labels, parse_yesno)
 
@@ -39,7 +43,7 @@ MATH_TIMEOUT_S = 3
 MAX_MATH_CHARS = 1000
 
 
-class UnknownRewardError(KeyError, ValueError):
+class UnknownRewardError(KeyError, UserError):
     """An unknown reward name; the message lists the known names (and a close match, if any)."""
 
     def __str__(self) -> str:  # KeyError would repr() the message, quotes and all
@@ -68,12 +72,19 @@ def list_rewards() -> list[str]:
 
 
 def get_reward(name: str) -> RewardFn:
-    """The reward registered as ``name``; :class:`UnknownRewardError` listing known names otherwise."""
+    """The reward registered as ``name``, or the plugin function ``name`` points to (``module:function``,
+    ``file.py:function``; :class:`~vold_pl.rewards.plugins.RewardPluginError` if it cannot be loaded);
+    :class:`UnknownRewardError` listing known names otherwise."""
     fn = _REGISTRY.get(name) if isinstance(name, str) else None
     if fn is None:
+        from vold_pl.rewards.plugins import get_plugin, is_plugin_name
+
+        if is_plugin_name(name):
+            return get_plugin(name)
         close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise UnknownRewardError(f"unknown reward {name!r}.{hint} Known rewards: {', '.join(list_rewards())}.")
+        raise UnknownRewardError(f"unknown reward {name!r}.{hint} Known rewards: {', '.join(list_rewards())}; "
+                                 "or name your own function as module.path:function or path/to/file.py:function.")
     return fn
 
 
