@@ -27,10 +27,30 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from vold_pl.data.datamodule import ReasoningDataModule
 
 
+def _import_classes() -> None:
+    """Import vold-pl's modules and callbacks so that short class names resolve (``--model OPDGRPOModule``,
+    ``class_path: BenchmarkCallback``): jsonargparse looks short names up among the subclasses imported so far."""
+    import vold_pl.callbacks.benchmark  # noqa: F401
+    import vold_pl.callbacks.curriculum  # noqa: F401
+    import vold_pl.callbacks.preemption  # noqa: F401
+    import vold_pl.callbacks.trace_writer  # noqa: F401
+    import vold_pl.modules.opd_grpo  # noqa: F401
+    import vold_pl.modules.sft  # noqa: F401
+
+
 class VoldCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
+        _import_classes()
         # The data module's MixedSampler splits draws across ranks itself; Lightning must not wrap it.
         parser.set_defaults({"seed_everything": 0, "trainer.use_distributed_sampler": False})
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # Reward plugins run code: enable (and load, so errors show now) exactly those named in the user's own
+        # config files and flags, parsed here before LightningCLI merges a --ckpt_path's saved hyperparameters.
+        from vold_pl.rewards.plugins import load_reward_plugins, plugin_names_in
+
+        load_reward_plugins(plugin_names_in(self.config))
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)

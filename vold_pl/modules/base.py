@@ -122,7 +122,7 @@ class PolicyModule(L.LightningModule):
     resumes, so sampled rollouts continue exactly) and the skip counters.
     """
 
-    def __init__(self, model: ModelSpec, optim: OptimConfig | None = None, gradient_checkpointing: bool = False,
+    def __init__(self, model: ModelSpec, optim: OptimConfig | None = OptimConfig(), gradient_checkpointing: bool = False,
                  export_dir: str | None = None, export: bool = True, seed: int = 0, max_consecutive_skips: int = 10):
         super().__init__()
         self.model_spec, self.optim_cfg = model, optim or OptimConfig()

@@ -113,11 +113,11 @@ class OPDGRPOModule(PolicyModule):
         model: ModelSpec,
         teacher: ModelSpec | None = None,
         reference: ModelSpec | None = None,
-        optim: OptimConfig | None = None,
-        grpo: GRPOConfig | None = None,
-        opd: OPDConfig | None = None,
-        sampling: SamplingConfig | None = None,
-        rewards: dict[str, float] | None = None,
+        optim: OptimConfig | None = OptimConfig(),  # instances, not None: --print_config shows the values
+        grpo: GRPOConfig | None = GRPOConfig(),
+        opd: OPDConfig | None = OPDConfig(),
+        sampling: SamplingConfig | None = SamplingConfig(),
+        rewards: dict[str, float] | None = {"accuracy": 1.0, "format": 0.1},  # noqa: B006 - copied, never mutated
         max_grad_norm: float = 1.0,
         logprob_chunk_size: int = 1024,
         log_completions_every_n_steps: int = 10,

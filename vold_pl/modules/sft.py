@@ -45,7 +45,7 @@ class SFTModule(PolicyModule):
 
     collate_mode = "sft"
 
-    def __init__(self, model: ModelSpec, optim: OptimConfig | None = None, gradient_checkpointing: bool = False,
+    def __init__(self, model: ModelSpec, optim: OptimConfig | None = OptimConfig(), gradient_checkpointing: bool = False,
                  export_dir: str | None = None, export: bool = True, seed: int = 0, max_consecutive_skips: int = 10):
         super().__init__(model, optim, gradient_checkpointing, export_dir, export, seed, max_consecutive_skips)
         self.save_hyperparameters()

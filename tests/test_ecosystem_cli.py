@@ -1,0 +1,61 @@
+"""The CLI records a run: ``--print_config`` shows every group's values; short class names resolve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _print_config(args: list[str], capsys) -> dict:
+    from vold_pl.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(args + ["--print_config"])
+    assert e.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_short_model_name_and_groups_print_their_values(capsys):
+    from vold_pl.modules.opd_grpo import GRPOConfig, OPDConfig
+    from vold_pl.rl.rollout import SamplingConfig
+
+    printed = _print_config(["fit", "--model", "OPDGRPOModule", "--model.model.name_or_path", "some/model",
+                             "--model.grpo.num_generations", "6"], capsys)
+    assert printed["model"]["class_path"] == "vold_pl.modules.opd_grpo.OPDGRPOModule"
+    args = printed["model"]["init_args"]
+    for group in ("optim", "grpo", "opd", "sampling", "rewards"):
+        assert isinstance(args[group], dict) and args[group], f"{group} printed as {args[group]!r}"
+    # A flag changes one field; the group's other fields keep their defaults.
+    assert args["grpo"] == {**GRPOConfig().__dict__, "num_generations": 6}
+    assert args["opd"]["lam"] == OPDConfig().lam and args["opd"]["estimator"] == OPDConfig().estimator
+    assert args["sampling"]["max_new_tokens"] == SamplingConfig().max_new_tokens
+    assert args["rewards"] == {"accuracy": 1.0, "format": 0.1}
+    assert args["optim"]["lr"] == 1e-4 and args["optim"]["schedule"] == "cosine"
+
+
+def test_short_names_for_sft_and_callbacks_and_partial_groups_in_files(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    printed = _print_config(["fit", "--model", "SFTModule", "--model.model.name_or_path", "m",
+                             "--trainer.callbacks+=BenchmarkCallback",
+                             "--trainer.callbacks.benchmarks=[{name: synth, path: data/test.jsonl}]"], capsys)
+    assert printed["model"]["class_path"] == "vold_pl.modules.sft.SFTModule"
+    assert printed["model"]["init_args"]["optim"]["name"] == "adamw"
+    cb = printed["trainer"]["callbacks"][0]
+    assert cb["class_path"] == "vold_pl.callbacks.benchmark.BenchmarkCallback"
+    assert cb["init_args"]["benchmarks"][0]["name"] == "synth"
+    # A config file that sets a few fields of a group still records the group's whole content.
+    printed = _print_config(["fit", "--config", "configs/quickstart/grpo_only.yaml"], capsys)
+    args = printed["model"]["init_args"]
+    assert args["opd"]["lam"] == 0.0 and args["opd"]["gate"] == "failed" and args["opd"]["mode"] == "loss"
+    assert args["sampling"]["max_new_tokens"] == 96 and args["sampling"]["top_p"] == 1.0
+
+
+def test_example_configs_parse(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    printed = _print_config(["fit", "--config", "configs/examples/custom_reward.yaml"], capsys)
+    assert printed["model"]["class_path"] == "vold_pl.modules.opd_grpo.OPDGRPOModule"
+    assert printed["model"]["init_args"]["rewards"]["configs/examples/my_rewards.py:brevity"] == 0.05
