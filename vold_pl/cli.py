@@ -52,14 +52,6 @@ class VoldCLI(LightningCLI):
 
         load_reward_plugins(plugin_names_in(self.config))
 
-    def parse_arguments(self, parser, args) -> None:
-        super().parse_arguments(parser, args)
-        # Reward plugins run code: enable (and load, so errors show now) exactly those named in the user's own
-        # config files and flags, parsed here before LightningCLI merges a --ckpt_path's saved hyperparameters.
-        from vold_pl.rewards.plugins import load_reward_plugins, plugin_names_in
-
-        load_reward_plugins(plugin_names_in(self.config))
-
     def _instantiate_trainer(self, config: dict, callbacks: list):
         if self.subcommand == "fit":
             from vold_pl.callbacks.preemption import PreemptionCallback
