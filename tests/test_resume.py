@@ -284,3 +284,31 @@ def test_ddp_gloo_resume_is_exact(kind, tiny_models, synth_data, tmp_path):
         assert_same_run(res["straight"], res["halves"], w["straight"], w["halves"])
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert [r["ids"] for r in r0["straight"]] != [r["ids"] for r in r1["straight"]], "ranks must see different data"
+
+
+# ------------------------------------------------------------------------------------------- file:// paths are local
+
+def test_file_url_checkpoints_are_local_and_atomic(tmp_path, monkeypatch):
+    """``file://`` paths (as fsspec and Lightning accept them) take the local, atomic write and the local error
+    messages; a remote URL goes to Lightning's fsspec writer."""
+    from vold_pl import checkpointing
+    from vold_pl.checkpointing import AtomicCheckpointIO
+
+    calls = []
+    real = checkpointing.atomic_torch_save
+    monkeypatch.setattr(checkpointing, "atomic_torch_save", lambda obj, p: calls.append(str(p)) or real(obj, p))
+    io = AtomicCheckpointIO()
+    state = {"w": torch.arange(6.0).reshape(2, 3), "global_step": 7}
+    target = tmp_path / "ckpts" / "last.ckpt"
+    io.save_checkpoint(state, f"file://{target}")
+    assert calls == [str(target)], "a file:// checkpoint must be written by the atomic local writer"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]  # no temporary file left behind
+    back = io.load_checkpoint(f"file://{target}")
+    assert torch.equal(back["w"], state["w"]) and back["global_step"] == 7
+
+    with pytest.raises(FileNotFoundError, match="Pass an existing file to --ckpt_path"):
+        io.load_checkpoint(f"file://{tmp_path / 'missing.ckpt'}")
+
+    io.save_checkpoint(state, "memory://vold-pl-test/last.ckpt")  # remote: fsspec's writer, not ours
+    assert calls == [str(target)]
+    assert io.load_checkpoint("memory://vold-pl-test/last.ckpt")["global_step"] == 7

@@ -194,6 +194,17 @@ def test_scores_per_type():
     assert F.jaccard_reward(wrap("dog; fish"), rec("Fish, dog", "multilabel")) == 1.0
 
 
+@pytest.mark.parametrize("pred, gold, expected", [
+    ("1/2", "0.5", 1.0), ("0.50", "1/2", 1.0), ("\\frac{3}{4}", "0.75", 1.0),  # numeric on both sides: math_equal
+    # math_equal calls each of these pairs equal (sympy reads them as algebra), but an open answer is text unless
+    # both sides are numbers: only the normalised-text comparison applies, and it says no.
+    ("x = 2", "2", 0.0), ("p+q", "q+p", 0.0), ("2x", "x*2", 0.0), ("x^2", "x\\cdot x", 0.0),
+])
+def test_open_answers_use_math_only_when_both_sides_are_numeric(pred, gold, expected):
+    assert math_equal(pred, gold), "the pair must be math-equal for the numeric guard to matter"
+    assert score_answer(pred, rec(gold, "open")) == expected
+
+
 @pytest.mark.parametrize("answer_type, gold", [
     ("yesno", "yes"), ("choice", "A"), ("math", "0"), ("open", " "), ("open", ""), ("bbox", "[0,0,1,1]"),
     ("multilabel", "cat"),

@@ -69,8 +69,21 @@ def test_group_advantages_by_hand(scale, unbiased):
     assert adv.shape == (16,) and zero.shape == (4,) and zero.dtype == torch.bool
     assert torch.allclose(adv, t(exp_adv), atol=1e-12)
     assert zero.tolist() == exp_zero == [False, True, False, True]
-    # all-equal groups are exactly zero, even 0.30000000000000004 whose mean has float residue
+    # all-equal groups are exactly zero (groups whose mean leaves float residue: the test below)
     assert torch.equal(adv[4:8], torch.zeros(4, dtype=D)) and torch.equal(adv[12:], torch.zeros(4, dtype=D))
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("value,G,dtype", [(0.3, 8, torch.float32), (0.7, 8, torch.float32), (0.1, 3, D)])
+def test_all_equal_group_is_exactly_zero_despite_mean_residue(scale, value, G, dtype):
+    group = torch.full((G,), value, dtype=dtype)
+    residue = group - group.mean()  # what mean subtraction alone leaves: not zero for these groups
+    assert (residue != 0).all(), "the group must leave float residue, or this test checks nothing"
+    rewards = torch.cat([group, torch.tensor([1.0] + [0.0] * (G - 1), dtype=dtype)])  # + a group with signal
+    adv, zero = group_advantages(rewards, G, scale)
+    assert zero.tolist() == [True, False]
+    assert torch.equal(adv[:G], torch.zeros(G, dtype=dtype))
+    assert adv[G].item() > 0.5 and (adv[G + 1:] < 0).all()
 
 
 def test_group_advantages_known_numbers():
@@ -102,6 +115,12 @@ CASES = [
     (0.5, 1.0, -0.5, False, False),   # -min(0.5, 0.8)
     (1.1, 2.0, -2.2, False, False),   # inside the clip range
     (0.7, -2.0, 1.6, True, False),    # -min(-1.4, -1.6)
+    # between the two bounds: 1 + eps_low < rho < 1 + eps_high is inside the band for A > 0 (clip-higher), and
+    # 1 - eps_high < rho < 1 - eps_low is clipped for A < 0; swapping eps_low and eps_high anywhere changes these
+    (1.25, 1.0, -1.25, False, False),  # -min(1.25, 1.25): not clipped although 1.25 > 1 + eps_low
+    (1.25, -1.0, 1.25, False, False),  # -min(-1.25, -1.25)
+    (0.75, -1.0, 0.8, True, False),    # -min(-0.75, -0.8): clipped although 0.75 > 1 - eps_high
+    (0.75, 1.0, -0.75, False, False),  # -min(0.75, 0.8)
 ]
 
 
@@ -123,13 +142,17 @@ def test_clip_fractions_masked():
     rho = t([[c[0] for c in CASES]])
     adv = t([[c[1] for c in CASES]])
     _, stats = clipped_surrogate(rho.log(), torch.zeros_like(rho), adv, 0.2, 0.28)
-    mask = torch.tensor([[True, True, True, True, False, False]])
+    mask = torch.tensor([[True] * 4 + [False] * (len(CASES) - 4)])
     fr = stats.fractions(mask)
     assert fr["clip_low"].item() == pytest.approx(1 / 4)
     assert fr["clip_high"].item() == pytest.approx(1 / 4)
     assert fr["clip_region"].item() == pytest.approx(2 / 4)
     assert fr["ratio_mean"].item() == pytest.approx((1.5 + 0.5 + 1.5 + 0.5) / 4)
     assert masked_mean(rho, torch.zeros_like(mask)).item() == 0.0
+    band = torch.tensor([[False] * 6 + [True] * 4])  # the four cases between the bounds
+    fr = stats.fractions(band)
+    assert (fr["clip_low"].item(), fr["clip_high"].item(), fr["clip_region"].item()) == (0.25, 0.0, 0.25)
+    assert fr["ratio_mean"].item() == pytest.approx(1.0)
 
 
 def test_on_policy_ratio_is_one_and_gradient_is_policy_gradient():

@@ -1,0 +1,104 @@
+"""The SFT loss against a reference written out by hand: next-token NLL on the completion tokens only.
+
+The reference builds its (logits row, target) pairs with an explicit loop over positions — position ``t`` of a
+row predicts its token ``t + 1``, and only target tokens that the collator marked as completion count — and hands
+them to ``torch.nn.functional.cross_entropy``. The module's loss and its gradient must equal it. Without the
+one-token shift (the model then learns to copy its input) or with padding / prompt tokens counted, they do not.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vold_pl.data.collate import IGNORE_INDEX, SFTCollator, encode_prompts, target_text
+from vold_pl.data.sources import read_records, to_dataset
+from vold_pl.models.factory import ModelSpec
+from vold_pl.modules.sft import SFTModule, completion_nll
+
+pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`:UserWarning")
+
+
+def _reference_pairs(logits: torch.Tensor, ids: torch.Tensor, prompt_lens: list[int], target_lens: list[int]):
+    """(logit rows [K, V], targets [K]) from the prompt/target lengths alone, not from the labels tensor."""
+    rows, targets = [], []
+    for i, (p, n) in enumerate(zip(prompt_lens, target_lens)):
+        for pos in range(p, p + n):  # every target token, the closing <|im_end|> included
+            rows.append(logits[i, pos - 1])  # predicted by the position before it
+            targets.append(int(ids[i, pos]))
+    return torch.stack(rows).float(), torch.tensor(targets)
+
+
+@pytest.fixture(scope="module")
+def sft_batch(tiny_models, synth_data):
+    """A padded batch of two image rows and two text rows of different lengths, with their prompt/target sizes."""
+    module = SFTModule(ModelSpec(str(tiny_models["student"])), export=False)
+    module.configure_model()
+    module.model.eval()  # no dropout: the module and the reference see the same function
+    img, _ = read_records(synth_data["train"])
+    txt, _ = read_records(synth_data["train_text"])
+    ds_img, ds_txt = to_dataset(img[:2]), to_dataset(txt[:2])
+    rows = [ds_img[0], ds_txt[0], ds_img[1], ds_txt[1]]
+    batch = SFTCollator(module.processor)(rows)
+    tok = module.tokenizer
+    prompt_lens = [len(p) for p in encode_prompts(module.processor, rows)["input_ids"]]
+    target_lens = [len(tok(target_text(r), add_special_tokens=False)["input_ids"]) + 1 for r in rows]  # + EOS
+    return module, batch, prompt_lens, target_lens
+
+
+def test_sft_loss_and_gradient_equal_shifted_cross_entropy(sft_batch):
+    module, batch, prompt_lens, target_lens = sft_batch
+    width = batch["input_ids"].shape[1]
+    assert len(set(p + n for p, n in zip(prompt_lens, target_lens))) > 1, "rows should differ in length (padding)"
+    assert max(p + n for p, n in zip(prompt_lens, target_lens)) == width
+
+    params = [p for p in module.model.parameters() if p.requires_grad]
+    module.model.zero_grad(set_to_none=True)
+    loss = module.training_step(batch, 0)  # the module's own loss (no trainer: logging is a no-op)
+    loss.backward()
+    grads = [p.grad.detach().clone() for p in params]
+
+    module.model.zero_grad(set_to_none=True)
+    logits = module.model(**module.model_inputs(batch), use_cache=False).logits  # [B, T, V]
+    rows, targets = _reference_pairs(logits, batch["input_ids"], prompt_lens, target_lens)
+    assert rows.shape[0] == sum(target_lens)
+    ref = F.cross_entropy(rows, targets)  # mean over the completion tokens of the whole batch
+    ref.backward()
+
+    assert math.isfinite(ref.item()) and ref.item() > 0.1
+    torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-5, atol=1e-6)
+    for p, g in zip(params, grads):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_completion_nll_accuracy_and_count_by_hand(sft_batch):
+    module, batch, prompt_lens, target_lens = sft_batch
+    with torch.no_grad():
+        logits = module.model(**module.model_inputs(batch), use_cache=False).logits  # [B, T, V]
+    loss, acc, n = completion_nll(logits, batch["labels"])
+    rows, targets = _reference_pairs(logits, batch["input_ids"], prompt_lens, target_lens)
+    assert n == sum(target_lens)
+    nll = [-torch.log_softmax(r, -1)[t].item() for r, t in zip(rows, targets)]
+    assert loss.item() == pytest.approx(sum(nll) / len(nll), rel=1e-5)
+    hits = sum(int(r.argmax()) == int(t) for r, t in zip(rows, targets))
+    assert acc.item() == pytest.approx(hits / len(nll))
+
+
+def test_completion_nll_small_hand_values():
+    # One row of 4 positions over a vocabulary of 3: labels [-100, 2, 0, -100] (a prompt token, two targets,
+    # padding). Position 0 predicts label 2, position 1 predicts label 0; positions 2 and 3 predict nothing.
+    logits = torch.tensor([[[0.0, 1.0, 2.0], [3.0, 0.0, 0.0], [0.0, 5.0, 0.0], [9.0, 9.0, 9.0]]])
+    labels = torch.tensor([[IGNORE_INDEX, 2, 0, IGNORE_INDEX]])
+    loss, acc, n = completion_nll(logits, labels)
+    nll0 = -(2.0 - math.log(1 + math.e + math.e ** 2))  # -log softmax([0, 1, 2])[2]
+    nll1 = -(3.0 - math.log(math.e ** 3 + 2))  # -log softmax([3, 0, 0])[0]
+    assert n == 2
+    assert loss.item() == pytest.approx((nll0 + nll1) / 2, rel=1e-6)
+    assert acc.item() == 1.0  # both argmaxes hit their targets
+    # no target token at all: loss and accuracy are 0, never NaN
+    loss, acc, n = completion_nll(logits, torch.full((1, 4), IGNORE_INDEX))
+    assert n == 0 and loss.item() == 0.0 and acc.item() == 0.0
