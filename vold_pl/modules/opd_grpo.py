@@ -319,11 +319,13 @@ class OPDGRPOModule(PolicyModule):
         path = Path(self.trainer.log_dir or ".") / "completions.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         G = rollout.group_size
+        rows = [{"step": self.global_step, "id": records[i // G]["id"], "answer": records[i // G]["answer"],
+                 "completion": rollout.texts[i], "reward": float(rewards[i])} for i in range(min(k, rollout.num_rows))]
         with path.open("a") as fh:
-            for i in range(min(k, rollout.num_rows)):
-                rec = records[i // G]
-                fh.write(json.dumps({"step": self.global_step, "id": rec["id"], "answer": rec["answer"],
-                                     "completion": rollout.texts[i], "reward": float(rewards[i])}) + "\n")
+            fh.writelines(json.dumps(row) + "\n" for row in rows)
+        from vold_pl.callbacks.samples import log_completions
+
+        log_completions(self.loggers, rows, self.global_step)  # a table (W&B) or text (TensorBoard) as well
 
     # -- evaluation ----------------------------------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:
