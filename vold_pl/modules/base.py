@@ -325,5 +325,8 @@ class PolicyModule(L.LightningModule):
             self.model.save_pretrained(out_path, state_dict=state, safe_serialization=True)
             self.processor.save_pretrained(out_path)
             print(f"[vold-pl] exported model to {out_path}")
+            from vold_pl.export import finish_export
+
+            finish_export(out_path, self, self._trainer)  # model card; Hub push when a PushToHub callback is set
         self.trainer.strategy.barrier("vold_pl_export")  # no rank tears down while rank 0 still writes
         return out_path
