@@ -59,3 +59,13 @@ def test_example_configs_parse(capsys, monkeypatch):
     printed = _print_config(["fit", "--config", "configs/examples/custom_reward.yaml"], capsys)
     assert printed["model"]["class_path"] == "vold_pl.modules.opd_grpo.OPDGRPOModule"
     assert printed["model"]["init_args"]["rewards"]["configs/examples/my_rewards.py:brevity"] == 0.05
+
+
+def test_lora_overlay_parses(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    printed = _print_config(["fit", "--config", "configs/quickstart/opd_grpo.yaml", "--config",
+                             "configs/examples/lora_grpo.yaml"], capsys)
+    spec = printed["model"]["init_args"]["model"]
+    assert spec["lora"]["r"] == 16 and spec["lora"]["vision"] == "frozen" and spec["lora"]["export"] == "merged"
+    assert printed["model"]["init_args"]["grpo"]["beta_ref"] == 0.04
+    assert printed["model"]["init_args"]["teacher"]["lora"]["r"] == 0  # frozen models: LoRA off

@@ -76,6 +76,7 @@ def card_facts(module, trainer=None) -> dict:
     spec = getattr(module, "model_spec", None)
     hparams = {k: _plain(v) for k, v in dict(getattr(module, "hparams", {}) or {}).items()}
     dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+    lora = getattr(spec, "lora", None)
     data = [{"path": s.path, "weight": s.weight} for s in getattr(dm, "train_sources", None) or []]
     return {
         "base_model": getattr(spec, "name_or_path", None),
@@ -85,7 +86,7 @@ def card_facts(module, trainer=None) -> dict:
         "data": data,
         "benchmarks": benchmark_results(trainer) if trainer is not None else {},
         "global_step": getattr(trainer, "global_step", None) if trainer is not None else None,
-        "lora": _plain(getattr(module, "lora_export_info", None)),
+        "lora": _plain(lora) if lora is not None and getattr(lora, "r", 0) > 0 else None,
         "versions": _versions(),
         "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }

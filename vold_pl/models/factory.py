@@ -9,12 +9,13 @@ NF4 or 8-bit) is for frozen models: the teacher and the reference.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from vold_pl.errors import UserError
+from vold_pl.models.lora import LoRAConfig
 
 Quantization = Literal["none", "4bit", "8bit"]
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -41,6 +42,8 @@ class ModelSpec:
             ``<tool_response>`` … ``</think>`` at 151665-151668 < 151936 rows); anything else (a shared token at
             another id, a gap, no row for the id, a different BPE) is an error naming the reason. The export
             saves the aligned tokenizer, so later stages load it as is (a second alignment is a no-op).
+        lora: LoRA adapters for the trained model (``r: 0``, the default, trains every weight); see
+            :class:`vold_pl.models.lora.LoRAConfig`. Ignored for frozen teachers and references.
     """
 
     name_or_path: str
@@ -50,6 +53,7 @@ class ModelSpec:
     trust_remote_code: bool = False
     revision: str | None = None
     align_tokens_with: str = "none"
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 MODEL_KEY = "model.init_args.model.name_or_path"  # the config key of the trained model's path

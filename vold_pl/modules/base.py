@@ -18,6 +18,7 @@ import torch
 from vold_pl.checkpointing import (FINGERPRINT_KEY, allow_in_checkpoints, check_fingerprint,
                                    fingerprint_from_state_dict, model_fingerprint)
 from vold_pl.models.factory import ModelSpec, check_align_option, get_tokenizer, load_model, load_processor
+from vold_pl.models.lora import LoRAConfig, apply_lora, is_lora_model, save_lora_export
 from vold_pl.rl.rollout import SamplingConfig, default_engine
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
@@ -77,6 +78,7 @@ def lr_lambda(cfg: OptimConfig, total_steps: int):
 
 
 allow_in_checkpoints(ModelSpec, OptimConfig, SamplingConfig)
+allow_in_checkpoints(LoRAConfig)
 
 
 class NonFiniteStepsError(RuntimeError):
@@ -162,6 +164,7 @@ class PolicyModule(L.LightningModule):
         trainer = self._trainer
         check_strategy(getattr(trainer, "strategy", None))  # before loading weights: FSDP1 is refused
         self.model, _ = load_model(self.model_spec, with_processor=False)  # the processor is loaded in __init__
+        self.model = apply_lora(self.model, self.model_spec.lora)  # model.lora.r > 0: only adapters train
         self.model.train()
         prepare_model(self.model, trainer, activation_checkpointing=self.gradient_checkpointing)
         if trainer is not None:  # sharded across ranks: rollouts must keep every rank stepping (synced generate)
@@ -325,7 +328,10 @@ class PolicyModule(L.LightningModule):
         state = full_state_dict(self.model)  # a collective under FSDP2: every rank gathers, rank 0 writes
         out_path = Path(out) if self.trainer.global_rank == 0 else None
         if out_path is not None:
-            self.model.save_pretrained(out_path, state_dict=state, safe_serialization=True)
+            if is_lora_model(self.model):  # merged weights, or the adapter alone (model.lora.export)
+                save_lora_export(self.model, state, out_path, self.model_spec.lora.export)
+            else:
+                self.model.save_pretrained(out_path, state_dict=state, safe_serialization=True)
             self.processor.save_pretrained(out_path)
             print(f"[vold-pl] exported model to {out_path}")
             from vold_pl.export import finish_export

@@ -27,6 +27,7 @@ import torch
 
 from vold_pl.checkpointing import allow_in_checkpoints
 from vold_pl.models.factory import ModelSpec, check_align_option, freeze, load_model, prepare_teacher_tokenizer
+from vold_pl.models.lora import adapters_off, is_lora_model
 from vold_pl.modules.base import OptimConfig, PolicyModule
 from vold_pl.rewards.functions import compute_rewards, validate_weights
 from vold_pl.rl.advantages import group_advantages
@@ -150,7 +151,9 @@ class OPDGRPOModule(PolicyModule):
         super().configure_model()
         if self.opd.lam > 0 and "teacher" not in self._frozen:
             self._frozen["teacher"] = self._load_frozen(self.teacher_spec)
-        if self.grpo.beta_ref > 0 and "reference" not in self._frozen:
+        # With LoRA and no explicit reference, the reference is the policy with its adapters off (no second copy).
+        lora_reference = self.reference_spec is None and is_lora_model(self.model)
+        if self.grpo.beta_ref > 0 and "reference" not in self._frozen and not lora_reference:
             self._frozen["reference"] = self._load_frozen(self.reference_spec or self.model_spec)
 
     def _load_frozen(self, spec: ModelSpec) -> torch.nn.Module:
@@ -197,8 +200,9 @@ class OPDGRPOModule(PolicyModule):
         teacher_out = self._teacher_scores(records, rollout) if self.opd.lam > 0 else None
         ref_logp = None
         if self.grpo.beta_ref > 0:
-            with torch.no_grad():
-                ref_logp = rollout_token_logprobs(self._frozen["reference"], rollout, temperature=self.sampling.temperature,
+            reference = self._frozen.get("reference", self.model)  # LoRA: the policy, adapters off below
+            with torch.no_grad(), adapters_off(reference):
+                ref_logp = rollout_token_logprobs(reference, rollout, temperature=self.sampling.temperature,
                                                   chunk_size=self.chunk)  # [N, L]
         old_logp = None
         if self.grpo.num_iterations > 1:
