@@ -6,7 +6,7 @@ ART ?= artifacts
 # The CPU wheel of torch is pinned here, not in the package metadata (which keeps a range).
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv artifacts quickstart test clean
+.PHONY: venv artifacts quickstart test mutate clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,17 @@ quickstart: artifacts
 
 test: venv
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q tests
+
+# Mutation testing of the loss, reward, collation and checkpoint code (configured in pyproject.toml [tool.mutmut]);
+# hours of CPU, so not part of `make test` or CI. MUTANTS narrows it, e.g. MUTANTS='vold_pl.rl.losses*'.
+# Results persist in mutants/ (a rerun only tests new or changed mutants); docs/testing.md has the scores.
+MUTANTS ?=
+MUTATE_JOBS ?= 1
+mutate: venv
+	$(PY) -m pip install -q -e ".[mutate]"
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/mutmut run --max-children $(MUTATE_JOBS) $(MUTANTS)
+	$(VENV)/bin/mutmut results --all true > mutants/results.txt
+	$(PY) tools/mutation_score.py mutants/results.txt docs/testing.md
 
 clean:
 	rm -rf $(ART) runs

@@ -29,6 +29,7 @@ import yaml
 
 from vold_pl.callbacks.preemption import PreemptionCallback
 from vold_pl.checkpointing import ResumableCheckpoint
+from vold_pl.data.schema import Record
 from vold_pl.data.datamodule import ReasoningDataModule
 from vold_pl.data.sources import DataSource
 from vold_pl.models.factory import ModelSpec
@@ -132,6 +133,48 @@ def fit(kind, models, data, root: Path, steps: int, stop_at: int | None = None, 
     return rec.rows, weights, trainer, module
 
 
+def _records(data: dict, ids: list[str]) -> list[dict]:
+    """The data set rows (images decoded) of these record ids, in this order."""
+    from vold_pl.data.sources import read_records, to_dataset
+
+    recs = {r.id: r for key in ("train", "train_text") for r in read_records(data[key])[0]}
+    ds = to_dataset([recs[i] for i in ids])
+    return [ds[i] for i in range(len(ids))]
+
+
+def _hand_nll(models: dict, state_dict: dict, rows: list[dict]) -> float:
+    """Completion-only next-token NLL of ``rows`` (token mean over the batch) under ``state_dict``'s weights."""
+    from vold_pl.data.collate import IGNORE_INDEX, SFTCollator
+    from vold_pl.models.factory import load_model
+
+    model, processor = load_model(ModelSpec(str(models["student"])))
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state_dict.items()})
+    batch = SFTCollator(processor)(rows)
+    keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+    with torch.no_grad():
+        logits = model(**{k: batch[k] for k in keys if k in batch}, use_cache=False).logits.float()  # [B, T, V]
+    nll = [-torch.log_softmax(logits[i, t - 1], -1)[batch["labels"][i, t]].item()
+           for i, t in (batch["labels"] != IGNORE_INDEX).nonzero().tolist()]
+    return sum(nll) / len(nll)
+
+
+def _hand_reward(texts: list[str], rows: list[dict], G: int = 2) -> float:
+    """Mean of accuracy + 0.1 format + the hash reward over completions, G per record in order."""
+    import re
+
+    from vold_pl.rewards.functions import accuracy_reward
+
+    well_formed = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
+    total = 0.0
+    for k, text in enumerate(texts):
+        row = rows[k // G]
+        rec = Record(id=row["id"], problem=row["problem"], answer=row["answer"], answer_type=row["answer_type"],
+                     choices=row["choices"])
+        fmt = float(well_formed.fullmatch(text.strip()) is not None)
+        total += accuracy_reward(text, rec) + 0.1 * fmt + _hash_reward(text, rec)
+    return total / len(texts)
+
+
 def assert_same_run(straight, halves, weights_a, weights_b):
     assert [r["step"] for r in straight] == [r["step"] for r in halves], (straight, halves)
     for a, b in zip(straight, halves):
@@ -150,6 +193,7 @@ def test_resume_is_exact(kind, optim, stop_batch, tiny_models, synth_data, tmp_p
     b1, _, t1, m1 = fit(kind, tiny_models, synth_data, tmp_path / "halves", n, stop_at=stop_batch * mu, optim=optim)
     assert t1.global_step == stop_batch * mu and m1._preempted, "the signal did not stop the first half"
     assert (tmp_path / "halves" / "checkpoints" / "last.ckpt").is_file()
+    saved = torch.load(tmp_path / "halves" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     b2, wb, t2, _ = fit(kind, tiny_models, synth_data, tmp_path / "halves", n, ckpt="last", optim=optim)
     assert t2.global_step == n
     assert len(a) == 4 and len(b1) == stop_batch and len(b2) == 4 - stop_batch
@@ -157,6 +201,15 @@ def test_resume_is_exact(kind, optim, stop_batch, tiny_models, synth_data, tmp_p
         assert all(len(r["texts"]) == 4 for r in a), "each batch samples B x G = 4 completions"
         assert len({r["reward"] for r in a}) > 1
     assert_same_run(a, b1 + b2, wa, wb)
+    # Against values computed without the trainer (a formula bug would be the same in both runs above):
+    if kind == "sft":
+        # the first resumed step's loss is the completion NLL of its batch under the checkpoint's weights
+        nll = _hand_nll(tiny_models, saved["state_dict"], _records(synth_data, b2[0]["ids"]))
+        assert b2[0]["loss"] == pytest.approx(nll, rel=1e-5)
+    else:
+        # every step's reward is the mean over its B x G completions of accuracy + 0.1 format + the hash reward
+        for r in a:
+            assert r["reward"] == pytest.approx(_hand_reward(r["texts"], _records(synth_data, r["ids"])), abs=1e-6)
     # the weights did move: the comparison above is not between two untouched models
     init = build(kind, tiny_models, synth_data)[0]
     init.configure_model()

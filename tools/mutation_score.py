@@ -1,0 +1,87 @@
+"""Mutation score per file from ``mutmut results --all true``, with the equivalent mutants of docs/testing.md set aside.
+
+Usage: ``python tools/mutation_score.py mutants/results.txt docs/testing.md`` (``make mutate`` runs it). Prints a
+Markdown table and writes it into the docs between the ``mutation-scores`` markers. A mutant listed in the docs'
+equivalent-mutants table (its name in backticks in the first column) is one no test can kill because it does not
+change behaviour; it is left out of the denominator. The score is killed / (tested - equivalent), where killed
+includes timeouts and tested is every mutant mutmut ran ("no tests" counts as not killed).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+NAME_RE = re.compile(r"^\s*(?P<name>(?P<module>[\w.]+?)\.x(?:_|ǁ)\S+__mutmut_\d+):\s*(?P<status>.+?)\s*$")
+KILLED = {"killed", "timeout", "caught by type check"}
+NOT_RUN = {"skipped", "not checked"}
+START, END = "<!-- mutation-scores:start -->", "<!-- mutation-scores:end -->"
+
+
+def read_results(path: Path) -> dict[str, tuple[str, str]]:
+    """mutant name -> (module, status)."""
+    out = {}
+    for line in path.read_text().splitlines():
+        m = NAME_RE.match(line)
+        if m:
+            out[m["name"]] = (m["module"], m["status"])
+    return out
+
+
+def equivalent_mutants(doc: Path) -> set[str]:
+    """Mutant names in the first column of the docs' tables (only the equivalent-mutants table has them)."""
+    names = set()
+    for line in doc.read_text().splitlines() if doc.is_file() else []:
+        m = re.match(r"^\|\s*`([^`]+__mutmut_\d+)`", line)
+        if m:
+            names.add(m.group(1))
+    return names
+
+
+def score_table(results: dict[str, tuple[str, str]], equivalent: set[str]) -> str:
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for name, (module, status) in results.items():
+        c = counts[module.replace(".", "/") + ".py"]
+        if status in NOT_RUN:
+            c["not run"] += 1
+        elif name in equivalent:
+            c["equivalent"] += 1
+        elif status in KILLED:
+            c["killed"] += 1
+        else:
+            c["alive"] += 1
+    rows = ["| file | mutants | killed | equivalent | not killed | score (killed / non-equivalent) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    total = Counter()
+    for f in sorted(counts):
+        c = counts[f]
+        total.update(c)
+        rows.append(_row(f, c))
+    rows.append(_row("**all**", total))
+    return "\n".join(rows)
+
+
+def _row(name: str, c: Counter) -> str:
+    n = c["killed"] + c["equivalent"] + c["alive"]
+    denom = c["killed"] + c["alive"]
+    score = f"{100 * c['killed'] / denom:.1f}%" if denom else "-"
+    return f"| {name} | {n} | {c['killed']} | {c['equivalent']} | {c['alive']} | {score} |"
+
+
+def main(argv: list[str]) -> int:
+    results_path, doc = Path(argv[0]), Path(argv[1])
+    table = score_table(read_results(results_path), equivalent_mutants(doc))
+    print(table)
+    if doc.is_file():
+        text = doc.read_text()
+        if START in text and END in text:
+            head, rest = text.split(START, 1)
+            _, tail = rest.split(END, 1)
+            doc.write_text(f"{head}{START}\n{table}\n{END}{tail}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
