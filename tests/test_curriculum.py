@@ -449,7 +449,7 @@ def test_config_parses(config, capsys, monkeypatch):
     rule = "epochs" if config.startswith("real/") else "steps"
     assert all(s[rule] for s in stages)
     if config.startswith("real/"):
-        assert [s["epochs"] for s in stages] == [1, 1, 2] and printed["trainer"]["precision"] == "bf16-true"
+        assert [s["epochs"] for s in stages] == [1, 1, 2] and printed["trainer"]["precision"] == "bf16-mixed"
         assert init["model"]["name_or_path"] == "Qwen/Qwen2.5-VL-3B-Instruct" and printed["trainer"]["max_epochs"] == 4
 
 

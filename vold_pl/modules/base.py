@@ -62,6 +62,48 @@ def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
     raise ValueError(f"optim.name must be 'adamw' or 'adamw8bit', got {cfg.name!r}")
 
 
+def bf16_lost_update_fraction(params, lr: float, sample: int = 1 << 20) -> tuple[float, float]:
+    """``(fraction, median |w|)`` over the trainable bf16 weights: the share whose half-ulp exceeds ``lr``.
+
+    An Adam(W) step moves each weight by about ``lr`` (m / sqrt(v) is ~1), and a bf16 weight keeps 8 significant
+    bits: its value changes only if the step exceeds half a unit in the last place, 2^(floor(log2|w|) - 8)
+    (~7.8e-5 at |w| = 0.02). Below that the update rounds away. Up to ``sample`` elements per tensor are read
+    (evenly strided), on each rank's local shard under FSDP2.
+    """
+    lost, total, mags = 0, 0, []
+    for p in params:
+        if not p.requires_grad or p.dtype != torch.bfloat16:
+            continue
+        w = (p.to_local() if hasattr(p, "to_local") else p).detach().reshape(-1)  # [n] this rank's elements
+        if w.numel() == 0:
+            continue
+        w = w[:: max(1, w.numel() // sample)].float().abs()  # [<= sample]
+        _, exp = torch.frexp(w)  # |w| = m * 2^exp with m in [0.5, 1): floor(log2|w|) = exp - 1
+        half_ulp = torch.ldexp(torch.ones_like(w), exp - 9)  # 2^(floor(log2|w|) - 8)
+        lost += int(((half_ulp > lr) & (w > 0)).sum())
+        total += w.numel()
+        mags.append(w.median())
+    if not total:
+        return 0.0, 0.0
+    return lost / total, float(torch.stack(mags).median())
+
+
+def bf16_update_warning(params, cfg: OptimConfig, threshold: float = 0.5) -> str | None:
+    """The setup warning when most trainable weights are bf16 and an ``optim.lr`` step rounds away on them.
+
+    ``adamw`` and ``adamw8bit`` apply the update in the weights' own dtype (no fp32 master copy, no compensated
+    or stochastic rounding), so this is what a ``precision: bf16-true`` run with ``dtype: bfloat16`` learns.
+    """
+    frac, median = bf16_lost_update_fraction(params, cfg.lr)
+    if frac < threshold:
+        return None
+    return (f"[vold-pl] WARNING: {frac:.0%} of the trainable weights are bf16 and too large for an optim.lr={cfg.lr:g} "
+            f"step to change them (median |w| {median:.3g}: a bf16 weight moves only by more than half its ulp, "
+            f"~{median * 2 ** -8:.2g} there). {cfg.name} has no fp32 master weights, so these updates round away and "
+            "the run learns almost nothing. Keep fp32 weights with bf16 compute: trainer.precision: bf16-mixed and "
+            "model.init_args.model.dtype: float32 (FSDP2: bf16 compute over fp32 shards), see docs/precision.md.")
+
+
 def lr_lambda(cfg: OptimConfig, total_steps: int):
     """Multiplier of the peak LR at optimizer step ``s``: linear warmup, then cosine or constant."""
     total = max(1, total_steps)
@@ -181,6 +223,12 @@ class PolicyModule(L.LightningModule):
 
     # -- optimizer -----------------------------------------------------------------------------------------
     def configure_optimizers(self):
+        # After Lightning's precision plugin has cast the model (bf16-true casts every weight to bf16).
+        lost = bf16_update_warning(self.model.parameters(), self.optim_cfg)
+        if lost is not None:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(lost)
         opt = build_optimizer(self.model.parameters(), self.optim_cfg)
         total = self.trainer.estimated_stepping_batches if self._trainer else 1
         total = int(total) if math.isfinite(total) else 10_000
