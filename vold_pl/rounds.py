@@ -33,6 +33,7 @@ from typing import Any
 
 from vold_pl.checkpointing import atomic_write_text
 from vold_pl.pipeline import command_line, run
+from vold_pl.progress import progress
 
 STAGES = ("sft", "bench_sft", "grpo", "bench_grpo", "traces")
 
@@ -225,6 +226,15 @@ def run_rounds(cfg: RoundsConfig) -> dict:
     state: dict = {"config": asdict(cfg), "stages": [], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     earlier = _earlier_stages(out)
     stop = None if cfg.stop_after is None else (int(cfg.stop_after.split(":")[0]), cfg.stop_after.split(":")[1])
+    plan = [(r, s) for r in range(cfg.rounds) for s in STAGES if not (s == "traces" and r == cfg.rounds - 1)]
+    done = sum(marker(cfg, r, s).exists() for r, s in plan)
+    # Stages done / planned, seconds per stage and time left, over the whole loop (each stage logs its own file).
+    with progress(total=len(plan), initial=done, desc="rounds", unit="stage", disable=True if cfg.dry_run else None,
+                  smoothing=0) as bar:
+        return _run_plan(cfg, state, out, earlier, stop, bar)
+
+
+def _run_plan(cfg: RoundsConfig, state: dict, out: Path, earlier: dict, stop, bar) -> dict:
     for r in range(cfg.rounds):
         for stage in STAGES:
             if stage == "traces" and r == cfg.rounds - 1:
@@ -248,6 +258,8 @@ def run_rounds(cfg: RoundsConfig) -> dict:
                     run(args, round_dir(cfg, r) / "logs" / f"{stage}.log", in_process=cfg.in_process)
                     finish_stage(cfg, r, stage)
                     entry.update(status="ran", seconds=round(time.perf_counter() - t0, 1))
+                    bar.set_postfix_str(f"round {r} {stage} done", refresh=False)
+                    bar.update(1)
             state["stages"].append(entry)
             if not cfg.dry_run:
                 write_state(out, state, cfg)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import time
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,6 +23,7 @@ from typing import Literal
 import lightning as L
 
 from vold_pl.checkpointing import atomic_write_text
+from vold_pl.progress import format_eta
 from vold_pl.rewards.extract import extract_answer
 from vold_pl.rewards.functions import score_answer
 from vold_pl.rl.rollout import SamplingConfig
@@ -129,11 +131,13 @@ class TraceWriter(L.pytorch.callbacks.BasePredictionWriter):
         self.rows: list[dict] = []
         self.stats: Counter = Counter()
         self._done, self._total, self._shown = 0, None, 0
+        self._t0 = time.perf_counter()
 
     def on_predict_start(self, trainer, pl_module) -> None:
         pl_module.predict_num_samples, pl_module.predict_sampling = self.num_samples, self.sampling
         self.rows, self.stats = [], Counter()
         self._done, self._total, self._shown = 0, None, 0
+        self._t0 = time.perf_counter()
 
     def _model(self, pl_module) -> str:
         return self.model_name or str(pl_module.model_spec.name_or_path)
@@ -152,7 +156,8 @@ class TraceWriter(L.pytorch.callbacks.BasePredictionWriter):
         self._progress(trainer, len(prediction["records"]))
 
     def _progress(self, trainer, n: int) -> None:
-        """Prompts done / total on rank 0, at every tenth of the run (long sampling runs show they move)."""
+        """Prompts done / total, rate and ETA on rank 0 at every tenth of the run, for logs (Lightning's predict bar
+        shows the same live in a terminal)."""
         if self._total is None:
             dls = trainer.predict_dataloaders
             try:
@@ -164,8 +169,9 @@ class TraceWriter(L.pytorch.callbacks.BasePredictionWriter):
         if trainer.global_rank == 0 and tenth > self._shown:
             self._shown = tenth
             kept = sum(v for k, v in self.stats.items() if k.endswith("/kept"))
-            print(f"[vold-pl] traces: {min(self._done, self._total)}/{self._total} prompts "
-                  f"({kept} with a verified trace on rank 0)", flush=True)
+            done = min(self._done, self._total)
+            print(f"[vold-pl] traces: {done}/{self._total} prompts ({kept} with a verified trace on rank 0; "
+                  f"{format_eta(done, self._total, time.perf_counter() - self._t0, 'prompts')})", flush=True)
 
     def _record(self, rec: dict, trace: str, model: str, j: int) -> dict:
         out = {k: rec.get(k) for k in ("problem", "answer", "answer_type", "choices", "text_view", "difficulty",

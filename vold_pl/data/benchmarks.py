@@ -70,6 +70,11 @@ def _rows(files: list[Path], required: tuple[str, ...], limit: int | None) -> It
     import pyarrow.parquet as pq
 
     _check_limit(limit)
+    from vold_pl.progress import progress
+
+    total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)  # footers only: cheap
+    bar = progress(total=total if limit is None else min(total, limit), desc="benchmark rows (images cached)",
+                   unit="row", leave=False)
     n = 0
     for f in files:
         pf = pq.ParquetFile(f)
@@ -81,10 +86,13 @@ def _rows(files: list[Path], required: tuple[str, ...], limit: int | None) -> It
         for batch in pf.iter_batches(batch_size=32):
             for row in batch.to_pylist():
                 if limit is not None and n >= limit:
+                    bar.close()
                     return
                 yield f, i, row
+                bar.update(1)
                 i += 1
                 n += 1
+    bar.close()
 
 
 def _check_limit(limit: int | None) -> None:
