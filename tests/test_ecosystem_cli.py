@@ -54,18 +54,17 @@ def test_short_names_for_sft_and_callbacks_and_partial_groups_in_files(capsys, m
     assert args["sampling"]["max_new_tokens"] == 96 and args["sampling"]["top_p"] == 1.0
 
 
-def test_example_configs_parse(capsys, monkeypatch):
+def test_example_configs_parse_stacked(capsys, monkeypatch):
+    """The example config with a reward plugin, plus the LoRA and TensorBoard overlays, in one command line."""
     monkeypatch.chdir(REPO)
-    printed = _print_config(["fit", "--config", "configs/examples/custom_reward.yaml"], capsys)
+    printed = _print_config(["fit", "--config", "configs/examples/custom_reward.yaml",
+                             "--config", "configs/examples/lora_grpo.yaml",
+                             "--config", "configs/examples/logger_tensorboard.yaml"], capsys)
+    args = printed["model"]["init_args"]
     assert printed["model"]["class_path"] == "vold_pl.modules.opd_grpo.OPDGRPOModule"
-    assert printed["model"]["init_args"]["rewards"]["configs/examples/my_rewards.py:brevity"] == 0.05
-
-
-def test_lora_overlay_parses(capsys, monkeypatch):
-    monkeypatch.chdir(REPO)
-    printed = _print_config(["fit", "--config", "configs/quickstart/opd_grpo.yaml", "--config",
-                             "configs/examples/lora_grpo.yaml"], capsys)
-    spec = printed["model"]["init_args"]["model"]
-    assert spec["lora"]["r"] == 16 and spec["lora"]["vision"] == "frozen" and spec["lora"]["export"] == "merged"
-    assert printed["model"]["init_args"]["grpo"]["beta_ref"] == 0.04
-    assert printed["model"]["init_args"]["teacher"]["lora"]["r"] == 0  # frozen models: LoRA off
+    assert args["rewards"]["configs/examples/my_rewards.py:brevity"] == 0.05
+    lora = args["model"]["lora"]
+    assert (lora["r"], lora["vision"], lora["export"]) == (16, "frozen", "merged")
+    assert args["grpo"]["beta_ref"] == 0.04 and args["grpo"]["num_generations"] == 8  # overlay + base both kept
+    assert printed["trainer"]["logger"]["class_path"] == "lightning.pytorch.loggers.TensorBoardLogger"
+    assert args["log_completions_every_n_steps"] == 10
