@@ -26,6 +26,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from vold_pl.errors import UserError, UserFileNotFoundError
+
 FINGERPRINT_KEY = "vold_pl"
 
 
@@ -36,8 +38,12 @@ def allow_in_checkpoints(*classes: type) -> None:
     torch.serialization.add_safe_globals(list(classes))
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError):
     """A checkpoint written for another model (or another kind of module) than the one this run builds."""
+
+
+class UnreadableCheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be read safely (Python objects ``weights_only=True`` refuses) or at all."""
 
 
 # ------------------------------------------------------------------------------------------------ atomic writes
@@ -168,23 +174,49 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         if _is_local(path) and not Path(str(path).removeprefix("file://")).exists():
-            raise FileNotFoundError(f"checkpoint not found: {path}. Pass an existing file to --ckpt_path, or "
-                                    "'last' to resume from the newest last.ckpt of the checkpoint folder.")
+            raise UserFileNotFoundError(
+                f"checkpoint not found: {path}. Pass an existing file to --ckpt_path, or 'last' to resume from the "
+                "newest last.ckpt of the checkpoint folder.")
         try:
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
-        except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
-            raise RuntimeError(
-                f"checkpoint {path} cannot be read safely: it holds Python objects that torch.load(weights_only=True) "
-                f"refuses to rebuild ({first}). vold-pl never runs code from a checkpoint; resume from a checkpoint "
-                "written by vold-pl, or re-save this one with plain tensors and containers.") from None
-        except (RuntimeError, EOFError, OSError, ValueError) as e:
-            if isinstance(e, FileNotFoundError):
+        except Exception as e:
+            raise unreadable_checkpoint(path, e) from None
+
+
+def unreadable_checkpoint(path: Any, e: BaseException) -> BaseException:
+    """The error to raise for a checkpoint that failed to load with ``e``: refused Python objects and damaged
+    files become :class:`UnreadableCheckpointError` saying what to do; anything else is returned unchanged."""
+    if isinstance(e, pickle.UnpicklingError):
+        first = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+        return UnreadableCheckpointError(
+            f"checkpoint {path} cannot be read safely: it holds Python objects that torch.load(weights_only=True) "
+            f"refuses to rebuild ({first}). vold-pl never runs code from a checkpoint; resume from a checkpoint "
+            "written by vold-pl, or re-save this one with plain tensors and containers.")
+    if isinstance(e, (RuntimeError, EOFError, OSError, ValueError)) and not isinstance(e, (FileNotFoundError,
+                                                                                          UserError)):
+        return UnreadableCheckpointError(
+            f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}). It is truncated or not a "
+            "Lightning checkpoint: resume from an earlier checkpoint of the same folder, or start without "
+            "--ckpt_path.")
+    return e
+
+
+def read_hyperparameters(path: str | Path) -> dict[str, Any]:
+    """The ``hyper_parameters`` a checkpoint file was saved with, read with ``torch.load(weights_only=True)``
+    (memory-mapped: the weights are not read), or :class:`UnreadableCheckpointError`."""
+    try:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
                 raise
-            raise RuntimeError(
-                f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}). It is truncated or not a "
-                "Lightning checkpoint: resume from an earlier checkpoint of the same folder, or start without "
-                "--ckpt_path.") from e
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
+    except Exception as e:
+        raise unreadable_checkpoint(path, e) from None
+    if not isinstance(ckpt, dict):
+        raise UnreadableCheckpointError(f"checkpoint {path} is not a Lightning checkpoint (it holds a "
+                                        f"{type(ckpt).__name__}, not a dict): pass a checkpoint written by vold-pl.")
+    return dict(ckpt.get("hyper_parameters") or {})
 
 
 # ------------------------------------------------------------------------------------------------ ModelCheckpoint

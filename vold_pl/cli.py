@@ -13,6 +13,17 @@ and ``vold-pl fit --config configs/quickstart/sft_student.yaml --print_config`` 
 - the :class:`~vold_pl.checkpointing.AtomicCheckpointIO` plugin when no ``CheckpointIO`` plugin is configured.
 
 Resume with ``vold-pl fit <same options> --ckpt_path last`` (or a checkpoint file).
+
+A checkpoint is data, never configuration: LightningCLI would merge a ``--ckpt_path`` checkpoint's saved
+hyper-parameters into the run's config, so a crafted checkpoint could point ``model.name_or_path`` at a folder
+with code and switch on ``trust_remote_code``. ``vold-pl`` runs with the user's config and flags only; each value
+the checkpoint was saved with that differs is listed in a warning (``--ckpt_hparams error``: an error). The
+checkpoint file itself is read with ``torch.load(weights_only=True)``, so one holding pickled Python objects is
+refused with vold-pl's message before anything else reads it.
+
+Errors in what the user gave (:class:`vold_pl.errors.UserError`: data records, config values, checkpoints,
+model paths) print as one message and exit with code 2; ``--debug`` (or ``VOLD_PL_DEBUG=1``) shows the
+traceback too.
 """
 
 from __future__ import annotations
@@ -34,9 +45,16 @@ def _import_classes() -> None:
     import vold_pl.callbacks.curriculum  # noqa: F401
     import vold_pl.callbacks.preemption  # noqa: F401
     import vold_pl.callbacks.trace_writer  # noqa: F401
-    import vold_pl.export  # noqa: F401
     import vold_pl.modules.opd_grpo  # noqa: F401
     import vold_pl.modules.sft  # noqa: F401
+from vold_pl.errors import UserError, find_user_error
+
+DEBUG_ENV = "VOLD_PL_DEBUG"
+
+
+class CheckpointHparamsError(UserError):
+    """A ``--ckpt_path`` checkpoint saved with hyper-parameters that differ from the run's config, under
+    ``--ckpt_hparams error``."""
 
 
 class VoldCLI(LightningCLI):
@@ -44,6 +62,13 @@ class VoldCLI(LightningCLI):
         _import_classes()
         # The data module's MixedSampler splits draws across ranks itself; Lightning must not wrap it.
         parser.set_defaults({"seed_everything": 0, "trainer.use_distributed_sampler": False})
+        parser.add_argument(
+            "--ckpt_hparams", choices=["warn", "error"], default="warn",
+            help="A --ckpt_path checkpoint's saved hyper-parameters never change this run's config (a checkpoint "
+                 "cannot switch on trust_remote_code or move a model path); where they differ from it: 'warn' "
+                 "lists the differences and goes on with the config, 'error' stops.")
+        parser.add_argument("--debug", action="store_true",
+                            help=f"show the Python traceback of errors in the input too (or set {DEBUG_ENV}=1)")
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
@@ -52,6 +77,44 @@ class VoldCLI(LightningCLI):
         from vold_pl.rewards.plugins import load_reward_plugins, plugin_names_in
 
         load_reward_plugins(plugin_names_in(self.config))
+        # What the user's config files and flags say, before LightningCLI merges a --ckpt_path's hyper-parameters
+        # in; checked now with weights_only=True so an unsafe checkpoint gets vold-pl's message, not torch's.
+        self._user_config = self.config.clone()
+        self._ckpt_hparams_read = self._check_checkpoint_file()
+
+    def _check_checkpoint_file(self) -> bool:
+        from pathlib import Path
+
+        from vold_pl.checkpointing import read_hyperparameters
+
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if not ckpt or not Path(str(ckpt)).is_file():
+            return False
+        read_hyperparameters(ckpt)
+        return True
+
+    def before_instantiate_classes(self) -> None:
+        """Undo the checkpoint's hyper-parameters: the model is built from the user's config alone."""
+        sub = self.config.get("subcommand")
+        mine = getattr(self, "_user_config", None)
+        if not sub or mine is None:
+            return
+        merged_model, my_model = self.config[sub].get("model"), mine[sub].get("model")
+        diffs = config_differences(my_model, merged_model, "model")
+        if diffs:
+            ckpt = self.config[sub].get("ckpt_path")
+            lines = "; ".join(f"{k}: config {a!r}, checkpoint {b!r}" for k, a, b in diffs[:20])
+            more = f" (and {len(diffs) - 20} more)" if len(diffs) > 20 else ""
+            head = (f"checkpoint {ckpt} was saved with hyper-parameters that differ from this run's config: "
+                    f"{lines}{more}.")
+            if mine[sub].get("ckpt_hparams") == "error":
+                raise CheckpointHparamsError(
+                    f"{head} Put the values you want in the config or on the command line (a checkpoint never sets "
+                    "them), or pass --ckpt_hparams warn to go on with the config.")
+            print(f"[vold-pl] warning: {head} The run uses the config's values: a checkpoint never changes the "
+                  "config (set them in the config if you meant the checkpoint's).", file=sys.stderr)
+        self.config[sub]["model"] = my_model
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
         if self.subcommand == "fit":
@@ -112,18 +175,58 @@ def check_config_files(args: list[str]) -> None:
             raise SystemExit(2)
 
 
+def config_differences(mine, other, prefix: str = "") -> list[tuple[str, object, object]]:
+    """``(dotted key, value in mine, value in other)`` for every place where two config namespaces differ; a
+    section present on one side only is one entry (as a dict)."""
+    from jsonargparse import Namespace
+
+    if isinstance(mine, Namespace) and isinstance(other, Namespace):
+        a, b = vars(mine), vars(other)
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += config_differences(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+        return out
+    if mine == other:
+        return []
+    plain = [x.as_dict() if isinstance(x, Namespace) else x for x in (mine, other)]
+    return [(prefix, plain[0], plain[1])]
+
+
+def debug_enabled() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
 def main(args: list[str] | None = None) -> None:
-    # Model and data hubs are never needed for local folders; keep libraries from phoning home.
+    """``vold-pl``: errors in the input print as their message alone and exit 2 (``--debug``: with the trace)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    check_config_files(list(sys.argv[1:] if args is None else args))
-    VoldCLI(
-        model_class=None,
-        datamodule_class=ReasoningDataModule,
-        subclass_mode_model=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        auto_configure_optimizers=False,
-    )
+    argv = list(sys.argv[1:] if args is None else args)
+    if "--debug" in argv:
+        argv = [a for a in argv if a != "--debug"]
+        os.environ[DEBUG_ENV] = "1"  # launched ranks inherit it
+        if args is None:
+            sys.argv[1:] = argv
+        else:
+            args = argv
+    check_config_files(argv)
+    try:
+        VoldCLI(
+            model_class=None,
+            datamodule_class=ReasoningDataModule,
+            subclass_mode_model=True,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            auto_configure_optimizers=False,
+        )
+    except Exception as e:
+        err = find_user_error(e)
+        if err is None:
+            raise
+        if debug_enabled():
+            import traceback
+
+            traceback.print_exc()
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -10,3 +10,20 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """Bad input the user can fix: the message names the file/line/field (or config key) and the remedy."""
+
+
+class UserFileNotFoundError(UserError, FileNotFoundError):
+    """A file the user named (data source, checkpoint, image) that does not exist; the message says what
+    produces it or where to point instead."""
+
+
+def find_user_error(e: BaseException | None) -> UserError | None:
+    """``e`` itself or the first :class:`UserError` in its chain of causes (config parsers and Lightning may
+    wrap the error raised by a constructor or a hook)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, UserError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None

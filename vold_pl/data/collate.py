@@ -19,7 +19,35 @@ DEFAULT_INSTRUCTION = (
 IGNORE_INDEX = -100
 # Fields carried into ``batch["records"]``; images stay out of it (they are already pixel_values).
 META_FIELDS = ("id", "problem", "answer", "answer_type", "choices", "trace", "text_view", "difficulty", "source",
-               "category", "image_paths")
+               "category", "image_paths", "origin")
+# Batch key listing the records skipped while the batch was drawn (``on_bad_record: skip``); the data module
+# takes it out of the batch, counts and lists them before the batch reaches the model.
+SKIPPED_KEY = "skipped_records"
+
+
+@dataclass
+class BadRow:
+    """What a dataset yields in place of a row that cannot be read (e.g. its image no longer decodes).
+
+    ``message`` names the file, line and field; ``substitute`` is the next readable row of the same source,
+    which takes the bad row's place when the batch must keep its size (training).
+    """
+
+    message: str
+    substitute: dict | None = None
+
+
+def take_rows(rows: list, keep_batch_size: bool) -> tuple[list[dict], list[str]]:
+    """``(rows to collate, messages of the bad rows)``: bad rows are dropped, or (``keep_batch_size``, and
+    always when nothing else is left) replaced by their substitute."""
+    bad = [r.message for r in rows if isinstance(r, BadRow)]
+    if not bad:
+        return rows, []
+    good = [r for r in rows if not isinstance(r, BadRow)]
+    if keep_batch_size or not good:
+        good = [r.substitute if isinstance(r, BadRow) else r for r in rows]
+        good = [r for r in good if r is not None]
+    return good, bad
 
 
 def student_messages(row: dict, instruction: str = DEFAULT_INSTRUCTION) -> list[dict]:
@@ -54,6 +82,22 @@ def target_text(row: dict) -> str:
 
 def _tokenizer(processor):
     return getattr(processor, "tokenizer", processor)
+
+
+_MAX_TOKEN_CHARS: dict[int, int] = {}
+
+
+def max_token_chars(tokenizer) -> int:
+    """The most characters one token of ``tokenizer`` can stand for (its longest vocabulary entry, at least 1).
+
+    A text of ``n`` characters is at least ``n / max_token_chars`` tokens, so a text that is over a token limit
+    by this bound is known to be too long without tokenising it (a 20 MB prompt is refused at once).
+    """
+    key = id(tokenizer)
+    if key not in _MAX_TOKEN_CHARS:
+        # Byte-level BPE entries spell each byte as one character, so an entry is at least as long as its text.
+        _MAX_TOKEN_CHARS[key] = max([len(t) for t in tokenizer.get_vocab()] + [1])
+    return _MAX_TOKEN_CHARS[key]
 
 
 def _has_images(processor) -> bool:
@@ -121,13 +165,16 @@ class PromptCollator:
     processor: Any
     view: str = "student"
     instruction: str = DEFAULT_INSTRUCTION
+    keep_batch_size: bool = False
 
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
+        rows, bad = take_rows(rows, self.keep_batch_size)
         enc = encode_prompts(self.processor, rows, self.view, self.instruction)
         ids, mask = pad_left(enc.pop("input_ids"), _tokenizer(self.processor).pad_token_id)
-        return {"input_ids": ids, "attention_mask": mask,
-                "mm_token_type_ids": mm_token_type_ids(ids, image_token_id(self.processor)),
-                **enc, "records": meta(rows)}
+        out = {"input_ids": ids, "attention_mask": mask,
+               "mm_token_type_ids": mm_token_type_ids(ids, image_token_id(self.processor)),
+               **enc, "records": meta(rows)}
+        return out | ({SKIPPED_KEY: bad} if bad else {})
 
 
 @dataclass
@@ -136,24 +183,32 @@ class SFTCollator:
 
     Prompt and target are tokenised apart and concatenated, so the boundary is exact: every prompt token,
     image placeholders included, is ``-100``; every target token and the closing ``<|im_end|>`` is learned.
-    Rows longer than ``max_length`` lose the end of their target, and are counted in ``truncated``.
+    Rows longer than ``max_length`` lose the end of their target, and are counted in ``truncated``; a target's
+    text is cut to what ``max_length`` tokens can hold before it is tokenised (a huge trace costs nothing).
     """
 
     processor: Any
     view: str = "student"
     instruction: str = DEFAULT_INSTRUCTION
     max_length: int = 1024
+    keep_batch_size: bool = False
 
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
         tok = _tokenizer(self.processor)
+        rows, bad = take_rows(rows, self.keep_batch_size)
         enc = encode_prompts(self.processor, rows, self.view, self.instruction)
         seqs, labels, truncated = [], [], 0
+        max_chars = self.max_length * max_token_chars(tok)
         for prompt, row in zip(enc.pop("input_ids"), rows):
-            target = tok(target_text(row), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            text = target_text(row)
+            target = tok(text[:max_chars], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             room = self.max_length - len(prompt)
             if room <= 0:
-                raise ValueError(f"record {row['id']!r}: the prompt alone is {len(prompt)} tokens, above max_length="
-                                 f"{self.max_length}. Raise max_length or shorten the problem.")
+                from vold_pl.data.schema import RecordError
+
+                raise RecordError(f"{row.get('origin') or 'record'} (id={row['id']!r}): the prompt alone is "
+                                  f"{len(prompt)} tokens, above max_length={self.max_length}. Raise max_length or "
+                                  "shorten the problem.")
             if len(target) > room:
                 target, truncated = target[:room], truncated + 1
             seqs.append(prompt + target)
@@ -167,6 +222,7 @@ class SFTCollator:
             ids[i, : len(s)] = torch.tensor(s)
             lab[i, : len(l)] = torch.tensor(l)
             mask[i, : len(s)] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": lab,
-                "mm_token_type_ids": mm_token_type_ids(ids, image_token_id(self.processor)),
-                **enc, "records": meta(rows), "truncated": truncated}
+        out = {"input_ids": ids, "attention_mask": mask, "labels": lab,
+               "mm_token_type_ids": mm_token_type_ids(ids, image_token_id(self.processor)),
+               **enc, "records": meta(rows), "truncated": truncated}
+        return out | ({SKIPPED_KEY: bad} if bad else {})

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from vold_pl.data.schema import ANSWER_TYPES
+from vold_pl.errors import UserError
 
 DIFFICULTIES = (1, 2, 3)
 
 
-class EmptyStageError(ValueError):
+class EmptyStageError(UserError):
     """A curriculum stage whose filter selects no record of any training source."""
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
+import statistics
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -11,11 +14,74 @@ import lightning as L
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
-from vold_pl.data.collate import DEFAULT_INSTRUCTION, PromptCollator, SFTCollator, student_messages, teacher_messages
+from vold_pl.data.collate import (DEFAULT_INSTRUCTION, SKIPPED_KEY, BadRow, PromptCollator, SFTCollator,
+                                  max_token_chars, student_messages, target_text, teacher_messages)
 from vold_pl.data.sampling import MixedSampler, ResumableDataLoader
+from vold_pl.data.schema import RecordError, image_problem
 from vold_pl.data.sources import DataSource, load_source
+from vold_pl.errors import UserError
 
-__all__ = ["MixedSampler", "ReasoningDataModule", "ResumableDataLoader", "prompt_lengths"]
+__all__ = ["CheckedConcatDataset", "MixedSampler", "ReasoningDataModule", "ResumableDataLoader", "prompt_lengths"]
+# Traces sampled (seeded) to compare their lengths with max_length / max_new_tokens at setup.
+LENGTH_SAMPLE = 256
+
+
+class CheckedConcatDataset(ConcatDataset):
+    """The sources of a split, concatenated; a row that fails to load when drawn (an image that no longer decodes,
+    a file removed since setup) is named by file, line and field instead of crashing the batch.
+
+    ``on_bad_record='error'`` raises :class:`~vold_pl.data.schema.RecordError`; ``'skip'`` yields a
+    :class:`~vold_pl.data.collate.BadRow` carrying the message and the next readable row of the same source
+    (the collator drops the row or puts the substitute in its place; the data module counts and lists it).
+    """
+
+    def __init__(self, datasets, on_bad_record: str = "error"):
+        super().__init__(datasets)
+        self.on_bad_record = on_bad_record
+        self._bad: dict[int, str] = {}  # global index -> message, per process (workers keep their own)
+
+    def __getitem__(self, idx: int):
+        if idx < 0:
+            idx += len(self)
+        if idx in self._bad:
+            return self._bad_row(idx)
+        try:
+            return super().__getitem__(idx)
+        except Exception as e:  # noqa: BLE001 - PIL and datasets raise many kinds for a damaged file
+            self._bad[idx] = self._describe(idx, e)
+            return self._bad_row(idx)
+
+    def _locate(self, idx: int) -> tuple[int, int]:
+        part = bisect.bisect_right(self.cumulative_sizes, idx)
+        return part, idx - (self.cumulative_sizes[part - 1] if part else 0)
+
+    def _describe(self, idx: int, e: Exception) -> str:
+        part, local = self._locate(idx)
+        row = self.datasets[part].select_columns(["id", "origin", "image_paths"])[local]
+        paths = row.get("image_paths") or []
+        why = next((p for p in (image_problem(path) for path in paths) if p), None)
+        problem = (f"field 'images': {why}" if why else
+                   f"the row cannot be loaded ({type(e).__name__}: {str(e)[:200]})")
+        return (f"{row.get('origin') or 'record'} (id={row.get('id')!r}): {problem}, found when the batch was "
+                "drawn. Replace or remove the file, or set data.on_bad_record: skip to skip the record.")
+
+    def _bad_row(self, idx: int):
+        if self.on_bad_record == "error":
+            raise RecordError(self._bad[idx])
+        part, local = self._locate(idx)
+        start = self.cumulative_sizes[part - 1] if part else 0
+        n = len(self.datasets[part])
+        for step in range(1, n):  # the next readable row of the same source
+            j = start + (local + step) % n
+            if j in self._bad:
+                continue
+            try:
+                sub = super().__getitem__(j)
+            except Exception as e:  # noqa: BLE001
+                self._bad[j] = self._describe(j, e)
+                continue
+            return BadRow(self._bad[idx], sub)
+        raise RecordError(f"{self._bad[idx]} No other record of this source can be loaded either.")
 
 
 class ReasoningDataModule(L.LightningDataModule):
@@ -38,7 +104,13 @@ class ReasoningDataModule(L.LightningDataModule):
             (an SFT prompt must also leave room for its target); SFT rows whose target does not fit lose the end
             of their target (counted per batch).
         on_bad_record: ``error`` stops at the first malformed record naming file, line and field;
-            ``skip`` skips it, counts it and lists it in ``<log_dir>/skipped_records.txt``.
+            ``skip`` skips it, counts it and lists it in ``<log_dir>/skipped_records.txt``. Records that fail only
+            when drawn (an image damaged after setup, or pixels not decoded at setup under ``image_check:
+            header``) are skipped there too: in training the next readable record of the source takes the
+            place (batches keep their size), in evaluation the row is left out.
+        image_check: how images are checked at setup: ``decode`` (every pixel decoded: damaged files are found
+            before training) or ``header`` (size and chunks only; faster for large image sets, pixel errors are
+            met when the batch is drawn).
         num_workers: DataLoader worker processes.
         seed: seed of the mixing order (the order is a pure function of seed and epoch).
     """
@@ -58,6 +130,7 @@ class ReasoningDataModule(L.LightningDataModule):
         instruction: str = DEFAULT_INSTRUCTION,
         max_length: int = 1024,
         on_bad_record: Literal["error", "skip"] = "error",
+        image_check: Literal["decode", "header"] = "decode",
         num_workers: int = 0,
         seed: int = 0,
     ):
@@ -68,7 +141,8 @@ class ReasoningDataModule(L.LightningDataModule):
         self.epoch_size, self.collate, self.view = epoch_size, collate, view
         self.processor_name, self.instruction, self.max_length = processor, instruction, max_length
         self.on_bad_record, self.num_workers, self.seed = on_bad_record, num_workers, seed
-        self.datasets: dict[str, ConcatDataset] = {}
+        self.image_check = image_check
+        self.datasets: dict[str, CheckedConcatDataset] = {}
         self.skipped: list[str] = []
         self._sampler: MixedSampler | None = None
         self._train_loader: ResumableDataLoader | None = None
@@ -97,17 +171,19 @@ class ReasoningDataModule(L.LightningDataModule):
         except RuntimeError:
             return False
 
-    def _load(self, sources: list[DataSource], split: str) -> ConcatDataset:
+    def _load(self, sources: list[DataSource], split: str) -> CheckedConcatDataset:
         processor = self._processor_or_none()
         mode = "prompt" if split == "predict" else self._mode()
         parts = []
         for src in sources:
-            ds, skipped = load_source(src, self.on_bad_record)
+            ds, skipped = load_source(src, self.on_bad_record, check_images=self.image_check)
             self.skipped += skipped
             if processor is not None:
                 ds = self._check_prompt_lengths(ds, src, processor, mode)
+                if split == "train":
+                    self._check_trace_lengths(ds, src, processor, mode)
             parts.append(ds)
-        return ConcatDataset(parts)
+        return CheckedConcatDataset(parts, self.on_bad_record)
 
     def _processor_or_none(self):
         try:
@@ -123,29 +199,79 @@ class ReasoningDataModule(L.LightningDataModule):
         return mode
 
     def _check_prompt_lengths(self, ds, src: DataSource, processor, mode: str):
-        """Refuse (or, with ``on_bad_record: skip``, drop and list) rows whose prompt exceeds ``max_length``."""
-        lengths = prompt_lengths(processor, ds, self.view, self.instruction)
-        limit = self.max_length - 1 if mode == "sft" else self.max_length  # SFT needs room for a target
-        bad = [i for i, n in enumerate(lengths) if n > limit]
-        if not bad:
-            return ds
-        msgs = []
-        for i in bad:
-            need = ("at most max_length - 1 tokens (room for the target)" if mode == "sft"
-                    else "at most max_length tokens")
-            msgs.append(f"{src.path} (id={ds[i]['id']!r}): the prompt is {lengths[i]} tokens (images included), above "
-                        f"data.max_length={self.max_length}; a {mode} prompt must be {need}. Raise data.max_length, "
-                        "shorten the problem or downscale its images, or set data.on_bad_record: skip to skip it.")
-        if self.on_bad_record == "error":
-            from vold_pl.data.schema import RecordError
+        """Refuse (or, with ``on_bad_record: skip``, drop and list) rows whose prompt exceeds ``max_length``.
 
+        Text longer than ``max_length`` tokens could ever hold is refused by its character count, before any
+        tokenising; the others are tokenised as the collators do (images expanded).
+        """
+        limit = self.max_length - 1 if mode == "sft" else self.max_length  # SFT needs room for a target
+        tok = getattr(processor, "tokenizer", processor)
+        max_chars = (limit + 1) * max_token_chars(tok)
+        rows = ds.select_columns(["id", "origin", "problem", "text_view"])
+        need = ("at most max_length - 1 tokens (room for the target)" if mode == "sft"
+                else "at most max_length tokens")
+        fix = ("Raise data.max_length, shorten the problem or downscale its images, or set data.on_bad_record: skip "
+               "to skip it.")
+        msgs: dict[int, str] = {}
+        for i, r in enumerate(rows):
+            for name in ("problem", "text_view"):
+                n = len(r[name] or "")
+                if n > max_chars:
+                    msgs[i] = (f"{r['origin'] or src.path} (id={r['id']!r}): field '{name}': {n} characters, more "
+                               f"than data.max_length={self.max_length} tokens can hold (one token is at most "
+                               f"{max_token_chars(tok)} characters); a {mode} prompt must be {need}. {fix}")
+                    break
+        rest = [i for i in range(len(ds)) if i not in msgs]
+        lengths = prompt_lengths(processor, ds.select(rest), self.view, self.instruction) if rest else []
+        for i, n in zip(rest, lengths):
+            if n > limit:
+                r = rows[i]
+                msgs[i] = (f"{r['origin'] or src.path} (id={r['id']!r}): the prompt is {n} tokens (images included), "
+                           f"above data.max_length={self.max_length}; a {mode} prompt must be {need}. {fix}")
+        if not msgs:
+            return ds
+        bad = sorted(msgs)
+        if self.on_bad_record == "error":
             more = f" ({len(bad) - 1} more record(s) of this source are too long as well)" if len(bad) > 1 else ""
-            raise RecordError(msgs[0] + more)
-        self.skipped += msgs
-        keep = [i for i in range(len(ds)) if i not in set(bad)]
+            raise RecordError(msgs[bad[0]] + more)
+        self.skipped += [msgs[i] for i in bad]
+        keep = [i for i in range(len(ds)) if i not in msgs]
         if not keep:
-            raise ValueError(f"data source {src.path}: every prompt is longer than data.max_length={self.max_length}.")
+            raise UserError(f"data source {src.path}: every prompt is longer than data.max_length={self.max_length}.")
         return ds.select(keep)
+
+    def _check_trace_lengths(self, ds, src: DataSource, processor, mode: str) -> None:
+        """Warn when most traces would be clipped: SFT rows longer than ``max_length`` lose the end of their
+        target, RL completions stop at the module's ``max_new_tokens``. Measured on a seeded sample of rows."""
+        limit_name, limit = "data.max_length", self.max_length
+        if mode != "sft":
+            module = self.trainer.lightning_module if self._trainer_attached() else None
+            sampling = getattr(module, "sampling", None)
+            if getattr(sampling, "max_new_tokens", None) is None:
+                return
+            limit_name, limit = "model.sampling.max_new_tokens", int(sampling.max_new_tokens)
+        with_trace = [i for i, r in enumerate(ds.select_columns(["trace"])) if r["trace"]]
+        if not with_trace:
+            return
+        g = torch.Generator().manual_seed(self.seed)
+        sample = ds.select([with_trace[i] for i in torch.randperm(len(with_trace), generator=g)[:LENGTH_SAMPLE]])
+        tok = getattr(processor, "tokenizer", processor)
+        cap = (limit + 1) * max_token_chars(tok)  # enough text to tell "longer than limit"; no more is tokenised
+        rows = sample.select_columns(["trace", "answer"])
+        targets = [len(tok(target_text(r)[:cap], add_special_tokens=False)["input_ids"]) + 1 for r in rows]  # + eos
+        if mode == "sft":
+            prompts = prompt_lengths(processor, sample, self.view, self.instruction)
+            lengths = [t + p for t, p in zip(targets, prompts)]
+        else:
+            lengths = targets
+        clipped = sum(n > limit for n in lengths)
+        if clipped * 2 > len(lengths):
+            q = sorted(lengths)
+            p90 = q[min(len(q) - 1, int(0.9 * len(q)))]
+            print(f"[vold-pl] warning: data source {src.path}: {clipped} of {len(lengths)} sampled traces are longer "
+                  f"than {limit_name}={limit} tokens (median {int(statistics.median(q))}, 90th percentile {p90}, "
+                  f"longest {q[-1]}), so most {'SFT targets lose their end' if mode == 'sft' else 'completions are cut before the answer the traces show'}. "
+                  f"Raise {limit_name} to about {p90}, or use shorter traces.", file=sys.stderr)
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}
@@ -156,24 +282,40 @@ class ReasoningDataModule(L.LightningDataModule):
         if self.skipped:
             self._write_skipped()
 
+    def _skipped_path(self) -> Path:
+        log_dir = self.trainer.log_dir if self._trainer_attached() else None
+        return Path(log_dir or ".") / "skipped_records.txt"
+
     def _write_skipped(self) -> None:
-        log_dir = None
-        if self._trainer_attached():
-            log_dir = self.trainer.log_dir
-        path = Path(log_dir or ".") / "skipped_records.txt"
+        path = self._skipped_path()
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n".join(self.skipped) + "\n")
         print(f"[vold-pl] skipped {len(self.skipped)} malformed record(s); listed in {path}")
 
-    def _collator(self, mode: str | None = None):
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count and list the records skipped while this batch was drawn; the model never sees the list."""
+        if isinstance(batch, dict) and SKIPPED_KEY in batch:
+            for msg in batch.pop(SKIPPED_KEY):
+                if msg in self.skipped:
+                    continue  # met again (another epoch, another worker)
+                self.skipped.append(msg)
+                path = self._skipped_path()
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with path.open("a", encoding="utf-8") as fh:
+                    fh.write(msg + "\n")
+                print(f"[vold-pl] skipped a record that failed to load ({len(self.skipped)} skipped in all; listed in "
+                      f"{path}): {msg}", file=sys.stderr)
+        return batch
+
+    def _collator(self, mode: str | None = None, train: bool = False):
         mode = mode or self.collate
         if mode == "auto":
             module = self.trainer.lightning_module if self._trainer_attached() else None
             mode = getattr(module, "collate_mode", "sft")
         processor = self._processor()
         if mode == "sft":
-            return SFTCollator(processor, self.view, self.instruction, self.max_length)
-        return PromptCollator(processor, self.view, self.instruction)
+            return SFTCollator(processor, self.view, self.instruction, self.max_length, keep_batch_size=train)
+        return PromptCollator(processor, self.view, self.instruction, keep_batch_size=train)
 
     # -- loaders -----------------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
@@ -195,7 +337,7 @@ class ReasoningDataModule(L.LightningDataModule):
         # Its own generator: creating an iterator draws a worker base seed, which must not consume (and so shift)
         # the global RNG that rollouts sample from.
         self._train_loader = ResumableDataLoader(
-            ds, batch_size=self.batch_size, sampler=self._sampler, collate_fn=self._collator(),
+            ds, batch_size=self.batch_size, sampler=self._sampler, collate_fn=self._collator(train=True),
             num_workers=self.num_workers, drop_last=True, generator=torch.Generator().manual_seed(self.seed),
             stage_filter=self._curriculum_filter, plan=self._draw_plan)
         self._train_loader.prepare_epoch()

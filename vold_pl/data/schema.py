@@ -22,7 +22,10 @@ field           type                         meaning
 ``category``    str or null                  a grouping for per-category reports
 ==============  ===========================  ==========================================================
 
-Validation names the file, the line and the field of every problem (see :func:`validate_record`).
+Validation names the file, the line and the field of every problem (see :func:`validate_record`): each line
+is decoded as UTF-8 on its own (a line that is not is one bad record), image files must exist, stay below
+``MAX_IMAGE_PIXELS`` (decompression bombs are refused before any pixel is decoded) and, with
+``check_images='decode'`` (the default), decode in full.
 """
 
 from __future__ import annotations
@@ -34,15 +37,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vold_pl.errors import UserError
+
 ANSWER_TYPES = ("yesno", "choice", "math", "open", "bbox", "multilabel")
 REQUIRED_FIELDS = ("id", "problem", "answer", "answer_type")
 OPTIONAL_FIELDS = ("images", "choices", "trace", "text_view", "difficulty", "source", "category")
 ALL_FIELDS = REQUIRED_FIELDS + OPTIONAL_FIELDS
 # Pixels above this count are refused: a 10k x 10k image would stall collation and blow memory.
 MAX_IMAGE_PIXELS = 4096 * 4096
+# How image files are checked when a record is validated: ``decode`` (open, verify and decode every pixel: a
+# damaged pixel stream is found at setup), ``header`` (open and verify the chunks only: faster on large sets;
+# pixels that fail to decode later are caught when the batch is drawn) or ``none`` (not even opened).
+IMAGE_CHECKS = ("decode", "header", "none")
 
 
-class RecordError(ValueError):
+class RecordError(UserError):
     """A malformed data record; the message names the file, the line and the field."""
 
 
@@ -59,23 +68,41 @@ class Record:
     difficulty: int | None = None
     source: str | None = None
     category: str | None = None
+    # Where the record was read: ``<file>:<line>`` or ``<file> row <n>``; not a schema field (never written).
+    origin: str | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("origin")
+        return d
 
 
-def _where(path: str | Path, line: int | None, rid: Any = None) -> str:
-    loc = f"{path}:{line}" if line is not None else str(path)
+def origin_of(path: str | Path, line: int | str | None) -> str:
+    """``<file>:<line>`` for a line number, ``<file> <where>`` for a text such as ``row 17``."""
+    if line is None:
+        return str(path)
+    return f"{path}:{line}" if isinstance(line, int) else f"{path} {line}"
+
+
+def _where(path: str | Path, line: int | str | None, rid: Any = None) -> str:
+    loc = origin_of(path, line)
     return f"{loc} (id={rid!r})" if rid is not None else loc
 
 
 def validate_record(
-    obj: Any, path: str | Path, line: int | None, base_dir: Path | None = None, check_images: bool = True
+    obj: Any, path: str | Path, line: int | str | None, base_dir: Path | None = None,
+    check_images: bool | str = "decode",
 ) -> Record:
     """Check one raw record and return it as a :class:`Record` with absolute image paths.
 
+    ``line`` is a line number (JSONL) or a text such as ``"row 17"`` (tables). ``check_images``: one of
+    :data:`IMAGE_CHECKS` (``True`` = ``decode``, ``False`` = ``none``).
+
     Raises :class:`RecordError` whose message is ``<file>:<line> (id=...): field '<f>': <problem>. <fix>``.
     """
+    check_images = {True: "decode", False: "none"}.get(check_images, check_images)
+    if check_images not in IMAGE_CHECKS:
+        raise ValueError(f"check_images must be one of {', '.join(IMAGE_CHECKS)}, got {check_images!r}")
     if not isinstance(obj, dict):
         raise RecordError(f"{_where(path, line)}: a record must be a JSON object, got {type(obj).__name__}.")
     rid = obj.get("id")
@@ -138,69 +165,120 @@ def validate_record(
         p = Path(rel)
         if not p.is_absolute():
             p = (base_dir or Path(path).parent) / p
-        if check_images:
-            _check_image(p, fail)
+        if check_images != "none":
+            _check_image(p, fail, decode=check_images == "decode")
         resolved.append(str(p))
     return Record(
         id=obj["id"], problem=obj["problem"], answer=obj["answer"], answer_type=obj["answer_type"],
         images=resolved, choices=choices, trace=obj.get("trace"), text_view=obj.get("text_view"),
-        difficulty=diff, source=obj.get("source"), category=obj.get("category"),
+        difficulty=diff, source=obj.get("source"), category=obj.get("category"), origin=origin_of(path, line),
     )
 
 
-def _check_image(p: Path, fail) -> None:
-    from PIL import Image, UnidentifiedImageError
+def image_problem(p: str | Path, decode: bool = True) -> str | None:
+    """Why the image file ``p`` cannot be used (a sentence naming the file), or ``None`` when it can.
 
+    The size comes from the header before anything else is decoded, so a decompression bomb (a few KB that
+    would inflate to gigabytes) is refused unread; ``decode`` then decodes every pixel, which is what finds a
+    file whose chunks are intact (``verify`` passes) but whose compressed pixel stream is corrupt.
+    """
+    import warnings
+
+    from PIL import Image
+
+    p = Path(p)
     if not p.is_file():
-        raise fail("images", f"image file not found: {p}", "Image paths are relative to the data file's folder.")
+        return f"image file not found: {p}"
     try:
-        with Image.open(p) as im:
-            w, h = im.size
-            if w * h > MAX_IMAGE_PIXELS:
-                raise fail("images", f"image {p} is {w}x{h}, above the limit of {MAX_IMAGE_PIXELS} pixels",
-                           "Downscale it before training (the processor resizes to a few hundred pixels anyway).")
-            im.verify()
-    except RecordError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise fail("images", f"unreadable image {p} ({type(e).__name__}: {e})", "Replace or remove the corrupt file.") from None
+        with warnings.catch_warnings():
+            # PIL warns above its own limit (and raises above twice it); ours is lower and checked just below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(p) as im:
+                w, h = im.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    return f"image {p} is {w}x{h}, above the limit of {MAX_IMAGE_PIXELS} pixels"
+                im.verify()
+            if decode:
+                with Image.open(p) as im:
+                    im.load()
+    except Image.DecompressionBombError as e:
+        return f"image {p} is a decompression bomb ({e})"
+    except Exception as e:  # noqa: BLE001 - whatever PIL raises on a damaged file, the file is unusable
+        return f"unreadable image {p} ({type(e).__name__}: {e})"
+    return None
+
+
+def _check_image(p: Path, fail, decode: bool = True) -> None:
+    problem = image_problem(p, decode)
+    if problem is None:
+        return
+    if problem.startswith("image file not found"):
+        raise fail("images", problem, "Image paths are relative to the data file's folder.")
+    if " above the limit " in problem or "decompression bomb" in problem:
+        raise fail("images", problem, "Downscale it before training (the processor resizes to a few hundred "
+                                      "pixels anyway).")
+    raise fail("images", problem, "Replace or remove the corrupt file.")
 
 
 def read_jsonl(
-    path: str | Path, on_bad_record: str = "error", check_images: bool = True
+    path: str | Path, on_bad_record: str = "error", check_images: bool | str = "decode"
 ) -> tuple[list[Record], list[str]]:
     """Read and validate a JSONL file. Returns ``(records, skipped_messages)``.
 
-    ``on_bad_record='error'`` raises on the first bad record; ``'skip'`` skips it and returns its message.
+    ``on_bad_record='error'`` raises on the first bad record; ``'skip'`` skips it and returns its message. Each
+    line is decoded on its own, so a line that is not UTF-8 is one bad record and the rest of the file is kept.
     """
     if on_bad_record not in ("error", "skip"):
         raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
+        from vold_pl.errors import UserFileNotFoundError
+
+        raise UserFileNotFoundError(f"data file not found: {path}")
     records: list[Record] = []
     skipped: list[str] = []
     seen: set[str] = set()
-    with path.open("r", encoding="utf-8") as fh:
+    for lineno, obj in iter_jsonl(path):
+        try:
+            if isinstance(obj, RecordError):
+                raise obj
+            rec = validate_record(obj, path, lineno, check_images=check_images)
+            if rec.id in seen:
+                raise RecordError(f"{path}:{lineno} (id={rec.id!r}): field 'id': duplicate id. Ids must be unique.")
+            seen.add(rec.id)
+            records.append(rec)
+        except RecordError as e:
+            if on_bad_record == "error":
+                raise e from None
+            skipped.append(str(e))
+    return records, skipped
+
+
+def iter_jsonl(path: str | Path):
+    """``(line number, parsed object)`` of every non-blank line, or ``(line, RecordError)`` for a line that is not
+    UTF-8 or not JSON: one bad line never hides the others."""
+    path = Path(path)
+    with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             if not raw.strip():
                 continue
             try:
-                try:
-                    obj = json.loads(raw)
-                except json.JSONDecodeError as e:
-                    raise RecordError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}). "
-                                      "Each line must be one JSON object.") from None
-                rec = validate_record(obj, path, lineno, check_images=check_images)
-                if rec.id in seen:
-                    raise RecordError(f"{path}:{lineno} (id={rec.id!r}): field 'id': duplicate id. Ids must be unique.")
-                seen.add(rec.id)
-                records.append(rec)
+                yield lineno, json.loads(_decode_line(raw, path, lineno))
+            except json.JSONDecodeError as e:
+                yield lineno, RecordError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}). "
+                                          "Each line must be one JSON object.")
             except RecordError as e:
-                if on_bad_record == "error":
-                    raise
-                skipped.append(str(e))
-    return records, skipped
+                yield lineno, e
+
+
+def _decode_line(raw: bytes, path: Path, lineno: int) -> str:
+    try:
+        return raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark may open the file
+    except UnicodeDecodeError as e:
+        raise RecordError(
+            f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line). Save "
+            "the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or set data.on_bad_record: skip to skip the "
+            "line.") from None
 
 
 def write_jsonl(records, path: str | Path) -> Path:

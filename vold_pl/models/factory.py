@@ -44,6 +44,11 @@ class ModelSpec:
             saves the aligned tokenizer, so later stages load it as is (a second alignment is a no-op).
         lora: LoRA adapters for the trained model (``r: 0``, the default, trains every weight); see
             :class:`vold_pl.models.lora.LoRAConfig`. Ignored for frozen teachers and references.
+        min_pixels: a VLM's image processor scales each image up to at least this many pixels (Qwen2.5-VL's
+            own default: 3136 = 56x56); ``0`` keeps the model folder's setting. Text-only models ignore it.
+        max_pixels: ... and down to at most this many (Qwen2.5-VL's default 12845056 lets a large image become
+            16384 tokens; 1003520 = 1280x28x28 caps it at 1280); ``0`` keeps the model folder's setting. The
+            export saves the processor with these values.
     """
 
     name_or_path: str
@@ -54,6 +59,8 @@ class ModelSpec:
     revision: str | None = None
     align_tokens_with: str = "none"
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    min_pixels: int = 0
+    max_pixels: int = 0
 
 
 MODEL_KEY = "model.init_args.model.name_or_path"  # the config key of the trained model's path
@@ -172,7 +179,8 @@ def load_model(spec: ModelSpec, with_processor: bool = True):
     else:
         model = AutoModelForCausalLM.from_pretrained(spec.name_or_path, **kwargs)
     return model, (load_processor(ModelSpec(spec.name_or_path, trust_remote_code=spec.trust_remote_code,
-                                            revision=spec.revision)) if with_processor else None)
+                                            revision=spec.revision, min_pixels=spec.min_pixels,
+                                            max_pixels=spec.max_pixels)) if with_processor else None)
 
 
 def _default_device() -> str:
@@ -331,7 +339,8 @@ def load_processor(spec: ModelSpec, key: str = MODEL_KEY):
         from vold_pl.models.processor import ImageTextProcessor
 
         proc = ImageTextProcessor.from_pretrained(spec.name_or_path, trust_remote_code=spec.trust_remote_code,
-                                                  revision=spec.revision)
+                                                  revision=spec.revision, min_pixels=spec.min_pixels,
+                                                  max_pixels=spec.max_pixels)
     else:
         proc = AutoTokenizer.from_pretrained(spec.name_or_path, trust_remote_code=spec.trust_remote_code,
                                              revision=spec.revision)
