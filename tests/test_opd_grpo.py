@@ -9,11 +9,14 @@ new tokens, batch size 2) to keep the file cheap on CPU.
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
+import re
 import statistics
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -87,8 +90,9 @@ def _completion_batch(tok, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _plain_teacher_logprobs(teacher, tok, view: str, completion: str, student_ids: list[int],
-                            temperature: float) -> torch.Tensor:
-    """The teacher's own forward on its chat prompt + the completion text, written out independently."""
+                            temperature: float, blocked: tuple[int, ...] = ()) -> torch.Tensor:
+    """The teacher's own forward on its chat prompt + the completion text, written out independently;
+    ``blocked`` ids get no mass (the distribution renormalised on the others)."""
     prompt = tok.apply_chat_template([{"role": "user", "content": f"{view}\n{DEFAULT_INSTRUCTION}"}],
                                      add_generation_prompt=True, tokenize=False)
     ids = tok(prompt + completion + tok.eos_token, add_special_tokens=False)["input_ids"]
@@ -96,6 +100,7 @@ def _plain_teacher_logprobs(teacher, tok, view: str, completion: str, student_id
     assert ids[-n:] == student_ids, "the teacher tokenises the student's completion differently"
     with torch.no_grad():
         logits = teacher(torch.tensor([ids])).logits[0].float() / temperature  # [T, V]
+    logits[:, list(blocked)] = float("-inf")
     logp = torch.log_softmax(logits[-n - 1 : -1], -1)  # position t-1 predicts token t
     return logp.gather(-1, torch.tensor(student_ids).unsqueeze(-1)).squeeze(-1)  # [n]
 
@@ -131,7 +136,8 @@ class _StepRecorder:
         return Rec()
 
 
-def _fit(module, sources: list[tuple[Path, float]], tmp_path: Path, max_steps: int, batch_size: int = 2):
+def _fit(module, sources: list[tuple[Path, float]], tmp_path: Path, max_steps: int, batch_size: int = 2,
+         callbacks: tuple = ()):
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
 
@@ -142,7 +148,7 @@ def _fit(module, sources: list[tuple[Path, float]], tmp_path: Path, max_steps: i
     rec = _StepRecorder()
     trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=CSVLogger(str(tmp_path / "logs")),
                         enable_checkpointing=False, log_every_n_steps=1, enable_progress_bar=False,
-                        enable_model_summary=False, use_distributed_sampler=False, callbacks=[rec],
+                        enable_model_summary=False, use_distributed_sampler=False, callbacks=[rec, *callbacks],
                         default_root_dir=str(tmp_path))
     trainer.fit(module, datamodule=dm)
     return trainer, rec.steps, _metrics(Path(trainer.logger.log_dir) / "metrics.csv")
@@ -246,6 +252,136 @@ COMBOS = {
 }
 
 
+def _advantages_by_hand(rewards: list[float]) -> list[float]:
+    """GRPO's group advantage (METHODS.md §2): (r - mean) / (stdev + 1e-6), exactly 0 for an all-equal group."""
+    mean, sd = statistics.mean(rewards), statistics.stdev(rewards)
+    return [0.0 if max(rewards) == min(rewards) else (r - mean) / (sd + 1e-6) for r in rewards]
+
+
+class _FitProbe:
+    """Records, during a fit, every training rollout with its records, and the weights and (clipped) gradients
+    right before each optimizer step: what the checks by hand below start from."""
+
+    def __new__(cls, module):
+        import lightning as L
+
+        class Probe(L.Callback):
+            def __init__(self):
+                self.rollouts: list[tuple[list[dict], object]] = []
+                self.steps: list[tuple[dict, dict]] = []  # (weights, grads) before optimizer step k
+
+            def on_train_start(self, trainer, pl_module):
+                orig = pl_module.rollout_engine.generate
+
+                def generate(model, batch, n, sampling):
+                    out = orig(model, batch, n, sampling)
+                    self.rollouts.append((batch["records"], out))
+                    return out
+
+                pl_module.rollout_engine.generate = generate
+
+            def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+                named = list(pl_module.model.named_parameters())
+                self.steps.append(({k: p.detach().clone() for k, p in named},
+                                   {k: p.grad.detach().clone() for k, p in named if p.grad is not None}))
+
+        return Probe()
+
+
+_FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
+
+
+def _rewards_by_hand(texts: list[str], records: list[dict], G: int) -> tuple[list[float], list[float], list[float]]:
+    """(total, accuracy, format): accuracy + 0.1 format + the crc32 hash reward, one record per G completions."""
+    acc = [reward_fns.accuracy_reward(t, SimpleNamespace(**records[i // G])) for i, t in enumerate(texts)]
+    fmt = [float(_FORMAT.fullmatch(t.strip()) is not None) for t in texts]
+    total = [a + 0.1 * f + (zlib.crc32(t.encode()) % 997) / 997 for a, f, t in zip(acc, fmt, texts)]
+    return total, acc, fmt
+
+
+def _student_scores(model, ro, temperature: float = 1.0):
+    """One plain forward of the student on prompt + completion (no KV-cache reuse, no chunks): ``logp [N, L]``
+    of the sampled tokens and the ``[N, L, V]`` log-probs, in the sampler's distribution (blocked ids removed)."""
+    ids = torch.cat([ro.prompt_ids, ro.completion_ids], 1)  # [N, P + L]
+    attn = torch.cat([ro.prompt_mask, ro.completion_mask.to(ro.prompt_mask.dtype)], 1)
+    extra = {k: v for k, v in ro.extra.items() if k != "mm_token_type_ids"}
+    if "mm_token_type_ids" in ro.extra:
+        extra["mm_token_type_ids"] = torch.cat([ro.extra["mm_token_type_ids"], torch.zeros_like(ro.completion_ids)], 1)
+    P = ro.prompt_ids.size(1)
+    logits = model(input_ids=ids, attention_mask=attn, use_cache=False, **extra).logits[:, P - 1 : -1].float()
+    logits = logits / temperature
+    logits[..., list(ro.blocked_ids)] = float("-inf")
+    full = torch.log_softmax(logits, -1)  # [N, L, V]
+    return full.gather(-1, ro.completion_ids.unsqueeze(-1)).squeeze(-1), full
+
+
+def _teacher_scores(teacher, ttok, records: list[dict], ro, temperature: float = 1.0) -> torch.Tensor:
+    """The teacher's ``[N, L, V]`` log-probs at the completion positions, each row alone (no padding at all)."""
+    from vold_pl.rl.teacher import build_teacher_inputs
+
+    tin = build_teacher_inputs(ttok, records, ro.completion_ids, ro.completion_mask, ro.group_size)
+    assert tin.available.all(), "every synthetic record has a text view"
+    s, (N, L) = tin.completion_start, ro.completion_ids.shape
+    out = torch.zeros(N, L, teacher.config.vocab_size)
+    for i in range(N):
+        prompt = tin.input_ids[i, :s][tin.attention_mask[i, :s].bool()]
+        n = int(ro.completion_mask[i].sum())
+        with torch.no_grad():
+            logits = teacher(torch.cat([prompt, ro.completion_ids[i, :n]]).unsqueeze(0)).logits[0].float()
+        logits = logits / temperature
+        logits[:, list(ro.blocked_ids)] = float("-inf")
+        out[i, :n] = torch.log_softmax(logits[len(prompt) - 1 : -1], -1)  # position t-1 predicts token t
+    return out
+
+
+def _agg_by_hand(x: torch.Tensor, m: torch.Tensor, mode: str, budget: int) -> torch.Tensor:
+    x = torch.where(m > 0, x, torch.zeros_like(x))  # [N, L]
+    if mode == "sequence":
+        return ((x * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
+    if mode == "token":
+        return (x * m).sum() / m.sum()
+    return (x * m).sum() / (x.shape[0] * budget)  # dr_grpo: N x the generation budget
+
+
+def _loss_by_hand(opts: dict, model, ro, records, teacher_lp, old_lp, ref_lp, max_new_tokens: int):
+    """METHODS.md §2-3 written out: clipped surrogate on the group advantages, + beta_ref k3, + lam x gated OPD
+    (k1 with the score-function gradient sg(k1)·ρ·∇logp, or the full-vocabulary KL; or the advantage form)."""
+    G, lam, agg = 2, opts["lam"], opts["agg"]
+    logp, full = _student_scores(model, ro)  # [N, L], [N, L, V]
+    m = ro.completion_mask.float()
+    total, acc, _ = _rewards_by_hand(ro.texts, records, G)
+    adv = []
+    for b in range(len(total) // G):
+        adv += _advantages_by_hand(total[b * G : (b + 1) * G])
+    A = torch.tensor(adv).unsqueeze(-1)  # [N, 1]
+    old = logp.detach() if old_lp is None else old_lp  # μ = 1: π_old is the current policy
+    ratio = torch.exp(logp - old)  # [N, L]
+    if lam > 0:
+        g = torch.tensor([1.0 - a for a in acc] if opts.get("gate") == "failed" else [1.0] * len(acc)).unsqueeze(-1)
+        t_lp = teacher_lp.gather(-1, ro.completion_ids.unsqueeze(-1)).squeeze(-1)  # [N, L]
+        if opts.get("mode") == "advantage":
+            A = A - lam * g * (old - t_lp)  # k1 at sampling time, a constant
+    pg = -torch.min(ratio * A, ratio.clamp(1 - 0.2, 1 + 0.28) * A)
+    loss = _agg_by_hand(pg, m, agg, max_new_tokens)
+    if opts.get("beta_ref", 0) > 0:
+        d = ref_lp - logp
+        loss = loss + opts["beta_ref"] * _agg_by_hand(torch.exp(d) - d - 1, m, agg, max_new_tokens)
+    if lam > 0 and opts.get("mode", "loss") == "loss":
+        if opts.get("estimator", "k1") == "full":
+            p = full.exp()
+            kl = torch.where(p > 0, p * (full - teacher_lp), torch.zeros_like(p)).sum(-1)  # [N, L]
+        else:
+            kl = (logp - t_lp).detach() * ratio
+        loss = loss + lam * _agg_by_hand(g * kl, m, agg, max_new_tokens)
+    return loss
+
+
+def _clipped(grads: dict[str, torch.Tensor], max_norm: float = 1.0) -> dict[str, torch.Tensor]:
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values()))
+    coef = min(1.0, max_norm / (float(norm) + 1e-6))
+    return {k: g * coef for k, g in grads.items()}
+
+
 @pytest.mark.parametrize("combo", list(COMBOS), ids=list(COMBOS))
 def test_fit_logs_metrics_and_updates_weights(combo, tiny_models, synth_data, tmp_path, hash_reward):
     opts = COMBOS[combo]
@@ -259,8 +395,10 @@ def test_fit_logs_metrics_and_updates_weights(combo, tiny_models, synth_data, tm
 
     mu = opts.get("mu", 1)
     max_steps = 4 if mu == 2 else 3
+    probe = _FitProbe(module)
+    torch.manual_seed(0)  # the rollouts sample from torch's global generator
     trainer, steps, rows = _fit(module, [(synth_data["train"], 0.5), (synth_data["train_text"], 0.5)], tmp_path,
-                                max_steps)
+                                max_steps, callbacks=(probe,))
 
     # global_step counts optimizer steps: μ per rollout batch.
     n_batches = max_steps // mu
@@ -277,22 +415,75 @@ def test_fit_logs_metrics_and_updates_weights(combo, tiny_models, synth_data, tm
     if opts["lam"] == 0:
         assert not any(k.startswith("train/opd/") for k in logged), sorted(logged)
     else:
-        assert all(0.0 <= r["train/opd/frac_tokens"] <= 1.0 for r in rows)
         assert all(r["train/opd/frac_masked_no_text_view"] == 0.0 for r in rows)  # every synthetic record has one
     if mu == 1:
         assert "train/kl" not in logged
         assert all(r["train/clip_ratio/low_mean"] == 0 and r["train/clip_ratio/high_mean"] == 0 for r in rows)
     else:
         assert all(r["train/kl"] >= 0 for r in rows)  # k3 is non-negative for every sample
-    for r in rows:
-        assert r["train/completions/max_length"] <= 8
-        assert 0 <= r["train/completions/clipped_ratio"] <= 1 and 0 <= r["train/frac_reward_zero_std"] <= 1
+    # Every logged figure of every step, recomputed from that step's rollout and records by hand.
+    assert len(probe.rollouts) == n_batches
+    eos = module.tokenizer.eos_token_id
+    for b, (r, (records, ro)) in enumerate(zip(rows, probe.rollouts)):
+        total, acc, fmt = _rewards_by_hand(ro.texts, records, 2)
+        groups = [total[i : i + 2] for i in range(0, len(total), 2)]
+        assert r["train/reward"] == pytest.approx(statistics.mean(total), abs=1e-6)
+        assert r["train/reward_std"] == pytest.approx(statistics.stdev(total), abs=1e-6)
+        assert r["train/rewards/accuracy/mean"] == pytest.approx(statistics.mean(acc))
+        assert r["train/rewards/format/mean"] == pytest.approx(statistics.mean(fmt))
+        assert r["train/frac_reward_zero_std"] == pytest.approx(statistics.mean(g[0] == g[1] for g in groups))
+        lengths = [int(n) for n in ro.completion_mask.sum(-1)]
+        assert r["train/completions/mean_length"] == pytest.approx(statistics.mean(lengths))
+        assert r["train/completions/max_length"] == max(lengths) <= 8
+        no_eos = [eos not in ro.completion_ids[i, :n].tolist() for i, n in enumerate(lengths)]
+        assert r["train/completions/clipped_ratio"] == pytest.approx(statistics.mean(no_eos))
+        if opts["lam"] > 0:  # the failed gate reads the accuracy reward, not the total
+            gated = [n for n, a in zip(lengths, acc) if opts["gate"] == "all" or a == 0]
+            assert r["train/opd/frac_tokens"] == pytest.approx(sum(gated) / sum(lengths))
+        # cosine from 1e-3 to 1e-4 over max_steps optimizer steps, read after this batch's μ steps
+        progress = mu * (b + 1) / max_steps
+        assert r["train/lr"] == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))), rel=1e-4)
         assert r["train/rollout/tokens_per_second"] > 0 and r["train/time/step"] > 0
-    # The cosine schedule spans exactly the run's optimizer steps: the last logged LR is the floor.
-    assert rows[-1]["train/lr"] == pytest.approx(0.1 * 1e-3, rel=1e-4)
 
-    trained = module.model.state_dict()
-    assert any(not torch.equal(v, trained[k]) for k, v in initial.items()), "no weight changed"
+    # The first batch's loss and every one of its optimizer steps' gradients (clipped at norm 1), against the
+    # formula by hand on plain forwards of a fresh student (the step's weights), teacher and reference.
+    records, ro = probe.rollouts[0]
+    student, _ = load_model(ModelSpec(str(tiny_models["student"])))
+    student.train()
+
+    def load(weights):
+        with torch.no_grad():
+            for name, p in student.named_parameters():
+                p.copy_(weights[name])
+
+    assert all(torch.equal(probe.steps[0][0][k], v) for k, v in initial.items() if k in probe.steps[0][0])
+    teacher_lp = (_teacher_scores(module._frozen["teacher"], module.teacher_tokenizer, records, ro)
+                  if opts["lam"] > 0 else None)
+    load(probe.steps[0][0])
+    with torch.no_grad():
+        start_lp = _student_scores(student, ro)[0]  # π_old and the reference: the initial weights
+    for j in range(mu):
+        weights, grads = probe.steps[j]
+        load(weights)
+        student.zero_grad(set_to_none=True)
+        loss = _loss_by_hand(opts, student, ro, records, teacher_lp, None if mu == 1 else start_lp,
+                             start_lp if opts.get("beta_ref", 0) > 0 else None, max_new_tokens=8)
+        loss.backward()
+        if True:  # DEBUG
+            lp_dbg, full_dbg = _student_scores(student, ro)
+            m_dbg = ro.completion_mask.bool()
+            t_dbg = teacher_lp.gather(-1, ro.completion_ids.unsqueeze(-1)).squeeze(-1)
+            print("DEBUG", ro.texts, "\nlp", lp_dbg, "\nt", t_dbg, "\nmask", ro.completion_mask, "\nids", ro.completion_ids, "\nprompt mask", ro.prompt_mask.sum(-1), ro.extra.keys())
+            print("DEBUG nan", [k for k, p in student.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()][:5])
+        if mu == 1:
+            assert rows[0]["train/loss"] == pytest.approx(loss.item(), rel=1e-4, abs=1e-6)
+        ref = _clipped({k: p.grad for k, p in student.named_parameters() if p.grad is not None})
+        assert set(grads) == set(ref)
+        assert all(torch.isfinite(g).all() for g in grads.values()), f"optimizer step {j}: the module's gradient"
+        assert all(torch.isfinite(g).all() for g in ref.values()), f"optimizer step {j}: the reference gradient"
+        err = math.sqrt(sum(float(((grads[k] - ref[k]).double() ** 2).sum()) for k in ref))
+        norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in ref.values()))
+        assert norm > 0 and err <= 1e-3 * norm, f"optimizer step {j}: gradient off by {err / max(norm, 1e-30):.2e}"
     for name, sd in frozen0.items():  # teacher and reference stay frozen
         now = module._frozen[name].state_dict()
         assert all(torch.equal(v, now[k]) for k, v in sd.items()), f"the frozen {name} changed"
@@ -306,13 +497,31 @@ def test_fit_logs_metrics_and_updates_weights(combo, tiny_models, synth_data, tm
 # ---------------------------------------------------------------------------------------- scripted rollouts
 
 class _CapturingEngine(ScriptedEngine):
-    def generate(self, *args, **kwargs):
-        self.last = super().generate(*args, **kwargs)
+    def generate(self, model, batch, *args, **kwargs):
+        self.batch, self.last = batch, super().generate(model, batch, *args, **kwargs)
         return self.last
 
 
-def test_scripted_rollouts_rewards_by_hand(tiny_models, synth_data, tmp_path):
-    # Two records: a text-only math problem, and an image yes/no problem WITHOUT a text view (no OPD).
+def _plain_student_logprobs(model, rollout, row: int, blocked: tuple[int, ...]) -> torch.Tensor:
+    """The student's own forward on one row's unpadded prompt + completion (text-only prompt), sampler's
+    distribution (blocked ids removed): ``log π(o_t)`` for the row's completion tokens."""
+    prompt = rollout.prompt_ids[row][rollout.prompt_mask[row].bool()]
+    n = int(rollout.completion_mask[row].sum())
+    comp = rollout.completion_ids[row, :n]
+    with torch.no_grad():
+        logits = model(input_ids=torch.cat([prompt, comp]).unsqueeze(0)).logits[0].float()  # [P + n, V]
+    logits[:, list(blocked)] = float("-inf")
+    logp = torch.log_softmax(logits[len(prompt) - 1 : -1], -1)  # [n, V]
+    return logp.gather(-1, comp.unsqueeze(-1)).squeeze(-1)  # [n]
+
+
+def _group_advantages_by_hand(rewards: list[float]) -> list[float]:
+    mean, sd = statistics.mean(rewards), statistics.stdev(rewards)
+    return [0.0 if max(rewards) == min(rewards) else (r - mean) / (sd + 1e-6) for r in rewards]
+
+
+def _hand_script(tmp_path, synth_data):
+    """Two records: a text-only math problem, and an image yes/no problem WITHOUT a text view (no OPD)."""
     image_rec = next(r for r in read_records(synth_data["train"])[0] if r.answer_type == "yesno")
     image_rec.text_view = None
     text_rec = Record(id="hand-math", problem="What is 2 + 3?", answer="5", answer_type="math")
@@ -326,8 +535,15 @@ def test_scripted_rollouts_rewards_by_hand(tiny_models, synth_data, tmp_path):
                       "<answer> 5 </answer>"],                           # 1, 0 -> 1.0
         image_rec.id: [f"<think> looking </think><answer> {wrong_yn} </answer>"],  # x4: 0, 1 -> 0.1 each
     }
+    return data, script, image_rec
+
+
+def test_scripted_rollouts_rewards_by_hand(tiny_models, synth_data, tmp_path, teacher_model):
+    data, script, image_rec = _hand_script(tmp_path, synth_data)
     module = _module(tiny_models, lam=1.0, gate="failed", G=4, max_new_tokens=64, agg="token")
     module.rollout_engine = engine = _CapturingEngine(module.tokenizer, script)
+    module.configure_model()  # load now to keep the initial student: the logged loss is the pre-step one
+    student0 = copy.deepcopy(module.model).eval()
     _, _, rows = _fit(module, [(data, 1.0)], tmp_path, max_steps=1)
     # The image prompt kept its pixels, repeated once per sample (G = 4 copies of one image).
     ro = engine.last
@@ -354,6 +570,70 @@ def test_scripted_rollouts_rewards_by_hand(tiny_models, synth_data, tmp_path):
     failed = lens[script["hand-math"][1]] + lens[script["hand-math"][2]]
     assert row["train/opd/frac_tokens"] == pytest.approx(failed / sum(all_lens))
     assert row["train/opd/frac_masked_no_text_view"] == pytest.approx(0.5)
+
+    # The loss and the logged reverse KL, from the two models' own forwards. With one optimizer step per
+    # batch rho = 1, so each token's surrogate is -A_i; token aggregation; OPD (k1, loss mode) on the two failed
+    # math rollouts only: loss = (sum_i -A_i |o_i| + lam * sum_{failed} sum_t k1_t) / sum_i |o_i|, with k1 the
+    # log-ratio of the sampler's distributions (vision placeholders removed from both, renormalised).
+    records = engine.batch["records"]
+    math_rows = [i for i in range(8) if records[i // 4]["id"] == "hand-math"]
+    math_texts = [engine.last.texts[i] for i in math_rows]
+    blocked = engine.last.blocked_ids
+    assert len(blocked) == 4
+    teacher, ttok = teacher_model
+    k1_sum, k1_n = 0.0, 0
+    for i, text in zip(math_rows, math_texts):
+        if text.startswith("<think> 2 + 3 = 5") or text.startswith("<answer> 5"):
+            continue  # accuracy 1: not distilled
+        n = int(engine.last.completion_mask[i].sum())
+        ids = engine.last.completion_ids[i, :n].tolist()
+        s_lp = _plain_student_logprobs(student0, engine.last, i, blocked)
+        t_lp = _plain_teacher_logprobs(teacher, ttok, "What is 2 + 3?", text, ids, 1.0, blocked)
+        k1_sum, k1_n = k1_sum + float((s_lp - t_lp).sum()), k1_n + n
+    assert k1_n == failed
+    adv = _group_advantages_by_hand([1.1, 0.1, 0.0, 1.0]) + [0.0] * 4
+    row_lens = [lens[script["hand-math"][j]] for j in range(4)] + [lens[script[image_rec.id][0]]] * 4
+    pg = sum(-a * n for a, n in zip(adv, row_lens))
+    assert row["train/loss"] == pytest.approx((pg + 1.0 * k1_sum) / sum(row_lens), abs=1e-4)
+    assert row["train/opd/reverse_kl"] == pytest.approx(k1_sum / k1_n, abs=1e-4)
+
+
+def test_dr_grpo_divides_by_the_generation_budget(tiny_models, synth_data, tmp_path):
+    """dr_grpo's normaliser is N x sampling.max_new_tokens (TRL, Dr. GRPO), not N x the batch's longest."""
+    data, script, image_rec = _hand_script(tmp_path, synth_data)
+    module = _module(tiny_models, lam=0.0, teacher=False, G=4, max_new_tokens=48, agg="dr_grpo")
+    module.rollout_engine = _CapturingEngine(module.tokenizer, script)
+    _, _, rows = _fit(module, [(data, 1.0)], tmp_path, max_steps=1)
+    (row,) = [r for r in rows if "train/reward" in r]
+    tok = module.tokenizer
+    lens = [len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in script["hand-math"]]
+    adv = _group_advantages_by_hand([1.1, 0.1, 0.0, 1.0])  # the image group's advantages are all 0
+    assert max(lens) < 48
+    assert row["train/loss"] == pytest.approx(sum(-a * n for a, n in zip(adv, lens)) / (8 * 48), abs=1e-6)
+
+
+def test_advantage_mode_survives_a_teacher_that_gives_padding_no_mass(tiny_models, synth_data, tmp_path):
+    """A teacher log-prob of -inf at padded positions (k1 = +inf there) must not turn the masked-out surrogate's
+    gradient into NaN (0 * inf) in advantage mode: the step is taken and the weights move."""
+    data, script, _ = _hand_script(tmp_path, synth_data)
+    module = _module(tiny_models, lam=1.0, gate="all", mode="advantage", G=4, max_new_tokens=64, agg="token")
+    module.rollout_engine = engine = _CapturingEngine(module.tokenizer, script)
+    module.configure_model()
+    teacher = module._frozen["teacher"]
+    head = torch.nn.Linear(teacher.lm_head.in_features, teacher.lm_head.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(teacher.lm_head.weight)
+        head.bias.zero_()
+        head.bias[module.tokenizer.pad_token_id] = float("-inf")  # pad follows EOS in every shorter completion
+    teacher.lm_head = head.requires_grad_(False)
+    initial = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+    _, _, rows = _fit(module, [(data, 1.0)], tmp_path, max_steps=1)
+    lengths = engine.last.completion_mask.sum(-1)
+    assert lengths.min() < lengths.max()  # padded positions exist
+    (row,) = [r for r in rows if "train/reward" in r]
+    assert math.isfinite(row["train/loss"]) and math.isfinite(row["train/opd/reverse_kl"])
+    assert module.skipped_steps == 0
+    assert any(not torch.equal(v, module.model.state_dict()[k]) for k, v in initial.items()), "no weight changed"
 
 
 # ---------------------------------------------------------------------------------------- construction errors
@@ -384,6 +664,28 @@ def test_tokenizer_mismatch_fails_at_construction(tiny_models, tmp_path):
 def test_opd_without_teacher_is_a_clear_error(tiny_models):
     with pytest.raises(ValueError, match="opd.lam > 0 needs a teacher"):
         OPDGRPOModule(ModelSpec(str(tiny_models["student"])), teacher=None, opd=OPDConfig(lam=0.5))
+
+
+def test_full_estimator_as_an_advantage_is_rejected():
+    """The full KL of a position does not depend on the sampled token: as an advantage its expected policy
+    gradient is 0 (METHODS.md §3), so the combination is refused when the config is built."""
+    with pytest.raises(ValueError, match="opd.estimator: full with opd.mode: advantage") as ei:
+        OPDConfig(lam=0.5, estimator="full", mode="advantage")
+    assert "estimator: k1" in str(ei.value)
+    OPDConfig(lam=0.5, estimator="k1", mode="advantage")  # the supported forms
+    OPDConfig(lam=0.5, estimator="full", mode="loss")
+
+
+def test_failed_gate_needs_its_success_reward(tiny_models):
+    """The failed gate reads the accuracy (success) reward, never the summed reward: without it, an error."""
+    student, teacher = ModelSpec(str(tiny_models["student"])), ModelSpec(str(tiny_models["teacher"]))
+    with pytest.raises(ValueError, match="opd.gate_reward='accuracy'") as ei:
+        OPDGRPOModule(student, teacher=teacher, opd=OPDConfig(lam=0.5, gate="failed"), rewards={"format": 1.0})
+    assert "model.init_args.rewards" in str(ei.value) and "opd.gate: all" in str(ei.value)
+    # Another success reward named explicitly, or the gate that reads none, are fine.
+    OPDGRPOModule(student, teacher=teacher, opd=OPDConfig(lam=0.5, gate="failed", gate_reward="format"),
+                  rewards={"format": 1.0})
+    OPDGRPOModule(student, teacher=teacher, opd=OPDConfig(lam=0.5, gate="all"), rewards={"format": 1.0})
 
 
 # ------------------------------------------------------------------------------------------------ configs / CLI

@@ -95,7 +95,8 @@ def _teacher_forced(model, ro: Rollout, temperature: float, vision: bool) -> tor
     if "mm_token_type_ids" in extra:
         extra["mm_token_type_ids"] = torch.cat([extra["mm_token_type_ids"], torch.zeros_like(ro.completion_ids)], 1)
     with torch.no_grad():
-        return model_token_logprobs(model, ids, attn, ro.prompt_ids.size(1), temperature=temperature, **extra)
+        return model_token_logprobs(model, ids, attn, ro.prompt_ids.size(1), temperature=temperature,
+                                    blocked_ids=ro.blocked_ids, **extra)
 
 
 def _assert_same_rollout(a: Rollout, b: Rollout) -> None:
@@ -241,6 +242,18 @@ def test_top_k_and_suppression_respected(processor, text_batch):
     logits[..., engine.suppress_ids] = float("-inf")
     top = logits.topk(3, -1).indices  # [N, L, 3]
     assert (top == ro.completion_ids.unsqueeze(-1)).any(-1)[m].all()
+    # The log-probs are of the distribution sampled from, before top-k: the placeholders (which hold almost
+    # all the unsuppressed mass here) removed and the rest renormalised; the rollout names those ids, and the
+    # loss's scorer reads them from it.
+    assert ro.blocked_ids == tuple(sorted(engine.suppress_ids)) and len(ro.blocked_ids) == 4
+    by_hand = torch.log_softmax(logits.float(), -1).gather(-1, ro.completion_ids.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(ro.logprobs[m], by_hand[m], atol=1e-4, rtol=0)
+    with torch.no_grad():
+        scored, ent = rollout_token_logprobs(model, ro, return_entropy=True)
+    torch.testing.assert_close(scored[m], by_hand[m], atol=1e-4, rtol=0)
+    p = torch.softmax(logits.float(), -1)
+    ent_by_hand = -(p * torch.log_softmax(logits.float(), -1).nan_to_num(neginf=0.0)).sum(-1)
+    torch.testing.assert_close(ent[m], ent_by_hand[m], atol=1e-4, rtol=0)
 
 
 # ----------------------------------------------------------------------------------- the work the engine skips
@@ -315,7 +328,7 @@ def test_shared_prefix_scores_and_gradients_equal_full_forward(tiny_models, proc
         if "mm_token_type_ids" in extra:
             extra["mm_token_type_ids"] = torch.cat([extra["mm_token_type_ids"], torch.zeros_like(ro.completion_ids)], 1)
         return model_token_logprobs(model, ids, attn, ro.prompt_ids.size(1), temperature=0.8, return_entropy=True,
-                                    **extra)
+                                    blocked_ids=ro.blocked_ids, **extra)
 
     ref = _scores_and_grads(model, full, ro.completion_mask)
     out = _scores_and_grads(model, lambda: rollout_token_logprobs(model, ro, temperature=0.8, return_entropy=True),

@@ -11,7 +11,10 @@ One training step is the algorithm box of VOLD (arXiv 2510.23497) on top of GRPO
       or, OPD in advantage mode: A_{i,t} = A_i − λ·g_i·sg(k1_t) inside the surrogate
       one optimizer step
 
-Every formula lives in ``vold_pl/rl`` and ``vold_pl/rewards``; this module only sequences them.
+Every formula lives in ``vold_pl/rl`` and ``vold_pl/rewards``; this module only sequences them. The loss of a
+step is :func:`vold_pl.rl.objective.opd_grpo_loss` of one :class:`~vold_pl.rl.objective.Experience`. Every
+log-prob (policy, π_old, reference, teacher) is of the sampler's distribution: the sampling temperature, and
+the rollout's blocked ids (vision placeholders) removed and renormalised; see ``docs/opd.md``.
 """
 
 from __future__ import annotations
@@ -31,10 +34,9 @@ from vold_pl.models.lora import adapters_off, is_lora_model
 from vold_pl.modules.base import OptimConfig, PolicyModule
 from vold_pl.rewards.functions import compute_rewards, validate_weights
 from vold_pl.rl.advantages import group_advantages
-from vold_pl.rl.losses import (
-    aggregate, clipped_surrogate, full_reverse_kl, k3_kl, masked_mean, opd_gate, opd_loss, opd_token_advantages,
-    sampled_reverse_kl,
-)
+from vold_pl.rl.logprobs import mask_blocked
+from vold_pl.rl.losses import masked_mean
+from vold_pl.rl.objective import Experience, LossSettings, check_opd_options, opd_grpo_loss
 from vold_pl.rl.rollout import Rollout, SamplingConfig, rollout_token_logprobs
 from vold_pl.rl.teacher import build_teacher_inputs, teacher_completion_logits, teacher_token_logprobs
 
@@ -48,7 +50,8 @@ class GRPOConfig:
         scale: advantage normalisation: ``group`` (÷ group std), ``batch`` (÷ batch std), ``none`` (Dr. GRPO).
         epsilon_low: lower clip range ε_low of the ratio.
         epsilon_high: upper clip range ε_high; above ε_low gives DAPO's clip-higher.
-        loss_aggregation: ``sequence`` (GRPO), ``token`` (DAPO) or ``dr_grpo`` (÷ N·max length).
+        loss_aggregation: ``sequence`` (GRPO), ``token`` (DAPO) or ``dr_grpo`` (÷ N·``sampling.max_new_tokens``,
+            the fixed generation budget, as TRL and Dr. GRPO).
         num_iterations: μ, optimizer steps per rollout batch; μ > 1 stores π_old log-probs at rollout time.
         beta_ref: weight of the k3 KL to a frozen reference model; 0 builds no reference model at all.
     """
@@ -68,17 +71,26 @@ class OPDConfig:
 
     Args:
         lam: λ, weight of the distillation term; 0 turns OPD off (plain GRPO) and loads no teacher.
-        gate: ``failed`` (VOLD: distil only rollouts whose accuracy reward is 0) or ``all``.
+        gate: ``failed`` (VOLD: distil only rollouts whose ``gate_reward`` is 0, g = 1 − r) or ``all``.
+        gate_reward: the {0, 1} success reward the ``failed`` gate reads, unweighted; it must be one of the
+            module's ``rewards`` (never the summed reward: a format bonus would make a wrong answer look partly
+            right and get less distillation).
         estimator: ``k1`` (sampled reverse KL on the student's tokens) or ``full`` (full-vocabulary reverse KL).
-        mode: ``loss`` (λ·KL added to the GRPO loss, VOLD) or ``advantage`` (A_t = A − λ·sg(k1_t)).
+        mode: ``loss`` (λ·KL added to the GRPO loss, VOLD) or ``advantage`` (A_t = A − λ·g·sg(k1_t), k1 taken
+            at sampling time). ``advantage`` needs ``estimator: k1``: the full KL of a position does not depend
+            on the sampled token, so as an advantage it has zero expected gradient.
         top_k: with ``estimator: full``, restrict the KL to the student's top-k tokens (0 = whole vocabulary).
     """
 
     lam: float = 0.0
     gate: Literal["failed", "all"] = "failed"
+    gate_reward: str = "accuracy"
     estimator: Literal["k1", "full"] = "k1"
     mode: Literal["loss", "advantage"] = "loss"
     top_k: int = 0
+
+    def __post_init__(self):
+        check_opd_options(self.estimator, self.mode, self.gate)
 
 
 allow_in_checkpoints(GRPOConfig, OPDConfig)
@@ -143,8 +155,22 @@ class OPDGRPOModule(PolicyModule):
             # Aligns the student's tokenizer when model.align_tokens_with: teacher, then fails at setup, not deep
             # in a step, when the teacher cannot score the student's tokens.
             self.teacher_tokenizer = prepare_teacher_tokenizer(self.processor, model, teacher)
+            if self.opd.gate == "failed" and self.opd.gate_reward not in self.reward_weights:
+                raise ValueError(
+                    f"opd.gate: failed reads the success reward opd.gate_reward={self.opd.gate_reward!r}, which is "
+                    f"not among the rewards {sorted(self.reward_weights)}: add it to model.init_args.rewards "
+                    f"(weight 0 is fine), set opd.gate_reward to your success reward, or use opd.gate: all.")
+
         # Frozen models live outside the module tree: not trained, not checkpointed, not sharded by Lightning.
         self._frozen: dict[str, torch.nn.Module] = {}
+
+    @property
+    def loss_settings(self) -> LossSettings:
+        """The options of :func:`~vold_pl.rl.objective.opd_grpo_loss`, from the GRPO, OPD and sampling configs."""
+        g, o = self.grpo, self.opd
+        return LossSettings(aggregation=g.loss_aggregation, max_len=self.sampling.max_new_tokens,
+                            epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high, beta_ref=g.beta_ref, lam=o.lam,
+                            gate=o.gate, estimator=o.estimator, mode=o.mode, top_k=o.top_k)
 
     # -- setup ---------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -196,8 +222,7 @@ class OPDGRPOModule(PolicyModule):
         rewards = rw.total.to(self.device)  # [N]
         adv, zero_std = group_advantages(rewards, G, self.grpo.scale)  # [N], [B]
 
-        ids, attn, start, extra = self._policy_inputs(rollout)
-        teacher_out = self._teacher_scores(records, rollout) if self.opd.lam > 0 else None
+        teacher = self._teacher_scores(records, rollout) if self.opd.lam > 0 else {}
         ref_logp = None
         if self.grpo.beta_ref > 0:
             reference = self._frozen.get("reference", self.model)  # LoRA: the policy, adapters off below
@@ -208,14 +233,19 @@ class OPDGRPOModule(PolicyModule):
         if self.grpo.num_iterations > 1:
             with torch.no_grad():  # π_old at rollout time: the weights the samples came from
                 old_logp = self._logprobs(rollout)[0]  # [N, L]
+        success = rw.named[self.opd.gate_reward].to(self.device) if self.opd.gate_reward in rw.named else None  # [N]
 
-        accuracy = rw.named.get("accuracy", rw.total).to(self.device)  # [N]
         opt = self.optimizers()
         sched = self.lr_schedulers()
         for _ in range(self.grpo.num_iterations):
             logp, entropy = self._logprobs(rollout)  # [N, L], [N, L]
-            old = old_logp if old_logp is not None else logp.detach()  # μ = 1: ρ ≡ 1
-            loss, stats = self._loss(logp, old, adv, mask, ref_logp, teacher_out, accuracy, ids, attn, start, extra)
+            exp = Experience(
+                logp=logp, old_logp=old_logp if old_logp is not None else logp.detach(),  # μ = 1: ρ ≡ 1
+                advantages=adv, mask=mask, ref_logp=ref_logp, success=success,
+                teacher_logp=teacher.get("logp"), teacher_logits=teacher.get("logits"),
+                teacher_available=teacher.get("available"),
+                student_logits=self._student_logits(rollout) if "logits" in teacher else None)
+            loss, stats = opd_grpo_loss(exp, self.loss_settings)
             self._optimizer_step(opt, sched, loss)
         self._log_step(rw, rewards, zero_std, rollout, mask, entropy, stats, loss, t_roll, time.perf_counter() - t0)
         if self.log_completions_every and self.global_step % self.log_completions_every < self.grpo.num_iterations:
@@ -233,49 +263,31 @@ class OPDGRPOModule(PolicyModule):
 
     def _logprobs(self, rollout: Rollout):
         # Each prompt (and its images) runs once per group; completions are scored on its expanded KV cache.
-        # Chunks are recomputed in backward so the [N, L, V] logits never live whole.
+        # Chunks are recomputed in backward so the [N, L, V] logits never live whole. The sampler's
+        # distribution: its temperature, the rollout's blocked ids removed.
         return rollout_token_logprobs(self.model, rollout, temperature=self.sampling.temperature,
                                       chunk_size=self.chunk, return_entropy=True, checkpoint_chunks=True)
 
+    def _student_logits(self, rollout: Rollout) -> torch.Tensor:
+        """The policy's full next-token logits at the completion positions, ``[N, L, V]``, for the full KL:
+        temperature-scaled, ``-inf`` at the rollout's blocked ids (the sampler's distribution)."""
+        ids, attn, start, extra = self._policy_inputs(rollout)
+        logits = self.model(input_ids=ids, attention_mask=attn, use_cache=False, **extra).logits
+        return mask_blocked(logits[:, start - 1 : -1].float() / self.sampling.temperature, rollout.blocked_ids)
+
     def _teacher_scores(self, records: list[dict], rollout: Rollout) -> dict:
+        """The teacher's scores of the student's tokens on the same support as the sampler (blocked ids
+        removed and renormalised): ``logp [N, L]`` (k1) or ``logits [N, L, V]`` (full), and ``available [N]``."""
         tin = build_teacher_inputs(self.teacher_tokenizer, records, rollout.completion_ids, rollout.completion_mask,
                                    rollout.group_size)
         teacher = self._frozen["teacher"]
         out = {"available": tin.available}
+        T, blocked = self.sampling.temperature, rollout.blocked_ids
         if self.opd.estimator == "full":
-            out["logits"] = teacher_completion_logits(teacher, tin, self.sampling.temperature)  # [N, L, V]
+            out["logits"] = teacher_completion_logits(teacher, tin, T, blocked)  # [N, L, V]
         else:
-            out["logp"] = teacher_token_logprobs(teacher, tin, self.sampling.temperature, self.chunk)  # [N, L]
+            out["logp"] = teacher_token_logprobs(teacher, tin, T, self.chunk, blocked)  # [N, L]
         return out
-
-    def _loss(self, logp, old, adv, mask, ref_logp, teacher_out, accuracy, ids, attn, start, extra):
-        agg = self.grpo.loss_aggregation
-        metrics: dict[str, torch.Tensor] = {}
-        gate_w = None
-        if teacher_out is not None:
-            gate_w = opd_gate(accuracy, self.opd.gate, teacher_out["available"])  # [N]
-            if self.opd.estimator == "full":
-                logits = self.model(input_ids=ids, attention_mask=attn, use_cache=False, **extra).logits
-                student = logits[:, start - 1 : -1].float() / self.sampling.temperature  # [N, L, V]
-                kl = full_reverse_kl(student, teacher_out["logits"], top_k=self.opd.top_k or None)  # [N, L]
-            else:
-                kl = sampled_reverse_kl(logp, teacher_out["logp"])  # [N, L]
-            tok_mask = mask * (gate_w > 0).float().unsqueeze(-1)  # [N, L]
-            metrics["opd/reverse_kl"] = masked_mean(kl.detach(), tok_mask)
-            metrics["opd/frac_tokens"] = tok_mask.sum() / mask.sum().clamp(min=1)
-            metrics["opd/frac_masked_no_text_view"] = 1 - teacher_out["available"].float().mean()
-            if self.opd.mode == "advantage":
-                adv = opd_token_advantages(adv, kl.detach(), self.opd.lam, gate_w)  # [N, L]
-        pg, stats = clipped_surrogate(logp, old, adv, self.grpo.epsilon_low, self.grpo.epsilon_high)  # [N, L]
-        loss = aggregate(pg, mask, agg)
-        if ref_logp is not None:
-            kl_ref = k3_kl(logp, ref_logp)  # [N, L]
-            loss = loss + self.grpo.beta_ref * aggregate(kl_ref, mask, agg)
-            metrics["kl"] = masked_mean(kl_ref.detach(), mask)
-        if teacher_out is not None and self.opd.mode == "loss":
-            loss = loss + opd_loss(kl, mask, gate_w, self.opd.lam, agg)
-        metrics.update({k: v for k, v in stats.fractions(mask).items()})
-        return loss, metrics
 
     def _optimizer_step(self, opt, sched, loss: torch.Tensor) -> None:
         opt.zero_grad()

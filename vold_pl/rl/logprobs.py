@@ -8,11 +8,16 @@ through the LM head chunk by chunk, keeps one ``[chunk, V]`` slab alive at a tim
 
 Logits are divided by the sampling temperature before the softmax so that the log-probs are those of the
 distribution the rollouts were drawn from (otherwise rho != 1 on-policy and the teacher KL is off-policy).
+For the same reason every function takes ``blocked_ids``: the token ids the sampler never emits (the vision
+placeholders, :func:`vold_pl.rl.rollout.blocked_token_ids`). Their logits are set to ``-inf`` before the
+softmax, so the scored distribution is the sampler's, renormalised on the allowed tokens. Top-k / top-p are
+*not* applied in scoring (as TRL and verl): their support changes with the weights, so log-probs and KLs of
+the truncated distribution are not differentiable in the tokens they drop; use them off (the default) in RL.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -24,30 +29,55 @@ __all__ = [
     "token_logprobs_from_logits",
     "token_logprobs_from_hidden",
     "model_token_logprobs",
+    "mask_blocked",
 ]
 
 LMHead = Union[nn.Module, torch.Tensor]
 
 
+BlockedIds = Optional[Sequence[int]]
+
+
+def _blocked_index(blocked_ids: BlockedIds, device: torch.device) -> Optional[torch.Tensor]:
+    if blocked_ids is None or len(blocked_ids) == 0:
+        return None
+    if isinstance(blocked_ids, torch.Tensor):
+        return blocked_ids.to(device=device, dtype=torch.long)
+    return torch.tensor(list(blocked_ids), dtype=torch.long, device=device)
+
+
+def mask_blocked(logits: torch.Tensor, blocked_ids: BlockedIds) -> torch.Tensor:
+    """``logits [..., V]`` with the ``blocked_ids`` columns set to ``-inf`` (out of place; unchanged if none).
+
+    A softmax of the result is the sampler's distribution renormalised on the tokens it may emit; the
+    gradient w.r.t. the blocked columns is exactly 0."""
+    idx = _blocked_index(blocked_ids, logits.device)
+    return logits if idx is None else logits.index_fill(-1, idx, float("-inf"))
+
+
 def _logp_and_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool,
+    blocked_ids: BlockedIds = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     # logits [M, V] (any dtype), targets [M] -> logp [M], entropy [M] (empty if not asked).
-    x = logits.float()  # [M, V]; upcast because bf16 log-softmax loses ~2 digits on large vocabularies
+    raw = logits.float()  # [M, V]; upcast because bf16 log-softmax loses ~2 digits on large vocabularies
     if temperature != 1.0:
-        x = x / temperature
+        raw = raw / temperature
+    x = mask_blocked(raw, blocked_ids)  # [M, V], -inf at the ids the sampler never emits
     lse = torch.logsumexp(x, dim=-1)  # [M]
     # Negative ids (e.g. -100 padding) would break gather; their values are masked later anyway.
     logp = x.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) - lse  # [M]
     if not with_entropy:
         return logp, logp.new_empty(0)
-    # H = lse - sum_v softmax(x)_v x_v, avoids materialising log_softmax separately.
-    ent = lse - (torch.softmax(x, dim=-1) * x).sum(-1)  # [M]
+    # H = lse - sum_v softmax(x)_v x_v, avoids materialising log_softmax separately. The finite ``raw`` stands
+    # in for x: the blocked entries have probability exactly 0, and 0 * -inf would be NaN (in backward too).
+    ent = lse - (torch.softmax(x, dim=-1) * raw).sum(-1)  # [M]
     return logp, ent
 
 
 def selective_log_softmax(
-    logits: torch.Tensor, index: torch.Tensor, temperature: float = 1.0, chunk_size: int = 1024
+    logits: torch.Tensor, index: torch.Tensor, temperature: float = 1.0, chunk_size: int = 1024,
+    blocked_ids: BlockedIds = None,
 ) -> torch.Tensor:
     """``log_softmax(logits / T).gather(-1, index)`` without a full float32 ``[..., V]`` copy.
 
@@ -58,7 +88,7 @@ def selective_log_softmax(
     flat = logits.reshape(-1, logits.shape[-1])  # [M, V]
     idx = index.reshape(-1)  # [M]
     out = [
-        _logp_and_entropy(flat[s : s + chunk_size], idx[s : s + chunk_size], temperature, False)[0]
+        _logp_and_entropy(flat[s : s + chunk_size], idx[s : s + chunk_size], temperature, False, blocked_ids)[0]
         for s in range(0, flat.shape[0], chunk_size)
     ]
     return torch.cat(out).reshape(lead) if out else flat.new_zeros(lead, dtype=torch.float32)
@@ -69,12 +99,14 @@ def token_logprobs_from_logits(
     target_ids: torch.Tensor,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    blocked_ids: BlockedIds = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Simple path when the logits already exist. ``logits [N, L, V]`` must already be aligned with
     ``target_ids [N, L]`` (``logits[:, t]`` scores ``target_ids[:, t]``). Returns ``logp [N, L]`` float32 (and
     ``entropy [N, L]``)."""
     n, l = target_ids.shape
-    logp, ent = _logp_and_entropy(logits.reshape(n * l, -1), target_ids.reshape(-1), temperature, return_entropy)
+    logp, ent = _logp_and_entropy(logits.reshape(n * l, -1), target_ids.reshape(-1), temperature, return_entropy,
+                                  blocked_ids)
     return (logp.view(n, l), ent.view(n, l)) if return_entropy else logp.view(n, l)
 
 
@@ -95,6 +127,7 @@ def token_logprobs_from_hidden(
     temperature: float = 1.0,
     return_entropy: bool = False,
     checkpoint_chunks: bool = False,
+    blocked_ids: BlockedIds = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Log-probs of ``target_ids`` from final hidden states, one ``[chunk_size, V]`` logits slab at a time.
 
@@ -109,6 +142,7 @@ def token_logprobs_from_hidden(
         checkpoint_chunks: recompute each slab in backward (``torch.utils.checkpoint``). Without it autograd
             keeps every slab's float32 logits for backward, so only the forward peak is bounded; with it the
             backward peak is one slab too, at the cost of one extra head matmul per slab.
+        blocked_ids: token ids the sampler never emits: scored as ``-inf`` logits (see the module docstring).
 
     Returns: ``logp [N, L]`` float32, differentiable w.r.t. ``hidden`` and the head (and ``entropy [N, L]``).
     """
@@ -119,7 +153,7 @@ def token_logprobs_from_hidden(
 
     def slab(h_c: torch.Tensor, t_c: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         # h_c [c, H], t_c [c] -> ([c], [c])
-        return _logp_and_entropy(head(h_c), t_c, temperature, return_entropy)
+        return _logp_and_entropy(head(h_c), t_c, temperature, return_entropy, blocked_ids)
 
     use_ckpt = checkpoint_chunks and torch.is_grad_enabled()
     logps, ents = [], []
@@ -157,6 +191,7 @@ def model_token_logprobs(
     chunk_size: int = 1024,
     checkpoint_chunks: bool = False,
     return_entropy: bool = False,
+    blocked_ids: BlockedIds = None,
     **model_inputs,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Log-probs of the completion tokens of ``input_ids`` under a HF causal LM or Qwen2.5-VL, lean on memory.
@@ -174,6 +209,7 @@ def model_token_logprobs(
         completion_start: int ``s >= 1``, the column where completions begin: returns ``[N, T - s]`` for
             tokens ``input_ids[:, s:]``. Or a ``[N, T]`` bool completion mask: ``s`` is its first column with
             any True, and entries outside the mask are set to 0.
+        blocked_ids: token ids the sampler never emits, scored as ``-inf`` logits (module docstring).
         model_inputs: forwarded to the backbone (``pixel_values``, ``image_grid_thw``, ``position_ids``...).
 
     Returns: ``logp [N, T - s]`` float32 aligned with the last ``T - s`` columns of ``input_ids`` (and
@@ -207,6 +243,7 @@ def model_token_logprobs(
         temperature=temperature,
         return_entropy=return_entropy,
         checkpoint_chunks=checkpoint_chunks,
+        blocked_ids=blocked_ids,
     )
     if comp_mask is None:
         return result

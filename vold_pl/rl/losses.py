@@ -149,7 +149,8 @@ def aggregate(
 
 # ------------------------------------------------------------------------------------ on-policy distillation
 def sampled_reverse_kl(
-    student_logp: torch.Tensor, teacher_logp: torch.Tensor, grad: str = "reinforce"
+    student_logp: torch.Tensor, teacher_logp: torch.Tensor, grad: str = "reinforce",
+    old_logp: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Sampled per-token reverse KL ``k1_t = log pi_theta(o_t) - log pi_T(o_t)`` (METHODS.md §3).
 
@@ -159,6 +160,12 @@ def sampled_reverse_kl(
     tensor whose value is k1 but whose gradient is the score-function one, ``sg(k1) * grad(log pi_theta)``
     with no credit to earlier tokens (discount 0, as the Thinking Machines OPD note). ``"pathwise"`` gives
     the naive gradient, for ablation only. Advantage mode detaches k1 anyway.
+
+    ``old_logp`` (``[N, L]``, the sampling-time log-probs; only with ``"reinforce"``): the tokens came from
+    pi_old, not pi_theta (several optimizer steps per rollout batch). The gradient is then importance-weighted
+    per token, ``sg(k1) * rho * grad(log pi_theta)`` with ``rho = pi_theta / pi_old`` (unclipped): the unbiased
+    score-function gradient of ``E_{pi_theta}[k1]`` per position. With ``old_logp = sg(logp)`` it is the plain
+    one. The value stays k1.
 
     Shapes: ``[N, L], [N, L] -> [N, L]``.
     """
@@ -170,7 +177,10 @@ def sampled_reverse_kl(
     # Non-finite k1 (a teacher -inf at a padded position) would turn the masked-out zero upstream gradient
     # into NaN (0 * inf); only the gradient coefficient is sanitised, the value keeps showing the problem.
     coef = torch.nan_to_num(k1.detach(), nan=0.0, posinf=0.0, neginf=0.0)  # [N, L]
-    return k1.detach() + coef * (student_logp - student_logp.detach())
+    if old_logp is None:
+        return k1.detach() + coef * (student_logp - student_logp.detach())
+    ratio = torch.exp(student_logp - old_logp.detach())  # [N, L]; its gradient is rho * grad(log pi_theta)
+    return k1.detach() + coef * (ratio - ratio.detach())
 
 
 def full_reverse_kl(
@@ -184,6 +194,10 @@ def full_reverse_kl(
     Exact (no sampling noise) and differentiable in closed form; needs a shared vocabulary (VOLD,
     arXiv 2510.23497: Qwen2.5-VL and Qwen3 share the Qwen2 BPE). Both inputs may be logits or log-probs
     (``log_softmax`` is idempotent on log-probs), computed in float32.
+
+    Tokens with student probability 0 (logits ``-inf``, e.g. the sampler's blocked ids masked in both
+    inputs) contribute exactly 0, in value and gradient; a token the student may emit but the teacher gives
+    ``-inf`` makes the KL ``+inf``, as it should.
 
     ``top_k``: restrict the sum to the student's k most likely tokens at each position. With
     ``renormalize=True`` (default) both distributions are renormalised on that support, giving a true KL of
@@ -204,7 +218,9 @@ def full_reverse_kl(
         if renormalize:
             s = s - s.logsumexp(-1, keepdim=True)  # [N, L, k]
             t = t - t.logsumexp(-1, keepdim=True)  # [N, L, k]
-    return (s.exp() * (s - t)).sum(-1)  # [N, L]
+    # 0 * (-inf - -inf) would be NaN; masked_fill (not where) keeps the backward free of 0 * NaN as well.
+    diff = (s - t).masked_fill(s == float("-inf"), 0.0)  # [N, L, V]
+    return (s.exp() * diff).sum(-1)  # [N, L]
 
 
 # Name -> estimator. "k1" takes token log-probs [N, L]; "full" takes logits/log-probs [N, L, V].
@@ -250,18 +266,22 @@ def opd_gate(
 
 
 def opd_token_advantages(
-    advantages: torch.Tensor, k1: torch.Tensor, lam: float, gate_w: torch.Tensor
+    advantages: torch.Tensor, k1: torch.Tensor, lam: float, gate_w: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """OPD in advantage mode: ``A_{i,t} = A_i - lam * g_i * sg(k1_{i,t})`` (METHODS.md §3).
 
     The per-token reverse KL acts as a dense negative reward inside the clipped surrogate (Thinking Machines
-    "On-Policy Distillation"). Rows with ``g_i = 0`` keep ``A_i`` even where k1 is garbage (inf/NaN from a
-    masked teacher), since ``0 * inf`` would otherwise be NaN.
+    "On-Policy Distillation"). Rows with ``g_i = 0``, and positions outside ``mask [N, L]`` (padding), keep
+    ``A_i`` even where k1 is garbage (inf/NaN from a masked teacher): an infinite advantage there would make
+    the masked-out surrogate's gradient ``0 * inf = NaN``. A non-finite k1 on a real token is kept (the step
+    is then skipped as non-finite, which shows the problem).
 
-    Shapes: ``[N], [N, L], scalar, [N] -> [N, L]``.
+    Shapes: ``[N], [N, L], scalar, [N] (, [N, L]) -> [N, L]``.
     """
     g = gate_w.detach().to(k1.dtype).unsqueeze(-1)  # [N, 1]
-    penalty = torch.where(g > 0, lam * g * k1.detach(), torch.zeros((), dtype=k1.dtype, device=k1.device))
+    keep = g > 0 if mask is None else (g > 0) & mask.bool()  # [N, 1] or [N, L]
+    penalty = torch.where(keep, lam * g * k1.detach(), torch.zeros((), dtype=k1.dtype, device=k1.device))
     return advantages.detach().to(k1.dtype).unsqueeze(-1) - penalty  # [N, L]
 
 

@@ -31,8 +31,10 @@ class SamplingConfig:
     Args:
         max_new_tokens: completion length cap; longer completions are cut (counted as ``clipped``).
         temperature: sampling temperature; log-probs in the loss use the same temperature.
-        top_p: nucleus sampling mass (1.0 = off).
-        top_k: top-k sampling (0 = off).
+        top_p: nucleus sampling mass (1.0 = off). Not applied when the loss scores the samples (as TRL and
+            verl): the truncated support moves with the weights. Below 1.0 the samples are slightly off the
+            scored distribution; keep it off for RL.
+        top_k: top-k sampling (0 = off); like ``top_p``, not applied in scoring.
         do_sample: ``false`` gives greedy decoding (benchmarks).
     """
 
@@ -56,13 +58,17 @@ class Rollout:
     clipped: torch.Tensor  # [N] bool: hit max_new_tokens without EOS
     extra: dict[str, Any] = field(default_factory=dict)  # model inputs beyond ids (pixel_values, ...), repeated
     # [N, L] float32 log pi(o_t | q, o_<t) of each sampled token under the sampling-time weights, from the
-    # temperature-scaled full-vocabulary distribution (the one the loss scores, before top-k/top-p and token
-    # suppression), 0 outside ``completion_mask``. Engines that do not track it leave ``None``.
+    # distribution the loss scores: temperature-scaled, ``blocked_ids`` removed, before top-k/top-p; 0 outside
+    # ``completion_mask``. Engines that do not track it leave ``None``.
     logprobs: torch.Tensor | None = None
     # The B distinct prompts as the model takes them, NOT repeated (``input_ids``, ``attention_mask`` and, for a
     # VLM, ``pixel_values`` / ``image_grid_thw`` / ``mm_token_type_ids``): lets scoring run each prompt (and
     # its images) once per group, :func:`rollout_token_logprobs`.
     prompts: dict[str, Any] | None = None
+    # Token ids the sampler could never emit (logits set to -inf before sampling): the vision placeholders,
+    # :func:`blocked_token_ids`. Every scorer of this rollout (policy, reference, teacher, full-vocabulary KL)
+    # removes the same ids, so the loss scores exactly the distribution the samples came from.
+    blocked_ids: tuple[int, ...] = ()
 
     @property
     def num_rows(self) -> int:
@@ -131,6 +137,18 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, eos_ids: list[int]) -
     return mask, ~has_eos
 
 
+# A sampled vision placeholder would desynchronise image tokens and image features in the next forward.
+BLOCKED_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+
+
+def blocked_token_ids(tokenizer) -> tuple[int, ...]:
+    """The ids of :data:`BLOCKED_TOKENS` that ``tokenizer`` knows: never sampled, and removed from the
+    distribution every scorer of a rollout uses (:attr:`Rollout.blocked_ids`)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in BLOCKED_TOKENS]
+    return tuple(sorted({i for i in ids if i is not None and i != unk}))
+
+
 class HFGenerateEngine:
     """Rollouts with ``model.generate`` (KV cache, batched; it stops once every row has emitted EOS).
 
@@ -138,14 +156,11 @@ class HFGenerateEngine:
         tokenizer: decodes completions and gives pad/EOS ids.
     """
 
-    # A sampled vision placeholder would desynchronise image tokens and image features in the next forward.
-    SUPPRESSED = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+    SUPPRESSED = BLOCKED_TOKENS
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        unk = getattr(tokenizer, "unk_token_id", None)
-        ids = [tokenizer.convert_tokens_to_ids(t) for t in self.SUPPRESSED]
-        self.suppress_ids = [i for i in ids if i is not None and i != unk]
+        self.suppress_ids = list(blocked_token_ids(tokenizer))
         eos = tokenizer.eos_token_id
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos)
 
@@ -177,7 +192,8 @@ class HFGenerateEngine:
         cmask, clipped = completion_mask_from_ids(comp, self.eos_ids)
         comp = comp.masked_fill(cmask == 0, self.tokenizer.pad_token_id)
         texts = self.tokenizer.batch_decode(comp, skip_special_tokens=True)
-        return Rollout(ids, mask, comp, cmask, texts, G, clipped, extra, prompts=prompt_inputs(model, batch))
+        return Rollout(ids, mask, comp, cmask, texts, G, clipped, extra, prompts=prompt_inputs(model, batch),
+                       blocked_ids=tuple(self.suppress_ids))
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -555,7 +571,7 @@ class CachedSamplingEngine(HFGenerateEngine):
         logps = logps.masked_fill(cmask == 0, 0.0)
         texts = self.tokenizer.batch_decode(comp, skip_special_tokens=True)
         return Rollout(ids, mask, comp, cmask, texts, G, clipped, extra, logprobs=logps,
-                       prompts=prompt_inputs(base, batch))
+                       prompts=prompt_inputs(base, batch), blocked_ids=tuple(self.suppress_ids))
 
     def _decode(self, model, cache, cache_key: str, logits: torch.Tensor, mask: torch.Tensor,
                 last_pos: torch.Tensor, G: int, sampling: SamplingConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -590,9 +606,10 @@ class CachedSamplingEngine(HFGenerateEngine):
         alive = torch.ones(N, dtype=torch.bool, device=device)  # no compaction: rows without EOS yet
         steps = 0
         for t in range(L):
-            # log pi of the full temperature-scaled distribution (what the loss scores), then HF's processing.
-            logp_all = torch.log_softmax(logits * inv_t if inv_t != 1.0 else logits, -1)  # [n, V]
+            # log pi of the distribution the loss scores (blocked ids removed, temperature-scaled, before
+            # top-k/top-p), then HF's processing of the same suppressed scores.
             scores = logits if suppress is None else logits.index_fill(1, suppress, float("-inf"))
+            logp_all = torch.log_softmax(scores * inv_t if inv_t != 1.0 else scores, -1)  # [n, V]
             if sampling.do_sample:
                 for w in warpers:
                     scores = w(None, scores)
@@ -655,6 +672,7 @@ def shared_prefix_token_logprobs(
     chunk_size: int = 1024,
     return_entropy: bool = False,
     checkpoint_chunks: bool = False,
+    blocked_ids: tuple[int, ...] = (),
     **prompt_model_inputs,
 ):
     """``log pi(o_t | q, o_<t)`` of G completions per prompt, running each prompt (and its images) ONCE.
@@ -670,6 +688,7 @@ def shared_prefix_token_logprobs(
         prompt_ids, prompt_mask: ``[B, P]`` left-padded prompts, one row per group.
         completion_ids, completion_mask: ``[N, L]`` right-padded completions, group-contiguous.
         group_size: G.
+        blocked_ids: token ids the sampler never emits; scored as ``-inf`` logits (:attr:`Rollout.blocked_ids`).
         prompt_model_inputs: the prompts' extra model inputs, unrepeated (``pixel_values``, ``image_grid_thw``,
             ``mm_token_type_ids``); ignored for a text-only model.
 
@@ -700,7 +719,8 @@ def shared_prefix_token_logprobs(
                 extra["mm_token_type_ids"] = torch.cat(
                     [mm["mm_token_type_ids"].repeat_interleave(G, 0), torch.zeros_like(completion_ids)], 1)
         return model_token_logprobs(model, ids, attn, P, temperature=temperature, chunk_size=chunk_size,
-                                    return_entropy=return_entropy, checkpoint_chunks=checkpoint_chunks, **extra)
+                                    return_entropy=return_entropy, checkpoint_chunks=checkpoint_chunks,
+                                    blocked_ids=blocked_ids, **extra)
     cache_key = _cache_kwarg(backbone)
     pre = {k: mm[k] for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids") if k in mm and "pixel_values" in mm}
     out = backbone(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, **pre)
@@ -718,16 +738,20 @@ def shared_prefix_token_logprobs(
     hidden = torch.cat([h_last.repeat_interleave(G, 0).unsqueeze(1), out.last_hidden_state[:, :-1]], 1)  # [N, L, H]
     del out, cache
     return token_logprobs_from_hidden(hidden, head, completion_ids, chunk_size=chunk_size, temperature=temperature,
-                                      return_entropy=return_entropy, checkpoint_chunks=checkpoint_chunks)
+                                      return_entropy=return_entropy, checkpoint_chunks=checkpoint_chunks,
+                                      blocked_ids=blocked_ids)
 
 
 def rollout_token_logprobs(model: torch.nn.Module, rollout: Rollout, *, temperature: float = 1.0,
                            chunk_size: int = 1024, return_entropy: bool = False, checkpoint_chunks: bool = False):
     """Log-probs ``[N, L]`` of a rollout's completion tokens under ``model`` (the policy or the reference),
     each prompt run once per group (:func:`shared_prefix_token_logprobs`). Rollouts without ``prompts`` take the
-    G-times repeated path (:func:`vold_pl.rl.logprobs.model_token_logprobs`): the same numbers."""
+    G-times repeated path (:func:`vold_pl.rl.logprobs.model_token_logprobs`): the same numbers.
+
+    The distribution scored is the sampler's: ``temperature`` (pass the sampling one) and the rollout's
+    ``blocked_ids`` removed; top-k / top-p are not applied (see :mod:`vold_pl.rl.logprobs`)."""
     kw = dict(temperature=temperature, chunk_size=chunk_size, return_entropy=return_entropy,
-              checkpoint_chunks=checkpoint_chunks)
+              checkpoint_chunks=checkpoint_chunks, blocked_ids=tuple(rollout.blocked_ids))
     if rollout.prompts is not None:
         pr = dict(rollout.prompts)
         return shared_prefix_token_logprobs(model, pr.pop("input_ids"), pr.pop("attention_mask"),
@@ -754,6 +778,7 @@ class ScriptedEngine:
     def __init__(self, tokenizer, completions: dict[str, list[str]]):
         self.tokenizer, self.completions = tokenizer, completions
         self.eos_ids = [tokenizer.eos_token_id]
+        self.suppress_ids = list(blocked_token_ids(tokenizer))  # scored like the real sampler's rollouts
 
     def generate(self, model, batch: dict, num_samples: int, sampling: SamplingConfig) -> Rollout:
         G = num_samples
@@ -776,4 +801,4 @@ class ScriptedEngine:
                                          "image_grid_thw") if k in batch}
         return Rollout(ids, batch["attention_mask"].repeat_interleave(G, 0), comp, cmask,
                        self.tokenizer.batch_decode(comp, skip_special_tokens=True), G, clipped, extra,
-                       prompts=prompts)
+                       prompts=prompts, blocked_ids=tuple(self.suppress_ids))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from vold_pl.data.collate import DEFAULT_INSTRUCTION, pad_left, teacher_messages
-from vold_pl.rl.logprobs import model_token_logprobs
+from vold_pl.rl.logprobs import mask_blocked, model_token_logprobs
 
 
 @dataclass
@@ -54,15 +54,20 @@ def build_teacher_inputs(tokenizer, records: list[dict], completion_ids: torch.T
 
 @torch.no_grad()
 def teacher_token_logprobs(teacher: torch.nn.Module, inputs: TeacherInputs, temperature: float = 1.0,
-                           chunk_size: int = 1024) -> torch.Tensor:
-    """``log π_T(o_t | q_T, o_<t)`` for every completion token: ``[N, L]``."""
+                           chunk_size: int = 1024, blocked_ids: tuple[int, ...] = ()) -> torch.Tensor:
+    """``log π_T(o_t | q_T, o_<t)`` for every completion token: ``[N, L]``.
+
+    ``blocked_ids`` (the rollout's, :attr:`vold_pl.rl.rollout.Rollout.blocked_ids`): the teacher is renormalised
+    on the tokens the student may emit, so the KL compares two distributions on the same support."""
     return model_token_logprobs(teacher, inputs.input_ids, inputs.attention_mask, inputs.completion_start,
-                                temperature=temperature, chunk_size=chunk_size)
+                                temperature=temperature, chunk_size=chunk_size, blocked_ids=blocked_ids)
 
 
 @torch.no_grad()
-def teacher_completion_logits(teacher: torch.nn.Module, inputs: TeacherInputs, temperature: float = 1.0) -> torch.Tensor:
-    """Full next-token logits at every completion position, ``[N, L, V]``, for the full-vocabulary KL."""
+def teacher_completion_logits(teacher: torch.nn.Module, inputs: TeacherInputs, temperature: float = 1.0,
+                              blocked_ids: tuple[int, ...] = ()) -> torch.Tensor:
+    """Full next-token logits at every completion position, ``[N, L, V]``, for the full-vocabulary KL;
+    temperature-scaled, ``-inf`` at ``blocked_ids`` (as :func:`teacher_token_logprobs`)."""
     s = inputs.completion_start
     out = teacher(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, use_cache=False)
-    return out.logits[:, s - 1 : -1].float() / temperature  # [N, L, V]
+    return mask_blocked(out.logits[:, s - 1 : -1].float() / temperature, blocked_ids)  # [N, L, V]
