@@ -116,6 +116,7 @@ def test_checkpoint_hparams_cannot_bring_a_plugin(tmp_path, tiny_models, synth_d
         def fn(completion, record):
             return 1.0
     """)
+    mine = _write(tmp_path / "mine.py", "def fn(completion, record):\n    return 0.5\n")
     ckpt = tmp_path / "fake.ckpt"
     torch.save({"hyper_parameters": {"_class_path": "vold_pl.modules.opd_grpo.OPDGRPOModule",
                                      "model": {"name_or_path": str(tiny_models["student"])},
@@ -126,7 +127,7 @@ def test_checkpoint_hparams_cannot_bring_a_plugin(tmp_path, tiny_models, synth_d
                     "enable_progress_bar": False},
         "model": {"class_path": "vold_pl.modules.opd_grpo.OPDGRPOModule",
                   "init_args": {"model": {"name_or_path": str(tiny_models["student"])},
-                                "rewards": {"accuracy": 1.0}, "export": False}},
+                                "rewards": {"accuracy": 1.0, f"{mine}:fn": 0.5}, "export": False}},
         "data": {"train": [{"path": str(synth_data["train"])}]}}))
 
     class _Stop(Exception):
@@ -144,6 +145,7 @@ def test_checkpoint_hparams_cannot_bring_a_plugin(tmp_path, tiny_models, synth_d
               auto_configure_optimizers=False, args=["fit", "--config", str(cfg), "--ckpt_path", str(ckpt)])
     except (_Stop, SystemExit, UserError):
         pass
+    assert P.get_plugin(f"{mine}:fn")("x", None) == 0.5  # the user's own plugin was enabled by the CLI
     assert not marker.exists(), "a checkpoint's hyperparameters ran a plugin file"
     assert f"{evil}:fn" not in built.get("rewards", {})
     assert f"{evil}:fn" not in P.enabled_plugins()
