@@ -59,13 +59,14 @@ class PoisonedSFT(SFTModule):
 
 
 class PoisonedOPD(OPDGRPOModule):
+    """OPD-GRPO whose loss is NaN at the optimizer steps in ``poison`` (injected where the step takes it)."""
+
     poison: set[int] = set()
 
-    def _loss(self, *args, **kwargs):
-        loss, metrics = super()._loss(*args, **kwargs)
+    def _optimizer_step(self, opt, sched, loss):
         if self.trainer.global_step in self.poison:
             loss = loss * NAN
-        return loss, metrics
+        super()._optimizer_step(opt, sched, loss)
 
 
 class Snapshots(L.Callback):

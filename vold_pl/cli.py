@@ -36,6 +36,9 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from vold_pl.data.datamodule import ReasoningDataModule
+from vold_pl.errors import UserError, find_user_error
+
+DEBUG_ENV = "VOLD_PL_DEBUG"
 
 
 def _import_classes() -> None:
@@ -47,9 +50,6 @@ def _import_classes() -> None:
     import vold_pl.callbacks.trace_writer  # noqa: F401
     import vold_pl.modules.opd_grpo  # noqa: F401
     import vold_pl.modules.sft  # noqa: F401
-from vold_pl.errors import UserError, find_user_error
-
-DEBUG_ENV = "VOLD_PL_DEBUG"
 
 
 class CheckpointHparamsError(UserError):
@@ -80,19 +80,17 @@ class VoldCLI(LightningCLI):
         # What the user's config files and flags say, before LightningCLI merges a --ckpt_path's hyper-parameters
         # in; checked now with weights_only=True so an unsafe checkpoint gets vold-pl's message, not torch's.
         self._user_config = self.config.clone()
-        self._ckpt_hparams_read = self._check_checkpoint_file()
+        self._check_checkpoint_file()
 
-    def _check_checkpoint_file(self) -> bool:
+    def _check_checkpoint_file(self) -> None:
         from pathlib import Path
 
         from vold_pl.checkpointing import read_hyperparameters
 
         sub = self.config.get("subcommand")
         ckpt = self.config[sub].get("ckpt_path") if sub else None
-        if not ckpt or not Path(str(ckpt)).is_file():
-            return False
-        read_hyperparameters(ckpt)
-        return True
+        if ckpt and Path(str(ckpt)).is_file():  # ("last" and sharded folders: Lightning reads no hparams)
+            read_hyperparameters(ckpt)
 
     def before_instantiate_classes(self) -> None:
         """Undo the checkpoint's hyper-parameters: the model is built from the user's config alone."""

@@ -4,7 +4,8 @@ Every loader maps its benchmark's own answer conventions onto :class:`~vold_pl.d
 and runs each mapped row through :func:`~vold_pl.data.schema.validate_record`, so a malformed row
 raises :class:`~vold_pl.data.schema.RecordError` naming ``<file>:<row> (id=...)`` and the field
 (``row`` is the 0-based row index inside that parquet shard). A missing folder or file raises
-:class:`FileNotFoundError` naming the expected path and how to download it.
+:class:`~vold_pl.errors.UserFileNotFoundError` (a ``FileNotFoundError``) naming the expected path and how to
+download it.
 
 Expected layouts (``<dir>`` is what you pass as ``path``; the files are as published):
 
@@ -43,6 +44,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from vold_pl.data.schema import MAX_IMAGE_PIXELS, Record, RecordError, _where, read_jsonl, validate_record
+from vold_pl.errors import UserError, UserFileNotFoundError
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _IMAGE_TAG = re.compile(r"\s*<image\s*(\d*)>\s*")
@@ -56,13 +58,13 @@ def _hf_hint(repo: str, root: Path) -> str:
 def _find_parquet(path: str | Path, subdir: str, split: str, repo: str) -> list[Path]:
     root = Path(path)
     if not root.is_dir():
-        raise FileNotFoundError(f"benchmark folder not found: {root} (expected {root / subdir}/{split}-*.parquet). "
+        raise UserFileNotFoundError(f"benchmark folder not found: {root} (expected {root / subdir}/{split}-*.parquet). "
                                 + _hf_hint(repo, root))
     for folder in (root / subdir, root):
         files = sorted(folder.glob(f"{split}-*.parquet"))
         if files:
             return files
-    raise FileNotFoundError(f"no {root / subdir}/{split}-*.parquet in {root}. " + _hf_hint(repo, root))
+    raise UserFileNotFoundError(f"no {root / subdir}/{split}-*.parquet in {root}. " + _hf_hint(repo, root))
 
 
 def _rows(files: list[Path], required: tuple[str, ...], limit: int | None) -> Iterator[tuple[Path, int, dict]]:
@@ -97,7 +99,7 @@ def _rows(files: list[Path], required: tuple[str, ...], limit: int | None) -> It
 
 def _check_limit(limit: int | None) -> None:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-        raise ValueError(f"limit must be a non-negative integer or None, got {limit!r}")
+        raise UserError(f"limit must be a non-negative integer or None, got {limit!r}")
 
 
 def _failer(file: Path, row: int | None, rid: Any) -> Callable[[str, str, str], RecordError]:
@@ -395,7 +397,7 @@ def load_logicvista(path, limit: int | None = None, cache_dir=None) -> list[Reco
     root = Path(path)
     file = next((p for p in (root / "data" / "dataset.json", root / "dataset.json") if p.is_file()), None)
     if file is None:
-        raise FileNotFoundError(f"LogicVista file not found: {root / 'data' / 'dataset.json'}. Download it with: "
+        raise UserFileNotFoundError(f"LogicVista file not found: {root / 'data' / 'dataset.json'}. Download it with: "
                                 f"git clone https://github.com/Yijia-Xiao/LogicVista {root}")
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
@@ -448,7 +450,7 @@ def load_synthetic(path, limit: int | None = None, cache_dir=None) -> list[Recor
         found = sorted(p.glob("*.jsonl"))
         pick = [q for q in found if q.name == "test.jsonl"] or found
         if len(pick) != 1:
-            raise FileNotFoundError(f"expected test.jsonl or exactly one *.jsonl in {p}, found "
+            raise UserFileNotFoundError(f"expected test.jsonl or exactly one *.jsonl in {p}, found "
                                     f"{[q.name for q in found] or 'none'}. Pass the file itself.")
         p = pick[0]
     records, _ = read_jsonl(p)
@@ -469,5 +471,5 @@ def load_benchmark(name: str, path, limit: int | None = None, cache_dir=None, **
     """Load benchmark ``name`` from the local folder/file ``path``; ``kwargs`` go to the loader
     (e.g. ``split='test'`` for MathVision, ``split='testmini'`` for MathVista)."""
     if name not in BENCHMARK_LOADERS:
-        raise ValueError(f"unknown benchmark {name!r}. Known benchmarks: {', '.join(sorted(BENCHMARK_LOADERS))}.")
+        raise UserError(f"unknown benchmark {name!r}. Known benchmarks: {', '.join(sorted(BENCHMARK_LOADERS))}.")
     return BENCHMARK_LOADERS[name](path, limit=limit, cache_dir=cache_dir, **kwargs)
