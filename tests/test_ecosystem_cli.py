@@ -59,7 +59,8 @@ def test_example_configs_parse_stacked(capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     printed = _print_config(["fit", "--config", "configs/examples/custom_reward.yaml",
                              "--config", "configs/examples/lora_grpo.yaml",
-                             "--config", "configs/examples/logger_tensorboard.yaml"], capsys)
+                             "--config", "configs/examples/logger_tensorboard.yaml",
+                             "--trainer.callbacks+=PushToHub", "--trainer.callbacks.repo_id=me/tiny"], capsys)
     args = printed["model"]["init_args"]
     assert printed["model"]["class_path"] == "vold_pl.modules.opd_grpo.OPDGRPOModule"
     assert args["rewards"]["configs/examples/my_rewards.py:brevity"] == 0.05
@@ -68,3 +69,5 @@ def test_example_configs_parse_stacked(capsys, monkeypatch):
     assert args["grpo"]["beta_ref"] == 0.04 and args["grpo"]["num_generations"] == 8  # overlay + base both kept
     assert printed["trainer"]["logger"]["class_path"] == "lightning.pytorch.loggers.TensorBoardLogger"
     assert args["log_completions_every_n_steps"] == 10
+    push = printed["trainer"]["callbacks"][0]
+    assert push["class_path"] == "vold_pl.export.PushToHub" and push["init_args"]["repo_id"] == "me/tiny"

@@ -48,6 +48,7 @@ def _import_classes() -> None:
     import vold_pl.callbacks.curriculum  # noqa: F401
     import vold_pl.callbacks.preemption  # noqa: F401
     import vold_pl.callbacks.trace_writer  # noqa: F401
+    import vold_pl.export  # noqa: F401
     import vold_pl.modules.opd_grpo  # noqa: F401
     import vold_pl.modules.sft  # noqa: F401
 
