@@ -38,7 +38,8 @@ MUTANTS ?=
 MUTATE_JOBS ?= 1
 mutate: venv
 	$(PY) -m pip install -q -e ".[mutate]"
-	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/mutmut run --max-children $(MUTATE_JOBS) $(MUTANTS)
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 VOLD_PL_TEST_FIXTURE_CACHE=$(CURDIR)/mutants/.fixtures \
+	    $(VENV)/bin/mutmut run --max-children $(MUTATE_JOBS) $(MUTANTS)
 	$(VENV)/bin/mutmut results --all true > mutants/results.txt
 	$(PY) tools/mutation_score.py mutants/results.txt docs/testing.md
 

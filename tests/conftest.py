@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,12 +22,37 @@ if "MUTANT_UNDER_TEST" in os.environ:
     _reward_functions.MATH_TIMEOUT_S = 30
 
 
+def _built_once(tmp_path_factory, name: str, build) -> dict[str, Path]:
+    """``build(folder)`` in a fresh temporary folder; with ``VOLD_PL_TEST_FIXTURE_CACHE`` set (``make mutate``,
+    which runs the tests hundreds of times) in ``$VOLD_PL_TEST_FIXTURE_CACHE/<name>``, built by the first run and
+    reused by the next (the builds are seeded, so every run gets the same files) until the builders' code changes."""
+    root = os.environ.get("VOLD_PL_TEST_FIXTURE_CACHE")
+    if not root:
+        return build(tmp_path_factory.mktemp(name))
+    import hashlib
+
+    import vold_pl.data.synthetic
+    import vold_pl.models.tiny
+
+    key = hashlib.sha256(b"".join(Path(m.__file__).read_bytes()
+                                  for m in (vold_pl.data.synthetic, vold_pl.models.tiny))).hexdigest()
+    folder, index = Path(root) / name, Path(root) / f"{name}.json"
+    saved = json.loads(index.read_text()) if index.is_file() else {}
+    if saved.get("key") != key:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        saved = {"key": key, "paths": {k: str(v) for k, v in build(folder).items()}}
+        index.write_text(json.dumps(saved))
+    return {k: Path(v) for k, v in saved["paths"].items()}
+
+
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory) -> dict[str, Path]:
     """``generate_dataset`` output: train/val/test (+ _text twins) JSONL and images (seed 0)."""
     from vold_pl.data.synthetic import generate_dataset
 
-    return generate_dataset(tmp_path_factory.mktemp("data"), seed=0, n_train=96, n_val=24, n_test=24)
+    return _built_once(tmp_path_factory, "data",
+                       lambda folder: generate_dataset(folder, seed=0, n_train=96, n_val=24, n_test=24))
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +63,8 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
     sizes = TinySizes(vocab_size=512, hidden_size=64, intermediate_size=128, vision_hidden_size=32,
                       teacher_hidden_size=64)
-    return save_tiny_models(tmp_path_factory.mktemp("tiny"), corpus_texts(seed=0, n=300), sizes, seed=0)
+    return _built_once(tmp_path_factory, "tiny",
+                       lambda folder: save_tiny_models(folder, corpus_texts(seed=0, n=300), sizes, seed=0))
 
 
 @pytest.fixture(scope="module")
