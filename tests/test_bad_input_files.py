@@ -263,6 +263,14 @@ def test_checkpoint_hparams_never_change_the_config_nor_run_code(tmp_path, tiny_
     assert resumed["hyper_parameters"]["model"]["trust_remote_code"] is False
     assert not (root / "export").exists()  # export stayed off as the config says
 
+    # hyper-parameters that no longer parse (an option whose type changed): not compared, the resume goes on
+    ckpt["hyper_parameters"]["max_consecutive_skips"] = "many"
+    torch.save(ckpt, crafted)
+    main(["fit", *base, "--trainer.max_steps", "2", "--ckpt_path", str(crafted)])
+    err = capsys.readouterr().err
+    assert "do not parse as this version's options" in err and "max_consecutive_skips" in err, err
+    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
 
 class _Payload:
     def __init__(self, marker):
