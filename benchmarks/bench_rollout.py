@@ -130,9 +130,9 @@ def instrument(module, clock: Clock) -> None:
         return orig_mtl(model, *a, **k)
 
     M.model_token_logprobs = mtl
-    for part, name in (("reward", "compute_rewards"), ("reward", "group_advantages")):
+    for part, name in (("reward", "compute_rewards"), ("reward", "group_advantages"), ("loss", "opd_grpo_loss")):
         setattr(M, name, clock.wrap(part, getattr(M, name)))
-    for part, name in (("teacher", "_teacher_scores"), ("policy_forward", "_logprobs"), ("loss", "_loss"),
+    for part, name in (("teacher", "_teacher_scores"), ("policy_forward", "_logprobs"),
                        ("backward", "manual_backward"), ("optimizer_total", "_optimizer_step")):
         setattr(module, name, clock.wrap(part, getattr(module, name)))
     orig_step = module.training_step

@@ -88,6 +88,23 @@ def _text_llm(processor, bias=0.0, row_scale=2.0, seed=0):
     return _eos_prone(model, tok.eos_token_id, bias, row_scale, seed)
 
 
+@pytest.fixture(scope="module")
+def varied_llm(processor, text_batch) -> torch.nn.Module:
+    return _varied_greedy_llm(processor, text_batch)
+
+
+def _varied_greedy_llm(processor, batch, G: int = 3) -> torch.nn.Module:
+    """A ``_text_llm`` whose greedy completions of ``batch`` end at different steps, some before the limit:
+    the precondition of the compaction checks. Which random EOS row gives that depends on the tokenizer the
+    fixtures train, so the first of a few seeds that does is taken (checked with ``model.generate``)."""
+    for seed in range(8):
+        model = _text_llm(processor, seed=seed)
+        lengths = HFGenerateEngine(processor.tokenizer).generate(model, batch, G, GREEDY).completion_mask.sum(-1)
+        if len(set(lengths.tolist())) >= 2 and int(lengths.min()) < GREEDY.max_new_tokens:
+            return model
+    raise AssertionError("no seed gives greedy completions of varied lengths")
+
+
 def _teacher_forced(model, ro: Rollout, temperature: float, vision: bool) -> torch.Tensor:
     ids = torch.cat([ro.prompt_ids, ro.completion_ids], 1)
     attn = torch.cat([ro.prompt_mask, ro.completion_mask], 1)
@@ -140,8 +157,8 @@ def test_greedy_equals_generate_on_vlm_student(tiny_models, processor, mixed_bat
 
 
 @pytest.mark.parametrize("opts", list(ENGINES.values()), ids=list(ENGINES))
-def test_greedy_equals_generate_on_text_llm(processor, text_batch, opts):
-    model = _text_llm(processor)
+def test_greedy_equals_generate_on_text_llm(processor, text_batch, varied_llm, opts):
+    model = varied_llm
     tok = processor.tokenizer
     ref = HFGenerateEngine(tok).generate(model, text_batch, 3, GREEDY)
     engine = CachedSamplingEngine(tok, **opts)
@@ -275,8 +292,8 @@ def test_vision_encoder_runs_once_per_prompt(tiny_models, processor, mixed_batch
     assert plain == [G * n_patches]  # generate encodes every image once per sample
 
 
-def test_finished_rows_leave_the_decode_batch(processor, text_batch):
-    model = _text_llm(processor)
+def test_finished_rows_leave_the_decode_batch(processor, text_batch, varied_llm):
+    model = varied_llm
     sizes: list[int] = []
     # Every forward (the prefill, and each decode step on either decode path) embeds its input ids once.
     hook = model.model.embed_tokens.register_forward_hook(lambda m, args, out: sizes.append(args[0].shape[0]))

@@ -134,7 +134,7 @@ class TraceWriter(L.pytorch.callbacks.BasePredictionWriter):
         self._t0 = time.perf_counter()
 
     def on_predict_start(self, trainer, pl_module) -> None:
-        pl_module.predict_num_samples, pl_module.predict_sampling = self.num_samples, self.sampling
+        pl_module.set_predict_sampling(self.num_samples, self.sampling)
         self.rows, self.stats = [], Counter()
         self._done, self._total, self._shown = 0, None, 0
         self._t0 = time.perf_counter()

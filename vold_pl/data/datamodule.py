@@ -19,6 +19,7 @@ from vold_pl.data.collate import (DEFAULT_INSTRUCTION, SKIPPED_KEY, BadRow, Prom
 from vold_pl.data.sampling import MixedSampler, ResumableDataLoader
 from vold_pl.data.schema import RecordError, image_problem
 from vold_pl.data.sources import DataSource, load_source
+from vold_pl.distributed import uses_distributed_sampler
 from vold_pl.errors import UserError
 
 __all__ = ["CheckedConcatDataset", "MixedSampler", "ReasoningDataModule", "ResumableDataLoader", "prompt_lengths"]
@@ -323,25 +324,26 @@ class ReasoningDataModule(L.LightningDataModule):
         rank, world = 0, 1
         if self._trainer_attached():
             rank, world = self.trainer.global_rank, self.trainer.world_size
-            if world > 1 and getattr(self.trainer._accelerator_connector, "use_distributed_sampler", False):
+            if world > 1 and uses_distributed_sampler(self.trainer):
                 raise ValueError("ReasoningDataModule splits its mixed draws across ranks itself (and resumes from "
                                  "them); Lightning's DistributedSampler on top would split them again. Set "
                                  "Trainer(use_distributed_sampler=False) (vold-pl fit does by default).")
         sizes = [len(d) for d in ds.datasets]
         self._sampler = MixedSampler(sizes, [s.weight for s in self.train_sources], self._per_rank(sum(sizes), world),
                                      self.seed, rank, world)
-        if self._trainer_attached():
-            # The epoch the fit loop is about to run (``current_epoch`` lags by one when resuming from a checkpoint
-            # written at an epoch's end): the length Lightning reads now must be that epoch's.
-            self._sampler.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed)
         # Its own generator: creating an iterator draws a worker base seed, which must not consume (and so shift)
         # the global RNG that rollouts sample from.
         self._train_loader = ResumableDataLoader(
             ds, batch_size=self.batch_size, sampler=self._sampler, collate_fn=self._collator(train=True),
             num_workers=self.num_workers, drop_last=True, generator=torch.Generator().manual_seed(self.seed),
             stage_filter=self._curriculum_filter, plan=self._draw_plan)
-        self._train_loader.prepare_epoch()
+        self._train_loader.prepare_epoch()  # the current stage's records: the length Lightning reads now
         return self._train_loader
+
+    @property
+    def train_epoch(self) -> int:
+        """Index of the epoch the train loader draws (Lightning sets it on the sampler at every epoch start)."""
+        return self._sampler.epoch if self._sampler is not None else 0
 
     def _per_rank(self, n_records: int, world: int) -> int:
         # At least one batch per rank, so a stage with fewer records than a batch still trains (with repeats).
@@ -431,10 +433,6 @@ class ReasoningDataModule(L.LightningDataModule):
         self.curriculum_state.update(state)
         if stage is not None and "train" in self.datasets:
             self.curriculum_pools(self._curriculum_filter())
-
-    def describe(self) -> str:
-        parts = {k: len(v) for k, v in self.datasets.items()}
-        return json.dumps(parts)
 
 
 def prompt_lengths(processor, ds, view: str = "student", instruction: str = DEFAULT_INSTRUCTION) -> list[int]:

@@ -213,15 +213,18 @@ class OPDGRPOModule(PolicyModule):
         t0 = time.perf_counter()
         G = self.grpo.num_generations
         records = batch["records"]
+        # rollout: o_1..o_G ~ π_old(·|q) per prompt
         rollout = self.rollout_engine.generate(self.model, batch, G, self.sampling)
         t_roll = time.perf_counter() - t0
         mask = rollout.completion_mask.float()  # [N, L]
 
+        # reward r_i = Σ_k w_k R_k, group advantage A_i
         rec_objs = [SimpleNamespace(**r) for r in records for _ in range(G)]
         rw = compute_rewards(rollout.texts, rec_objs, self.reward_weights)
         rewards = rw.total.to(self.device)  # [N]
         adv, zero_std = group_advantages(rewards, G, self.grpo.scale)  # [N], [B]
 
+        # frozen scores, once per rollout batch: teacher log π_T(o_t | q_T, o_<t), reference, π_old
         teacher = self._teacher_scores(records, rollout) if self.opd.lam > 0 else {}
         ref_logp = None
         if self.grpo.beta_ref > 0:
@@ -235,6 +238,7 @@ class OPDGRPOModule(PolicyModule):
                 old_logp = self._logprobs(rollout)[0]  # [N, L]
         success = rw.named[self.opd.gate_reward].to(self.device) if self.opd.gate_reward in rw.named else None  # [N]
 
+        # repeat μ times: loss of the step's experience, one optimizer step
         opt = self.optimizers()
         sched = self.lr_schedulers()
         for _ in range(self.grpo.num_iterations):
