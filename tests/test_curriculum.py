@@ -220,7 +220,7 @@ def test_resume_right_after_stage_change(which, stop_at, state, request, tiny_mo
     state = {"start_step": stop_at, **state}
     args = (tiny_models, straight["sources"], straight["stages"])
     first = _fit(tmp_path, *args, stop_at=stop_at, **straight["fit_kw"])
-    assert first["trainer"].global_step == stop_at and first["module"]._preempted
+    assert first["trainer"].global_step == stop_at and first["module"].finished_early
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     saved = next(v for k, v in ckpt["callbacks"].items() if k.startswith("Curriculum"))
     assert {k: saved[k] for k in state} == state  # the checkpoint holds the new stage

@@ -41,8 +41,8 @@ from torch import nn
 __all__ = [
     "ShardingConfig", "FSDP2Strategy", "check_strategy", "prepare_model", "prepare_frozen", "shard_model",
     "shard_blocks", "mixed_precision_policy", "BackboneHooks", "install_backbone_hooks", "keeps_ranks_in_step",
-    "rollout_engine_for", "make_adamw8bit", "EvenShardSampler", "is_fsdp2", "is_quantized", "full_state_dict",
-    "local_param_bytes", "optimizer_state_bytes",
+    "rollout_engine_for", "make_adamw8bit", "EvenShardSampler", "uses_distributed_sampler", "is_fsdp2",
+    "is_quantized", "full_state_dict", "local_param_bytes", "optimizer_state_bytes",
 ]
 
 
@@ -514,6 +514,15 @@ def _is_dtensor(t) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
+
+def uses_distributed_sampler(trainer) -> bool:
+    """Whether Lightning will wrap the data loaders' samplers in a ``DistributedSampler`` (the Trainer's
+    ``use_distributed_sampler``). Lightning 2.6 keeps that constructor argument only on its private accelerator
+    connector and has no public accessor; this is the one place that reads it (see docs/architecture.md)."""
+    connector = getattr(trainer, "_accelerator_connector", None)
+    return bool(getattr(connector, "use_distributed_sampler", False))
+
+
 
 class EvenShardSampler(torch.utils.data.Sampler[int]):
     """Sequential evaluation indices split across ranks, padded so every rank gets the same count.

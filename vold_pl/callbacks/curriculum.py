@@ -17,10 +17,13 @@ validation end, once the stage has trained). In YAML::
                  rewards: {currreft_yesno: 1.0, format: 1.0}, steps: 100}
               - ...
 
-The stage filter takes effect when an epoch's iterator is created; a stage that ends mid-epoch therefore ends
-the epoch (``PolicyModule.on_train_batch_start`` returns -1 while ``curriculum_end_epoch`` is set). The stage,
-the step and epoch it began and that flag are saved in checkpoints, so a resumed run continues in the same stage
-with the same stage-relative counters. List the callback before ``PreemptionCallback`` (``vold-pl fit`` appends
+The stage filter takes effect when an epoch's loader is built: the callback needs
+``trainer.reload_dataloaders_every_n_epochs`` = 1 (it turns it on when it is 0), so Lightning asks the data module
+for a new train loader at every epoch start and reads that epoch's length from it (a stage with fewer eligible
+records has shorter epochs). A stage that ends mid-epoch therefore ends the epoch through the policy module's
+``end_epoch_early()`` (its ``on_train_batch_start`` then returns -1). The stage, the step and epoch it began and
+that flag are saved in checkpoints, so a resumed run continues in the same stage with the same stage-relative
+counters. List the callback before ``PreemptionCallback`` (``vold-pl fit`` appends
 that one after the configured callbacks) so that a checkpoint written at a batch end includes a stage change
 made at that batch end.
 """
@@ -91,6 +94,7 @@ class Curriculum(L.Callback):
         self._module: Any = None
         self._base: dict[str, Any] = {}
         self._missing_metric_warned = False
+        self._at_last_batch = False  # the latest training batch was its epoch's last
 
     @property
     def current(self) -> CurriculumStage:
@@ -106,6 +110,15 @@ class Curriculum(L.Callback):
                             "with vold_pl.data.datamodule.ReasoningDataModule (data: in the config).")
         for s in self.stages:  # a stage that selects nothing fails now, not hours into training
             dm.curriculum_pools(s)
+        reload = trainer.reload_dataloaders_every_n_epochs
+        if reload not in (0, 1):
+            raise ValueError(f"the Curriculum callback needs trainer.reload_dataloaders_every_n_epochs: 1 (each epoch's "
+                             f"train loader is built for the stage it trains), got {reload}.")
+        # A public Trainer setting, read by the fit loop after setup: every epoch gets a loader built for its stage.
+        trainer.reload_dataloaders_every_n_epochs = 1
+        if not callable(getattr(pl_module, "end_epoch_early", None)):
+            raise TypeError(f"the Curriculum callback ends an epoch through the module's end_epoch_early(); "
+                            f"{type(pl_module).__name__} has none (use a vold_pl PolicyModule).")
         self._check_limits(trainer)
         self._dm, self._module = dm, pl_module
         self._base = {k: st.get(pl_module) for k, st in MODULE_SETTINGS.items() if hasattr(pl_module, st.owner)}
@@ -146,21 +159,21 @@ class Curriculum(L.Callback):
         for k, base in self._base.items():
             v = getattr(s, k)
             MODULE_SETTINGS[k].set(self._module, base if v is None else v)
-        self._module.curriculum_end_epoch = self.end_epoch
+        self._module.end_epoch_early(self.end_epoch)
 
     # -- the rules ----------------------------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.end_epoch = pl_module.curriculum_end_epoch = False
-        loader = _train_loader(trainer)
-        if loader is not None:
-            loader.prepare_epoch()  # the coming epoch's records, so its length is known before its iterator
-            _sync_epoch_length(trainer)
+        self.end_epoch = False
+        pl_module.end_epoch_early(False)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         pl_module.log("curriculum/stage", float(self.stage), on_step=True, on_epoch=False, batch_size=1,
                       prog_bar=True)
-        s, last = self.current, trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
-        steps, epochs = trainer.global_step - self.start_step, _epoch(trainer) + 1 - self.start_epoch
+        # batch_idx counts from the epoch's start, also in a resumed epoch; num_training_batches is this epoch's
+        # length (its loader was built for the stage).
+        s, last = self.current, batch_idx + 1 >= trainer.num_training_batches
+        self._at_last_batch = last
+        steps, epochs = trainer.global_step - self.start_step, self._epoch() + 1 - self.start_epoch
         if s.steps is not None and steps >= s.steps:
             self._advance(trainer, f"steps: {steps} optimizer steps in the stage", mid_epoch=not last)
         elif s.epochs is not None and last and epochs >= s.epochs:
@@ -183,15 +196,16 @@ class Curriculum(L.Callback):
                               stacklevel=2)
             return
         if float(value) >= s.val_threshold:
-            last = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
-            self._advance(trainer, f"{s.val_metric} {float(value):.4g} >= {s.val_threshold:g}", mid_epoch=not last)
+            # Validation runs after the batch-end hooks of the batch it follows.
+            self._advance(trainer, f"{s.val_metric} {float(value):.4g} >= {s.val_threshold:g}",
+                          mid_epoch=not self._at_last_batch)
 
     def _advance(self, trainer: L.Trainer, why: str, mid_epoch: bool) -> None:
         if self.stage >= len(self.stages) - 1:  # the last stage never advances
             return
         old = self.current
         self.stage += 1
-        self.start_step, self.start_epoch = trainer.global_step, _epoch(trainer) + 1
+        self.start_step, self.start_epoch = trainer.global_step, self._epoch() + 1
         self.end_epoch = mid_epoch  # the running epoch drew with the old filter: end it
         self._apply()
         if trainer.is_global_zero:
@@ -216,34 +230,8 @@ class Curriculum(L.Callback):
         if self._dm is not None:  # set up already (Lightning restores after setup): re-apply the restored stage
             self._apply()
 
-
-def _epoch(trainer: L.Trainer) -> int:
-    """Index of the running epoch (the sampler's epoch). Unlike ``current_epoch`` it does not lag by one after a
-    resume from an epoch-end checkpoint of a step-bounded run."""
-    return trainer.fit_loop.epoch_progress.current.processed
-
-
-def _train_loader(trainer: L.Trainer):
-    combined = trainer.fit_loop._combined_loader
-    loaders = combined.flattened if combined is not None else []
-    return loaders[0] if len(loaders) == 1 and hasattr(loaders[0], "prepare_epoch") else None
-
-
-def _sync_epoch_length(trainer: L.Trainer) -> None:
-    """Make the fit loop's idea of the epoch's length match the train loader's.
-
-    Lightning reads the train loader's length once, when it sets the loader up (without
-    ``reload_dataloaders_every_n_epochs``), and assumes every epoch has that length; a stage with another number
-    of eligible records has epochs of another length. This updates, before the epoch's iterator is created, what
-    Lightning derived from it: the loader's batch limit, the loop's batch count and the batch that triggers a
-    fractional ``val_check_interval``.
-    """
-    loop, loader = trainer.fit_loop, _train_loader(trainer)
-    if loader is None:
-        return
-    n, limit = len(loader), trainer.limit_train_batches
-    n = min(n, limit) if isinstance(limit, int) else int(n * limit)
-    loop._combined_loader.limits = [n]
-    loop.max_batches = n
-    if isinstance(trainer.val_check_interval, float) and getattr(trainer, "_val_check_time_interval", None) is None:
-        trainer.val_check_batch = max(1, int(n * trainer.val_check_interval))
+    def _epoch(self) -> int:
+        """Index of the running epoch: the one Lightning gave the train sampler (``set_epoch``). Unlike
+        ``trainer.current_epoch`` it does not lag by one after a resume from an epoch-end checkpoint of a
+        step-bounded run."""
+        return self._dm.train_epoch

@@ -62,7 +62,7 @@ class PreemptionCallback(L.Callback):
         # Lightning registered its handlers when fit started; ours replace them for training.
         if threading.current_thread() is not threading.main_thread():
             return
-        env = trainer._accelerator_connector.cluster_environment
+        env = getattr(trainer.strategy, "cluster_environment", None)  # parallel strategies have one
         slurm_requeue = isinstance(env, SLURMEnvironment) and env.auto_requeue
         if trainer.received_sigterm:  # arrived between fit start and now
             self.received = signal.SIGTERM
@@ -95,7 +95,7 @@ class PreemptionCallback(L.Callback):
             return
         path, findable = self._save(trainer)
         self.saved_path = path
-        pl_module._preempted = True
+        pl_module.mark_unfinished()
         trainer.should_stop = True
         name = signal.Signals(self.received).name if self.received is not None else "a signal on another rank"
         how = "--ckpt_path last" if findable else f"--ckpt_path {path}"
@@ -106,6 +106,10 @@ class PreemptionCallback(L.Callback):
         """Write the checkpoint; returns its path and whether ``--ckpt_path last`` will find it."""
         cbs = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.save_last]
         if cbs:
+            # Through the callback, not trainer.save_checkpoint: the callback must record this save (its
+            # last_model_path and last-saved step), or it writes a second last-v1.ckpt at this same step (at epoch
+            # end, holding a finished epoch) that ``--ckpt_path last`` would then pick. Lightning has no public
+            # "save last now"; see docs/architecture.md.
             cb = cbs[0]
             if isinstance(cb, ResumableCheckpoint):
                 return cb.save_last_now(trainer), True

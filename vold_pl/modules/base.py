@@ -179,18 +179,40 @@ class PolicyModule(L.LightningModule):
         self.skipped_steps, self.consecutive_skips = 0, 0
         self._step_skipped, self._last_skip = False, ""
         self._rng_to_restore: dict | None = None
-        self._preempted = False  # set by PreemptionCallback: fit ended early, do not export
-        # Set by the Curriculum callback when a stage ends mid-epoch (saved in its state, cleared at epoch start).
-        self.curriculum_end_epoch = False
+        self._preempted = False  # fit ended early (``mark_unfinished``): do not export
+        self._end_epoch = False  # ``end_epoch_early``: skip the rest of the running epoch
         if "teacher" not in inspect.signature(type(self).__init__).parameters:
             check_align_option(model, None)  # ``align_tokens_with: teacher`` needs a module with a teacher
         self.processor = load_processor(model)  # applies model.align_tokens_with when it names a tokenizer
         self.tokenizer = get_tokenizer(self.processor)
         self.model: torch.nn.Module | None = None
         self._t_last: float | None = None
-        # Sampling for ``vold-pl predict``; a writer callback (TraceWriter) sets both before predicting.
+        # Sampling for ``vold-pl predict``; a writer callback (TraceWriter) sets both through
+        # ``set_predict_sampling`` before predicting.
         self.rollout_engine = default_engine(self.tokenizer)
         self.predict_num_samples, self.predict_sampling = 1, SamplingConfig(do_sample=False)
+
+    # -- what callbacks may ask of the module (the only state they change from outside) ---------------------------
+    def end_epoch_early(self, end: bool = True) -> None:
+        """Ask Lightning to end the running training epoch before its next batch (``on_train_batch_start``
+        returns -1), e.g. when a curriculum stage ends mid-epoch; ``end=False`` withdraws the request."""
+        self._end_epoch = bool(end)
+
+    def mark_unfinished(self) -> None:
+        """Fit is stopping before its end (preemption): ``on_fit_end`` writes no export; the checkpoint is the
+        run's result."""
+        self._preempted = True
+
+    @property
+    def finished_early(self) -> bool:
+        """True once :meth:`mark_unfinished` was called."""
+        return self._preempted
+
+    def set_predict_sampling(self, num_samples: int, sampling: SamplingConfig) -> None:
+        """How ``predict_step`` samples: ``num_samples`` completions per prompt with ``sampling``."""
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        self.predict_num_samples, self.predict_sampling = int(num_samples), sampling
 
     # -- model ---------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -317,9 +339,10 @@ class PolicyModule(L.LightningModule):
             self.consecutive_skips = 0
 
     def on_train_batch_start(self, batch, batch_idx) -> int | None:
-        """-1 (Lightning: skip the rest of the epoch) once a curriculum stage has ended mid-epoch, so the next
-        epoch's draws obey the new stage's record filter; the batch fetched here is not trained on."""
-        return -1 if self.curriculum_end_epoch else None
+        """-1 (Lightning: skip the rest of the epoch) after ``end_epoch_early`` (a curriculum stage that ended
+        mid-epoch: the next epoch's draws obey the new stage's record filter); the batch fetched here is not
+        trained on."""
+        return -1 if self._end_epoch else None
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1, reduce_fx="max")
