@@ -7,6 +7,14 @@ each prompt the model writes k samples; the ones whose answer verifies against t
 cap) and written in the record schema, next to ``<out>.summary.json``: provenance (model, checkpoint, sampling
 settings, filters) and kept / total per source. The summary is written before the JSONL, both atomically, so
 an existing JSONL always has its summary (drivers use the JSONL as the "stage done" marker).
+
+Sharded and resumable: with several ranks each one generates its own share of the prompts (the data module
+splits the predict set, see ``docs/distributed.md``). Every rank writes what it has done to
+``<out>.shards/r<rank>-<n>.jsonl`` every ``shard_every`` prompts (atomically; one line per prompt with its kept
+records and counts, a prompt without a kept trace included). A rerun with the same ``out_path`` reads the shards,
+leaves the prompts already done out of the predict set before any is generated, and generates only the rest;
+the end of the run gathers the new lines once and rank 0 merges them with the earlier shards into the final
+JSONL, every prompt id exactly once, then removes the shard folder (``keep_shards`` keeps it).
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import json
 import random
 import re
 import time
+import shutil
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,6 +32,7 @@ from typing import Literal
 import lightning as L
 
 from vold_pl.checkpointing import atomic_write_text
+from vold_pl.errors import UserError
 from vold_pl.progress import format_eta
 from vold_pl.rewards.extract import extract_answer
 from vold_pl.rewards.functions import score_answer
@@ -100,7 +110,8 @@ class TraceWriter(L.pytorch.callbacks.BasePredictionWriter):
 
     Args:
         out_path: the JSONL to write (records in the project schema; ``trace`` is the kept reasoning, ``source``
-            is ``<original source>+traces(<model>)``); the summary goes to ``<out>.summary.json``.
+            is ``<original source>+traces(<model>)``); the summary goes to ``<out>.summary.json``, the shards of
+            an unfinished run to ``<out>.shards/``.
         num_samples: k samples per prompt.
         max_new_tokens: completion length cap while sampling.
         temperature: sampling temperature (0 → greedy, as OpenVLThinker samples its next SFT set).
@@ -111,16 +122,23 @@ class TraceWriter(L.pytorch.callbacks.BasePredictionWriter):
         text_only_ratio: fraction of the written set taken from ``text_only_path`` (e.g. 0.3).
         model_name: provenance: the model that wrote the traces (default: the module's model path).
         seed: seed of the text-only mix draw.
+        shard_every: each rank writes a shard after every this many of its prompts (a crash loses at most this
+            many per rank); a rerun skips the prompts of the shards already written.
+        keep_shards: keep ``<out>.shards/`` after the final JSONL is written (default: remove it, so a rerun of
+            a finished run samples afresh).
     """
 
     def __init__(self, out_path: str, num_samples: int = 4, max_new_tokens: int = 128, temperature: float = 1.0,
                  keep: Literal["shortest", "drop_longest", "first", "all"] = "shortest",
                  strip_reflection: bool = True, max_words: int = 0, text_only_path: str | None = None,
-                 text_only_ratio: float = 0.0, model_name: str | None = None, seed: int = 0):
+                 text_only_ratio: float = 0.0, model_name: str | None = None, seed: int = 0,
+                 shard_every: int = 256, keep_shards: bool = False):
         super().__init__(write_interval="batch")
         select_traces([], keep)  # validates ``keep`` now, not after an hour of sampling
         if not 0.0 <= text_only_ratio < 1.0:
             raise ValueError(f"text_only_ratio must be in [0, 1), got {text_only_ratio}")
+        if shard_every < 1:
+            raise ValueError(f"shard_every must be >= 1, got {shard_every}")
         self.out_path, self.num_samples, self.keep = Path(out_path), num_samples, keep
         self.temperature = temperature
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=max(temperature, 1e-5),
@@ -128,14 +146,110 @@ class TraceWriter(L.pytorch.callbacks.BasePredictionWriter):
         self.strip_reflection, self.max_words = strip_reflection, max_words
         self.text_only_path, self.text_only_ratio = text_only_path, text_only_ratio
         self.model_name, self.seed = model_name, seed
-        self.rows: list[dict] = []
+        self.shard_every, self.keep_shards = shard_every, keep_shards
+        self.shard_dir = self.out_path.with_suffix(".shards")
         self.stats: Counter = Counter()
+        self._reset_run()
+
+    def _reset_run(self) -> None:
+        self.stats = Counter()  # this rank, this run (progress lines); the summary is rebuilt from every shard
+        self._new: list[dict] = []  # this rank's prompts of this run (one entry each, see _entry)
+        self._buffer: list[dict] = []  # ... not yet in a shard
+        self._earlier: dict[str, dict] = {}  # rank 0: prompt id -> entry, from the shards of earlier runs
+        self._done_ids: set[str] = set()  # every rank: ids done by earlier runs
+        self._seen: set[str] = set()  # ids this rank has handled in this run (repeats padding a share are skipped)
+        self._expected: set[str] | None = None  # the predict set's ids, when the data module is known
+        self._seq, self._finished, self._restore = 0, False, None
         self._done, self._total, self._shown = 0, None, 0
         self._t0 = time.perf_counter()
 
+    # -- resume: read the shards of earlier runs, leave their prompts out --------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "predict":
+            return
+        self._reset_run()
+        payload = None
+        if trainer.global_rank == 0:
+            try:
+                self._earlier = self._read_shards(self._fingerprint(trainer, pl_module))
+                payload = sorted(self._earlier)
+            except UserError as e:
+                payload = e  # raised on every rank below, so none waits in a collective for rank 0
+        payload = trainer.strategy.broadcast(payload, src=0)
+        if isinstance(payload, Exception):
+            raise payload
+        self._done_ids = set(payload)
+        self._skip_done(trainer)
+        if self._expected is not None and not (self._expected - self._done_ids):
+            # Nothing left: Lightning skips an empty predict loop, so finish (merge and write) here.
+            self._finish(trainer, pl_module)
+
+    def _fingerprint(self, trainer, pl_module) -> dict:
+        """What must not change between a run and its resume: the model and how its samples are filtered."""
+        return {"model": self._model(pl_module), "num_samples": self.num_samples, "keep": self.keep,
+                "sampling": {"temperature": self.temperature, "max_new_tokens": self.sampling.max_new_tokens},
+                "filters": {"strip_reflection": self.strip_reflection, "max_words": self.max_words},
+                "view": getattr(getattr(trainer, "datamodule", None), "view", None)}
+
+    def _read_shards(self, fingerprint: dict) -> dict[str, dict]:
+        """Entries of the shards already written (prompt id -> entry); writes ``meta.json`` on a fresh start."""
+        meta = self.shard_dir / "meta.json"
+        if not meta.is_file():
+            if self.shard_dir.is_dir() and any(self.shard_dir.glob("r*.jsonl")):
+                raise UserError(f"{self.shard_dir}: shards without meta.json; remove the folder to start afresh.")
+            atomic_write_text(meta, json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
+            return {}
+        before = json.loads(meta.read_text())
+        for key in fingerprint:
+            if before.get(key) != fingerprint[key]:
+                raise UserError(
+                    f"{meta}: field {key!r}: the unfinished run in {self.shard_dir} used {before.get(key)!r}, this "
+                    f"run {fingerprint[key]!r}. Resume with the same settings, or remove {self.shard_dir} (or choose "
+                    "another out_path) to start afresh.")
+        entries: dict[str, dict] = {}
+        for f in sorted(self.shard_dir.glob("r*.jsonl")):  # whole files only: each was renamed into place
+            for lineno, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+                try:
+                    e = json.loads(line)
+                    entries.setdefault(e["id"], e)
+                except (ValueError, KeyError, TypeError) as err:
+                    raise UserError(f"{f}:{lineno}: not a shard line ({err}); remove the file to redo its "
+                                    "prompts.") from err
+        return entries
+
+    def _skip_done(self, trainer) -> None:
+        """Leave the prompts done by earlier runs out of the data module's predict set, before any is generated."""
+        dm = getattr(trainer, "datamodule", None)
+        ds = (getattr(dm, "datasets", None) or {}).get("predict")
+        ids = _dataset_ids(ds)
+        if ids is None:  # a loader handed to trainer.predict directly: done ids are skipped after sampling only
+            return
+        seen: dict[str, int] = {}
+        for i, x in enumerate(ids):
+            if x in seen:
+                raise UserError(f"predict data: id {x!r} appears twice (rows {seen[x]} and {i} of the sources "
+                                f"{[s.path for s in dm.predict_sources]}). TraceWriter writes one data set keyed "
+                                "by id: give every record a unique id.")
+            seen[x] = i
+        self._expected = set(ids)
+        todo = [i for i, x in enumerate(ids) if x not in self._done_ids]
+        if len(todo) < len(ids):
+            import torch
+
+            self._restore = (dm.datasets, ds)
+            dm.datasets["predict"] = torch.utils.data.Subset(ds, todo)
+            if trainer.global_rank == 0:
+                print(f"[vold-pl] traces: resuming from {self.shard_dir}: {len(ids) - len(todo)} of {len(ids)} "
+                      f"prompts already done, {len(todo)} to go", flush=True)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._restore is not None:  # the data module's own set again, for whatever runs next
+            datasets, ds = self._restore
+            datasets["predict"], self._restore = ds, None
+
+    # -- sampling -------------------------------------------------------------------------------------------
     def on_predict_start(self, trainer, pl_module) -> None:
         pl_module.set_predict_sampling(self.num_samples, self.sampling)
-        self.rows, self.stats = [], Counter()
         self._done, self._total, self._shown = 0, None, 0
         self._t0 = time.perf_counter()
 
@@ -144,16 +258,38 @@ class TraceWriter(L.pytorch.callbacks.BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         for rec, texts in zip(prediction["records"], prediction["texts"]):
-            src = base_source(rec.get("source"))
-            self.stats[f"{src}/total"] += 1
-            correct, dropped = verified_traces(texts, rec, self.strip_reflection, self.max_words)
-            for why, n in dropped.items():
-                self.stats[f"{src}/{why}"] += n
-            chosen = select_traces(correct, self.keep)
-            self.stats[f"{src}/kept"] += bool(chosen)
-            for j, trace in enumerate(chosen):
-                self.rows.append(self._record(rec, trace, self._model(pl_module), j))
+            if rec["id"] in self._seen or rec["id"] in self._done_ids:
+                continue  # a repeat that evens out the ranks' shares, or done by an earlier run
+            self._seen.add(rec["id"])
+            entry = self._entry(rec, texts, self._model(pl_module))
+            self._new.append(entry)
+            self._buffer.append(entry)
+            for k, v in entry["counts"].items():
+                self.stats[f"{entry['source']}/{k}"] += v
+        if len(self._buffer) >= self.shard_every:
+            self._flush(trainer)
         self._progress(trainer, len(prediction["records"]))
+
+    def _entry(self, rec: dict, texts: list[str], model: str) -> dict:
+        """One prompt's outcome, as a shard line: its kept records and its counts (total, kept, dropped why)."""
+        correct, dropped = verified_traces(texts, rec, self.strip_reflection, self.max_words)
+        chosen = select_traces(correct, self.keep)
+        counts = {"total": 1, "kept": int(bool(chosen)), **dropped}
+        return {"id": rec["id"], "source": base_source(rec.get("source")), "counts": counts,
+                "records": [self._record(rec, trace, model, j) for j, trace in enumerate(chosen)]}
+
+    def _flush(self, trainer) -> None:
+        """This rank's new entries to the next shard file, atomically (a crash leaves whole shards only)."""
+        if not self._buffer:
+            return
+        rank = trainer.global_rank
+        if self._seq == 0:  # after the shards this rank wrote in earlier runs (the world size may have changed)
+            taken = [int(f.stem.split("-")[1]) for f in self.shard_dir.glob(f"r{rank:05d}-*.jsonl")]
+            self._seq = max(taken, default=-1) + 1
+        path = self.shard_dir / f"r{rank:05d}-{self._seq:06d}.jsonl"
+        atomic_write_text(path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in self._buffer))
+        self._seq += 1
+        self._buffer = []
 
     def _progress(self, trainer, n: int) -> None:
         """Prompts done / total, rate and ETA on rank 0 at every tenth of the run, for logs (Lightning's predict bar
@@ -184,21 +320,50 @@ class TraceWriter(L.pytorch.callbacks.BasePredictionWriter):
         out["source"] = f"{base_source(rec.get('source'))}+traces({model})"
         return out
 
+    # -- the end: gather once, merge with earlier shards, write -------------------------------------------------
     def on_predict_end(self, trainer, pl_module) -> None:
-        rows = self._gather(trainer)
+        self._finish(trainer, pl_module)
+
+    def _finish(self, trainer, pl_module) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self._flush(trainer)
+        new = self._gather(trainer)
         if trainer.global_rank != 0:
             return
+        entries = dict(self._earlier)
+        for e in new:
+            entries.setdefault(e["id"], e)  # a prompt two ranks both had (Lightning's padding) counts once
+        resumed = sum(1 for i in entries if i in self._earlier)
+        if self._expected is not None:
+            entries = {i: e for i, e in entries.items() if i in self._expected}
+            missing = self._expected - set(entries)
+            if missing:  # e.g. limit_predict_batches: keep the shards, a rerun completes the set
+                print(f"[vold-pl] WARNING: {len(missing)} prompts were not sampled (e.g. {sorted(missing)[:3]}); "
+                      f"the shards in {self.shard_dir} are kept, rerun to complete the set.")
+        self.stats = Counter()
+        for e in entries.values():
+            for k, v in e["counts"].items():
+                self.stats[f"{e['source']}/{k}"] += v
+        rows = [r for i in sorted(entries) for r in entries[i]["records"]]
         rows.sort(key=lambda r: r["id"])
         n_main = len(rows)
         rows += self._text_only_mix(n_main)
         summary = self.summary(trainer, pl_module, n_main, len(rows))
+        summary["resumed_prompts"], summary["sampled_prompts"] = resumed, len(entries) - resumed
         summary_path = self.out_path.with_suffix(".summary.json")
         atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
         from vold_pl.data.schema import write_jsonl
 
         write_jsonl(rows, self.out_path)  # atomic, after the summary: the JSONL marks a finished run
+        if not self.keep_shards and not (self._expected is not None and missing):
+            shutil.rmtree(self.shard_dir, ignore_errors=True)
         for src, row in summary["kept_per_source"].items():
             print(f"[vold-pl]   {src:<24} kept {row['kept']:>6}/{row['total']:<6} ({100 * row['rate']:.1f}%)")
+        if resumed:
+            print(f"[vold-pl] {resumed} prompts were taken from the shards of an earlier run, "
+                  f"{len(entries) - resumed} sampled now")
         print(f"[vold-pl] kept {summary['kept']}/{summary['total']} prompts with a verified trace; wrote "
               f"{len(rows)} records to {self.out_path} (summary: {summary_path})")
         if summary["kept"] == 0:
@@ -231,16 +396,14 @@ class TraceWriter(L.pytorch.callbacks.BasePredictionWriter):
         }
 
     def _gather(self, trainer) -> list[dict]:
+        """Every rank's new entries on every rank (one ``all_gather_object``); the rank's own when alone."""
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()) or trainer.world_size == 1:
-            return self.rows
+            return self._new
         parts: list = [None] * trainer.world_size
-        dist.all_gather_object(parts, (self.rows, dict(self.stats)))
-        self.stats = Counter()
-        for _, st in parts:
-            self.stats.update(st)
-        return [r for rows, _ in parts for r in rows]
+        dist.all_gather_object(parts, self._new)
+        return [e for part in parts for e in part or []]
 
     def _text_only_mix(self, n_main: int) -> list[dict]:
         """``round(n · r / (1 − r))`` text-only records, so they make a fraction ``r`` of the written set."""
@@ -257,3 +420,15 @@ class TraceWriter(L.pytorch.callbacks.BasePredictionWriter):
         self.stats["text_only/mixed_in"] = len(picked)
         return [r.to_json() for r in picked]
 
+
+
+def _dataset_ids(ds) -> list[str] | None:
+    """The ``id`` of every row of a data module's predict set, read from the id column (no image is decoded);
+    ``None`` for a data set of another kind."""
+    parts = getattr(ds, "datasets", None)
+    if ds is None or parts is None:
+        return None
+    try:
+        return [x for part in parts for x in part["id"]]
+    except (KeyError, TypeError):
+        return None

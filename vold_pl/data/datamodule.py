@@ -387,7 +387,15 @@ class ReasoningDataModule(L.LightningDataModule):
             return []
         # Predicting always generates, so it always needs bare prompts.
         mode = "prompt" if split == "predict" else None
-        return DataLoader(self.datasets[split], batch_size=self.val_batch_size, shuffle=False,
+        ds, sampler = self.datasets[split], None
+        if self._trainer_attached() and self.trainer.world_size > 1 and not getattr(
+                self.trainer._accelerator_connector, "use_distributed_sampler", False):
+            from vold_pl.distributed import EvenShardSampler
+
+            # Each rank evaluates / generates its own share, evened out with repeats of its own rows (never
+            # scored twice by TraceWriter): equal batch counts, so no rank waits in a collective for another.
+            sampler = EvenShardSampler(len(ds), self.trainer.global_rank, self.trainer.world_size)
+        return DataLoader(ds, batch_size=self.val_batch_size, shuffle=False, sampler=sampler,
                           collate_fn=self._collator(mode), num_workers=self.num_workers,
                           generator=torch.Generator().manual_seed(self.seed))
 
