@@ -312,39 +312,42 @@ def make_image_processor():
     return Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2)
 
 
-def build_real_shape_models(sizes: RealShapeSizes | None = None, seed: int = 0):
-    """``(processor, student, teacher_tokenizer, teacher)``: the real tokenizers on tiny real-shape models.
+def extend_to_qwen3(tokenizer) -> None:
+    """Turn a Qwen2.5-VL tokenizer into Qwen3's in place: its four extra added tokens and its chat template.
 
-    The student's tokenizer is Qwen2.5-VL's own (it lacks ``<think>``), as a user downloading the model gets.
+    The same result as :func:`qwen3_tokenizer`, without building the 151k-token backend a second time.
     """
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration, Qwen3ForCausalLM
+    from tokenizers import AddedToken
+
+    for i, content, special in QWEN3_ADDED_TOKENS[len(QWEN2_5_VL_ADDED_TOKENS):]:
+        tokenizer.add_tokens([AddedToken(content, special=special, normalized=False)], special_tokens=special)
+        if tokenizer.convert_tokens_to_ids(content) != i:
+            raise ValueError(f"{content!r} got id {tokenizer.convert_tokens_to_ids(content)}, expected {i}")
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+
+
+def save_real_shape_models(out: str | Path, sizes: RealShapeSizes | None = None, seed: int = 0) -> dict[str, Path]:
+    """Write ``out/student`` (model + processor) and ``out/teacher`` (model + tokenizer), safetensors."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3ForCausalLM
 
     from vold_pl.models.processor import ImageTextProcessor
 
-    student_tok, teacher_tok = qwen2_5_vl_tokenizer(), qwen3_tokenizer()
-    processor = ImageTextProcessor(image_processor=make_image_processor(), tokenizer=student_tok,
+    out = Path(out)
+    paths = {"student": out / "student", "teacher": out / "teacher"}
+    tok = qwen2_5_vl_tokenizer()
+    processor = ImageTextProcessor(image_processor=make_image_processor(), tokenizer=tok,
                                    chat_template=QWEN2_5_VL_CHAT_TEMPLATE)
     torch.manual_seed(seed)
     student = Qwen2_5_VLForConditionalGeneration(qwen2_5_vl_config(sizes))
     torch.manual_seed(seed + 1)
     teacher = Qwen3ForCausalLM(qwen3_config(sizes))
-    # The published generation_config.json files: both stop at <|im_end|> or <|endoftext|>.
-    student.generation_config = GenerationConfig(bos_token_id=151643, pad_token_id=151643,
-                                                 eos_token_id=[151645, 151643])
-    teacher.generation_config = GenerationConfig(bos_token_id=151643, pad_token_id=151643,
-                                                 eos_token_id=[151645, 151643])
-    return processor, student, teacher_tok, teacher
-
-
-def save_real_shape_models(out: str | Path, sizes: RealShapeSizes | None = None, seed: int = 0) -> dict[str, Path]:
-    """Write ``out/student`` (model + processor) and ``out/teacher`` (model + tokenizer), safetensors."""
-    out = Path(out)
-    processor, student, teacher_tok, teacher = build_real_shape_models(sizes, seed)
-    paths = {"student": out / "student", "teacher": out / "teacher"}
+    for m in (student, teacher):  # the published generation_config.json: stop at <|im_end|> or <|endoftext|>
+        m.generation_config.update(bos_token_id=151643, pad_token_id=151643, eos_token_id=[151645, 151643])
     student.save_pretrained(paths["student"], safe_serialization=True)
     processor.save_pretrained(paths["student"])
+    extend_to_qwen3(tok)  # after the student's copy is written
     teacher.save_pretrained(paths["teacher"], safe_serialization=True)
-    teacher_tok.save_pretrained(paths["teacher"])
+    tok.save_pretrained(paths["teacher"])
     return paths
 
 
