@@ -242,3 +242,50 @@ def test_two_ranks_shard_resume_and_match_one_rank(tmp_path, tiny_models, synth_
     for n in (1, 2):
         s = reports[n]["benchmarks"]["synthetic"]
         assert s["n"] == N_VAL and s["accuracy"] == pytest.approx(2 / N_VAL), s
+
+
+def test_rerun_samples_only_prompts_without_a_shard(tmp_path, tiny_models, synth_data, monkeypatch):
+    """1 rank, in this process, through ``vold-pl predict``: a rerun of a finished set (shards kept) samples
+    nothing and writes the same file; with one shard removed it samples exactly that shard's prompts; a resume
+    with other sampling settings is refused, naming the setting."""
+    from types import SimpleNamespace
+
+    from tests.test_traces import run_predict
+    from vold_pl.callbacks.trace_writer import TraceWriter
+    from vold_pl.errors import UserError
+    from vold_pl.rl.rollout import ScriptedEngine
+
+    sampled: list[str] = []
+    generate = ScriptedEngine.generate
+
+    def counting(self, model, batch, k, sampling):
+        sampled.extend(r["id"] for r in batch["records"])
+        return generate(self, model, batch, k, sampling)
+
+    monkeypatch.setattr(ScriptedEngine, "generate", counting)
+    out = tmp_path / "traces.jsonl"
+    writer = {"out_path": str(out), "num_samples": 4, "max_new_tokens": 256, "temperature": 0.0, "keep": "all",
+              "shard_every": 3, "keep_shards": True}
+    records, first = run_predict(tmp_path, tiny_models["student"], synth_data["train"], 5, "student", writer)
+    ids = [r.id for r in records]
+    assert sampled == ids and (first["resumed_prompts"], first["sampled_prompts"]) == (0, 5)
+    shards = sorted(out.with_suffix(".shards").glob("r*.jsonl"))  # val_batch_size 3: a shard after each batch
+    assert [[e["id"] for e in _lines(f)] for f in shards] == [ids[:3], ids[3:]]
+    text = out.read_text()
+
+    sampled.clear()
+    out.unlink()
+    _, again = run_predict(tmp_path, tiny_models["student"], synth_data["train"], 5, "student", writer)
+    assert sampled == [] and out.read_text() == text
+    assert (again["resumed_prompts"], again["sampled_prompts"]) == (5, 0) and again["counts"] == first["counts"]
+
+    shards[1].unlink()
+    _, third = run_predict(tmp_path, tiny_models["student"], synth_data["train"], 5, "student", writer)
+    assert sampled == ids[3:] and out.read_text() == text
+    assert (third["resumed_prompts"], third["sampled_prompts"]) == (3, 2)
+
+    other = TraceWriter(str(out), num_samples=2, max_new_tokens=256, temperature=0.0, keep="all")
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(view="student"))
+    module = SimpleNamespace(model_spec=SimpleNamespace(name_or_path=str(tiny_models["student"])))
+    with pytest.raises(UserError, match=r"meta.json: field 'num_samples': .* used 4, this run 2"):
+        other._read_shards(other._fingerprint(trainer, module))
