@@ -8,7 +8,7 @@ model's published added-token table (``vold_pl.models.qwen_shapes``). Without al
 
 from __future__ import annotations
 
-import shutil
+import json
 
 import pytest
 
@@ -65,16 +65,12 @@ def test_alignment_adds_the_teacher_tokens_at_the_teacher_ids(real_shape_models,
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many?"}]}]
     assert "<|vision_start|><|image_pad|><|vision_end|>How many?" in tok.apply_chat_template(
         msgs, add_generation_prompt=True, tokenize=False)
-    # Saved with the processor (what the export writes): a reload has the tokens, no option needed.
+    # Saved with the processor (what the export writes): the folder's tokenizer has them, no option needed.
     proc.save_pretrained(tmp_path / "export")
-    shutil.copy(real_shape_models["student"] / "config.json", tmp_path / "export")
-    again = load_processor(ModelSpec(str(tmp_path / "export"))).tokenizer
-    assert again.convert_tokens_to_ids("</think>") == 151668 and len(again) == 151669
-    # The OPD way (align_tokens_with: teacher) does the same through the module's teacher.
-    fresh = student_processor(real_shape_models)
-    prepare_teacher_tokenizer(fresh, ModelSpec(str(real_shape_models["student"]), align_tokens_with="teacher"),
-                              ModelSpec(str(real_shape_models["teacher"])))
-    assert fresh.tokenizer.convert_tokens_to_ids("<think>") == 151667
+    saved = json.loads((tmp_path / "export" / "tokenizer.json").read_text())["added_tokens"]
+    assert {t["content"]: t["id"] for t in saved if t["id"] >= 151665} == {
+        "<tool_response>": 151665, "</tool_response>": 151666, "<think>": 151667, "</think>": 151668}
+    # (align_tokens_with: teacher, the OPD way, runs in tests/test_real_configs.py through the real OPD configs.)
 
 
 def test_mismatched_pairs_stay_refused(real_shape_models, teacher_tok, tiny_models):
@@ -90,15 +86,6 @@ def test_mismatched_pairs_stay_refused(real_shape_models, teacher_tok, tiny_mode
     # No embedding row for the new ids: refused rather than resized.
     with pytest.raises(TokenizerMismatchError, match=r"ids up to 151668, but the model has only 151667 embedding rows"):
         align_added_tokens(tok, teacher_tok, 151667)
-    # A student token of its own at 151665 (where the teacher has <tool_response>): the ids cannot agree.
-    own = student_processor(real_shape_models).tokenizer
-    own.add_tokens(["<|student_only|>"])
-    with pytest.raises(TokenizerMismatchError, match=r"at ids \[151665, 151666, 151667, 151668\].*next free id is 151666"):
-        align_added_tokens(own, teacher_tok, EMBEDDING_ROWS)
-    # A teacher whose vocabulary is smaller than the ids the student produces.
-    align_added_tokens(tok, teacher_tok, EMBEDDING_ROWS)
-    with pytest.raises(TokenizerMismatchError, match=r"teacher's vocabulary \(151000 embedding rows\) is smaller"):
-        check_tokenizers_aligned(tok, teacher_tok, student_vocab=EMBEDDING_ROWS, teacher_vocab=151000)
     # A different BPE (the tiny models' own tokenizer) with the chat tokens at other ids: neither aligns.
     other = load_processor(ModelSpec(str(tiny_models["teacher"])))
     with pytest.raises(TokenizerMismatchError) as err:
@@ -108,6 +95,13 @@ def test_mismatched_pairs_stay_refused(real_shape_models, teacher_tok, tiny_mode
     assert "same tokenizer family" in msg
     with pytest.raises(TokenizerMismatchError, match="share added tokens at different ids"):
         align_added_tokens(tok, other, EMBEDDING_ROWS)
+    # A student token of its own at 151665 (where the teacher has <tool_response>): the ids cannot agree.
+    tok.add_tokens(["<|student_only|>"])
+    with pytest.raises(TokenizerMismatchError, match=r"at ids \[151665, 151666, 151667, 151668\].*next free id is 151666"):
+        align_added_tokens(tok, teacher_tok, EMBEDDING_ROWS)
+    # A teacher whose vocabulary is smaller than the ids the student produces (its embedding rows).
+    with pytest.raises(TokenizerMismatchError, match=r"teacher's vocabulary \(151000 embedding rows\) is smaller"):
+        check_tokenizers_aligned(teacher_tok, teacher_tok, student_vocab=EMBEDDING_ROWS, teacher_vocab=151000)
 
 
 def test_align_with_teacher_needs_a_teacher(real_shape_models):
