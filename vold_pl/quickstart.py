@@ -8,8 +8,9 @@ Stages, each a plain ``vold-pl`` command printed before it runs (so every step c
 3. cold start       SFT of the tiny Qwen2.5-VL student on those traces, with the images (it never sees the
                     text view);
 4. VOLD             GRPO + on-policy distillation from the teacher on the student's own rollouts;
-5. benchmarks       ``vold-pl validate`` with the benchmark callback on the held-out split for the base
-                    student, the cold-start student and the VOLD student; a final table.
+5. benchmarks       ``vold-pl validate`` with the benchmark callback on the held-out split: the teacher on the
+                    text views (greedy, and at temperature 1 as when it wrote the traces), then the base
+                    student, the cold-start student and the VOLD student on the images; a final table.
 
 A stage whose output already exists is skipped, so an interrupted quickstart resumes where it stopped.
 """
@@ -47,6 +48,25 @@ def main(argv: list[str] | None = None) -> None:
              "--data.train", sources(data / "train_text.jsonl"), "--data.val", sources(data / "val_text.jsonl"),
              "--trainer.default_root_dir", str(runs / "teacher_sft")], runs / "logs" / "1_teacher_sft.log")
 
+    bench = ["--trainer.callbacks.init_args.benchmarks",
+             json.dumps([{"name": "synthetic", "path": str(data / "test.jsonl"), "loader": "synthetic"}]),
+             "--data.val", json.dumps([{"path": str(data / "val.jsonl"), "limit": 8}])]
+    reports: dict[str, Path] = {}
+
+    def benchmark(name: str, path: Path, config: str, extra: list[str] = ()) -> None:
+        out = runs / "bench" / name
+        reports[name] = out / "benchmark_report.json"
+        if not done(reports[name]):
+            run(["validate", "--config", str(CONFIGS / config), "--model.init_args.model.name_or_path", str(path),
+                 *bench, *extra, "--trainer.callbacks.init_args.out_dir", str(out),
+                 "--trainer.default_root_dir", str(out)], runs / "logs" / f"bench_{name}.log")
+
+    # The teacher is measured before it writes traces: on the test split's text views, greedy and at T = 1
+    # (the temperature it samples its traces at; 4 samples per problem).
+    benchmark("teacher_text_greedy", teacher, "bench_teacher.yaml")
+    benchmark("teacher_text_t1", teacher, "bench_teacher.yaml",
+              ["--trainer.callbacks.init_args.do_sample", "true", "--trainer.callbacks.init_args.pass_k", "4"])
+
     traces = runs / "traces" / "coldstart.jsonl"
     if not done(traces):
         run(["predict", "--config", str(CONFIGS / "traces_teacher.yaml"),
@@ -71,27 +91,30 @@ def main(argv: list[str] | None = None) -> None:
              "--data.train", sources(data / "train.jsonl"), "--data.val", sources(data / "val.jsonl"),
              "--trainer.default_root_dir", str(runs / "vold")], runs / "logs" / "4_vold.log")
 
-    rows = []
-    for name, path in (("base student", tiny / "student"), ("after cold start", cold), ("after VOLD", vold)):
-        out = runs / "bench" / name.replace(" ", "_")
-        report = out / "benchmark_report.json"
-        if not done(report):
-            run(["validate", "--config", str(CONFIGS / "bench.yaml"),
-                 "--model.init_args.model.name_or_path", str(path),
-                 "--trainer.callbacks.init_args.out_dir", str(out),
-                 "--trainer.default_root_dir", str(out)], runs / "logs" / f"5_bench_{out.name}.log")
-        rows.append((name, json.loads(report.read_text()), report))
-    print_table(rows, time.perf_counter() - t_start)
+    for name, path in (("base_student", tiny / "student"), ("after_cold_start", cold), ("after_VOLD", vold)):
+        benchmark(name, path, "bench.yaml")
+    print_table(table_rows(reports), time.perf_counter() - t_start, list(reports.values()))
 
 
-def print_table(rows, seconds: float) -> None:
-    names = sorted({b for _, rep, _ in rows for b in rep.get("benchmarks", {})})
-    head = f"{'model':<20}" + "".join(f"{n:>16}" for n in names)
-    print("\n" + head + "\n" + "-" * len(head))
-    for label, rep, _ in rows:
-        accs = [rep["benchmarks"].get(n, {}).get("accuracy", float("nan")) for n in names]
-        print(f"{label:<20}" + "".join(f"{100 * a:>15.1f}%" for a in accs))
-    print(f"\nreports: {', '.join(str(p.parent) for *_, p in rows)}\nquickstart finished in {seconds / 60:.1f} min")
+def _accuracy(report: Path) -> float:
+    return json.loads(Path(report).read_text())["benchmarks"]["synthetic"]["accuracy"]
+
+
+def table_rows(reports: dict[str, Path]) -> list[tuple[str, str, float, float | None]]:
+    """``(model, input, greedy accuracy, accuracy at T = 1 or None)`` per row of the quickstart's table."""
+    return [("teacher", "text view", _accuracy(reports["teacher_text_greedy"]), _accuracy(reports["teacher_text_t1"])),
+            ("base student", "image", _accuracy(reports["base_student"]), None),
+            ("after cold start", "image", _accuracy(reports["after_cold_start"]), None),
+            ("after VOLD", "image", _accuracy(reports["after_VOLD"]), None)]
+
+
+def print_table(rows, seconds: float, reports: list[Path]) -> None:
+    head = f"{'model':<20}{'reads':<12}{'greedy':>10}{'T=1':>10}"
+    print("\naccuracy on the held-out synthetic test split\n" + head + "\n" + "-" * len(head))
+    for label, reads, greedy, sampled in rows:
+        t1 = f"{100 * sampled:>9.1f}%" if sampled is not None else f"{'-':>10}"
+        print(f"{label:<20}{reads:<12}{100 * greedy:>9.1f}%{t1}")
+    print(f"\nreports: {', '.join(str(p.parent) for p in reports)}\nquickstart finished in {seconds / 60:.1f} min")
 
 
 if __name__ == "__main__":

@@ -99,13 +99,27 @@ def _phrase(color: str | None = None, shape: str | None = None) -> str:
 
 
 def _count(scene: Scene, color: str | None = None, shape: str | None = None) -> tuple[int, str]:
-    """Count matching objects, with a trace sentence naming each one (the count is grounded in cells)."""
-    objs = [o for o in scene.objects if color in (None, o.color) and shape in (None, o.shape)]
-    name = _phrase(color, shape)
-    if not objs:
-        return 0, f"I see no {name}."
-    where = "; ".join(f"a {o.color} {o.shape} in row {o.row}, column {o.col}" for o in objs)
-    return len(objs), f"{name.capitalize()}: {where}. That makes {len(objs)}."
+    """Count matching objects, with a trace sentence that reads the count off the caption's totals.
+
+    The sentence names every matching kind exactly as the caption's "In total:" list does ("2 red circles"),
+    in the same order, and ends with the count: "Red shapes: 1 red square, 2 red circles. 1 + 2 = 3.",
+    "Red shapes: 2 red circles. That makes 2.", "Red shapes: none. That makes 0.". Short and copyable, so a
+    small text-only reader can produce it nearly without error, while a student that sees only the image has
+    to perceive the same per-kind counts; every count sentence ends with its number, which later steps reuse.
+    """
+    kinds = Counter((o.color, o.shape) for o in scene.objects)
+    parts = [(kinds[k], _plural(kinds[k], f"{k[0]} {k[1]}")) for k in KINDS
+             if kinds[k] and color in (None, k[0]) and shape in (None, k[1])]
+    n, name = sum(m for m, _ in parts), _phrase(color, shape).capitalize()
+    if len(parts) < 2:
+        return n, f"{name}: {parts[0][1] if parts else 'none'}. That makes {n}."
+    return n, f"{name}: {', '.join(e for _, e in parts)}. {' + '.join(str(m) for m, _ in parts)} = {n}."
+
+
+def _row(scene: Scene, r: int) -> tuple[list[Obj], str]:
+    """The objects of row ``r`` and the caption's sentence for that row, copied as it stands."""
+    objs = [o for o in scene.objects if o.row == r]
+    return objs, f"Row {r}: {', '.join(f'a {o.color} {o.shape} in column {o.col}' for o in objs) or 'empty'}."
 
 
 def _pair(rng: random.Random) -> list[tuple[str | None, str | None]]:
@@ -139,10 +153,9 @@ def _q_count2(scene, rng):
         n, t = _count(scene, c, s)
         return dict(stem=f"How many {c} {s}s are there?", value=n, trace=t, category="count")
     r = rng.randint(1, GRID)
-    objs = [o for o in scene.objects if o.row == r]
-    t = (f"Row {r}: " + ", ".join(f"a {o.color} {o.shape} in column {o.col}" for o in objs) + f". That makes {len(objs)}."
-         if objs else f"Row {r} is empty.")
-    return dict(stem=f"How many shapes are in row {r}?", value=len(objs), trace=t, category="position")
+    objs, t = _row(scene, r)
+    return dict(stem=f"How many shapes are in row {r}?", value=len(objs), trace=f"{t} That makes {len(objs)}.",
+                category="position")
 
 
 def _q_arith3(scene, rng):
@@ -154,7 +167,7 @@ def _q_arith3(scene, rng):
     c, total = rng.choice(list(COLORS)), len(scene.objects)  # total minus a part: never negative
     a, ta = _count(scene, c)
     return dict(stem=f"What is the total number of shapes minus the number of {c} shapes?", value=total - a,
-                trace=f"There are {_plural(total, 'shape')} in total. {ta} {total} - {a} = {total - a}.",
+                trace=f"Shapes in total: {total}. {ta} {total} - {a} = {total - a}.",
                 category="arith")
 
 
@@ -191,8 +204,9 @@ def _q_sum_gt(scene, rng):
 
 def _q_cell_color(scene, rng):
     o = rng.choice(scene.objects)
+    _, t = _row(scene, o.row)  # copy the row first: the cell is then a lookup in the trace's own last sentence
     return dict(stem=f"What colour is the shape in row {o.row}, column {o.col}?", value=o.color,
-                trace=f"Row {o.row}, column {o.col} holds a {o.color} {o.shape}.", category="position")
+                trace=f"{t} Column {o.col} holds a {o.color} {o.shape}.", category="position")
 
 
 def _q_more_shape(scene, rng):
@@ -200,7 +214,7 @@ def _q_more_shape(scene, rng):
     if a == b:
         return None  # a tie has no answer: resample the scene
     return dict(stem="Which are there more of, squares or circles?", value="squares" if a > b else "circles",
-                trace=f"{ta} {tb} {max(a, b)} > {min(a, b)}.", category="compare")
+                trace=f"{ta} {tb} {a} {'>' if a > b else '<'} {b}.", category="compare")  # squares first, always
 
 
 def _q_most_color(scene, rng):
