@@ -246,8 +246,8 @@ def test_two_ranks_shard_resume_and_match_one_rank(tmp_path, tiny_models, synth_
 
 def test_rerun_samples_only_prompts_without_a_shard(tmp_path, tiny_models, synth_data, monkeypatch):
     """1 rank, in this process, through ``vold-pl predict``: a rerun of a finished set (shards kept) samples
-    nothing and writes the same file; with one shard removed it samples exactly that shard's prompts; a resume
-    with other sampling settings is refused, naming the setting."""
+    nothing and writes the same file (Lightning skips an empty predict loop, so the merge happens at setup); a
+    resume with other sampling settings is refused, naming the setting. (A partial resume: the 2-rank test.)"""
     from types import SimpleNamespace
 
     from tests.test_traces import run_predict
@@ -278,11 +278,6 @@ def test_rerun_samples_only_prompts_without_a_shard(tmp_path, tiny_models, synth
     _, again = run_predict(tmp_path, tiny_models["student"], synth_data["train"], 5, "student", writer)
     assert sampled == [] and out.read_text() == text
     assert (again["resumed_prompts"], again["sampled_prompts"]) == (5, 0) and again["counts"] == first["counts"]
-
-    shards[1].unlink()
-    _, third = run_predict(tmp_path, tiny_models["student"], synth_data["train"], 5, "student", writer)
-    assert sampled == ids[3:] and out.read_text() == text
-    assert (third["resumed_prompts"], third["sampled_prompts"]) == (3, 2)
 
     other = TraceWriter(str(out), num_samples=2, max_new_tokens=256, temperature=0.0, keep="all")
     trainer = SimpleNamespace(datamodule=SimpleNamespace(view="student"))
