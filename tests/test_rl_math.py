@@ -414,3 +414,101 @@ def test_model_token_logprobs_fallback_without_backbone_attr():
     assert torch.allclose(ours, ref, atol=1e-5)
     with pytest.raises(ValueError):
         model_token_logprobs(model, ids, None, 0)
+
+
+# ------------------------------------------------------------------------- edges the cases above leave open
+# (each pins a behaviour that a one-token change of the code would alter: found by `make mutate`)
+
+def test_defaults_are_the_documented_ones():
+    x, m = t([[1.0, 2.0, 0.0], [4.0, 0.0, 0.0]]), torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    assert aggregate(x, m).item() == pytest.approx((1.5 + 4.0) / 2)  # sequence
+    gate = t([1.0, 0.0])
+    assert opd_loss(x, m, gate, 1.0).item() == pytest.approx((1.5 + 0.0) / 2)  # sequence
+    assert opd_gate(t([1.0, 0.0])).tolist() == [0.0, 1.0]  # failed
+    adv, _ = group_advantages(t([1.0, 0.0, 0.0, 0.0]), 4)  # group scale, eps 1e-6
+    assert adv.tolist() == pytest.approx([0.75 / (0.5 + 1e-6), -0.25 / (0.5 + 1e-6), -0.25 / (0.5 + 1e-6),
+                                          -0.25 / (0.5 + 1e-6)], rel=1e-12)
+
+
+def test_errors_name_the_bad_value():
+    with pytest.raises(ValueError, match=r"unknown aggregation 'mean'; choose from \['dr_grpo', 'sequence', 'token'\]"):
+        aggregate(t([[1.0]]), torch.ones(1, 1, dtype=torch.bool), "mean")
+    with pytest.raises(ValueError, match="unknown OPD gate 'succeeded'"):
+        opd_gate(t([1.0]), "succeeded")
+    with pytest.raises(ValueError, match="grad must be 'reinforce' or 'pathwise', got 'both'"):
+        sampled_reverse_kl(t([[0.0]]), t([[0.0]]), grad="both")
+    with pytest.raises(ValueError, match=r"rewards must be 1-D \[B\*G\], got shape \(2, 2\)"):
+        group_advantages(t([[1.0, 0.0], [1.0, 0.0]]), 2)
+    with pytest.raises(ValueError, match="rewards length 3 is not a multiple of group_size=2"):
+        group_advantages(t([1.0, 0.0, 1.0]), 2)
+    with pytest.raises(ValueError, match="unknown advantage scale 'bogus'"):
+        group_advantages(t([1.0, 0.0]), 2, "bogus")
+
+
+def test_normalisers_with_a_single_token_and_non_square_shapes():
+    one = torch.tensor([[False, True, False]])
+    x = t([[5.0, 3.0, 7.0]])
+    assert masked_mean(x, one).item() == 3.0  # one token: divide by 1
+    assert aggregate(x, one, "token").item() == 3.0
+    assert aggregate(x, one, "sequence").item() == 3.0
+    assert aggregate(t([[3.0]]), torch.ones(1, 1, dtype=torch.bool), "dr_grpo").item() == 3.0  # N * L = 1
+    # dr_grpo divides by N x L (or N x max_len), with N != L
+    x2, m2 = t([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]), torch.ones(2, 3, dtype=torch.bool)
+    assert aggregate(x2, m2, "dr_grpo").item() == pytest.approx(21 / 6)
+    assert aggregate(x2, m2, "dr_grpo", max_len=7).item() == pytest.approx(21 / 14)
+    assert opd_loss(x2, m2, t([1.0, 1.0]), 0.5, "dr_grpo", max_len=7).item() == pytest.approx(0.5 * 21 / 14)
+
+
+def test_masked_mean_accumulates_in_float32():
+    x = torch.full((1, 3), 1 / 3).bfloat16()
+    out = masked_mean(x, torch.ones(1, 3, dtype=torch.bool))
+    assert out.dtype == torch.float32 and out.item() == pytest.approx(float(x[0, 0].float()), rel=1e-7)
+
+
+def test_reinforce_gradient_is_zero_where_k1_is_not_finite():
+    s = t([[-1.0, -1.0, -1.0, -1.0]]).requires_grad_(True)
+    tl = t([[-2.0, float("-inf"), float("inf"), NAN]])  # k1: 1, +inf, -inf, nan
+    k1 = sampled_reverse_kl(s, tl)
+    assert k1[0, 0].item() == 1.0 and k1[0, 1].item() == float("inf") and k1[0, 2].item() == float("-inf")
+    assert math.isnan(k1[0, 3].item())  # the value shows the problem
+    k1.sum().backward()
+    assert s.grad.tolist() == [[1.0, 0.0, 0.0, 0.0]]  # only the gradient coefficient is sanitised
+
+
+def test_opd_terms_keep_the_loss_dtype_and_the_mask():
+    k1 = torch.tensor([[0.2, float("inf")], [0.4, float("inf")], [0.3, NAN]])  # float32; inf/nan in padding
+    mask = torch.tensor([[1, 0], [1, 0], [1, 1]], dtype=torch.bool)
+    gate = t([1.0, 0.5, 0.0])  # float64 weights and advantages must not turn a float32 loss into float64
+    adv = t([1.0, -1.0, 0.5])
+    out = opd_token_advantages(adv, k1, 0.5, gate, mask)
+    assert out.dtype == torch.float32
+    exp = [[1.0 - 0.5 * 0.2, 1.0], [-1.0 - 0.25 * 0.4, -1.0], [0.5, 0.5]]  # padding and g = 0 keep A
+    assert torch.allclose(out, torch.tensor(exp))
+    loss = opd_loss(torch.tensor([[0.2, 0.1], [0.4, 0.3], [float("inf"), 0.3]]), mask, gate, 1.0, "token")
+    assert loss.dtype == torch.float32  # the gated row's inf (g = 0) contributes 0, not inf or nan
+    assert loss.item() == pytest.approx((0.2 + 0.5 * 0.4) / 4)
+
+
+def test_group_advantages_eps_is_added_and_g1_dtypes():
+    adv, _ = group_advantages(t([1.0, 0.0]), 2, "group", eps=0.5)  # std sqrt(0.5)
+    assert adv.tolist() == pytest.approx([0.5 / (math.sqrt(0.5) + 0.5), -0.5 / (math.sqrt(0.5) + 0.5)], rel=1e-12)
+    adv, zero = group_advantages(torch.tensor([1, 0, 1]), 1)  # int rewards, G = 1
+    assert adv.dtype == torch.float32 and zero.dtype == torch.bool and zero.tolist() == [True] * 3
+
+
+def test_logprob_helpers_defaults_blocked_ids_and_empty_input():
+    torch.manual_seed(8)
+    logits = torch.randn(2, 7, 5)  # more positions (14) than vocabulary entries (5)
+    ids = torch.randint(0, 4, (2, 7))
+    ref, _ = _ref_logp(logits, ids)
+    assert torch.allclose(selective_log_softmax(logits, ids, chunk_size=3), ref, atol=1e-5)  # temperature 1
+    only = token_logprobs_from_logits(logits, ids)  # temperature 1, no entropy: a tensor, not a tuple
+    assert isinstance(only, torch.Tensor) and only.shape == (2, 7) and torch.allclose(only, ref, atol=1e-5)
+    # a blocked id (4 here) is removed and the rest renormalised
+    blocked = logits.clone()
+    blocked[..., 4] = float("-inf")
+    ref_b, _ = _ref_logp(blocked, ids)
+    assert torch.allclose(selective_log_softmax(logits, ids, chunk_size=3, blocked_ids=[4]), ref_b, atol=1e-5)
+    assert torch.allclose(token_logprobs_from_logits(logits, ids, blocked_ids=(4,)), ref_b, atol=1e-5)
+    empty = selective_log_softmax(torch.zeros(0, 3, 5).bfloat16(), torch.zeros(0, 3, dtype=torch.long))
+    assert empty.shape == (0, 3) and empty.dtype == torch.float32

@@ -102,3 +102,26 @@ def test_completion_nll_small_hand_values():
     # no target token at all: loss and accuracy are 0, never NaN
     loss, acc, n = completion_nll(logits, torch.full((1, 4), IGNORE_INDEX))
     assert n == 0 and loss.item() == 0.0 and acc.item() == 0.0
+
+
+def test_validation_and_test_log_the_batch_weighted_nll(sft_batch, synth_data):
+    """``val/loss`` and ``test/loss`` of two batches of 3 and 1 rows are their NLLs weighted by batch size, shown
+    in the progress bar; the token accuracy is logged beside them."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    module, _, _, _ = sft_batch
+    ds = to_dataset(read_records(synth_data["val_text"])[0][:4])
+    rows = [ds[i] for i in range(4)]
+    collate = SFTCollator(module.processor)
+    batches = [collate(rows[:3]), collate(rows[3:4])]
+    with torch.no_grad():
+        nll = [completion_nll(module.model(**module.model_inputs(b), use_cache=False).logits, b["labels"]) for b in batches]
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    loader = DataLoader(batches, batch_size=None, collate_fn=lambda b: b)
+    for stage, run in (("val", trainer.validate), ("test", trainer.test)):
+        run(module, dataloaders=loader, verbose=False)
+        m = trainer.callback_metrics
+        assert m[f"{stage}/loss"].item() == pytest.approx((3 * nll[0][0].item() + nll[1][0].item()) / 4, rel=1e-5)
+        assert m[f"{stage}/token_accuracy"].item() == pytest.approx((3 * nll[0][1].item() + nll[1][1].item()) / 4)
+        assert f"{stage}/loss" in trainer.progress_bar_metrics
