@@ -18,7 +18,6 @@ import hashlib
 import os
 import pickle
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from vold_pl.errors import UserError, UserFileNotFoundError
+from vold_pl.io import atomic_torch_save, atomic_write_bytes, atomic_write_text, fsync_dir  # noqa: F401 (re-exported)
 
 FINGERPRINT_KEY = "vold_pl"
 
@@ -47,62 +47,11 @@ class UnreadableCheckpointError(UserError, RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------------ atomic writes
+# File writes live in vold_pl.io (re-exported here); checkpoints add folder swaps and the leftover clean-up.
 
 def _is_local(path: Any) -> bool:
     s = str(path)
     return "://" not in s or s.startswith("file://")
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` through a temporary file in the same folder and rename it: readers (and a resumed run)
-    see the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """:func:`atomic_write_bytes` of UTF-8 text."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to ``path`` so that a crash at any moment leaves either the old or the new file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
 
 
 def swap_into_place(tmp: Path, path: Path) -> None:
@@ -119,14 +68,14 @@ def swap_into_place(tmp: Path, path: Path) -> None:
         if path.exists():
             os.rename(path, old)
         os.rename(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         if old.exists():
             shutil.rmtree(old) if old.is_dir() else old.unlink()
     else:
         if path.is_dir():
             shutil.rmtree(path)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
 def recover_interrupted_swap(folder: str | Path) -> None:

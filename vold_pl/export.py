@@ -141,7 +141,7 @@ def render_model_card(facts: dict, is_vision: bool = True) -> str:
 
 def write_model_card(out_path: str | Path, module, trainer=None) -> Path:
     """Write ``<out_path>/README.md`` (atomically) and return its path."""
-    from vold_pl.checkpointing import atomic_write_text
+    from vold_pl.io import atomic_write_text
 
     is_vision = getattr(getattr(getattr(module, "model", None), "config", None), "vision_config", None) is not None
     path = Path(out_path) / CARD

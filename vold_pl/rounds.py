@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from vold_pl.checkpointing import atomic_write_text
+from vold_pl.io import atomic_write_text
 from vold_pl.pipeline import command_line, run
 from vold_pl.progress import progress
 

@@ -45,6 +45,7 @@ from typing import Any, Callable, Iterator
 
 from vold_pl.data.schema import MAX_IMAGE_PIXELS, Record, RecordError, _where, read_jsonl, validate_record
 from vold_pl.errors import UserError, UserFileNotFoundError
+from vold_pl.io import atomic_open, atomic_write_bytes
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _IMAGE_TAG = re.compile(r"\s*<image\s*(\d*)>\s*")
@@ -148,15 +149,13 @@ def _save_image(value: Any, dest_stem: Path, fail, field: str, fallback: Path | 
     dest = dest_stem.parent / f"{dest_stem.name}.{'png' if convert else ext}"
     if dest.is_file() and (convert or dest.stat().st_size == len(data)):
         return str(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
     if convert:
         scale = min(1.0, (MAX_IMAGE_PIXELS / (w * h)) ** 0.5)
         im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
-        im.resize((max(1, int(w * scale)), max(1, int(h * scale)))).save(tmp, format="PNG")
+        with atomic_open(dest, "wb") as fh:
+            im.resize((max(1, int(w * scale)), max(1, int(h * scale)))).save(fh, format="PNG")
     else:
-        tmp.write_bytes(data)
-    tmp.replace(dest)
+        atomic_write_bytes(dest, data)
     return str(dest)
 
 

@@ -68,10 +68,19 @@ def teacher_text(row: dict) -> str | None:
 
 
 def teacher_messages(row: dict, instruction: str = DEFAULT_INSTRUCTION) -> list[dict] | None:
+    """The teacher's chat prompt for a row, or ``None`` when the teacher cannot see the problem."""
     text = teacher_text(row)
     if text is None:
         return None
     return [{"role": "user", "content": f"{text}\n{instruction}".strip()}]
+
+
+def teacher_prompt(row: dict, instruction: str = DEFAULT_INSTRUCTION) -> tuple[list[dict], bool]:
+    """``(messages, available)``: the teacher's prompt, or for a row it cannot see (an image problem without a
+    text view) a stand-in with the bare problem that keeps batches rectangular (its KL is masked out, its
+    length still counts toward the prompt limits)."""
+    msgs = teacher_messages(row, instruction)
+    return (msgs, True) if msgs is not None else ([{"role": "user", "content": row["problem"]}], False)
 
 
 def target_text(row: dict) -> str:
@@ -112,7 +121,7 @@ def encode_prompts(processor, rows: list[dict], view: str = "student",
     """
     tok = _tokenizer(processor)
     if view == "teacher":
-        msgs = [teacher_messages(r, instruction) or [{"role": "user", "content": r["problem"]}] for r in rows]
+        msgs = [teacher_prompt(r, instruction)[0] for r in rows]
         images = []
     else:
         msgs = [student_messages(r, instruction) for r in rows]

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
 from vold_pl.data.collate import (DEFAULT_INSTRUCTION, SKIPPED_KEY, BadRow, PromptCollator, SFTCollator,
-                                  max_token_chars, student_messages, target_text, teacher_messages)
+                                  max_token_chars, student_messages, target_text, teacher_prompt)
 from vold_pl.data.sampling import MixedSampler, ResumableDataLoader
 from vold_pl.data.schema import RecordError, image_problem
 from vold_pl.data.sources import DataSource, load_source
@@ -459,7 +459,7 @@ def prompt_lengths(processor, ds, view: str = "student", instruction: str = DEFA
     for r in rows:
         r["images"] = r.get("image_paths") or []
         if view == "teacher":
-            msgs = teacher_messages(r, instruction) or [{"role": "user", "content": r["problem"]}]
+            msgs = teacher_prompt(r, instruction)[0]
         else:
             msgs = student_messages(r, instruction)
         texts.append(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))

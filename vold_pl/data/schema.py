@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from vold_pl.errors import UserError
+from vold_pl.io import atomic_open
 
 ANSWER_TYPES = ("yesno", "choice", "math", "open", "bbox", "multilabel")
 REQUIRED_FIELDS = ("id", "problem", "answer", "answer_type")
@@ -284,9 +285,7 @@ def _decode_line(raw: bytes, path: Path, lineno: int) -> str:
 def write_jsonl(records, path: str | Path) -> Path:
     """Write records (``Record`` or dicts) as JSONL; image paths are made relative to the file's folder."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
+    with atomic_open(path, "w") as fh:
         for r in records:
             d = r.to_json() if isinstance(r, Record) else dict(r)
             imgs = []
@@ -295,5 +294,4 @@ def write_jsonl(records, path: str | Path) -> Path:
                 imgs.append(os.path.relpath(Path(p).resolve(), path.parent.resolve()))
             d["images"] = imgs
             fh.write(json.dumps(d, ensure_ascii=False) + "\n")
-    tmp.replace(path)
     return path

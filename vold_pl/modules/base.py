@@ -18,10 +18,9 @@ import torch
 from vold_pl.checkpointing import (FINGERPRINT_KEY, allow_in_checkpoints, check_fingerprint,
                                    fingerprint_from_state_dict, model_fingerprint)
 from vold_pl.models.factory import ModelSpec, check_align_option, get_tokenizer, load_model, load_processor
+from vold_pl.models.inputs import MODEL_INPUT_KEYS, select_model_inputs  # noqa: F401 (MODEL_INPUT_KEYS re-exported)
 from vold_pl.models.lora import LoRAConfig, apply_lora, is_lora_model, save_lora_export
 from vold_pl.rl.rollout import SamplingConfig, default_engine
-
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 
 
 @dataclass
@@ -240,8 +239,7 @@ class PolicyModule(L.LightningModule):
         return getattr(self.model.config, "vision_config", None) is not None
 
     def model_inputs(self, batch: dict) -> dict:
-        keys = MODEL_INPUT_KEYS if self.is_vision else ("input_ids", "attention_mask")
-        return {k: batch[k] for k in keys if k in batch}
+        return select_model_inputs(batch, self.is_vision)
 
     # -- optimizer -----------------------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -202,7 +202,7 @@ def _unwrap_text_cmds(s: str) -> str:
 
 
 _ARTICLES_RE = re.compile(r"\b(?:a|an|the)\b")
-_THOUSANDS_RE = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+THOUSANDS_RE = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")  # "1,234" -> "1234", not "1,23"
 # Punctuation that is dropped; "." and "-" are handled separately so that 3.5 and -2 survive.
 _DROP = str.maketrans({c: " " for c in string.punctuation if c not in ".-"})
 
@@ -219,7 +219,7 @@ def normalize_text(s: object) -> str:
         return ""
     t = unicodedata.normalize("NFKC", t)
     t = t.replace("\\%", "%").replace("\\ ", " ").replace("\\,", " ").replace("~", " ").lower()
-    t = _THOUSANDS_RE.sub("", t)
+    t = THOUSANDS_RE.sub("", t)
     t = re.sub(r"(?<!\d)\.|\.(?!\d)", " ", t)
     t = re.sub(r"-(?!\d)", " ", t)
     t = t.translate(_DROP)
@@ -313,7 +313,7 @@ def parse_choice_letters_strict(s: object, n_choices: int) -> frozenset[str]:
     return frozenset(letters)
 
 
-_NUMBER_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
+NUMBER_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 
 
 def parse_bbox(s: object) -> list[float] | None:
@@ -326,7 +326,7 @@ def parse_bbox(s: object) -> list[float] | None:
     t = clean_answer(s)
     if not t:
         return None
-    nums = _NUMBER_RE.findall(t)
+    nums = NUMBER_RE.findall(t)
     if len(nums) != 4:
         return None
     try:

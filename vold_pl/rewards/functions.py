@@ -28,8 +28,9 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from vold_pl.errors import UserError
-from vold_pl.rewards.extract import (clean_answer, extract_answer, is_well_formatted, normalize_text, parse_bbox,
-                                    parse_choice_letters, parse_choice_letters_strict, parse_labels, parse_yesno)
+from vold_pl.rewards.extract import (NUMBER_RE, THOUSANDS_RE, clean_answer, extract_answer, is_well_formatted,
+                                    normalize_text, parse_bbox, parse_choice_letters, parse_choice_letters_strict,
+                                    parse_labels, parse_yesno)
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +104,6 @@ def validate_weights(weights: Mapping[str, float]) -> dict[str, float]:
     return out
 
 
-_NUMBER_FULL_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
-_THOUSANDS_RE = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _LATEX_NOISE_RE = re.compile(r"\\left|\\right|\\[!,;: ]|\s+")
 _POWER_RE = re.compile(r"\^|\*\*")
 _BAD_EXPONENT_RE = re.compile(r"\^|\*\*|!|\d{5,}")
@@ -124,8 +123,8 @@ def _plain_number(s: str) -> Decimal | None:
 
     Decimal, not float or Fraction: ``"1" + "0"*5000`` stays exact, and ``1e999999999`` costs nothing.
     """
-    t = _THOUSANDS_RE.sub("", s)
-    if not _NUMBER_FULL_RE.fullmatch(t):
+    t = THOUSANDS_RE.sub("", s)
+    if not NUMBER_RE.fullmatch(t):
         return None
     try:
         return Decimal(t)

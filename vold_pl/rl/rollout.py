@@ -23,6 +23,8 @@ from typing import Any, Protocol
 
 import torch
 
+from vold_pl.models.inputs import IMAGE_INPUT_KEYS, select_model_inputs
+
 
 @dataclass
 class SamplingConfig:
@@ -82,10 +84,7 @@ class RolloutEngine(Protocol):
 
 def prompt_inputs(model: torch.nn.Module, batch: dict) -> dict[str, Any]:
     """The model inputs of the B prompts, unrepeated: ids and mask, plus the image tensors for a VLM."""
-    keys = ("input_ids", "attention_mask")
-    if getattr(_unwrap(model).config, "vision_config", None) is not None:
-        keys += ("mm_token_type_ids", "pixel_values", "image_grid_thw")
-    return {k: batch[k] for k in keys if k in batch}
+    return select_model_inputs(batch, getattr(_unwrap(model).config, "vision_config", None) is not None)
 
 
 def repeat_images(batch: dict, num_samples: int) -> dict[str, torch.Tensor]:
@@ -722,7 +721,7 @@ def shared_prefix_token_logprobs(
                                     return_entropy=return_entropy, checkpoint_chunks=checkpoint_chunks,
                                     blocked_ids=blocked_ids, **extra)
     cache_key = _cache_kwarg(backbone)
-    pre = {k: mm[k] for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids") if k in mm and "pixel_values" in mm}
+    pre = {k: mm[k] for k in IMAGE_INPUT_KEYS if k in mm} if "pixel_values" in mm else {}
     out = backbone(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, **pre)
     cache = out[cache_key] if cache_key in out else out.past_key_values
     h_last = out.last_hidden_state[:, -1]  # [B, H]: left padding puts every prompt's last token in the last column
@@ -797,8 +796,7 @@ class ScriptedEngine:
         if "mm_token_type_ids" in batch:
             extra["mm_token_type_ids"] = batch["mm_token_type_ids"].repeat_interleave(G, 0)
         extra.update(repeat_images(batch, G))
-        prompts = {k: batch[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values",
-                                         "image_grid_thw") if k in batch}
+        prompts = select_model_inputs(batch, vision=True)
         return Rollout(ids, batch["attention_mask"].repeat_interleave(G, 0), comp, cmask,
                        self.tokenizer.batch_decode(comp, skip_special_tokens=True), G, clipped, extra,
                        prompts=prompts, blocked_ids=tuple(self.suppress_ids))

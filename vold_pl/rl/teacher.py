@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vold_pl.data.collate import DEFAULT_INSTRUCTION, pad_left, teacher_messages
+from vold_pl.data.collate import DEFAULT_INSTRUCTION, pad_left, teacher_prompt
 from vold_pl.rl.logprobs import mask_blocked, model_token_logprobs
 
 
@@ -34,10 +34,8 @@ def build_teacher_inputs(tokenizer, records: list[dict], completion_ids: torch.T
     """
     prompts, available = [], []
     for rec in records:
-        msgs = teacher_messages(rec, instruction)
-        available.append(msgs is not None)
-        # An unavailable row still needs some prompt to keep the batch rectangular; its KL is masked out.
-        msgs = msgs or [{"role": "user", "content": rec["problem"]}]
+        msgs, ok = teacher_prompt(rec, instruction)  # a stand-in prompt where the teacher cannot see the row
+        available.append(ok)
         text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
     prompt_ids, prompt_mask = pad_left(prompts, tokenizer.pad_token_id)  # [B, S]
