@@ -1,6 +1,7 @@
 """Mutation score per file from ``mutmut results --all true``, with the equivalent mutants of docs/testing.md set aside.
 
-Usage: ``python tools/mutation_score.py mutants/results.txt docs/testing.md`` (``make mutate`` runs it). Prints a
+Usage: ``python tools/mutation_score.py RESULTS... docs/testing.md`` (``make mutate`` runs it with
+``mutants/results.txt``; several results files merge, a later file's checked mutants winning). Prints a
 Markdown table and writes it into the docs between the ``mutation-scores`` markers. A mutant listed in the docs'
 equivalent-mutants table (its name in backticks in the first column) is one no test can kill because it does not
 change behaviour; it is left out of the denominator. The score is killed / (tested - equivalent), where killed
@@ -20,13 +21,14 @@ NOT_RUN = {"skipped", "not checked"}
 START, END = "<!-- mutation-scores:start -->", "<!-- mutation-scores:end -->"
 
 
-def read_results(path: Path) -> dict[str, tuple[str, str]]:
-    """mutant name -> (module, status)."""
-    out = {}
-    for line in path.read_text().splitlines():
-        m = NAME_RE.match(line)
-        if m:
-            out[m["name"]] = (m["module"], m["status"])
+def read_results(paths: list[Path]) -> dict[str, tuple[str, str]]:
+    """mutant name -> (module, status); a mutant not run in a later file keeps an earlier file's result."""
+    out: dict[str, tuple[str, str]] = {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            m = NAME_RE.match(line)
+            if m and (m["status"] not in NOT_RUN or m["name"] not in out):
+                out[m["name"]] = (m["module"], m["status"])
     return out
 
 
@@ -52,8 +54,8 @@ def score_table(results: dict[str, tuple[str, str]], equivalent: set[str]) -> st
             c["killed"] += 1
         else:
             c["alive"] += 1
-    rows = ["| file | mutants | killed | equivalent | not killed | score (killed / non-equivalent) |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    rows = ["| file | mutants run | killed | equivalent | not killed | not run | score (killed / non-equivalent) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     total = Counter()
     for f in sorted(counts):
         c = counts[f]
@@ -67,12 +69,12 @@ def _row(name: str, c: Counter) -> str:
     n = c["killed"] + c["equivalent"] + c["alive"]
     denom = c["killed"] + c["alive"]
     score = f"{100 * c['killed'] / denom:.1f}%" if denom else "-"
-    return f"| {name} | {n} | {c['killed']} | {c['equivalent']} | {c['alive']} | {score} |"
+    return f"| {name} | {n} | {c['killed']} | {c['equivalent']} | {c['alive']} | {c['not run']} | {score} |"
 
 
 def main(argv: list[str]) -> int:
-    results_path, doc = Path(argv[0]), Path(argv[1])
-    table = score_table(read_results(results_path), equivalent_mutants(doc))
+    *results, doc = [Path(a) for a in argv]
+    table = score_table(read_results(results), equivalent_mutants(doc))
     print(table)
     if doc.is_file():
         text = doc.read_text()
