@@ -35,7 +35,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from vold_pl.errors import UserError
 from vold_pl.io import atomic_open
@@ -236,23 +236,49 @@ def read_jsonl(
         from vold_pl.errors import UserFileNotFoundError
 
         raise UserFileNotFoundError(f"data file not found: {path}")
-    records: list[Record] = []
-    skipped: list[str] = []
-    seen: set[str] = set()
+    out = RecordCollector(on_bad_record,
+                          lambda obj, lineno: validate_record(obj, path, lineno, check_images=check_images),
+                          lambda lineno: f"{path}:{lineno}")
     for lineno, obj in iter_jsonl(path):
+        out.add(obj, lineno)
+    return out.records, out.skipped
+
+
+class RecordCollector:
+    """The records of a source, read one by one: ids must be unique; a bad record raises
+    (``on_bad_record='error'``) or is listed in ``skipped`` (``'skip'``).
+
+    Args:
+        on_bad_record: ``error`` or ``skip``.
+        validate: ``(raw row, where) -> Record``, raising :class:`RecordError` for a bad row.
+        origin: ``where -> text`` naming the row in the duplicate-id message.
+        duplicate_hint: appended to that message (how to fix it for this kind of source).
+    """
+
+    def __init__(self, on_bad_record: str, validate: Callable[[Any, Any], Record], origin: Callable[[Any], str],
+                 duplicate_hint: str = ""):
+        self.on_bad_record, self.duplicate_hint = on_bad_record, duplicate_hint
+        self.validate, self.origin = validate, origin
+        self.records: list[Record] = []
+        self.skipped: list[str] = []
+        self._seen: set[str] = set()
+
+    def add(self, obj: Any, where: Any) -> None:
+        """Validate and keep the raw row ``obj`` found at ``where`` (a :class:`RecordError` for a row that could not
+        even be parsed)."""
         try:
             if isinstance(obj, RecordError):
                 raise obj
-            rec = validate_record(obj, path, lineno, check_images=check_images)
-            if rec.id in seen:
-                raise RecordError(f"{path}:{lineno} (id={rec.id!r}): field 'id': duplicate id. Ids must be unique.")
-            seen.add(rec.id)
-            records.append(rec)
+            rec = self.validate(obj, where)
+            if rec.id in self._seen:
+                raise RecordError(f"{self.origin(where)} (id={rec.id!r}): field 'id': duplicate id. Ids must be unique"
+                                  f"{self.duplicate_hint}.")
+            self._seen.add(rec.id)
+            self.records.append(rec)
         except RecordError as e:
-            if on_bad_record == "error":
+            if self.on_bad_record == "error":
                 raise e from None
-            skipped.append(str(e))
-    return records, skipped
+            self.skipped.append(str(e))
 
 
 def iter_jsonl(path: str | Path):

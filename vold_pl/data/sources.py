@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-from vold_pl.data.schema import (ALL_FIELDS, Record, RecordError, iter_jsonl, origin_of, read_jsonl,
+from vold_pl.data.schema import (ALL_FIELDS, Record, RecordCollector, RecordError, iter_jsonl, origin_of, read_jsonl,
                                  validate_record)
 from vold_pl.errors import UserError, UserFileNotFoundError
 
@@ -118,27 +118,17 @@ def read_records(path: str | Path, on_bad_record: str = "error", check_images: b
     if src.format == "records" and not src.fields and _is_jsonl(path):
         return read_jsonl(path, on_bad_record=on_bad_record, check_images=check_images)
     rows, base_dir = _raw_rows(src, path)
-    records: list[Record] = []
-    skipped: list[str] = []
-    seen: set[str] = set()
+    def validate(obj: Any, where: Any) -> Record:
+        return validate_record(_adapt(obj, src, path, where, base_dir), path, where, base_dir=base_dir,
+                               check_images=check_images)
+
+    out = RecordCollector(on_bad_record, validate, lambda where: origin_of(path, where),
+                          duplicate_hint=" (map an id column with fields: {id: <column>})")
     for where, obj in rows:
-        try:
-            if isinstance(obj, RecordError):
-                raise obj
-            obj = _adapt(obj, src, path, where, base_dir)
-            rec = validate_record(obj, path, where, base_dir=base_dir, check_images=check_images)
-            if rec.id in seen:
-                raise RecordError(f"{origin_of(path, where)} (id={rec.id!r}): field 'id': duplicate id. Ids must be "
-                                  "unique (map an id column with fields: {id: <column>}).")
-            seen.add(rec.id)
-            records.append(rec)
-        except RecordError as e:
-            if on_bad_record == "error":
-                raise e from None
-            skipped.append(str(e))
-        if src.limit is not None and not src.answer_types and len(records) >= src.limit:
+        out.add(obj, where)
+        if src.limit is not None and not src.answer_types and len(out.records) >= src.limit:
             break  # a quick run over a large file reads only what it uses
-    return records, skipped
+    return out.records, out.skipped
 
 
 # ------------------------------------------------------------------------------------------------ reading rows
