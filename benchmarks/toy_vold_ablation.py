@@ -55,8 +55,12 @@ RL_ARMS = ("b_sft_grpo", "c_sft_grpo_opd", "d_grpo_opd", "b_hard", "c_hard")
 PAIRS = [("b_sft_grpo", "a_sft"), ("c_sft_grpo_opd", "a_sft"), ("c_sft_grpo_opd", "b_sft_grpo"),
          ("d_grpo_opd", "a_sft"), ("b_hard", "a_hard"), ("c_hard", "a_hard"), ("c_hard", "b_hard")]
 COLORS = {"a": "#999999", "b": "#4a90d9", "c": "#d94a4a", "d": "#e0a030"}
-CURVES = [("train/reward", "reward (accuracy + 0.1·format)"), ("train/opd/reverse_kl", "reverse KL to the teacher"),
+CURVES = [("train/reward", "reward (accuracy + 0.1·format)"),
+          ("train/opd/reverse_kl", "reverse KL to the teacher (distilled tokens)"),
           ("train/frac_reward_zero_std", "frac_reward_zero_std")]
+SHORT = {"a_sft": "a: cold start", "b_sft_grpo": "b: +GRPO", "c_sft_grpo_opd": "c: +GRPO+OPD",
+         "d_grpo_opd": "d: GRPO+OPD,\nno cold start", "a_hard": "a: cold start", "b_hard": "b: +GRPO",
+         "c_hard": "c: +GRPO+OPD"}
 
 
 def bench_args(out: Path, tests: dict[str, Path], every: int | None, limit: int | None = None) -> list[str]:
@@ -186,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="also measure, on the first seed, the teacher's agreement with the student's rollouts, the "
                         "share of the OPD signal on answer tokens and the gradient norms of the two terms, at the "
                         "cold start and after arm c (and c_hard) (see diagnose())")
+    p.add_argument("--diagnose-hard", action="store_true", help="diagnose the hard-split runs too")
     p.add_argument("--diagnose-batches", type=int, default=4, help="RL batches of 4 prompts × G=8 per diagnosis")
     a = p.parse_args(argv)
     art, qs, out = Path(a.artifacts), Path(a.quickstart_runs), Path(a.out)
@@ -222,6 +227,15 @@ def main(argv: list[str] | None = None) -> None:
                 + ([f"--trainer.max_steps={a.cold_steps}"] if a.cold_steps else [])
                 + bench_args(sd / "a_sft", {"synthetic": main_test, **({"hard": hard_test} if a.hard else {})},
                              None), sd / "cold_start.log")
+        a_tests = {"synthetic": main_test, **({"hard": hard_test} if a.hard else {})}
+        if (cold / "config.json").exists() and not (sd / "a_sft" / "benchmark_report.json").exists() and not a.no_run:
+            # a cold start trained elsewhere (e.g. the quickstart's, linked here): score it on its own
+            run(["validate", "--config", str(CONFIGS / "bench.yaml"), f"--model.init_args.model.name_or_path={cold}",
+                 "--trainer.callbacks.init_args.benchmarks", json.dumps(
+                     [{"name": k, "path": str(v), "loader": "synthetic"} for k, v in a_tests.items()]),
+                 "--data.val", json.dumps([{"path": str(data / "val.jsonl"), "limit": 8}]),
+                 f"--trainer.callbacks.init_args.out_dir={sd / 'a_sft'}", f"--trainer.default_root_dir={sd / 'a_sft'}"],
+                sd / "a_sft.log")
         main_tests, hard_tests = {"synthetic": main_test}, {"hard": hard_test}
         arms = {"b_sft_grpo": (cold, 0.0, data / "train.jsonl", main_tests, None),
                 "c_sft_grpo_opd": (cold, a.lam, data / "train.jsonl", main_tests, None)}
@@ -260,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
         sd = out / f"seed{a.seeds[0]}"
         points = {"cold_start": (sd / "cold_start" / "export", data / "train.jsonl"),
                   "after_c": (sd / "c_sft_grpo_opd" / "export", data / "train.jsonl")}
-        if a.hard:
+        if a.hard and a.diagnose_hard:
             points |= {"cold_start_hard": (sd / "cold_start" / "export", hard_train),
                        "after_c_hard": (sd / "c_hard" / "export", hard_train)}
         for name, (model, train) in points.items():
@@ -373,8 +387,10 @@ def plot(results, summary, paired, curves, path: Path) -> None:
                     ax.plot(xs, _smooth(list(vals)), color=COLORS[arm[0]], ls="--" if arm.endswith("hard") else "-",
                             alpha=0.8, lw=1.2, label=ARMS[arm] if i == 0 else None)
         ax.set_xlabel("RL step")
-        ax.set_title(title + " (5-step moving mean; dashed: hard split)", fontsize=9)
+        ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7)
+    fig.suptitle("Toy VOLD ablation. Bottom: learning curves from the RL runs' CSV logs (5-step moving mean; "
+                 "dashed: hard split)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -385,9 +401,9 @@ def _bars(ax, arms: list[str], summary: dict, title: str) -> None:
     bars = ax.bar(range(len(arms)), means, yerr=stds, capsize=4, color=[COLORS[k[0]] for k in arms])
     for b, m in zip(bars, means):
         ax.text(b.get_x() + b.get_width() / 2, m + 1, f"{m:.1f}", ha="center", fontsize=8)
-    ax.set_xticks(range(len(arms)), [summary[k]["label"] for k in arms], rotation=15, ha="right", fontsize=7)
+    ax.set_xticks(range(len(arms)), [SHORT[k] for k in arms], fontsize=8)
     ax.set_ylabel("accuracy (%), greedy")
-    ax.set_title(f"{title}: mean ± std over seeds")
+    ax.set_title(f"{title}\n(mean ± std over seeds)", fontsize=10)
 
 
 # ------------------------------------------------------------------------------------------------ diagnostics
