@@ -6,7 +6,7 @@ ART ?= artifacts
 # The CPU wheel of torch is pinned here, not in the package metadata (which keeps a range).
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv artifacts quickstart test mutate clean
+.PHONY: venv artifacts quickstart test lint mutate clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ quickstart: artifacts
 
 test: venv
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q tests
+
+# Lint the package (rules in pyproject.toml [tool.ruff]; ruff comes with the dev extra). .ci/run runs it first.
+lint: venv
+	$(VENV)/bin/ruff check vold_pl
 
 # Mutation testing of the loss, reward, collation and checkpoint code (configured in pyproject.toml [tool.mutmut]);
 # hours of CPU, so not part of `make test` or CI. MUTANTS narrows it, e.g. MUTANTS='vold_pl.rl.losses*'.

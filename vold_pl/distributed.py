@@ -50,7 +50,8 @@ __all__ = [
 
 @dataclass
 class ShardingConfig:
-    """How :func:`prepare_model` shards (read from :class:`FSDP2Strategy`; defaults under a plain ModelParallelStrategy).
+    """How :func:`prepare_model` shards (read from :class:`FSDP2Strategy`; defaults under a plain
+    ModelParallelStrategy).
 
     Args:
         mixed_precision: ``auto`` (bf16 compute, fp32 gradient reduce on GPU; fp32 on CPU), ``bf16`` or ``fp32``.

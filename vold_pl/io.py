@@ -1,7 +1,8 @@
 """Atomic file writes: a reader (or a resumed run) sees the old file or the new one, never half of one.
 
 Every write goes to a temporary file in the destination's folder (``.<name>.tmp-<pid>-<random>``, never taken
-for the real file; :func:`vold_pl.checkpointing.recover_interrupted_swap` clears those a killed write left), is flushed and fsynced, then ``os.replace``\\ d into place, and the folder is fsynced.
+for the real file; :func:`vold_pl.checkpointing.recover_interrupted_swap` clears those a killed write left), is
+flushed and fsynced, then ``os.replace``\\ d into place, and the folder is fsynced.
 """
 
 from __future__ import annotations

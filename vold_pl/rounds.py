@@ -7,9 +7,10 @@ runs so it can be rerun by hand), with outputs under ``<out_dir>/round_<r>/``:
 
     sft         SFT on the round's SFT set, from the base model (``sft_init: base``, as the paper does) or from
                 the previous round's GRPO model (``sft_init: continue``)              -> sft/export/
-    bench_sft   ``vold-pl validate`` with the benchmark callback on the SFT model     -> bench_sft/benchmark_report.json
+    bench_sft   ``vold-pl validate`` with the benchmark callback on the SFT model
+                                                                          -> bench_sft/benchmark_report.json
     grpo        GRPO from the SFT model (the grpo config: opd.lam 0, accuracy reward) -> grpo/export/
-    bench_grpo  the same benchmark on the GRPO model                                  -> bench_grpo/benchmark_report.json
+    bench_grpo  the same benchmark on the GRPO model                      -> bench_grpo/benchmark_report.json
     traces      ``vold-pl predict`` + TraceWriter: the GRPO model answers the training problems; verified,
                 shortest, reflection-free traces become round r+1's SFT set           -> traces/sft.jsonl
                 (not run in the last round: there is no next round to feed)

@@ -112,8 +112,8 @@ class Curriculum(L.Callback):
             dm.curriculum_pools(s)
         reload = trainer.reload_dataloaders_every_n_epochs
         if reload not in (0, 1):
-            raise ValueError(f"the Curriculum callback needs trainer.reload_dataloaders_every_n_epochs: 1 (each epoch's "
-                             f"train loader is built for the stage it trains), got {reload}.")
+            raise ValueError(f"the Curriculum callback needs trainer.reload_dataloaders_every_n_epochs: 1 (each "
+                             f"epoch's train loader is built for the stage it trains), got {reload}.")
         # A public Trainer setting, read by the fit loop after setup: every epoch gets a loader built for its stage.
         trainer.reload_dataloaders_every_n_epochs = 1
         if not callable(getattr(pl_module, "end_epoch_early", None)):

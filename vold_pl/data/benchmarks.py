@@ -83,8 +83,9 @@ def _rows(files: list[Path], required: tuple[str, ...], limit: int | None) -> It
         pf = pq.ParquetFile(f)
         missing = [c for c in required if c not in pf.schema_arrow.names]
         if missing:
-            raise RecordError(f"{f}: missing column(s) {', '.join(missing)} (found {', '.join(pf.schema_arrow.names)}). "
-                              "Is this the right benchmark, config and split, as published on the hub?")
+            raise RecordError(f"{f}: missing column(s) {', '.join(missing)} (found "
+                              f"{', '.join(pf.schema_arrow.names)}). Is this the right benchmark, config and split, "
+                              "as published on the hub?")
         i = 0
         for batch in pf.iter_batches(batch_size=32):
             for row in batch.to_pylist():
@@ -112,7 +113,8 @@ def _failer(file: Path, row: int | None, rid: Any) -> Callable[[str, str, str], 
 def _text(row: dict, name: str, fail) -> str:
     v = row.get(name)
     if not isinstance(v, str) or not v.strip():
-        raise fail(name, f"expected a non-empty string, got {v!r:.60}", "The published file has text here; re-download it.")
+        raise fail(name, f"expected a non-empty string, got {v!r:.60}",
+                   "The published file has text here; re-download it.")
     return v
 
 
@@ -162,7 +164,8 @@ def _save_image(value: Any, dest_stem: Path, fail, field: str, fallback: Path | 
 def _finish(obj: dict, file: Path, row: int | None, seen: set[str]) -> Record:
     rec = validate_record(obj, file, row, check_images=True)
     if rec.id in seen:
-        raise RecordError(f"{_where(file, row, rec.id)}: field 'id': duplicate id. Ids must be unique within a benchmark.")
+        raise RecordError(f"{_where(file, row, rec.id)}: field 'id': duplicate id. Ids must be unique within a "
+                          "benchmark.")
     seen.add(rec.id)
     return rec
 
@@ -184,7 +187,8 @@ def _letter_of(ans: str, choices: list[str], fail, text_first: bool = False) -> 
 
 
 # ---------------------------------------------------------------------------------------- MathVista
-MATHVISTA_COLUMNS = ("pid", "question", "decoded_image", "choices", "precision", "answer", "question_type", "answer_type")
+MATHVISTA_COLUMNS = ("pid", "question", "decoded_image", "choices", "precision", "answer", "question_type",
+                     "answer_type")
 
 
 def load_mathvista(path, split: str = "testmini", limit: int | None = None, cache_dir=None) -> list[Record]:
@@ -215,7 +219,8 @@ def load_mathvista(path, split: str = "testmini", limit: int | None = None, cach
         if qtype == "multi_choice":
             choices = [str(c) for c in (row["choices"] or [])]
             if len(choices) < 2:
-                raise fail("choices", f"a multi_choice row needs >= 2 choices, got {choices!r}", "Re-download the file.")
+                raise fail("choices", f"a multi_choice row needs >= 2 choices, got {choices!r}",
+                           "Re-download the file.")
             ans, kind = _letter_of(ans, choices, fail, text_first=True), "choice"
         elif qtype != "free_form":
             raise fail("question_type", f"unknown question type {qtype!r}", "Expected 'multi_choice' or 'free_form'.")
@@ -302,7 +307,8 @@ def _parse_options(raw: Any, fail) -> list[str]:
         try:
             raw = ast.literal_eval(raw)
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
-            raise fail("options", f"not a Python list literal ({type(e).__name__}: {e})", "Re-download the file.") from None
+            raise fail("options", f"not a Python list literal ({type(e).__name__}: {e})",
+                       "Re-download the file.") from None
     if not isinstance(raw, (list, tuple)) or not all(isinstance(o, (str, int, float)) for o in raw):
         raise fail("options", f"expected a list of option strings, got {raw!r:.80}", "Re-download the file.")
     if not 2 <= len(raw) <= len(LETTERS):
@@ -314,7 +320,8 @@ def _untag(s: str) -> str:
     return re.sub(r"<image\s*(\d+)>", r"image \1", s).strip()
 
 
-def load_mmmu_pro(path, config: str = "standard (10 options)", limit: int | None = None, cache_dir=None) -> list[Record]:
+def load_mmmu_pro(path, config: str = "standard (10 options)", limit: int | None = None,
+                  cache_dir=None) -> list[Record]:
     """MMMU-Pro (``MMMU/MMMU_Pro``), config ``standard (10 options)``, ``standard (4 options)`` or ``vision``.
 
     Standard: ``<image k>`` references in question and options are rewritten to plain ``image k``

@@ -126,16 +126,19 @@ def validate_record(
     if not obj["problem"].strip():
         raise fail("problem", "empty problem text", "Write the question in 'problem'.")
     if obj["answer_type"] not in ANSWER_TYPES:
-        raise fail("answer_type", f"unknown answer type {obj['answer_type']!r}", f"Use one of {', '.join(ANSWER_TYPES)}.")
+        raise fail("answer_type", f"unknown answer type {obj['answer_type']!r}",
+                   f"Use one of {', '.join(ANSWER_TYPES)}.")
     if not obj["answer"].strip():
         raise fail("answer", "empty answer", "Every record needs a gold answer.")
 
     images = obj.get("images") or []
     if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
-        raise fail("images", f"expected a list of path strings, got {images!r:.80}", "Write e.g. \"images\": [\"img/0001.png\"].")
+        raise fail("images", f"expected a list of path strings, got {images!r:.80}",
+                   "Write e.g. \"images\": [\"img/0001.png\"].")
     choices = obj.get("choices")
     if choices is not None and (not isinstance(choices, list) or not all(isinstance(c, str) for c in choices)):
-        raise fail("choices", f"expected a list of strings or null, got {choices!r:.80}", "Write e.g. \"choices\": [\"3\", \"4\", \"5\"].")
+        raise fail("choices", f"expected a list of strings or null, got {choices!r:.80}",
+                   "Write e.g. \"choices\": [\"3\", \"4\", \"5\"].")
     if obj["answer_type"] == "choice":
         if not choices or len(choices) < 2:
             raise fail("choices", "a 'choice' question needs at least two choices", "List the options in 'choices'.")
@@ -149,14 +152,16 @@ def validate_record(
     if obj["answer_type"] == "bbox":
         try:
             box = json.loads(obj["answer"])
-            ok = isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)
+            ok = isinstance(box, list) and len(box) == 4 and all(
+                isinstance(v, (int, float)) and math.isfinite(v) for v in box)
         except (ValueError, TypeError):
             ok = False
         if not ok:
             raise fail("answer", f"{obj['answer']!r} is not a box", "A 'bbox' answer is \"[x1, y1, x2, y2]\".")
     for name in ("trace", "text_view", "source", "category"):
         if obj.get(name) is not None and not isinstance(obj[name], str):
-            raise fail(name, f"expected a string or null, got {type(obj[name]).__name__}", "Quote the value or use null.")
+            raise fail(name, f"expected a string or null, got {type(obj[name]).__name__}",
+                       "Quote the value or use null.")
     diff = obj.get("difficulty")
     if diff is not None and (isinstance(diff, bool) or not isinstance(diff, int) or not 1 <= diff <= 3):
         raise fail("difficulty", f"expected an integer 1..3 or null, got {diff!r}", "Use 1 (easy), 2 or 3 (hard).")

@@ -29,14 +29,21 @@ Images are an ``Image()`` feature of the returned data set (decoded to PIL on ac
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-from vold_pl.data.schema import (ALL_FIELDS, Record, RecordCollector, RecordError, iter_jsonl, origin_of, read_jsonl,
-                                 validate_record)
+from vold_pl.data.schema import (
+    ALL_FIELDS,
+    Record,
+    RecordCollector,
+    RecordError,
+    iter_jsonl,
+    origin_of,
+    read_jsonl,
+    validate_record,
+)
 from vold_pl.errors import UserError, UserFileNotFoundError
 
 # Extensions ``datasets.load_dataset`` reads as local files, and the builder that reads each.

@@ -39,8 +39,8 @@ class ImageTextProcessor(Qwen2_5_VLProcessor):
         from vold_pl.errors import UserError
 
         if min_pixels < 0 or max_pixels < 0 or (min_pixels and max_pixels and min_pixels > max_pixels):
-            raise UserError(f"model.min_pixels={min_pixels} / model.max_pixels={max_pixels}: both must be >= 0 (0 keeps "
-                            "the model folder's value) and min_pixels <= max_pixels, e.g. 3136 and 1003520.")
+            raise UserError(f"model.min_pixels={min_pixels} / model.max_pixels={max_pixels}: both must be >= 0 "
+                            "(0 keeps the model folder's value) and min_pixels <= max_pixels, e.g. 3136 and 1003520.")
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
         sizes = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, **kwargs, **sizes)

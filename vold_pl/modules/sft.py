@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from vold_pl.data.collate import IGNORE_INDEX
-from vold_pl.modules.base import OptimConfig, PolicyModule
 from vold_pl.models.factory import ModelSpec
+from vold_pl.modules.base import OptimConfig, PolicyModule
 
 
 def completion_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -45,7 +45,8 @@ class SFTModule(PolicyModule):
 
     collate_mode = "sft"
 
-    def __init__(self, model: ModelSpec, optim: OptimConfig | None = OptimConfig(), gradient_checkpointing: bool = False,
+    def __init__(self, model: ModelSpec, optim: OptimConfig | None = OptimConfig(),
+                 gradient_checkpointing: bool = False,
                  export_dir: str | None = None, export: bool = True, seed: int = 0, max_consecutive_skips: int = 10):
         super().__init__(model, optim, gradient_checkpointing, export_dir, export, seed, max_consecutive_skips)
         self.save_hyperparameters()
@@ -57,7 +58,8 @@ class SFTModule(PolicyModule):
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=bs, sync_dist=stage != "train")
         self.log(f"{stage}/token_accuracy", acc, batch_size=bs, sync_dist=stage != "train")
         if stage == "train":
-            self.log("train/tokens_per_second", self.tokens_per_second(int(batch["attention_mask"].sum())), batch_size=bs)
+            self.log("train/tokens_per_second", self.tokens_per_second(int(batch["attention_mask"].sum())),
+                     batch_size=bs)
             self.log("train/truncated", float(batch.get("truncated", 0)), batch_size=bs, reduce_fx="sum")
         return loss
 

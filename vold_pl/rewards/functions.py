@@ -28,9 +28,19 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from vold_pl.errors import UserError
-from vold_pl.rewards.extract import (NUMBER_RE, THOUSANDS_RE, clean_answer, extract_answer, is_well_formatted,
-                                    normalize_text, parse_bbox, parse_choice_letters, parse_choice_letters_strict,
-                                    parse_labels, parse_yesno)
+from vold_pl.rewards.extract import (
+    NUMBER_RE,
+    THOUSANDS_RE,
+    clean_answer,
+    extract_answer,
+    is_well_formatted,
+    normalize_text,
+    parse_bbox,
+    parse_choice_letters,
+    parse_choice_letters_strict,
+    parse_labels,
+    parse_yesno,
+)
 
 logger = logging.getLogger(__name__)
 
