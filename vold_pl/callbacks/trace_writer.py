@@ -335,13 +335,14 @@ class TraceWriter(L.pytorch.callbacks.BasePredictionWriter):
         entries = dict(self._earlier)
         for e in new:
             entries.setdefault(e["id"], e)  # a prompt two ranks both had (Lightning's padding) counts once
-        resumed = sum(1 for i in entries if i in self._earlier)
-        if self._expected is not None:
+        missing: set[str] = set()
+        if self._expected is not None:  # shards of prompts no longer in the predict set are left out
             entries = {i: e for i, e in entries.items() if i in self._expected}
             missing = self._expected - set(entries)
             if missing:  # e.g. limit_predict_batches: keep the shards, a rerun completes the set
                 print(f"[vold-pl] WARNING: {len(missing)} prompts were not sampled (e.g. {sorted(missing)[:3]}); "
                       f"the shards in {self.shard_dir} are kept, rerun to complete the set.")
+        resumed = sum(1 for i in entries if i in self._earlier)
         self.stats = Counter()
         for e in entries.values():
             for k, v in e["counts"].items():
@@ -357,7 +358,7 @@ class TraceWriter(L.pytorch.callbacks.BasePredictionWriter):
         from vold_pl.data.schema import write_jsonl
 
         write_jsonl(rows, self.out_path)  # atomic, after the summary: the JSONL marks a finished run
-        if not self.keep_shards and not (self._expected is not None and missing):
+        if not self.keep_shards and not missing:
             shutil.rmtree(self.shard_dir, ignore_errors=True)
         for src, row in summary["kept_per_source"].items():
             print(f"[vold-pl]   {src:<24} kept {row['kept']:>6}/{row['total']:<6} ({100 * row['rate']:.1f}%)")
