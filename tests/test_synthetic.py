@@ -155,6 +155,27 @@ def test_text_view_determines_answer(data_dir):
                 assert r.answer == gold, (r.id, question)
 
 
+def test_traces_copy_the_caption(data_dir):
+    """Traces are short and copyable: every per-kind count they state is an entry of the caption's "In total:"
+    list (and a kind the caption does not list is never claimed), every count sentence's number is the sum of
+    its entries, and every row they quote is the caption's sentence for that row, word for word."""
+    for r in _load(data_dir, "train_text") + _load(data_dir, "test_text"):
+        caption = r.text_view.split("\n", 1)[0]
+        totals = caption.split("In total: ", 1)[1].rstrip(".").split(", ")
+        for name, body, tail in re.findall(r"(\w+ ?\w*): ((?:\d+ \w+ \w+(?:, )?)+|none)\. ([^.]*)\.", r.trace):
+            entries = [] if body == "none" else body.split(", ")
+            assert all(e in totals for e in entries), (r.id, body, totals)
+            n = sum(int(e.split()[0]) for e in entries)
+            assert tail == f"That makes {n}" or tail.endswith(f"= {n}"), (r.id, name, body, tail)
+            want = name.lower().split()  # "Red shapes" / "Squares" / "Green circles": the kinds it must list
+            colour = want[0] if len(want) == 2 else None
+            shape = want[-1].rstrip("s") if want[-1] != "shapes" else None
+            listed = [t for t in totals if (colour in (None, t.split()[1])) and (shape in (None, t.split()[2].rstrip("s")))]
+            assert entries == listed, (r.id, name, entries, listed)
+        for row in re.findall(r"Row \d: [^.]*\.", r.trace):
+            assert row in caption, (r.id, row)
+
+
 def test_pixels_match_caption(data_dir):
     for split in syn.SPLITS:
         for r in _load(data_dir, split):
