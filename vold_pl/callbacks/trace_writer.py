@@ -22,8 +22,8 @@ from __future__ import annotations
 import json
 import random
 import re
-import time
 import shutil
+import time
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
