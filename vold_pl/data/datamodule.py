@@ -19,7 +19,7 @@ from vold_pl.data.collate import (DEFAULT_INSTRUCTION, SKIPPED_KEY, BadRow, Prom
 from vold_pl.data.sampling import MixedSampler, ResumableDataLoader
 from vold_pl.data.schema import RecordError, image_problem
 from vold_pl.data.sources import DataSource, load_source
-from vold_pl.distributed import uses_distributed_sampler
+from vold_pl.distributed import EvenShardSampler, uses_distributed_sampler
 from vold_pl.errors import UserError
 
 __all__ = ["CheckedConcatDataset", "MixedSampler", "ReasoningDataModule", "ResumableDataLoader", "prompt_lengths"]
@@ -388,10 +388,7 @@ class ReasoningDataModule(L.LightningDataModule):
         # Predicting always generates, so it always needs bare prompts.
         mode = "prompt" if split == "predict" else None
         ds, sampler = self.datasets[split], None
-        if self._trainer_attached() and self.trainer.world_size > 1 and not getattr(
-                self.trainer._accelerator_connector, "use_distributed_sampler", False):
-            from vold_pl.distributed import EvenShardSampler
-
+        if self._trainer_attached() and self.trainer.world_size > 1 and not uses_distributed_sampler(self.trainer):
             # Each rank evaluates / generates its own share, evened out with repeats of its own rows (never
             # scored twice by TraceWriter): equal batch counts, so no rank waits in a collective for another.
             sampler = EvenShardSampler(len(ds), self.trainer.global_rank, self.trainer.world_size)
