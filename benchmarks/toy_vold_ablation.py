@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hard", action="store_true", help="add arms b and c on the hard split (b_hard, c_hard)")
     p.add_argument("--hard-difficulty", type=int, default=3, help="difficulty of the hard split")
     p.add_argument("--bootstrap", type=int, default=5000, help="bootstrap resamples of the paired intervals")
+    p.add_argument("--arms", nargs="*", default=None, choices=RL_ARMS,
+                   help="train only these RL arms (the others are summarised if finished); default all")
     p.add_argument("--no-run", action="store_true",
                    help="train nothing: summarise the arms that have finished (a partial run's table and plot)")
     p.add_argument("--diagnose", action="store_true",
@@ -246,9 +248,9 @@ def main(argv: list[str] | None = None) -> None:
             arms["d_grpo_opd"] = (art / "tiny" / "student", a.lam, data / "train.jsonl", main_tests,
                                   a.d_limit_test or None)
         for arm, (start, lam, train, tests, limit) in arms.items():
-            if not finished(sd / arm, a.rl_steps) and not a.no_run:
+            if not finished(sd / arm, a.rl_steps) and not a.no_run and (a.arms is None or arm in a.arms):
                 rl_arm(start, teacher, lam, seed, a, train, tests, sd / arm, limit)
-        if a.no_run:  # only what has finished
+        if a.no_run or a.arms is not None:  # only what has finished
             arms = {k: v for k, v in arms.items() if finished(sd / k, a.rl_steps)}
             if not (sd / "a_sft" / "benchmark_report.json").exists():
                 continue
