@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Literal
@@ -35,10 +36,13 @@ from vold_pl.modules.base import OptimConfig, PolicyModule
 from vold_pl.rewards.functions import compute_rewards, validate_weights
 from vold_pl.rl.advantages import group_advantages
 from vold_pl.rl.logprobs import mask_blocked
-from vold_pl.rl.losses import masked_mean
-from vold_pl.rl.objective import Experience, LossSettings, check_opd_options, opd_grpo_loss
-from vold_pl.rl.rollout import Rollout, SamplingConfig, rollout_token_logprobs
-from vold_pl.rl.teacher import build_teacher_inputs, teacher_completion_logits, teacher_token_logprobs
+from vold_pl.rl.losses import Totals, masked_mean
+from vold_pl.rl.objective import (
+    TEACHER_SCORES, Experience, LossSettings, check_opd_options, combine_metrics, metric_weights, opd_grpo_loss,
+    plan_micro_batches,
+)
+from vold_pl.rl.rollout import Rollout, SamplingConfig, rollout_model_inputs, rollout_rows, rollout_token_logprobs
+from vold_pl.rl.teacher import build_teacher_inputs, teacher_completion_logits, teacher_rows, teacher_token_logprobs
 
 
 @dataclass
@@ -54,6 +58,14 @@ class GRPOConfig:
             the fixed generation budget, as TRL and Dr. GRPO).
         num_iterations: μ, optimizer steps per rollout batch; μ > 1 stores π_old log-probs at rollout time.
         beta_ref: weight of the k3 KL to a frozen reference model; 0 builds no reference model at all.
+        micro_batch_size: at most this many completions per forward/backward; the step accumulates the
+            gradients of its micro-batches before its one optimizer step, and the policy, π_old, reference and
+            teacher scoring run per micro-batch too. 0 = the whole batch (B·G rows) at once. The update does
+            not depend on it: every aggregation divides by the step's global counts (all micro-batches and
+            ranks), see ``docs/distributed.md``.
+        max_tokens_per_micro_batch: at most this many padded tokens per micro-batch, counted as rows ×
+            (prompt width + the micro-batch's longest completion); whole groups stay together when each fits.
+            0 = no token budget. With both set, both caps hold.
     """
 
     num_generations: int = 4
@@ -63,6 +75,14 @@ class GRPOConfig:
     loss_aggregation: Literal["sequence", "token", "dr_grpo"] = "sequence"
     num_iterations: int = 1
     beta_ref: float = 0.0
+    micro_batch_size: int = 0
+    max_tokens_per_micro_batch: int = 0
+
+    def __post_init__(self):
+        for name in ("micro_batch_size", "max_tokens_per_micro_batch"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"grpo.{name}: {getattr(self, name)} is negative; use 0 (the whole batch) or a "
+                                 f"positive cap.")
 
 
 @dataclass
@@ -94,6 +114,19 @@ class OPDConfig:
 
 
 allow_in_checkpoints(GRPOConfig, OPDConfig)
+
+
+@dataclass
+class StepData:
+    """What :meth:`OPDGRPOModule.build_experience` makes once per rollout batch."""
+
+    rollout: Rollout
+    experience: Experience  # the constant part; ``logp`` is filled per micro-batch
+    plan: list  # the micro-batches [(start, end)]
+    rewards: object  # the reward functions' output (``total [N]``, ``named``)
+    total_reward: torch.Tensor  # [N] r_i
+    zero_std: torch.Tensor  # [B] groups whose rewards are all equal
+    t_roll: float  # seconds spent generating
 
 
 class OPDGRPOModule(PolicyModule):
@@ -211,12 +244,70 @@ class OPDGRPOModule(PolicyModule):
     # -- the step ------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> None:
         t0 = time.perf_counter()
+        step = self.build_experience(batch)
+        rollout, exp = step.rollout, step.experience
+        mask = rollout.completion_mask.float()  # [N, L]
+        totals, world = self._totals(exp)
+
+        # repeat μ times: the loss of the step's experience, micro-batch by micro-batch, one optimizer step
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        for _ in range(self.grpo.num_iterations):
+            opt.zero_grad()
+            loss, stats, entropy = self.accumulate_gradients(step, totals, world)
+            self._optimizer_step(opt, sched, loss)
+        self._log_step(step.rewards, exp.advantages, step.zero_std, rollout, mask, entropy, stats, loss.detach() / world,
+                       step.t_roll, time.perf_counter() - t0)
+        if self.log_completions_every and self.global_step % self.log_completions_every < self.grpo.num_iterations:
+            self._write_completions(batch["records"], rollout, step.total_reward)
+
+    def accumulate_gradients(self, step: "StepData", totals: Totals, world: int = 1, backward=None):
+        """The loss of ``step`` micro-batch by micro-batch: every micro-batch but the last is backpropagated here
+        (gradients accumulate, without the ranks' gradient sync); the last one's loss is returned for the
+        optimizer step to backpropagate (its backward syncs the sum).
+
+        ``totals``: the step's global counts; ``world``: the data-parallel ranks DDP / FSDP average gradients
+        over, undone here so the update is the gradient of the global loss. ``backward``: default
+        ``manual_backward``. Returns ``(loss, metrics, entropy [N, L])``: ``loss`` has the whole step's (local)
+        value, non-finite if any micro-batch was, and the last micro-batch's graph.
+        """
+        backward = backward or self.manual_backward
+        rollout, exp, plan, cfg = step.rollout, step.experience, step.plan, self.loss_settings
+        entropy = exp.mask.new_zeros(exp.mask.shape)  # [N, L]
+        parts, earlier, loss = [], exp.mask.new_zeros(()), None
+        for k, (s, e) in enumerate(plan):
+            e1 = max(e, s + 1)  # (s, s): a rank with fewer micro-batches runs one row, weight 0
+            sub = rollout_rows(rollout, s, e1) if (s, e1) != (0, rollout.num_rows) else rollout
+            logp, ent = self._logprobs(sub)  # [n, l], [n, l]
+            width = logp.size(1)
+            mb = replace(exp.rows(s, e1, width), logp=logp,
+                         student_logits=self._student_logits(sub) if exp.teacher_logits is not None else None)
+            if e > s:
+                entropy[s:e, :width] = ent.detach()
+                mb_loss, mb_stats = opd_grpo_loss(mb, cfg, totals)
+                mb_loss = mb_loss * world  # DDP / FSDP average gradients over ranks: undo it (a sum of slices)
+                parts.append((mb_stats, metric_weights(mb, cfg)))
+            else:  # the dummy keeps every sharded model's collectives in step across ranks
+                mb_loss = logp.sum() * 0.0
+            if k < len(plan) - 1:  # accumulate locally; the last micro-batch's backward syncs the gradients
+                if bool(torch.isfinite(mb_loss.detach()).all()):  # this rank only: ranks differ in count
+                    with self._no_grad_sync():
+                        backward(mb_loss)
+                earlier = earlier + mb_loss.detach()  # a non-finite value reaches the step's agreed check
+            else:
+                loss = mb_loss + earlier
+        return loss, combine_metrics(parts), entropy
+
+    def build_experience(self, batch: dict) -> "StepData":
+        """The step's data, built once per rollout batch: the rollout (o_1..o_G ~ π_old per prompt), rewards,
+        group advantages, and the constant scores of the :class:`Experience` (π_old when μ > 1, reference,
+        teacher), each scored micro-batch by micro-batch; ``experience.logp`` is filled per micro-batch."""
+        t0 = time.perf_counter()
         G = self.grpo.num_generations
         records = batch["records"]
-        # rollout: o_1..o_G ~ π_old(·|q) per prompt
         rollout = self.rollout_engine.generate(self.model, batch, G, self.sampling)
         t_roll = time.perf_counter() - t0
-        mask = rollout.completion_mask.float()  # [N, L]
+        plan = self._plan(rollout)
 
         # reward r_i = Σ_k w_k R_k, group advantage A_i
         rec_objs = [SimpleNamespace(**r) for r in records for _ in range(G)]
@@ -225,44 +316,76 @@ class OPDGRPOModule(PolicyModule):
         adv, zero_std = group_advantages(rewards, G, self.grpo.scale)  # [N], [B]
 
         # frozen scores, once per rollout batch: teacher log π_T(o_t | q_T, o_<t), reference, π_old
-        teacher = self._teacher_scores(records, rollout) if self.opd.lam > 0 else {}
-        ref_logp = None
+        teacher = self._teacher_scores(records, rollout, plan) if self.opd.lam > 0 else {}
+        ref_logp = old_logp = None
         if self.grpo.beta_ref > 0:
             reference = self._frozen.get("reference", self.model)  # LoRA: the policy, adapters off below
             with torch.no_grad(), adapters_off(reference):
-                ref_logp = rollout_token_logprobs(reference, rollout, temperature=self.sampling.temperature,
-                                                  chunk_size=self.chunk)  # [N, L]
-        old_logp = None
+                ref_logp = self._score(reference, rollout, plan)  # [N, L]
         if self.grpo.num_iterations > 1:
             with torch.no_grad():  # π_old at rollout time: the weights the samples came from
-                old_logp = self._logprobs(rollout)[0]  # [N, L]
+                old_logp = self._score(self.model, rollout, plan)  # [N, L]
         success = rw.named[self.opd.gate_reward].to(self.device) if self.opd.gate_reward in rw.named else None  # [N]
+        exp = Experience(logp=None, old_logp=old_logp, advantages=adv, mask=rollout.completion_mask.float(),
+                         ref_logp=ref_logp, success=success, teacher_logp=teacher.get("logp"),
+                         teacher_logits=teacher.get("logits"), teacher_available=teacher.get("available"))
+        return StepData(rollout, exp, plan, rw, rewards, zero_std, t_roll)
 
-        # repeat μ times: loss of the step's experience, one optimizer step
-        opt = self.optimizers()
-        sched = self.lr_schedulers()
-        for _ in range(self.grpo.num_iterations):
-            logp, entropy = self._logprobs(rollout)  # [N, L], [N, L]
-            exp = Experience(
-                logp=logp, old_logp=old_logp if old_logp is not None else logp.detach(),  # μ = 1: ρ ≡ 1
-                advantages=adv, mask=mask, ref_logp=ref_logp, success=success,
-                teacher_logp=teacher.get("logp"), teacher_logits=teacher.get("logits"),
-                teacher_available=teacher.get("available"),
-                student_logits=self._student_logits(rollout) if "logits" in teacher else None)
-            loss, stats = opd_grpo_loss(exp, self.loss_settings)
-            self._optimizer_step(opt, sched, loss)
-        self._log_step(rw, rewards, zero_std, rollout, mask, entropy, stats, loss, t_roll, time.perf_counter() - t0)
-        if self.log_completions_every and self.global_step % self.log_completions_every < self.grpo.num_iterations:
-            self._write_completions(records, rollout, rewards)
+    def _plan(self, rollout: Rollout) -> list:
+        """The step's micro-batches ``[(start, end)]``. Across ranks their number is made equal (empty ``(s, s)``
+        entries pad the shorter plans): a sharded model all-gathers in every forward, on every rank."""
+        g = self.grpo
+        plan = plan_micro_batches(rollout.completion_mask.sum(-1), rollout.prompt_ids.size(1), rollout.group_size,
+                                  g.micro_batch_size, g.max_tokens_per_micro_batch)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            n = torch.tensor(float(len(plan)), device=self.device)
+            most = int(self.trainer.strategy.reduce(n, reduce_op="max"))
+            plan = plan + [(0, 0)] * (most - len(plan))
+        return plan
+
+    def _totals(self, exp: Experience) -> tuple[Totals, int]:
+        """The aggregations' global counts (completions, completion tokens) summed over ranks, and the number
+        of data-parallel ranks the gradients are averaged over."""
+        counts = torch.stack([torch.tensor(float(exp.mask.shape[0]), device=exp.mask.device), exp.mask.sum().float()])
+        world = 1
+        if self._trainer is not None and self.trainer.world_size > 1:
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+            world = self.trainer.world_size
+        return Totals(rows=float(counts[0]), tokens=float(counts[1])), world
+
+    def _score(self, model: torch.nn.Module, rollout: Rollout, plan: list) -> torch.Tensor:
+        """Constant log-probs ``[N, L]`` of the rollout under ``model``, micro-batch by micro-batch."""
+        out = torch.zeros(rollout.completion_mask.shape, dtype=torch.float32, device=rollout.completion_ids.device)
+        for s, e in plan:
+            sub = rollout_rows(rollout, s, e if e > s else s + 1)  # (s, s): a forward only for the collectives
+            logp = rollout_token_logprobs(model, sub, temperature=self.sampling.temperature, chunk_size=self.chunk)
+            if e > s:
+                out[s:e, : logp.size(1)] = logp
+        return out
+
+    @contextmanager
+    def _no_grad_sync(self):
+        """Backward without the gradient all-reduce (DDP) / reduce-scatter (FSDP2): the accumulating micro-batches;
+        the last one syncs the sum. Public hooks: the strategy's ``block_backward_sync``, FSDP2's
+        ``set_requires_gradient_sync``."""
+        from torch.distributed.fsdp import FSDPModule
+
+        fsdp = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+        for m in fsdp:
+            m.set_requires_gradient_sync(False, recurse=False)
+        block = getattr(self.trainer.strategy, "block_backward_sync", None) if self._trainer is not None else None
+        try:
+            if block is not None:
+                with block():
+                    yield
+            else:
+                yield
+        finally:
+            for m in fsdp:
+                m.set_requires_gradient_sync(True, recurse=False)
 
     def _policy_inputs(self, rollout: Rollout):
-        ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)  # [N, P + L]
-        attn = torch.cat([rollout.prompt_mask, rollout.completion_mask.to(rollout.prompt_mask.dtype)], 1)  # [N, P + L]
-        extra = dict(rollout.extra)
-        if "mm_token_type_ids" in extra:  # generated tokens are text: type 0
-            extra["mm_token_type_ids"] = torch.cat([extra["mm_token_type_ids"], torch.zeros_like(rollout.completion_ids)], 1)
-        if not self.is_vision:
-            extra = {}
+        ids, attn, extra = rollout_model_inputs(rollout, self.is_vision)
         return ids, attn, rollout.prompt_ids.size(1), extra
 
     def _logprobs(self, rollout: Rollout):
@@ -279,22 +402,37 @@ class OPDGRPOModule(PolicyModule):
         logits = self.model(input_ids=ids, attention_mask=attn, use_cache=False, **extra).logits
         return mask_blocked(logits[:, start - 1 : -1].float() / self.sampling.temperature, rollout.blocked_ids)
 
-    def _teacher_scores(self, records: list[dict], rollout: Rollout) -> dict:
+    def _teacher_scores(self, records: list[dict], rollout: Rollout, plan: list) -> dict:
         """The teacher's scores of the student's tokens on the same support as the sampler (blocked ids
-        removed and renormalised): ``logp [N, L]`` (k1) or ``logits [N, L, V]`` (full), and ``available [N]``."""
+        removed and renormalised), micro-batch by micro-batch: ``logp [N, L]`` (k1) or ``logits [N, L, V]``
+        (full), as :data:`~vold_pl.rl.objective.TEACHER_SCORES` says, and ``available [N]``."""
         tin = build_teacher_inputs(self.teacher_tokenizer, records, rollout.completion_ids, rollout.completion_mask,
                                    rollout.group_size)
         teacher = self._frozen["teacher"]
-        out = {"available": tin.available}
+        kind = TEACHER_SCORES[self.opd.estimator]
         T, blocked = self.sampling.temperature, rollout.blocked_ids
-        if self.opd.estimator == "full":
-            out["logits"] = teacher_completion_logits(teacher, tin, T, blocked)  # [N, L, V]
-        else:
-            out["logp"] = teacher_token_logprobs(teacher, tin, T, self.chunk, blocked)  # [N, L]
+        lengths = rollout.completion_mask.sum(-1)  # [N]
+        out, parts = {"available": tin.available}, []
+        for s, e in plan:
+            width = max(int(lengths[s:e].max()), 1) if e > s else 1
+            sub = teacher_rows(tin, s, e if e > s else s + 1, width)
+            if kind == "logits":
+                parts.append((s, e, teacher_completion_logits(teacher, sub, T, blocked)))  # [n, l, V]
+            else:
+                parts.append((s, e, teacher_token_logprobs(teacher, sub, T, self.chunk, blocked)))  # [n, l]
+        N, L = rollout.completion_mask.shape
+        full = None
+        for s, e, v in parts:
+            if full is None:
+                full = v.new_zeros((N, L) + tuple(v.shape[2:]))
+            if e > s:
+                full[s:e, : v.size(1)] = v
+        out[kind] = full
         return out
 
     def _optimizer_step(self, opt, sched, loss: torch.Tensor) -> None:
-        opt.zero_grad()
+        # ``loss`` is the step's last micro-batch (its graph) carrying the whole step's value; the earlier
+        # micro-batches' gradients are already accumulated (``training_step`` zeroes them before the first).
         # A non-finite loss skips backward on every rank; a non-finite gradient is caught in
         # ``on_before_optimizer_step``, which ``opt.step()`` runs first. Either way ``opt.step()`` then finds no
         # gradient and changes nothing, and the step still counts (global_step, LR schedule).
@@ -306,7 +444,8 @@ class OPDGRPOModule(PolicyModule):
         sched.step()
 
     # -- logging -------------------------------------------------------------------------------------------
-    def _log_step(self, rw, rewards, zero_std, rollout, mask, entropy, stats, loss, t_roll, t_step) -> None:
+    def _log_step(self, rw, adv, zero_std, rollout, mask, entropy, stats, loss, t_roll, t_step) -> None:
+        rewards = rw.total.to(mask.device)  # [N]
         lengths = mask.sum(-1)  # [N]
         n_tokens = float(lengths.sum())
         m = {

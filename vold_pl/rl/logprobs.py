@@ -30,6 +30,7 @@ __all__ = [
     "token_logprobs_from_hidden",
     "model_token_logprobs",
     "mask_blocked",
+    "concat_prompt_completion",
 ]
 
 LMHead = Union[nn.Module, torch.Tensor]
@@ -53,6 +54,23 @@ def mask_blocked(logits: torch.Tensor, blocked_ids: BlockedIds) -> torch.Tensor:
     gradient w.r.t. the blocked columns is exactly 0."""
     idx = _blocked_index(blocked_ids, logits.device)
     return logits if idx is None else logits.index_fill(-1, idx, float("-inf"))
+
+
+def concat_prompt_completion(
+    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor, mm_token_type_ids: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """The one place a left-padded prompt and a right-padded completion become one scored sequence.
+
+    ``prompt_ids, prompt_mask [N, P]`` (already one row per completion), ``completion_ids, completion_mask
+    [N, L]``; returns ``ids [N, P + L]``, ``attention_mask [N, P + L]`` (the prompt mask's dtype) and, for a
+    VLM, ``mm_token_type_ids [N, P + L]`` (generated tokens are text: type 0), else ``None``."""
+    ids = torch.cat([prompt_ids, completion_ids], 1)  # [N, P + L]
+    attn = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], 1)  # [N, P + L]
+    mm = None
+    if mm_token_type_ids is not None:
+        mm = torch.cat([mm_token_type_ids, torch.zeros_like(completion_ids, dtype=mm_token_type_ids.dtype)], 1)
+    return ids, attn, mm
 
 
 def _logp_and_entropy(

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "SurrogateStats", "masked_mean", "clipped_surrogate", "k3_kl", "aggregate", "AGGREGATIONS",
+    "SurrogateStats", "masked_mean", "clipped_surrogate", "k3_kl", "aggregate", "AGGREGATIONS", "Totals",
     "sampled_reverse_kl", "full_reverse_kl", "OPD_ESTIMATORS", "opd_gate", "OPD_GATES",
     "opd_token_advantages", "opd_loss",
 ]
@@ -105,33 +105,48 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- aggregation
-def _agg_sequence(x: torch.Tensor, m: torch.Tensor, max_len: Optional[int]) -> torch.Tensor:
+# Each aggregation is a numerator (a sum over the rows/tokens at hand) over a denominator. The denominator is
+# taken from ``totals`` when given: the step's counts over every micro-batch and rank (``Totals``), so that
+# the per-micro-batch, per-rank losses add up to the loss of the whole step's batch.
+def _agg_sequence(x: torch.Tensor, m: torch.Tensor, max_len: Optional[int], totals=None) -> torch.Tensor:
     # Original GRPO: 1/N sum_i 1/|o_i| sum_t. Rows with no tokens contribute 0 but still count in 1/N, so a
     # gate or a missing teacher view shrinks the term instead of re-weighting the remaining rows (as TRL).
     per_row = (x * m).sum(-1) / m.sum(-1).clamp(min=1)  # [N]
-    return per_row.mean()
+    rows = x.shape[0] if totals is None else totals.rows
+    return per_row.sum() / max(rows, 1)
 
 
-def _agg_token(x: torch.Tensor, m: torch.Tensor, max_len: Optional[int]) -> torch.Tensor:
+def _agg_token(x: torch.Tensor, m: torch.Tensor, max_len: Optional[int], totals=None) -> torch.Tensor:
     # DAPO token-level mean: long completions weigh in proportion to their length.
-    return (x * m).sum() / m.sum().clamp(min=1)
+    tokens = m.sum().clamp(min=1) if totals is None else max(totals.tokens, 1)
+    return (x * m).sum() / tokens
 
 
-def _agg_dr_grpo(x: torch.Tensor, m: torch.Tensor, max_len: Optional[int]) -> torch.Tensor:
+def _agg_dr_grpo(x: torch.Tensor, m: torch.Tensor, max_len: Optional[int], totals=None) -> torch.Tensor:
     # Dr. GRPO: a constant normaliser removes the length bias of 1/|o_i|.
-    denom = x.shape[0] * (x.shape[-1] if max_len is None else max_len)
+    rows = x.shape[0] if totals is None else totals.rows
+    denom = rows * (x.shape[-1] if max_len is None else max_len)
     return (x * m).sum() / max(denom, 1)
 
 
-AGGREGATIONS: Dict[str, Callable[[torch.Tensor, torch.Tensor, Optional[int]], torch.Tensor]] = {
+AGGREGATIONS: Dict[str, Callable[..., torch.Tensor]] = {
     "sequence": _agg_sequence,
     "token": _agg_token,
     "dr_grpo": _agg_dr_grpo,
 }
 
 
+class Totals(NamedTuple):
+    """The step's counts the aggregations divide by: completions (``rows``) and completion tokens
+    (``tokens``), summed over every micro-batch and every data-parallel rank."""
+
+    rows: float
+    tokens: float
+
+
 def aggregate(
-    per_token: torch.Tensor, mask: torch.Tensor, mode: str = "sequence", max_len: Optional[int] = None
+    per_token: torch.Tensor, mask: torch.Tensor, mode: str = "sequence", max_len: Optional[int] = None,
+    totals: Optional[Totals] = None,
 ) -> torch.Tensor:
     """Reduce a ``[N, L]`` per-token loss to a scalar over the completion tokens (METHODS.md §2).
 
@@ -139,12 +154,16 @@ def aggregate(
     ``N * max_len`` (arXiv 2503.20783), ``max_len`` defaulting to ``L`` (pass the generation limit to keep
     the normaliser constant across batches). Masked-out entries are replaced by 0 before summing, so
     NaN/inf in padding never leaks; rows with zero tokens are guarded.
+
+    ``totals``: the global counts of the step (:class:`Totals`). Given, ``N`` and the token count are
+    those of the whole step instead of this tensor's, so the aggregates of disjoint row slices (micro-batches,
+    ranks) sum to the aggregate of the whole batch. ``None``: this tensor is the whole batch.
     """
     if mode not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {mode!r}; choose from {sorted(AGGREGATIONS)}")
     m_bool = mask.bool()  # [N, L]
     x = torch.where(m_bool, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
-    return AGGREGATIONS[mode](x, m_bool.to(per_token.dtype), max_len)
+    return AGGREGATIONS[mode](x, m_bool.to(per_token.dtype), max_len, totals)
 
 
 # ------------------------------------------------------------------------------------ on-policy distillation
@@ -292,6 +311,7 @@ def opd_loss(
     lam: float,
     mode: str = "sequence",
     max_len: Optional[int] = None,
+    totals: Optional[Totals] = None,
 ) -> torch.Tensor:
     """OPD in loss mode: ``lam * aggregate(g_i * KL_{i,t})``, VOLD's ``lam * E[g(tau) KL_token]``.
 
@@ -301,4 +321,4 @@ def opd_loss(
     """
     g = gate_w.detach().to(kl.dtype).unsqueeze(-1)  # [N, 1]
     weighted = torch.where(g > 0, g * kl, torch.zeros((), dtype=kl.dtype, device=kl.device))  # [N, L]
-    return lam * aggregate(weighted, mask, mode, max_len)
+    return lam * aggregate(weighted, mask, mode, max_len, totals)

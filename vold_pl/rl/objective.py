@@ -29,24 +29,31 @@ Decisions the papers leave open, made here (docs/opd.md):
   policy gradient (METHODS.md §3) and is rejected.
 - The ``failed`` gate needs a success reward (``success``); there is no fallback to the summed reward.
 - ``dr_grpo`` divides by N × ``max_len`` (the generation budget), a constant across batches.
+- Micro-batches and ranks: every aggregation divides by the step's global counts (:class:`Totals`: the
+  completions and completion tokens over all micro-batches and data-parallel ranks), so the losses of the
+  row slices add up to the loss of the whole batch; ``token`` is DAPO's mean over the global token count.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from dataclasses import dataclass, fields
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 
 from vold_pl.rl.losses import (
-    AGGREGATIONS, OPD_GATES, aggregate, clipped_surrogate, full_reverse_kl, k3_kl, masked_mean, opd_gate, opd_loss,
-    opd_token_advantages, sampled_reverse_kl,
+    AGGREGATIONS, OPD_ESTIMATORS, OPD_GATES, Totals, aggregate, clipped_surrogate, k3_kl, masked_mean, opd_gate,
+    opd_loss, opd_token_advantages,
 )
 
-__all__ = ["LossSettings", "Experience", "opd_grpo_loss", "check_opd_options"]
+__all__ = ["LossSettings", "Experience", "Totals", "opd_grpo_loss", "check_opd_options", "metric_weights",
+           "combine_metrics", "TEACHER_SCORES", "plan_micro_batches"]
 
 OPD_MODES = ("loss", "advantage")
-OPD_ESTIMATOR_NAMES = ("k1", "full")
+OPD_ESTIMATOR_NAMES = tuple(OPD_ESTIMATORS)
+# What each estimator needs from the teacher: its log-prob of the sampled token (``Experience.teacher_logp``)
+# or its full next-token logits (``Experience.teacher_logits``, with the student's ``student_logits``).
+TEACHER_SCORES = {"k1": "logp", "full": "logits"}
 
 
 def check_opd_options(estimator: str, mode: str, gate: str, where: str = "opd") -> None:
@@ -104,11 +111,13 @@ class Experience:
     """The tensors of one optimizer step: N completions of at most L tokens (rows group-contiguous).
 
     Every log-prob is of the sampler's distribution (temperature, blocked ids removed). Only ``logp`` and
-    ``student_logits`` carry gradients; everything else is treated as a constant.
+    ``student_logits`` carry gradients; everything else is treated as a constant. The trainer builds the
+    constant part once per rollout batch (``logp`` still ``None``) and fills ``logp`` (and ``student_logits``)
+    per micro-batch of :meth:`rows`.
     """
 
-    logp: torch.Tensor  # [N, L] log π_θ(o_t) under the current weights (differentiable)
-    old_logp: torch.Tensor  # [N, L] log π_old(o_t) at rollout time; ``logp.detach()`` when μ = 1 (ρ ≡ 1)
+    logp: Optional[torch.Tensor]  # [N, L] log π_θ(o_t) under the current weights (differentiable)
+    old_logp: Optional[torch.Tensor]  # [N, L] log π_old(o_t) at rollout time; None: on-policy (μ = 1, ρ ≡ 1)
     advantages: torch.Tensor  # [N] sequence advantages A_i
     mask: torch.Tensor  # [N, L] 1 on completion tokens (up to and including EOS)
     ref_logp: Optional[torch.Tensor] = None  # [N, L] log π_ref(o_t), needed when beta_ref > 0
@@ -118,20 +127,44 @@ class Experience:
     success: Optional[torch.Tensor] = None  # [N] the {0, 1} success (accuracy) reward the ``failed`` gate reads
     teacher_available: Optional[torch.Tensor] = None  # [N] bool: the teacher has a view of the prompt
 
+    def rows(self, start: int, end: int, width: Optional[int] = None) -> "Experience":
+        """Rows ``start:end`` (a micro-batch), completion columns cut to ``width`` (its longest completion)."""
+        out = {}
+        for f in fields(self):
+            t = getattr(self, f.name)
+            if t is not None:
+                t = t[start:end]
+                if width is not None and t.dim() >= 2:
+                    t = t[:, :width]
+            out[f.name] = t
+        return Experience(**out)
 
-def _opd_kl(exp: Experience, cfg: LossSettings) -> torch.Tensor:
-    """The per-token reverse KL of the configured estimator, ``[N, L]`` (k1's gradient: score function)."""
-    if cfg.estimator == "full":
+
+def _estimator_inputs(exp: Experience, cfg: LossSettings, old_logp: torch.Tensor) -> Tuple[tuple, dict]:
+    # The arguments of OPD_ESTIMATORS[cfg.estimator]: the student's and teacher's scores it compares.
+    if TEACHER_SCORES[cfg.estimator] == "logits":
         if exp.student_logits is None or exp.teacher_logits is None:
-            raise ValueError("estimator 'full' needs Experience.student_logits and Experience.teacher_logits")
-        return full_reverse_kl(exp.student_logits, exp.teacher_logits, top_k=cfg.top_k or None)
+            raise ValueError(f"estimator {cfg.estimator!r} needs Experience.student_logits and "
+                             f"Experience.teacher_logits")
+        return (exp.student_logits, exp.teacher_logits), {"top_k": cfg.top_k or None}
     if exp.teacher_logp is None:
-        raise ValueError("estimator 'k1' needs Experience.teacher_logp")
-    return sampled_reverse_kl(exp.logp, exp.teacher_logp, old_logp=exp.old_logp)
+        raise ValueError(f"estimator {cfg.estimator!r} needs Experience.teacher_logp")
+    return (exp.logp, exp.teacher_logp), {"old_logp": old_logp}
 
 
-def opd_grpo_loss(exp: Experience, cfg: LossSettings) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+def _opd_kl(exp: Experience, cfg: LossSettings, old_logp: torch.Tensor) -> torch.Tensor:
+    """The per-token reverse KL of the configured estimator, ``[N, L]`` (k1's gradient: score function)."""
+    args, kwargs = _estimator_inputs(exp, cfg, old_logp)
+    return OPD_ESTIMATORS[cfg.estimator](*args, **kwargs)
+
+
+def opd_grpo_loss(exp: Experience, cfg: LossSettings,
+                  totals: Optional[Totals] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """The step's loss (module docstring) and its diagnostics.
+
+    ``totals``: the step's global counts (completions and completion tokens over every micro-batch and rank)
+    when ``exp`` is one slice of the step; the slices' losses then sum to the whole step's loss. ``None``:
+    ``exp`` is the whole step.
 
     Returns ``(loss, metrics)``; metrics: ``clip_low``, ``clip_high``, ``clip_region``, ``ratio_mean``; ``kl``
     (k3 to the reference, when beta_ref > 0); ``opd/reverse_kl`` (mean KL of the distilled tokens: the KL of
@@ -140,6 +173,7 @@ def opd_grpo_loss(exp: Experience, cfg: LossSettings) -> Tuple[torch.Tensor, Dic
     """
     mask = exp.mask.float()  # [N, L]
     agg = cfg.aggregation
+    old_logp = exp.old_logp if exp.old_logp is not None else exp.logp.detach()  # on-policy: ρ ≡ 1
     adv = exp.advantages  # [N], or [N, L] once OPD is folded in
     metrics: Dict[str, torch.Tensor] = {}
     kl = gate_w = None
@@ -149,7 +183,7 @@ def opd_grpo_loss(exp: Experience, cfg: LossSettings) -> Tuple[torch.Tensor, Dic
                              "to the summed reward")
         success = exp.success if exp.success is not None else torch.zeros_like(exp.advantages)
         gate_w = opd_gate(success, cfg.gate, exp.teacher_available)  # [N]
-        kl = _opd_kl(exp, cfg)  # [N, L]
+        kl = _opd_kl(exp, cfg, old_logp)  # [N, L]
         tok_mask = mask * (gate_w > 0).float().unsqueeze(-1)  # [N, L]
         metrics["opd/reverse_kl"] = masked_mean(kl.detach(), tok_mask)
         metrics["opd/frac_tokens"] = tok_mask.sum() / mask.sum().clamp(min=1)
@@ -157,17 +191,78 @@ def opd_grpo_loss(exp: Experience, cfg: LossSettings) -> Tuple[torch.Tensor, Dic
         metrics["opd/frac_masked_no_text_view"] = (
             1 - available.float().mean() if available is not None else mask.new_zeros(()))
         if cfg.mode == "advantage":
-            k1_old = exp.old_logp.detach() - exp.teacher_logp.detach()  # [N, L]: k1 at sampling time
+            k1_old = old_logp.detach() - exp.teacher_logp.detach()  # [N, L]: k1 at sampling time
             adv = opd_token_advantages(adv, k1_old, cfg.lam, gate_w, mask)  # [N, L]
-    pg, stats = clipped_surrogate(exp.logp, exp.old_logp, adv, cfg.epsilon_low, cfg.epsilon_high)  # [N, L]
-    loss = aggregate(pg, mask, agg, cfg.max_len)
+    pg, stats = clipped_surrogate(exp.logp, old_logp, adv, cfg.epsilon_low, cfg.epsilon_high)  # [N, L]
+    loss = aggregate(pg, mask, agg, cfg.max_len, totals)
     if cfg.beta_ref > 0:
         if exp.ref_logp is None:
             raise ValueError("beta_ref > 0 needs Experience.ref_logp")
         kl_ref = k3_kl(exp.logp, exp.ref_logp)  # [N, L]
-        loss = loss + cfg.beta_ref * aggregate(kl_ref, mask, agg, cfg.max_len)
+        loss = loss + cfg.beta_ref * aggregate(kl_ref, mask, agg, cfg.max_len, totals)
         metrics["kl"] = masked_mean(kl_ref.detach(), mask)
     if cfg.lam > 0 and cfg.mode == "loss":
-        loss = loss + opd_loss(kl, mask, gate_w, cfg.lam, agg, cfg.max_len)
+        loss = loss + opd_loss(kl, mask, gate_w, cfg.lam, agg, cfg.max_len, totals)
     metrics.update(stats.fractions(mask))
     return loss, metrics
+
+
+def metric_weights(exp: Experience, cfg: LossSettings) -> Dict[str, float]:
+    """What each metric of :func:`opd_grpo_loss` is a mean over, for ``exp``: its completion tokens, its
+    distilled tokens (``opd/reverse_kl``) or its rows (``opd/frac_masked_no_text_view``)."""
+    tokens = float(exp.mask.float().sum())
+    w = {"clip_low": tokens, "clip_high": tokens, "clip_region": tokens, "ratio_mean": tokens, "kl": tokens,
+         "opd/frac_tokens": tokens, "opd/frac_masked_no_text_view": float(exp.mask.shape[0])}
+    if cfg.lam > 0:
+        success = exp.success if exp.success is not None else torch.zeros_like(exp.advantages)
+        gate_w = opd_gate(success, cfg.gate, exp.teacher_available)  # [N]
+        w["opd/reverse_kl"] = float((exp.mask.float() * (gate_w > 0).float().unsqueeze(-1)).sum())
+    return w
+
+
+def combine_metrics(parts: Iterable[Tuple[Dict[str, torch.Tensor], Dict[str, float]]]) -> Dict[str, torch.Tensor]:
+    """The metrics of the whole step from those of its micro-batches (``(metrics, metric_weights)`` pairs):
+    each a mean weighted by what it averages over, so they equal the whole batch's metrics."""
+    sums: Dict[str, torch.Tensor] = {}
+    weights: Dict[str, float] = {}
+    for metrics, w in parts:
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v.detach().float() * w.get(k, 1.0)
+            weights[k] = weights.get(k, 0.0) + w.get(k, 1.0)
+    return {k: sums[k] / max(weights[k], 1e-12) if weights[k] > 0 else sums[k] for k in sums}
+
+
+def plan_micro_batches(lengths: torch.Tensor, prompt_len: int, group_size: int, micro_batch_size: int = 0,
+                       max_tokens: int = 0) -> list:
+    """Cut the step's N rows into contiguous micro-batches ``[(start, end), ...]``.
+
+    Args:
+        lengths: ``[N]`` completion lengths (group-contiguous rows).
+        prompt_len: the prompts' padded width P.
+        group_size: G; with a token budget, whole groups are kept together when every group fits the budget
+            (their prompts then run once per group in scoring).
+        micro_batch_size: at most this many rows per micro-batch (0: no row cap).
+        max_tokens: at most this many padded tokens per micro-batch, counted as rows × (P + the longest
+            completion of the micro-batch) (0: no token cap). A single unit above it is its own micro-batch.
+
+    Neither cap (both 0): one micro-batch, the whole batch.
+    """
+    n = int(lengths.numel())
+    lens = [int(x) for x in lengths.tolist()]
+    if n == 0:
+        return []
+    cap_rows = micro_batch_size if micro_batch_size > 0 else n
+    if max_tokens <= 0:
+        return [(s, min(s + cap_rows, n)) for s in range(0, n, cap_rows)]
+    G = group_size if group_size > 0 and n % group_size == 0 else 1
+    cost = lambda s, e: (e - s) * (prompt_len + max(max(lens[s:e]), 1))  # noqa: E731 - padded tokens of rows s:e
+    if G > 1 and (cap_rows % G or any(cost(s, s + G) > max_tokens for s in range(0, n, G))):
+        G = 1  # some group alone is over the budget (or the row cap splits groups): cut by rows
+    plan, start = [], 0
+    for unit in range(0, n, G):
+        end = unit + G
+        if end - start > cap_rows or (end - G > start and cost(start, end) > max_tokens):
+            plan.append((start, unit))
+            start = unit
+    plan.append((start, n))
+    return plan

@@ -695,7 +695,9 @@ def shared_prefix_token_logprobs(
     ``completion_start``. Falls back to ``model_token_logprobs`` under gradient checkpointing (HF drops the cache
     there) and for VLMs without Qwen2-VL-style ``get_rope_index``.
     """
-    from vold_pl.rl.logprobs import _backbone_and_head, model_token_logprobs, token_logprobs_from_hidden
+    from vold_pl.rl.logprobs import (
+        _backbone_and_head, concat_prompt_completion, model_token_logprobs, token_logprobs_from_hidden,
+    )
 
     G = group_size
     base = _unwrap(model)
@@ -709,14 +711,15 @@ def shared_prefix_token_logprobs(
     backbone, head = _backbone_and_head(model)
     grad_ckpt = torch.is_grad_enabled() and base.training and _checkpointing(base)
     if positions is None or backbone is None or grad_ckpt or L == 0:
-        ids = torch.cat([prompt_ids.repeat_interleave(G, 0), completion_ids], 1)
-        attn = torch.cat([prompt_mask.repeat_interleave(G, 0), completion_mask.to(prompt_mask.dtype)], 1)
+        mm_types = mm["mm_token_type_ids"].repeat_interleave(G, 0) if "mm_token_type_ids" in mm else None
+        ids, attn, mm_types = concat_prompt_completion(prompt_ids.repeat_interleave(G, 0),
+                                                       prompt_mask.repeat_interleave(G, 0), completion_ids,
+                                                       completion_mask, mm_types)  # [N, P + L]
         extra = {}
         if vision:
             extra.update(repeat_images(mm, G))
-            if "mm_token_type_ids" in mm:
-                extra["mm_token_type_ids"] = torch.cat(
-                    [mm["mm_token_type_ids"].repeat_interleave(G, 0), torch.zeros_like(completion_ids)], 1)
+            if mm_types is not None:
+                extra["mm_token_type_ids"] = mm_types
         return model_token_logprobs(model, ids, attn, P, temperature=temperature, chunk_size=chunk_size,
                                     return_entropy=return_entropy, checkpoint_chunks=checkpoint_chunks,
                                     blocked_ids=blocked_ids, **extra)
@@ -758,12 +761,58 @@ def rollout_token_logprobs(model: torch.nn.Module, rollout: Rollout, *, temperat
                                             **pr, **kw)
     from vold_pl.rl.logprobs import model_token_logprobs
 
-    ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
-    attn = torch.cat([rollout.prompt_mask, rollout.completion_mask.to(rollout.prompt_mask.dtype)], 1)
-    extra = dict(rollout.extra) if getattr(_unwrap(model).config, "vision_config", None) is not None else {}
-    if "mm_token_type_ids" in extra:
-        extra["mm_token_type_ids"] = torch.cat([extra["mm_token_type_ids"], torch.zeros_like(rollout.completion_ids)], 1)
+    ids, attn, extra = rollout_model_inputs(rollout, getattr(_unwrap(model).config, "vision_config", None) is not None)
     return model_token_logprobs(model, ids, attn, rollout.prompt_ids.size(1), **kw, **extra)
+
+
+def rollout_model_inputs(rollout: Rollout, vision: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """The G-times repeated prompts followed by the completions, as the model takes them: ``ids [N, P + L]``,
+    ``attention_mask [N, P + L]`` and the extra inputs (the repeated images; none for a text model)."""
+    from vold_pl.rl.logprobs import concat_prompt_completion
+
+    extra = dict(rollout.extra) if vision else {}
+    ids, attn, mm = concat_prompt_completion(rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
+                                             rollout.completion_mask, extra.get("mm_token_type_ids"))
+    if mm is not None:
+        extra["mm_token_type_ids"] = mm
+    return ids, attn, extra
+
+
+def _image_rows(inputs: dict[str, Any], start: int, end: int) -> dict[str, Any]:
+    """Rows ``start:end`` of a batch of model inputs, images included: ``pixel_values`` stacks every image's
+    patches row after row, so a contiguous row range owns a contiguous run of images and patches."""
+    out = {k: v[start:end] for k, v in inputs.items() if k not in ("pixel_values", "image_grid_thw")}
+    if "pixel_values" in inputs:
+        thw = inputs["image_grid_thw"]  # [n_img, 3]
+        counts = _images_per_row(thw, inputs["mm_token_type_ids"])
+        i0, i1 = sum(counts[:start]), sum(counts[:end])
+        patches = thw.prod(-1)
+        p0, p1 = int(patches[:i0].sum()), int(patches[:i1].sum())
+        if i1 > i0:  # rows without images take no pixel inputs at all (text-only model inputs)
+            out.update(pixel_values=inputs["pixel_values"][p0:p1], image_grid_thw=thw[i0:i1])
+    return out
+
+
+def rollout_rows(rollout: Rollout, start: int, end: int) -> Rollout:
+    """Rows ``start:end`` of a rollout (a micro-batch), completions cut to their longest length in the slice.
+
+    A slice of whole groups keeps the shared-prefix scoring (its prompts run once per group); any other slice
+    scores each row with its own prompt (group size 1). Scores are the same numbers either way: the columns
+    cut are padding after every row's EOS, which a causal model never attends to from earlier positions."""
+    G = rollout.group_size
+    width = max(int(rollout.completion_mask[start:end].sum(-1).max()), 1) if end > start else 1
+    cut = lambda t: t[start:end, :width]  # noqa: E731
+    extra = _image_rows(dict(rollout.extra), start, end) if rollout.extra else {}
+    if start % G == 0 and end % G == 0 and rollout.prompts is not None:
+        prompts, group = _image_rows(dict(rollout.prompts), start // G, end // G), G
+    else:
+        prompts = {"input_ids": rollout.prompt_ids[start:end], "attention_mask": rollout.prompt_mask[start:end],
+                   **{k: v for k, v in extra.items()}}
+        group = 1
+    return Rollout(rollout.prompt_ids[start:end], rollout.prompt_mask[start:end], cut(rollout.completion_ids),
+                   cut(rollout.completion_mask), rollout.texts[start:end], group, rollout.clipped[start:end], extra,
+                   logprobs=cut(rollout.logprobs) if rollout.logprobs is not None else None, prompts=prompts,
+                   blocked_ids=rollout.blocked_ids)
 
 
 def default_engine(tokenizer) -> RolloutEngine:

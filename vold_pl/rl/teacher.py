@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from vold_pl.data.collate import DEFAULT_INSTRUCTION, pad_left, teacher_prompt
-from vold_pl.rl.logprobs import mask_blocked, model_token_logprobs
+from vold_pl.rl.logprobs import concat_prompt_completion, mask_blocked, model_token_logprobs
 
 
 @dataclass
@@ -42,12 +42,15 @@ def build_teacher_inputs(tokenizer, records: list[dict], completion_ids: torch.T
     prompt_ids = prompt_ids.repeat_interleave(group_size, 0).to(completion_ids.device)  # [N, S]
     prompt_mask = prompt_mask.repeat_interleave(group_size, 0).to(completion_ids.device)  # [N, S]
     avail = torch.tensor(available, device=completion_ids.device).repeat_interleave(group_size)  # [N]
-    return TeacherInputs(
-        input_ids=torch.cat([prompt_ids, completion_ids], 1),
-        attention_mask=torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], 1),
-        completion_start=prompt_ids.size(1),
-        available=avail,
-    )
+    ids, attn, _ = concat_prompt_completion(prompt_ids, prompt_mask, completion_ids, completion_mask)  # [N, S + L]
+    return TeacherInputs(input_ids=ids, attention_mask=attn, completion_start=prompt_ids.size(1), available=avail)
+
+
+def teacher_rows(inputs: TeacherInputs, start: int, end: int, width: int) -> TeacherInputs:
+    """Rows ``start:end`` of the teacher's inputs (a micro-batch), completions cut to ``width`` columns."""
+    s = inputs.completion_start
+    return TeacherInputs(inputs.input_ids[start:end, : s + width], inputs.attention_mask[start:end, : s + width],
+                         s, inputs.available[start:end])
 
 
 @torch.no_grad()
