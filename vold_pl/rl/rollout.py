@@ -7,6 +7,9 @@ The loss code only sees a :class:`Rollout`; how it was produced is the engine's 
   encoder runs once per image, not once per sample) and the KV cache is then expanded G times; rows that
   emitted EOS are dropped from the batch and the cache, so finished sequences stop costing compute. Greedy
   output equals ``model.generate`` token for token; sampling uses HF's own temperature / top-k / top-p warpers.
+  Its decode steps run through a lean re-implementation of the decoder step (:class:`_LeanDecoder`) for the
+  architectures in :data:`LEAN_ARCHITECTURES`, and only after a self-check against ``model.generate`` on the
+  model at hand; anything else decodes through the HF forward.
 - :class:`HFGenerateEngine`: ``model.generate`` with the KV cache, on the G-times repeated batch (reference).
 - :class:`ScriptedEngine`: fixed completions, for tests of everything after the rollout.
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -449,7 +453,21 @@ class _LeanDecoder:
         return self.head(h[:, -1:, :])[:, -1].float()  # [n, V]
 
 
-_LEAN_TEXT_MODELS = {"Qwen2Model", "Qwen2_5_VLTextModel", "Qwen3Model"}
+# The decoder classes whose step _LeanDecoder re-implements (Qwen2, Qwen2.5-VL's text model, Qwen3; their
+# HF code as of the transformers releases in LEAN_TESTED_TRANSFORMERS). A model of these classes still decodes
+# through the lean path only after CachedSamplingEngine's self-check agrees with ``model.generate`` on it.
+LEAN_ARCHITECTURES = ("Qwen2Model", "Qwen2_5_VLTextModel", "Qwen3Model")
+_LEAN_TEXT_MODELS = set(LEAN_ARCHITECTURES)
+LEAN_TESTED_TRANSFORMERS = ("5.24.0",)
+# Self-check verdicts per architecture (model class, decoder class, attention kernel, dtype, device): the check
+# runs once per architecture and process, whichever engine and model object meet it first.
+_LEAN_VERDICTS: dict[tuple, bool] = {}
+
+
+def _lean_key(model: torch.nn.Module, text: torch.nn.Module) -> tuple:
+    p = next(model.parameters())
+    return (type(model).__name__, type(text).__name__, getattr(text.config, "_attn_implementation", None),
+            str(p.dtype), p.device.type)
 
 
 def _is_sharded(model: torch.nn.Module) -> bool:
@@ -485,9 +503,21 @@ class CachedSamplingEngine(HFGenerateEngine):
         tokenizer: decodes completions and gives pad/EOS ids.
         compact: drop finished rows from the decode batch (off: they keep decoding pad tokens, as ``generate``).
         share_prefill: prefill once per prompt and expand the cache (off: prefill the repeated batch).
-        lean_decode: decode steps of Qwen2 / Qwen2.5-VL / Qwen3 through :class:`_LeanDecoder` (the model's own
-            modules, without the HF forward's per-call machinery); off, or for other models: the HF forward.
+        lean_decode: decode steps of the architectures in :data:`LEAN_ARCHITECTURES` (Qwen2 / Qwen2.5-VL /
+            Qwen3) through :class:`_LeanDecoder` (the model's own modules, without the HF forward's per-call
+            machinery). The first rollout of each architecture runs a self-check first: a short greedy probe (two
+            prompts, one left-padded) decoded through the lean path and with ``model.generate`` must give the
+            same tokens with log-probs within ``LEAN_CHECK_TOLERANCE``; a model that fails (a patched forward, a
+            changed rope, another transformers release's decoder step) decodes through the HF forward, with a
+            one-line notice. Off, or for other architectures: the HF forward. Tested with transformers
+            :data:`LEAN_TESTED_TRANSFORMERS`.
     """
+
+    # Probe length of the lean decoder's self-check, and its log-prob tolerance per model dtype (the lean step
+    # runs the HF ops in the HF order: fp32 agrees to rounding, half precision to a few bf16 ulps).
+    LEAN_PROBE_TOKENS = 6
+    LEAN_CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}
+    LEAN_CHECK_TOLERANCE_HALF = 5e-2
 
     # It stops when ITS rows are done: under FSDP2 across ranks the trainer swaps in HFGenerateEngine
     # (``vold_pl.distributed.keeps_ranks_in_step``), whose synced generate keeps every rank stepping.
@@ -497,6 +527,7 @@ class CachedSamplingEngine(HFGenerateEngine):
         super().__init__(tokenizer)
         self.compact, self.share_prefill, self.lean_decode = compact, share_prefill, lean_decode
         self.last_decode_path: str | None = None  # "lean" or "hf": which forward the last decode loop used
+        self._lean_ok = False  # this rollout may decode through the lean path (self-check passed)
 
     def _warpers(self, sampling: SamplingConfig) -> list:
         from transformers.generation.logits_process import (
@@ -524,6 +555,8 @@ class CachedSamplingEngine(HFGenerateEngine):
         positions = _prompt_positions(base, p_ids, p_mask, batch, vision)
         if positions is None:
             return super().generate(model, batch, num_samples, sampling)
+        lean_ok = self.lean_decode and self._lean_verified(base)
+        self._lean_ok = lean_ok
         device = p_ids.device
         ids, mask = p_ids.repeat_interleave(G, 0), p_mask.repeat_interleave(G, 0)  # [N, P]
         extra: dict[str, Any] = {}
@@ -572,6 +605,80 @@ class CachedSamplingEngine(HFGenerateEngine):
         return Rollout(ids, mask, comp, cmask, texts, G, clipped, extra, logprobs=logps,
                        prompts=prompt_inputs(base, batch), blocked_ids=tuple(self.suppress_ids))
 
+    def _lean_verified(self, model: torch.nn.Module) -> bool:
+        """Whether ``model`` may decode through :class:`_LeanDecoder`: an architecture it claims, and the
+        self-check (:meth:`_lean_probe`, once per architecture) agrees with HF ``generate``."""
+        inner = getattr(model, "model", None)
+        text = getattr(inner, "language_model", inner)
+        if type(text).__name__ not in _LEAN_TEXT_MODELS or _is_sharded(model):
+            return False  # not claimed: the lean path is never built for it
+        key = _lean_key(model, text)
+        verdict = _LEAN_VERDICTS.get(key)
+        if verdict is None:
+            try:
+                problem = self._lean_probe(model)
+            except Exception as e:  # noqa: BLE001 - any failure of the lean path means: use the HF forward
+                problem = f"{type(e).__name__}: {str(e)[:200]}"
+            verdict = problem is None
+            _LEAN_VERDICTS[key] = verdict
+            if not verdict:
+                print(f"[vold-pl] lean decoder off for {type(model).__name__}: its self-check against HF generate "
+                      f"failed ({problem}); decoding through the HF forward (same results, slower).",
+                      file=sys.stderr, flush=True)
+        return verdict
+
+    def _lean_probe(self, model: torch.nn.Module) -> str | None:
+        """Greedy-decode a short probe through the lean path and with ``model.generate``: ``None`` when the
+        tokens are the same and their log-probs agree within the dtype's tolerance, else what differs."""
+        tok = self.tokenizer
+        ids = tok("Count with me: one, two, three, four, five,", add_special_tokens=False)["input_ids"][:8]
+        ids = (ids * 4)[: max(4, len(ids))]
+        pad, P = tok.pad_token_id, len(ids)
+        device = next(model.parameters()).device
+        input_ids = torch.tensor([ids, [pad, pad] + ids[2:]], device=device)  # [2, P]: the second left-padded
+        mask = torch.tensor([[1] * P, [0, 0] + [1] * (P - 2)], device=device)  # [2, P]
+        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask}
+        if getattr(model.config, "vision_config", None) is not None:
+            batch["mm_token_type_ids"] = torch.zeros_like(input_ids)  # text tokens only
+        greedy = SamplingConfig(max_new_tokens=self.LEAN_PROBE_TOKENS, do_sample=False)
+        inner = getattr(model, "model", None)
+        key = _lean_key(model, getattr(inner, "language_model", inner))
+        before = _LEAN_VERDICTS.get(key)
+        _LEAN_VERDICTS[key] = True  # the probe itself decodes through the lean path
+        try:
+            mine = self.generate(model, batch, 1, greedy)
+        finally:
+            if before is None:
+                _LEAN_VERDICTS.pop(key, None)
+            else:
+                _LEAN_VERDICTS[key] = before
+        if self.last_decode_path != "lean":
+            return None  # the lean path was not built for this model: nothing of it to check
+        was_training = model.training
+        model.eval()
+        try:
+            ref = model.generate(**batch, max_new_tokens=greedy.max_new_tokens, do_sample=False, temperature=None,
+                                 top_p=None, top_k=None, pad_token_id=pad, eos_token_id=self.eos_ids,
+                                 suppress_tokens=self.suppress_ids or None, output_logits=True,
+                                 return_dict_in_generate=True)
+        finally:
+            model.train(was_training)
+        ref_tok = ref.sequences[:, P:]  # [2, L']
+        ref_mask, _ = completion_mask_from_ids(ref_tok, self.eos_ids)
+        ref_tok = ref_tok.masked_fill(ref_mask == 0, pad)
+        if ref_tok.shape != mine.completion_ids.shape or not torch.equal(ref_tok, mine.completion_ids):
+            return f"greedy tokens {mine.completion_ids.tolist()} != generate's {ref_tok.tolist()}"
+        logits = torch.stack(ref.logits, 1).float()  # [2, L', V] raw scores of each step
+        if self.suppress_ids:
+            logits[..., self.suppress_ids] = float("-inf")
+        ref_lp = torch.log_softmax(logits, -1).gather(-1, ref_tok.unsqueeze(-1)).squeeze(-1)  # [2, L']
+        diff = float((mine.logprobs - ref_lp).abs()[ref_mask.bool()].max())
+        dtype = next(model.parameters()).dtype
+        tol = self.LEAN_CHECK_TOLERANCE.get(dtype, self.LEAN_CHECK_TOLERANCE_HALF)
+        if not diff <= tol:
+            return f"token log-probs differ by {diff:.3g} (tolerance {tol:g} for {dtype})"
+        return None
+
     def _decode(self, model, cache, cache_key: str, logits: torch.Tensor, mask: torch.Tensor,
                 last_pos: torch.Tensor, G: int, sampling: SamplingConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
         """The decode loop. ``logits [N, V]`` of the next token, ``mask [N, P]``, ``last_pos [B|N, 1]`` or
@@ -597,7 +704,7 @@ class CachedSamplingEngine(HFGenerateEngine):
         keys[:, :P] = mask.bool()
         prebuilt = (getattr(model.config, "_attn_implementation", None) == "sdpa" and _full_attention_only(model))
         padded = not bool(keys[:, :P].all())
-        lean = _LeanDecoder.build(model, cache) if self.lean_decode and prebuilt else None
+        lean = _LeanDecoder.build(model, cache) if self._lean_ok and prebuilt else None
         if lean is not None and last_pos.dim() == 3 and not bool((last_pos[1:] == last_pos[1:2]).all()):
             lean = None  # rope positions that differ across the t/h/w axes at a text token: not expected
         self.last_decode_path = "lean" if lean is not None else "hf"
