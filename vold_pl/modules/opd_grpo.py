@@ -38,7 +38,13 @@ from vold_pl.rl.advantages import group_advantages
 from vold_pl.rl.logprobs import mask_blocked
 from vold_pl.rl.losses import Totals, masked_mean
 from vold_pl.rl.objective import (
-    TEACHER_SCORES, Experience, LossSettings, check_opd_options, combine_metrics, metric_weights, opd_grpo_loss,
+    TEACHER_SCORES,
+    Experience,
+    LossSettings,
+    check_opd_options,
+    combine_metrics,
+    metric_weights,
+    opd_grpo_loss,
     plan_micro_batches,
 )
 from vold_pl.rl.rollout import Rollout, SamplingConfig, rollout_model_inputs, rollout_rows, rollout_token_logprobs
@@ -184,7 +190,8 @@ class OPDGRPOModule(PolicyModule):
         check_align_option(model, teacher if self.opd.lam > 0 else None)
         if self.opd.lam > 0:
             if teacher is None:
-                raise ValueError("opd.lam > 0 needs a teacher: set model.init_args.teacher.name_or_path, or opd.lam: 0.")
+                raise ValueError("opd.lam > 0 needs a teacher: set model.init_args.teacher.name_or_path, or "
+                                 "opd.lam: 0.")
             # Aligns the student's tokenizer when model.align_tokens_with: teacher, then fails at setup, not deep
             # in a step, when the teacher cannot score the student's tokens.
             self.teacher_tokenizer = prepare_teacher_tokenizer(self.processor, model, teacher)
@@ -256,12 +263,12 @@ class OPDGRPOModule(PolicyModule):
             opt.zero_grad()
             loss, stats, entropy = self.accumulate_gradients(step, totals, world)
             self._optimizer_step(opt, sched, loss)
-        self._log_step(step.rewards, exp.advantages, step.zero_std, rollout, mask, entropy, stats, loss.detach() / world,
-                       step.t_roll, time.perf_counter() - t0)
+        self._log_step(step.rewards, exp.advantages, step.zero_std, rollout, mask, entropy, stats,
+                       loss.detach() / world, step.t_roll, time.perf_counter() - t0)
         if self.log_completions_every and self.global_step % self.log_completions_every < self.grpo.num_iterations:
             self._write_completions(batch["records"], rollout, step.total_reward)
 
-    def accumulate_gradients(self, step: "StepData", totals: Totals, world: int = 1, backward=None):
+    def accumulate_gradients(self, step: StepData, totals: Totals, world: int = 1, backward=None):
         """The loss of ``step`` micro-batch by micro-batch: every micro-batch but the last is backpropagated here
         (gradients accumulate, without the ranks' gradient sync); the last one's loss is returned for the
         optimizer step to backpropagate (its backward syncs the sum).
@@ -298,7 +305,7 @@ class OPDGRPOModule(PolicyModule):
                 loss = mb_loss + earlier
         return loss, combine_metrics(parts), entropy
 
-    def build_experience(self, batch: dict) -> "StepData":
+    def build_experience(self, batch: dict) -> StepData:
         """The step's data, built once per rollout batch: the rollout (o_1..o_G ~ π_old per prompt), rewards,
         group advantages, and the constant scores of the :class:`Experience` (π_old when μ > 1, reference,
         teacher), each scored micro-batch by micro-batch; ``experience.logp`` is filled per micro-batch."""

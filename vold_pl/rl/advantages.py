@@ -18,7 +18,7 @@ groups (DAPO, arXiv 2503.14476, filters them by dynamic sampling for the same re
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple
+from typing import Callable
 
 import torch
 
@@ -40,7 +40,7 @@ def _no_std(grouped: torch.Tensor, unbiased: bool) -> torch.Tensor | None:
 
 
 # Name -> denominator function; ``None`` means "do not divide" (Dr. GRPO).
-ADVANTAGE_SCALES: Dict[str, Callable[..., torch.Tensor | None]] = {
+ADVANTAGE_SCALES: dict[str, Callable[..., torch.Tensor | None]] = {
     "group": _group_std,
     "batch": _batch_std,
     "none": _no_std,
@@ -53,7 +53,7 @@ def group_advantages(
     scale: str = "group",
     eps: float = 1e-6,
     unbiased: bool = True,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Group-relative advantages, GRPO (arXiv 2402.03300) / Dr. GRPO (arXiv 2503.20783).
 
     Args:

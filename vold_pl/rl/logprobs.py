@@ -17,7 +17,7 @@ the truncated distribution are not differentiable in the tokens they drop; use t
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -36,10 +36,10 @@ __all__ = [
 LMHead = Union[nn.Module, torch.Tensor]
 
 
-BlockedIds = Optional[Sequence[int]]
+BlockedIds = Sequence[int] | None
 
 
-def _blocked_index(blocked_ids: BlockedIds, device: torch.device) -> Optional[torch.Tensor]:
+def _blocked_index(blocked_ids: BlockedIds, device: torch.device) -> torch.Tensor | None:
     if blocked_ids is None or len(blocked_ids) == 0:
         return None
     if isinstance(blocked_ids, torch.Tensor):
@@ -58,8 +58,8 @@ def mask_blocked(logits: torch.Tensor, blocked_ids: BlockedIds) -> torch.Tensor:
 
 def concat_prompt_completion(
     prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
-    completion_mask: torch.Tensor, mm_token_type_ids: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    completion_mask: torch.Tensor, mm_token_type_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The one place a left-padded prompt and a right-padded completion become one scored sequence.
 
     ``prompt_ids, prompt_mask [N, P]`` (already one row per completion), ``completion_ids, completion_mask
@@ -76,7 +76,7 @@ def concat_prompt_completion(
 def _logp_and_entropy(
     logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool,
     blocked_ids: BlockedIds = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     # logits [M, V] (any dtype), targets [M] -> logp [M], entropy [M] (empty if not asked).
     raw = logits.float()  # [M, V]; upcast because bf16 log-softmax loses ~2 digits on large vocabularies
     if temperature != 1.0:
@@ -118,7 +118,7 @@ def token_logprobs_from_logits(
     temperature: float = 1.0,
     return_entropy: bool = False,
     blocked_ids: BlockedIds = None,
-) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Simple path when the logits already exist. ``logits [N, L, V]`` must already be aligned with
     ``target_ids [N, L]`` (``logits[:, t]`` scores ``target_ids[:, t]``). Returns ``logp [N, L]`` float32 (and
     ``entropy [N, L]``)."""
@@ -146,7 +146,7 @@ def token_logprobs_from_hidden(
     return_entropy: bool = False,
     checkpoint_chunks: bool = False,
     blocked_ids: BlockedIds = None,
-) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Log-probs of ``target_ids`` from final hidden states, one ``[chunk_size, V]`` logits slab at a time.
 
     Args:
@@ -169,7 +169,7 @@ def token_logprobs_from_hidden(
     flat_h = hidden.reshape(n * l, h)  # [M, H]
     flat_t = target_ids.reshape(n * l)  # [M]
 
-    def slab(h_c: torch.Tensor, t_c: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def slab(h_c: torch.Tensor, t_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # h_c [c, H], t_c [c] -> ([c], [c])
         return _logp_and_entropy(head(h_c), t_c, temperature, return_entropy, blocked_ids)
 
@@ -187,7 +187,7 @@ def token_logprobs_from_hidden(
     return (logp, torch.cat(ents).view(n, l)) if return_entropy else logp
 
 
-def _backbone_and_head(model: nn.Module) -> Tuple[Optional[nn.Module], nn.Module]:
+def _backbone_and_head(model: nn.Module) -> tuple[nn.Module | None, nn.Module]:
     # PEFT wraps the HF model; its LoRA layers live inside the modules, so the unwrapped backbone still uses them.
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
@@ -202,7 +202,7 @@ def _backbone_and_head(model: nn.Module) -> Tuple[Optional[nn.Module], nn.Module
 def model_token_logprobs(
     model: nn.Module,
     input_ids: torch.Tensor,
-    attention_mask: Optional[torch.Tensor] = None,
+    attention_mask: torch.Tensor | None = None,
     completion_start: Union[int, torch.Tensor] = 1,
     *,
     temperature: float = 1.0,
@@ -211,7 +211,7 @@ def model_token_logprobs(
     return_entropy: bool = False,
     blocked_ids: BlockedIds = None,
     **model_inputs,
-) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Log-probs of the completion tokens of ``input_ids`` under a HF causal LM or Qwen2.5-VL, lean on memory.
 
     Runs the backbone (``model.model``) for the final hidden states, then applies the LM head only at the

@@ -20,7 +20,7 @@ The teacher is always treated as a constant (detached): it is frozen and never r
 
 from __future__ import annotations
 
-from typing import Callable, Dict, NamedTuple, Optional
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +51,7 @@ class SurrogateStats(NamedTuple):
     low_clipped: torch.Tensor  # [N, L] bool
     high_clipped: torch.Tensor  # [N, L] bool
 
-    def fractions(self, mask: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def fractions(self, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Clip fractions over the completion tokens selected by ``mask [N, L]``."""
         return {
             "clip_low": masked_mean(self.low_clipped.float(), mask),
@@ -108,7 +108,7 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 # Each aggregation is a numerator (a sum over the rows/tokens at hand) over a denominator. The denominator is
 # taken from ``totals`` when given: the step's counts over every micro-batch and rank (``Totals``), so that
 # the per-micro-batch, per-rank losses add up to the loss of the whole step's batch.
-def _agg_sequence(x: torch.Tensor, m: torch.Tensor, max_len: Optional[int], totals=None) -> torch.Tensor:
+def _agg_sequence(x: torch.Tensor, m: torch.Tensor, max_len: int | None, totals=None) -> torch.Tensor:
     # Original GRPO: 1/N sum_i 1/|o_i| sum_t. Rows with no tokens contribute 0 but still count in 1/N, so a
     # gate or a missing teacher view shrinks the term instead of re-weighting the remaining rows (as TRL).
     per_row = (x * m).sum(-1) / m.sum(-1).clamp(min=1)  # [N]
@@ -116,20 +116,20 @@ def _agg_sequence(x: torch.Tensor, m: torch.Tensor, max_len: Optional[int], tota
     return per_row.sum() / max(rows, 1)
 
 
-def _agg_token(x: torch.Tensor, m: torch.Tensor, max_len: Optional[int], totals=None) -> torch.Tensor:
+def _agg_token(x: torch.Tensor, m: torch.Tensor, max_len: int | None, totals=None) -> torch.Tensor:
     # DAPO token-level mean: long completions weigh in proportion to their length.
     tokens = m.sum().clamp(min=1) if totals is None else max(totals.tokens, 1)
     return (x * m).sum() / tokens
 
 
-def _agg_dr_grpo(x: torch.Tensor, m: torch.Tensor, max_len: Optional[int], totals=None) -> torch.Tensor:
+def _agg_dr_grpo(x: torch.Tensor, m: torch.Tensor, max_len: int | None, totals=None) -> torch.Tensor:
     # Dr. GRPO: a constant normaliser removes the length bias of 1/|o_i|.
     rows = x.shape[0] if totals is None else totals.rows
     denom = rows * (x.shape[-1] if max_len is None else max_len)
     return (x * m).sum() / max(denom, 1)
 
 
-AGGREGATIONS: Dict[str, Callable[..., torch.Tensor]] = {
+AGGREGATIONS: dict[str, Callable[..., torch.Tensor]] = {
     "sequence": _agg_sequence,
     "token": _agg_token,
     "dr_grpo": _agg_dr_grpo,
@@ -145,8 +145,8 @@ class Totals(NamedTuple):
 
 
 def aggregate(
-    per_token: torch.Tensor, mask: torch.Tensor, mode: str = "sequence", max_len: Optional[int] = None,
-    totals: Optional[Totals] = None,
+    per_token: torch.Tensor, mask: torch.Tensor, mode: str = "sequence", max_len: int | None = None,
+    totals: Totals | None = None,
 ) -> torch.Tensor:
     """Reduce a ``[N, L]`` per-token loss to a scalar over the completion tokens (METHODS.md §2).
 
@@ -169,7 +169,7 @@ def aggregate(
 # ------------------------------------------------------------------------------------ on-policy distillation
 def sampled_reverse_kl(
     student_logp: torch.Tensor, teacher_logp: torch.Tensor, grad: str = "reinforce",
-    old_logp: Optional[torch.Tensor] = None,
+    old_logp: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sampled per-token reverse KL ``k1_t = log pi_theta(o_t) - log pi_T(o_t)`` (METHODS.md §3).
 
@@ -205,7 +205,7 @@ def sampled_reverse_kl(
 def full_reverse_kl(
     student: torch.Tensor,
     teacher: torch.Tensor,
-    top_k: Optional[int] = None,
+    top_k: int | None = None,
     renormalize: bool = True,
 ) -> torch.Tensor:
     """Full-vocabulary reverse KL per position, ``sum_v pi_theta(v) (log pi_theta(v) - log pi_T(v))``.
@@ -243,7 +243,7 @@ def full_reverse_kl(
 
 
 # Name -> estimator. "k1" takes token log-probs [N, L]; "full" takes logits/log-probs [N, L, V].
-OPD_ESTIMATORS: Dict[str, Callable[..., torch.Tensor]] = {
+OPD_ESTIMATORS: dict[str, Callable[..., torch.Tensor]] = {
     "k1": sampled_reverse_kl,
     "full": full_reverse_kl,
 }
@@ -258,11 +258,11 @@ def _gate_failed(r: torch.Tensor) -> torch.Tensor:
     return (1.0 - r).clamp(0.0, 1.0)
 
 
-OPD_GATES: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"all": _gate_all, "failed": _gate_failed}
+OPD_GATES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"all": _gate_all, "failed": _gate_failed}
 
 
 def opd_gate(
-    rewards: torch.Tensor, gate: str = "failed", available: Optional[torch.Tensor] = None
+    rewards: torch.Tensor, gate: str = "failed", available: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Per-rollout OPD weights ``g_i`` (VOLD, arXiv 2510.23497, §1 of METHODS.md).
 
@@ -286,7 +286,7 @@ def opd_gate(
 
 def opd_token_advantages(
     advantages: torch.Tensor, k1: torch.Tensor, lam: float, gate_w: torch.Tensor,
-    mask: Optional[torch.Tensor] = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """OPD in advantage mode: ``A_{i,t} = A_i - lam * g_i * sg(k1_{i,t})`` (METHODS.md §3).
 
@@ -310,8 +310,8 @@ def opd_loss(
     gate_w: torch.Tensor,
     lam: float,
     mode: str = "sequence",
-    max_len: Optional[int] = None,
-    totals: Optional[Totals] = None,
+    max_len: int | None = None,
+    totals: Totals | None = None,
 ) -> torch.Tensor:
     """OPD in loss mode: ``lam * aggregate(g_i * KL_{i,t})``, VOLD's ``lam * E[g(tau) KL_token]``.
 

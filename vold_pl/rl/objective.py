@@ -37,13 +37,22 @@ Decisions the papers leave open, made here (docs/opd.md):
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Iterable
 
 import torch
 
 from vold_pl.rl.losses import (
-    AGGREGATIONS, OPD_ESTIMATORS, OPD_GATES, Totals, aggregate, clipped_surrogate, k3_kl, masked_mean, opd_gate,
-    opd_loss, opd_token_advantages,
+    AGGREGATIONS,
+    OPD_ESTIMATORS,
+    OPD_GATES,
+    Totals,
+    aggregate,
+    clipped_surrogate,
+    k3_kl,
+    masked_mean,
+    opd_gate,
+    opd_loss,
+    opd_token_advantages,
 )
 
 __all__ = ["LossSettings", "Experience", "Totals", "opd_grpo_loss", "check_opd_options", "metric_weights",
@@ -90,7 +99,7 @@ class LossSettings:
     """
 
     aggregation: str = "sequence"
-    max_len: Optional[int] = None
+    max_len: int | None = None
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
     beta_ref: float = 0.0
@@ -116,18 +125,18 @@ class Experience:
     per micro-batch of :meth:`rows`.
     """
 
-    logp: Optional[torch.Tensor]  # [N, L] log π_θ(o_t) under the current weights (differentiable)
-    old_logp: Optional[torch.Tensor]  # [N, L] log π_old(o_t) at rollout time; None: on-policy (μ = 1, ρ ≡ 1)
+    logp: torch.Tensor | None  # [N, L] log π_θ(o_t) under the current weights (differentiable)
+    old_logp: torch.Tensor | None  # [N, L] log π_old(o_t) at rollout time; None: on-policy (μ = 1, ρ ≡ 1)
     advantages: torch.Tensor  # [N] sequence advantages A_i
     mask: torch.Tensor  # [N, L] 1 on completion tokens (up to and including EOS)
-    ref_logp: Optional[torch.Tensor] = None  # [N, L] log π_ref(o_t), needed when beta_ref > 0
-    teacher_logp: Optional[torch.Tensor] = None  # [N, L] log π_T(o_t | q_T, o_<t), k1 estimator
-    student_logits: Optional[torch.Tensor] = None  # [N, L, V] π_θ logits (temperature-scaled, blocked -inf), full
-    teacher_logits: Optional[torch.Tensor] = None  # [N, L, V] π_T logits, the same scaling and blocked ids, full
-    success: Optional[torch.Tensor] = None  # [N] the {0, 1} success (accuracy) reward the ``failed`` gate reads
-    teacher_available: Optional[torch.Tensor] = None  # [N] bool: the teacher has a view of the prompt
+    ref_logp: torch.Tensor | None = None  # [N, L] log π_ref(o_t), needed when beta_ref > 0
+    teacher_logp: torch.Tensor | None = None  # [N, L] log π_T(o_t | q_T, o_<t), k1 estimator
+    student_logits: torch.Tensor | None = None  # [N, L, V] π_θ logits (temperature-scaled, blocked -inf), full
+    teacher_logits: torch.Tensor | None = None  # [N, L, V] π_T logits, the same scaling and blocked ids, full
+    success: torch.Tensor | None = None  # [N] the {0, 1} success (accuracy) reward the ``failed`` gate reads
+    teacher_available: torch.Tensor | None = None  # [N] bool: the teacher has a view of the prompt
 
-    def rows(self, start: int, end: int, width: Optional[int] = None) -> "Experience":
+    def rows(self, start: int, end: int, width: int | None = None) -> Experience:
         """Rows ``start:end`` (a micro-batch), completion columns cut to ``width`` (its longest completion)."""
         out = {}
         for f in fields(self):
@@ -140,7 +149,7 @@ class Experience:
         return Experience(**out)
 
 
-def _estimator_inputs(exp: Experience, cfg: LossSettings, old_logp: torch.Tensor) -> Tuple[tuple, dict]:
+def _estimator_inputs(exp: Experience, cfg: LossSettings, old_logp: torch.Tensor) -> tuple[tuple, dict]:
     # The arguments of OPD_ESTIMATORS[cfg.estimator]: the student's and teacher's scores it compares.
     if TEACHER_SCORES[cfg.estimator] == "logits":
         if exp.student_logits is None or exp.teacher_logits is None:
@@ -159,7 +168,7 @@ def _opd_kl(exp: Experience, cfg: LossSettings, old_logp: torch.Tensor) -> torch
 
 
 def opd_grpo_loss(exp: Experience, cfg: LossSettings,
-                  totals: Optional[Totals] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+                  totals: Totals | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The step's loss (module docstring) and its diagnostics.
 
     ``totals``: the step's global counts (completions and completion tokens over every micro-batch and rank)
@@ -175,7 +184,7 @@ def opd_grpo_loss(exp: Experience, cfg: LossSettings,
     agg = cfg.aggregation
     old_logp = exp.old_logp if exp.old_logp is not None else exp.logp.detach()  # on-policy: ρ ≡ 1
     adv = exp.advantages  # [N], or [N, L] once OPD is folded in
-    metrics: Dict[str, torch.Tensor] = {}
+    metrics: dict[str, torch.Tensor] = {}
     kl = gate_w = None
     if cfg.lam > 0:
         if cfg.gate == "failed" and exp.success is None:
@@ -207,7 +216,7 @@ def opd_grpo_loss(exp: Experience, cfg: LossSettings,
     return loss, metrics
 
 
-def metric_weights(exp: Experience, cfg: LossSettings) -> Dict[str, float]:
+def metric_weights(exp: Experience, cfg: LossSettings) -> dict[str, float]:
     """What each metric of :func:`opd_grpo_loss` is a mean over, for ``exp``: its completion tokens, its
     distilled tokens (``opd/reverse_kl``) or its rows (``opd/frac_masked_no_text_view``)."""
     tokens = float(exp.mask.float().sum())
@@ -220,11 +229,11 @@ def metric_weights(exp: Experience, cfg: LossSettings) -> Dict[str, float]:
     return w
 
 
-def combine_metrics(parts: Iterable[Tuple[Dict[str, torch.Tensor], Dict[str, float]]]) -> Dict[str, torch.Tensor]:
+def combine_metrics(parts: Iterable[tuple[dict[str, torch.Tensor], dict[str, float]]]) -> dict[str, torch.Tensor]:
     """The metrics of the whole step from those of its micro-batches (``(metrics, metric_weights)`` pairs):
     each a mean weighted by what it averages over, so they equal the whole batch's metrics."""
-    sums: Dict[str, torch.Tensor] = {}
-    weights: Dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
+    weights: dict[str, float] = {}
     for metrics, w in parts:
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v.detach().float() * w.get(k, 1.0)

@@ -134,7 +134,8 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, eos_ids: list[int]) -
     for e in eos_ids:
         is_eos |= completion_ids == e
     has_eos = is_eos.any(-1)  # [N]
-    first = torch.where(has_eos, is_eos.int().argmax(-1), torch.full_like(has_eos, completion_ids.size(1), dtype=torch.long))
+    first = torch.where(has_eos, is_eos.int().argmax(-1),
+                        torch.full_like(has_eos, completion_ids.size(1), dtype=torch.long))
     pos = torch.arange(completion_ids.size(1), device=completion_ids.device)  # [L]
     mask = (pos.unsqueeze(0) <= first.unsqueeze(1)).long()  # [N, L]
     return mask, ~has_eos
@@ -379,7 +380,7 @@ class _LeanDecoder:
         self.cache_layers = layers_cache
 
     @staticmethod
-    def build(model, cache) -> "_LeanDecoder | None":
+    def build(model, cache) -> _LeanDecoder | None:
         try:
             inner = getattr(model, "model", None)
             text = getattr(inner, "language_model", inner)
@@ -531,7 +532,9 @@ class CachedSamplingEngine(HFGenerateEngine):
 
     def _warpers(self, sampling: SamplingConfig) -> list:
         from transformers.generation.logits_process import (
-            TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
         )
 
         if not sampling.do_sample:
@@ -803,7 +806,10 @@ def shared_prefix_token_logprobs(
     there) and for VLMs without Qwen2-VL-style ``get_rope_index``.
     """
     from vold_pl.rl.logprobs import (
-        _backbone_and_head, concat_prompt_completion, model_token_logprobs, token_logprobs_from_hidden,
+        _backbone_and_head,
+        concat_prompt_completion,
+        model_token_logprobs,
+        token_logprobs_from_hidden,
     )
 
     G = group_size
@@ -937,7 +943,8 @@ class ScriptedEngine:
 
     def generate(self, model, batch: dict, num_samples: int, sampling: SamplingConfig) -> Rollout:
         G = num_samples
-        texts = [self.completions[r["id"]][g % len(self.completions[r["id"]])] for r in batch["records"] for g in range(G)]
+        texts = [self.completions[r["id"]][g % len(self.completions[r["id"]])]
+                 for r in batch["records"] for g in range(G)]
         seqs = [self.tokenizer(t, add_special_tokens=False)["input_ids"][: sampling.max_new_tokens - 1] + self.eos_ids
                 for t in texts]
         width = max(len(s) for s in seqs)
