@@ -14,8 +14,17 @@ import lightning as L
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
-from vold_pl.data.collate import (DEFAULT_INSTRUCTION, SKIPPED_KEY, BadRow, PromptCollator, SFTCollator,
-                                  max_token_chars, student_messages, target_text, teacher_prompt)
+from vold_pl.data.collate import (
+    DEFAULT_INSTRUCTION,
+    SKIPPED_KEY,
+    BadRow,
+    PromptCollator,
+    SFTCollator,
+    max_token_chars,
+    student_messages,
+    target_text,
+    teacher_prompt,
+)
 from vold_pl.data.sampling import MixedSampler, ResumableDataLoader
 from vold_pl.data.schema import RecordError, image_problem
 from vold_pl.data.sources import DataSource, load_source
@@ -269,9 +278,11 @@ class ReasoningDataModule(L.LightningDataModule):
         if clipped * 2 > len(lengths):
             q = sorted(lengths)
             p90 = q[min(len(q) - 1, int(0.9 * len(q)))]
+            clip_effect = ("SFT targets lose their end" if mode == "sft"
+                           else "completions are cut before the answer the traces show")
             print(f"[vold-pl] warning: data source {src.path}: {clipped} of {len(lengths)} sampled traces are longer "
                   f"than {limit_name}={limit} tokens (median {int(statistics.median(q))}, 90th percentile {p90}, "
-                  f"longest {q[-1]}), so most {'SFT targets lose their end' if mode == 'sft' else 'completions are cut before the answer the traces show'}. "
+                  f"longest {q[-1]}), so most {clip_effect}. "
                   f"Raise {limit_name} to about {p90}, or use shorter traces.", file=sys.stderr)
 
     def setup(self, stage: str | None = None) -> None:
