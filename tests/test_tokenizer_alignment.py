@@ -13,10 +13,15 @@ import json
 import pytest
 
 from vold_pl.errors import UserError
-from vold_pl.models.factory import (ModelSpec, TokenizerMismatchError, align_added_tokens, check_tokenizers_aligned,
-                                    embedding_rows, load_processor, prepare_teacher_tokenizer)
-from vold_pl.models.qwen_shapes import (EMBEDDING_ROWS, QWEN3_ADDED_TOKENS, QWEN3_CHAT_TEMPLATE,
-                                        build_qwen_tokenizer)
+from vold_pl.models.factory import (
+    ModelSpec,
+    TokenizerMismatchError,
+    align_added_tokens,
+    check_tokenizers_aligned,
+    embedding_rows,
+    load_processor,
+)
+from vold_pl.models.qwen_shapes import EMBEDDING_ROWS, QWEN3_ADDED_TOKENS, QWEN3_CHAT_TEMPLATE, build_qwen_tokenizer
 
 TRACE = "<think>\nThe picture shows 3 red squares and 2 blue circles: 3 + 2 = 5.\n</think>\n<answer>\\boxed{5}</answer>"
 
@@ -39,7 +44,8 @@ def test_real_pair_refused_without_alignment(real_shape_models, teacher_tok):
     assert tok("<think>", add_special_tokens=False)["input_ids"] == [13708, 766, 29]  # '<th', 'ink', '>'
     # Below the added tokens the BPE is shared: plain text (tags of <answer> included) has the same ids.
     plain = "<answer>\\boxed{5}</answer> Hello world"
-    assert tok(plain, add_special_tokens=False)["input_ids"] == teacher_tok(plain, add_special_tokens=False)["input_ids"]
+    ids = tok(plain, add_special_tokens=False)["input_ids"]
+    assert ids == teacher_tok(plain, add_special_tokens=False)["input_ids"]
     with pytest.raises(TokenizerMismatchError) as err:
         check_tokenizers_aligned(tok, teacher_tok, student_vocab=EMBEDDING_ROWS, teacher_vocab=EMBEDDING_ROWS)
     msg = str(err.value)
@@ -97,7 +103,8 @@ def test_mismatched_pairs_stay_refused(real_shape_models, teacher_tok, tiny_mode
         align_added_tokens(tok, other, EMBEDDING_ROWS)
     # A student token of its own at 151665 (where the teacher has <tool_response>): the ids cannot agree.
     tok.add_tokens(["<|student_only|>"])
-    with pytest.raises(TokenizerMismatchError, match=r"at ids \[151665, 151666, 151667, 151668\].*next free id is 151666"):
+    with pytest.raises(TokenizerMismatchError,
+                       match=r"at ids \[151665, 151666, 151667, 151668\].*next free id is 151666"):
         align_added_tokens(tok, teacher_tok, EMBEDDING_ROWS)
     # A teacher whose vocabulary is smaller than the ids the student produces (its embedding rows).
     with pytest.raises(TokenizerMismatchError, match=r"teacher's vocabulary \(151000 embedding rows\) is smaller"):

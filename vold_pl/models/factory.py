@@ -95,7 +95,8 @@ def model_path_message(path: str, key: str, error: BaseException | None = None) 
 def _producer_hint(path: str, key: str) -> str:
     norm = os.path.normpath(path)
     if norm.split(os.sep)[0] == "artifacts" or f"{os.sep}artifacts{os.sep}" in norm:
-        return ("The offline tiny models and data under artifacts/ are built by `make artifacts`; run `make quickstart` "
+        return ("The offline tiny models and data under artifacts/ are built by `make artifacts`; run "
+                "`make quickstart` "
                 f"first (it builds them and runs every quickstart stage), or point {key} at an existing folder.")
     producer = _config_exporting(norm)
     if producer is not None:
@@ -251,7 +252,8 @@ def check_tokenizers_aligned(student_tok, teacher_tok, student_vocab: int | None
     if teacher_vocab is not None:
         need = max(len(student_tok), student_vocab or 0)
         if teacher_vocab < need:
-            problems.append(f"the teacher's vocabulary ({teacher_vocab} embedding rows) is smaller than the student tokenizer "
+            problems.append(f"the teacher's vocabulary ({teacher_vocab} embedding rows) is smaller than the "
+                            "student tokenizer "
                             f"and embedding ({need} ids the student can produce)")
     if problems:
         if student_lacks and not conflicts:  # the student's vocabulary may extend to the teacher's
@@ -296,7 +298,8 @@ def align_added_tokens(tokenizer, reference, rows: int) -> list[str]:
             "ids. The vocabularies are shifted against each other; use a teacher of the student's tokenizer family.")
     if ids[-1] >= rows:
         raise TokenizerMismatchError(
-            f"{ALIGN_OPTION}: the missing added tokens need ids up to {ids[-1]}, but the model has only {rows} embedding "
+            f"{ALIGN_OPTION}: the missing added tokens need ids up to {ids[-1]}, but the model has only {rows} "
+            "embedding "
             "rows; resizing the embeddings would give those tokens untrained rows, so this is refused. Use a teacher "
             "whose added tokens fit the student's embedding rows.")
     for i, t in missing:  # one at a time, in id order: each takes the next free id

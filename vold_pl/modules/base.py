@@ -15,8 +15,13 @@ import lightning as L
 import numpy as np
 import torch
 
-from vold_pl.checkpointing import (FINGERPRINT_KEY, allow_in_checkpoints, check_fingerprint,
-                                   fingerprint_from_state_dict, model_fingerprint)
+from vold_pl.checkpointing import (
+    FINGERPRINT_KEY,
+    allow_in_checkpoints,
+    check_fingerprint,
+    fingerprint_from_state_dict,
+    model_fingerprint,
+)
 from vold_pl.models.factory import ModelSpec, check_align_option, get_tokenizer, load_model, load_processor
 from vold_pl.models.inputs import MODEL_INPUT_KEYS, select_model_inputs  # noqa: F401 (MODEL_INPUT_KEYS re-exported)
 from vold_pl.models.lora import LoRAConfig, apply_lora, is_lora_model, save_lora_export
@@ -166,8 +171,9 @@ class PolicyModule(L.LightningModule):
     resumes, so sampled rollouts continue exactly) and the skip counters.
     """
 
-    def __init__(self, model: ModelSpec, optim: OptimConfig | None = OptimConfig(), gradient_checkpointing: bool = False,
-                 export_dir: str | None = None, export: bool = True, seed: int = 0, max_consecutive_skips: int = 10):
+    def __init__(self, model: ModelSpec, optim: OptimConfig | None = OptimConfig(),
+                 gradient_checkpointing: bool = False, export_dir: str | None = None, export: bool = True,
+                 seed: int = 0, max_consecutive_skips: int = 10):
         super().__init__()
         self.model_spec, self.optim_cfg = model, optim or OptimConfig()
         self.gradient_checkpointing, self.export_dir, self.export, self.seed = (
