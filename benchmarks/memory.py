@@ -6,6 +6,8 @@ Levers compared, one fresh process per configuration (peak memory is per process
 - log-probs computed in slabs of ``logprob_chunk_size`` positions ("chunked", 64) or in one slab over all
   ``B*G*L`` positions ("whole": the ``[B*G, L, V]`` logits materialised at once), and chunked with each slab
   recomputed in backward (``checkpoint_chunks``, set by this script on the module's log-prob call);
+- micro-batches (``grpo.micro_batch_size``): the step's rows scored and backpropagated a few at a time, with
+  the gradients accumulated (``micro-4`` / ``micro-2`` / ``micro-1`` against ``baseline``, the whole batch);
 - the student on 1 or 2 FSDP2 ranks (``FSDP2Strategy``, gloo on CPU / NCCL on GPU): per-rank parameter and
   optimizer-state bytes, with AdamW and with the sharded bitsandbytes AdamW8bit.
 
@@ -53,17 +55,21 @@ import torch  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# name, teacher quantization, logprob chunk (0 = whole), recompute slabs, ranks, optimizer
+# name, teacher quantization, logprob chunk (0 = whole), recompute slabs, ranks, optimizer, micro-batch rows
 CONFIGS = [
-    ("baseline", "none", 64, False, 1, "adamw"),
-    ("teacher-8bit", "8bit", 64, False, 1, "adamw"),
-    ("teacher-4bit", "4bit", 64, False, 1, "adamw"),
-    ("whole", "none", 0, False, 1, "adamw"),
-    ("chunked+recompute", "none", 64, True, 1, "adamw"),
-    ("fsdp2-1rank", "none", 64, False, -1, "adamw"),
-    ("fsdp2-2ranks", "none", 64, False, -2, "adamw"),
-    ("fsdp2-1rank-adamw8bit", "none", 64, False, -1, "adamw8bit"),
-    ("fsdp2-2ranks-adamw8bit", "none", 64, False, -2, "adamw8bit"),
+    ("baseline", "none", 64, False, 1, "adamw", 0),
+    ("teacher-8bit", "8bit", 64, False, 1, "adamw", 0),
+    ("teacher-4bit", "4bit", 64, False, 1, "adamw", 0),
+    ("whole", "none", 0, False, 1, "adamw", 0),
+    ("chunked+recompute", "none", 64, True, 1, "adamw", 0),
+    ("fsdp2-1rank", "none", 64, False, -1, "adamw", 0),
+    ("fsdp2-2ranks", "none", 64, False, -2, "adamw", 0),
+    ("fsdp2-1rank-adamw8bit", "none", 64, False, -1, "adamw8bit", 0),
+    ("fsdp2-2ranks-adamw8bit", "none", 64, False, -2, "adamw8bit", 0),
+    # grpo.micro_batch_size: the B*G rows (8 by default) scored and backpropagated 4, 2 or 1 at a time
+    ("micro-4", "none", 64, False, 1, "adamw", 4),
+    ("micro-2", "none", 64, False, 1, "adamw", 2),
+    ("micro-1", "none", 64, False, 1, "adamw", 1),
 ]
 # ranks > 0: plain single process; ranks < 0: FSDP2Strategy with |ranks| processes.
 PHASES = ("teacher", "student log-probs", "backward + optimizer")
@@ -167,7 +173,6 @@ def worker(cfg: dict) -> None:
     from vold_pl.models.factory import ModelSpec
     from vold_pl.modules.base import OptimConfig, build_optimizer
     from vold_pl.modules.opd_grpo import GRPOConfig, OPDConfig, OPDGRPOModule
-    from vold_pl.rl.logprobs import model_token_logprobs
     from vold_pl.rl.rollout import SamplingConfig
 
     torch.set_num_threads(cfg["threads"])
@@ -189,16 +194,17 @@ def worker(cfg: dict) -> None:
         ModelSpec(str(models["student"]), dtype=cfg["dtype"]),
         teacher=ModelSpec(str(models["teacher"]), dtype=cfg["dtype"], quantization=cfg["teacher"]),
         optim=OptimConfig(name=cfg["optim"], lr=1e-5, schedule="constant"),
-        grpo=GRPOConfig(num_generations=cfg["G"], loss_aggregation="token"),
+        grpo=GRPOConfig(num_generations=cfg["G"], loss_aggregation="token", micro_batch_size=cfg["micro"]),
         opd=OPDConfig(lam=1.0, gate="all"), sampling=SamplingConfig(max_new_tokens=cfg["length"]),
         logprob_chunk_size=chunk, export=False, log_completions_every_n_steps=0)
     module.rollout_engine = RandomEngine(module.tokenizer, cfg["length"])
-    if cfg["recompute"]:
-        def _logprobs(ids, attn, start, extra):
-            return model_token_logprobs(module.model, ids, attn, start, temperature=module.sampling.temperature,
-                                        chunk_size=module.chunk, return_entropy=True, checkpoint_chunks=True,
-                                        **extra)
-        module._logprobs = _logprobs
+    from vold_pl.rl.rollout import rollout_token_logprobs
+
+    def _logprobs(rollout):  # recompute each slab in backward, or keep every slab's logits for backward
+        return rollout_token_logprobs(module.model, rollout, temperature=module.sampling.temperature,
+                                      chunk_size=module.chunk, return_entropy=True,
+                                      checkpoint_chunks=cfg["recompute"])
+    module._logprobs = _logprobs
 
     # Peak memory of each phase of the step, above the memory at the start of the step.
     phases: dict[str, int] = {}
@@ -286,9 +292,9 @@ def worker(cfg: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------------- driver
 
-def run_config(name: str, teacher: str, chunk: int, recompute: bool, ranks: int, optim: str, args,
+def run_config(name: str, teacher: str, chunk: int, recompute: bool, ranks: int, optim: str, micro: int, args,
                paths: dict[str, Path], tmp: Path) -> list[dict]:
-    cfg = dict(name=name, teacher=teacher, chunk=chunk, recompute=recompute, ranks=ranks, optim=optim,
+    cfg = dict(name=name, teacher=teacher, chunk=chunk, recompute=recompute, ranks=ranks, optim=optim, micro=micro,
                device=args.device, dtype=args.dtype, G=args.G, B=args.B, length=args.length, threads=args.threads,
                models={k: str(v) for k, v in paths.items()}, out=str(tmp / name))
     env = {k: v for k, v in os.environ.items()
@@ -344,6 +350,12 @@ def table(results: dict[str, list[dict]], device: str) -> str:
                 if ph.get(k) and bph.get(k):
                     parts.append(f"{label} {ph[k] / bph[k]:.2f}x")
             ratio = ", ".join(parts) + " of chunked"
+        elif r.get("micro") and base:
+            ph, bph = r.get("phases", {}), base.get("phases", {})
+            parts = [f"step+ {step / max(1, base['peak'] - base['before']):.2f}x"]
+            if ph.get("teacher") and bph.get("teacher"):
+                parts.append(f"teacher+ {ph['teacher'] / bph['teacher']:.2f}x")
+            ratio = ", ".join(parts) + f" of the whole batch ({r['micro']} rows per micro-batch)"
         elif name == "fsdp2-2ranks" and fs1:
             ratio = (f"params {r['student_param_bytes'] / fs1['student_param_bytes']:.2f}x, "
                      f"optim {r['optimizer_bytes'] / fs1['optimizer_bytes']:.2f}x of 1 rank")
