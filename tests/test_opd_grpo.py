@@ -448,9 +448,8 @@ def test_fit_logs_metrics_and_updates_weights(combo, tiny_models, synth_data, tm
         assert r["train/lr"] == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))), rel=1e-4)
         assert r["train/rollout/tokens_per_second"] > 0 and r["train/time/step"] > 0
 
-    # The first batch's loss and every one of its optimizer steps' gradients (clipped at norm 1), against the
-    # formula by hand on plain forwards of a fresh student (the step's weights), teacher and reference.
-    records, ro = probe.rollouts[0]
+    # Every batch's loss (μ = 1) and every optimizer step's gradient (clipped at norm 1), against the formula by
+    # hand on plain forwards of a fresh student (the step's weights), the teacher and the reference.
     student, _ = load_model(ModelSpec(str(tiny_models["student"])))
     student.train()
 
@@ -460,27 +459,31 @@ def test_fit_logs_metrics_and_updates_weights(combo, tiny_models, synth_data, tm
                 p.copy_(weights[name])
 
     assert all(torch.equal(probe.steps[0][0][k], v) for k, v in initial.items() if k in probe.steps[0][0])
-    teacher_lp = (_teacher_scores(module._frozen["teacher"], module.teacher_tokenizer, records, ro)
-                  if opts["lam"] > 0 else None)
-    load(probe.steps[0][0])
-    with torch.no_grad():
-        start_lp = _student_scores(student, ro)[0]  # π_old and the reference: the initial weights
-    for j in range(mu):
-        weights, grads = probe.steps[j]
-        load(weights)
-        student.zero_grad(set_to_none=True)
-        loss = _loss_by_hand(opts, student, ro, records, teacher_lp, None if mu == 1 else start_lp,
-                             start_lp if opts.get("beta_ref", 0) > 0 else None, max_new_tokens=8)
-        loss.backward()
-        if mu == 1:
-            assert rows[0]["train/loss"] == pytest.approx(loss.item(), rel=1e-4, abs=1e-6)
-        ref = _clipped({k: p.grad for k, p in student.named_parameters() if p.grad is not None})
-        assert set(grads) == set(ref)
-        assert all(torch.isfinite(g).all() for g in grads.values()), f"optimizer step {j}: the module's gradient"
-        assert all(torch.isfinite(g).all() for g in ref.values()), f"optimizer step {j}: the reference gradient"
-        err = math.sqrt(sum(float(((grads[k] - ref[k]).double() ** 2).sum()) for k in ref))
-        norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in ref.values()))
-        assert norm > 0 and err <= 1e-3 * norm, f"optimizer step {j}: gradient off by {err / max(norm, 1e-30):.2e}"
+    assert any("pixel_values" in ro.extra for _, ro in probe.rollouts), "no batch with an image row"
+    for b, (records, ro) in enumerate(probe.rollouts):
+        teacher_lp = (_teacher_scores(module._frozen["teacher"], module.teacher_tokenizer, records, ro)
+                      if opts["lam"] > 0 else None)
+        with torch.no_grad():
+            load(probe.steps[b * mu][0])
+            old_lp = _student_scores(student, ro)[0]  # π_old: the weights at sampling time
+            load(probe.steps[0][0])
+            ref_lp = _student_scores(student, ro)[0]  # the reference: the initial weights
+        for j in range(mu):
+            weights, grads = probe.steps[b * mu + j]
+            load(weights)
+            student.zero_grad(set_to_none=True)
+            loss = _loss_by_hand(opts, student, ro, records, teacher_lp, None if mu == 1 else old_lp,
+                                 ref_lp if opts.get("beta_ref", 0) > 0 else None, max_new_tokens=8)
+            loss.backward()
+            if mu == 1:
+                assert rows[b]["train/loss"] == pytest.approx(loss.item(), rel=1e-4, abs=1e-6)
+            ref = _clipped({k: p.grad for k, p in student.named_parameters() if p.grad is not None})
+            assert set(grads) == set(ref)
+            assert all(torch.isfinite(g).all() for g in grads.values()), f"step {b * mu + j}: the module's gradient"
+            assert all(torch.isfinite(g).all() for g in ref.values()), f"step {b * mu + j}: the reference gradient"
+            err = math.sqrt(sum(float(((grads[k] - ref[k]).double() ** 2).sum()) for k in ref))
+            norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in ref.values()))
+            assert norm > 0 and err <= 1e-3 * norm, f"step {b * mu + j}: gradient off by {err / norm:.2e}"
     for name, sd in frozen0.items():  # teacher and reference stay frozen
         now = module._frozen[name].state_dict()
         assert all(torch.equal(v, now[k]) for k, v in sd.items()), f"the frozen {name} changed"

@@ -125,3 +125,17 @@ def test_validation_and_test_log_the_batch_weighted_nll(sft_batch, synth_data):
         assert m[f"{stage}/loss"].item() == pytest.approx((3 * nll[0][0].item() + nll[1][0].item()) / 4, rel=1e-5)
         assert m[f"{stage}/token_accuracy"].item() == pytest.approx((3 * nll[0][1].item() + nll[1][1].item()) / 4)
         assert f"{stage}/loss" in trainer.progress_bar_metrics
+
+
+def test_sft_module_options_reach_the_module(tiny_models):
+    from vold_pl.modules.base import OptimConfig
+
+    spec = ModelSpec(str(tiny_models["student"]))
+    default = SFTModule(spec)
+    assert (default.gradient_checkpointing, default.export, default.export_dir, default.seed,
+            default.max_consecutive_skips) == (False, True, None, 0, 10)
+    optim = OptimConfig(lr=3e-4)
+    m = SFTModule(spec, optim, gradient_checkpointing=True, export_dir="out", export=False, seed=7,
+                  max_consecutive_skips=3)
+    assert (m.optim_cfg, m.gradient_checkpointing, m.export_dir, m.export, m.seed, m.max_consecutive_skips) == (
+        optim, True, "out", False, 7, 3)
