@@ -572,8 +572,7 @@ class CachedSamplingEngine(HFGenerateEngine):
         if self.share_prefill:
             pre_ids, pre_mask, pre_pos = p_ids, p_mask, positions
             if vision and "pixel_values" in batch:
-                pre.update(pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
-                           mm_token_type_ids=batch["mm_token_type_ids"])
+                pre.update({k: batch[k] for k in IMAGE_INPUT_KEYS if k in batch})
         else:
             pre_ids, pre_mask = ids, mask
             pre_pos = positions.repeat_interleave(G, dim=positions.dim() - 2)
