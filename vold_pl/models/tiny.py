@@ -109,7 +109,8 @@ def make_image_processor(image_size: int = 112):
     from transformers import Qwen2VLImageProcessorPil
 
     pixels = image_size * image_size
-    return Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, size={"shortest_edge": pixels, "longest_edge": pixels})
+    return Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels,
+                                    size={"shortest_edge": pixels, "longest_edge": pixels})
 
 
 def _student_config(tokenizer, sizes: TinySizes):
@@ -203,7 +204,8 @@ def build_tiny_models(texts: Iterable[str], sizes: TinySizes | None = None, seed
     return processor, student, tokenizer, teacher
 
 
-def save_tiny_models(out: str | Path, texts: Iterable[str], sizes: TinySizes | None = None, seed: int = 0) -> dict[str, Path]:
+def save_tiny_models(out: str | Path, texts: Iterable[str], sizes: TinySizes | None = None,
+                     seed: int = 0) -> dict[str, Path]:
     """Build and save ``out/student`` (model + processor) and ``out/teacher`` (model + tokenizer)."""
     out = Path(out)
     processor, student, tokenizer, teacher = build_tiny_models(texts, sizes, seed)
@@ -221,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and the tokenizer corpus")
     parser.add_argument("--hidden-size", type=int, default=TinySizes.hidden_size, help="student LM hidden size")
     parser.add_argument("--layers", type=int, default=TinySizes.num_layers, help="student LM decoder layers")
-    parser.add_argument("--teacher-hidden-size", type=int, default=TinySizes.teacher_hidden_size, help="teacher hidden size")
+    parser.add_argument("--teacher-hidden-size", type=int, default=TinySizes.teacher_hidden_size,
+                        help="teacher hidden size")
     parser.add_argument("--teacher-layers", type=int, default=TinySizes.teacher_layers, help="teacher decoder layers")
     parser.add_argument("--vocab-size", type=int, default=TinySizes.vocab_size, help="BPE vocabulary size")
     args = parser.parse_args(argv)
