@@ -64,6 +64,11 @@ class ShardingConfig:
         replicate_frozen_below_mb: the ``auto`` threshold, in MB of parameters.
         dummy_visual: run the vision tower on a dummy image when a rank's forward has no pixels (see
             :class:`BackboneHooks`); only installed when there is more than one rank.
+        rollout: how a sharded policy generates on more than one rank. ``unshard`` (default): gather its
+            weights once per rollout and sample with the trainer's engine, no collective while decoding
+            (:class:`vold_pl.rl.unsharded.UnshardedRollouts`; the full weights live on every rank while
+            generating). ``synced``: HF ``generate`` with ``synced_gpus``, gathering layer by layer at every
+            decoded token (least memory, much slower).
     """
 
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
@@ -72,6 +77,7 @@ class ShardingConfig:
     frozen: Literal["auto", "shard", "replicate"] = "auto"
     replicate_frozen_below_mb: float = 1024.0
     dummy_visual: bool = True
+    rollout: Literal["unshard", "synced"] = "unshard"
 
 
 class FSDP2Strategy(_ModelParallelStrategy):
@@ -94,6 +100,7 @@ class FSDP2Strategy(_ModelParallelStrategy):
         frozen: see :class:`ShardingConfig`.
         replicate_frozen_below_mb: see :class:`ShardingConfig`.
         dummy_visual: see :class:`ShardingConfig`.
+        rollout: see :class:`ShardingConfig`.
     """
 
     def __init__(
@@ -109,6 +116,7 @@ class FSDP2Strategy(_ModelParallelStrategy):
         frozen: Literal["auto", "shard", "replicate"] = "auto",
         replicate_frozen_below_mb: float = 1024.0,
         dummy_visual: bool = True,
+        rollout: Literal["unshard", "synced"] = "unshard",
     ) -> None:
         if tensor_parallel_size != 1:
             raise ValueError("FSDP2Strategy shards over data parallelism only: tensor_parallel_size must be 1.")
@@ -116,7 +124,7 @@ class FSDP2Strategy(_ModelParallelStrategy):
                          save_distributed_checkpoint=save_distributed_checkpoint,
                          process_group_backend=process_group_backend, timeout=timeout)
         self.sharding = ShardingConfig(mixed_precision, reshard_after_forward, activation_checkpointing, frozen,
-                                       replicate_frozen_below_mb, dummy_visual)
+                                       replicate_frozen_below_mb, dummy_visual, rollout)
 
     def setup_environment(self) -> None:
         if self._data_parallel_size == "auto":
@@ -398,11 +406,18 @@ def keeps_ranks_in_step(engine) -> bool:
     return type(engine) is HFGenerateEngine or isinstance(engine, ScriptedEngine)
 
 
-def rollout_engine_for(engine, model: nn.Module, tokenizer, world_size: int):
-    """``engine``, or an :class:`~vold_pl.rl.rollout.HFGenerateEngine` when ``model`` is sharded across ranks
-    and ``engine`` cannot keep them in step (see :func:`keeps_ranks_in_step`)."""
+def rollout_engine_for(engine, model: nn.Module, tokenizer, world_size: int, sharding: ShardingConfig | None = None):
+    """``engine``, or, when ``model`` is sharded across ranks and ``engine`` cannot keep them in step (see
+    :func:`keeps_ranks_in_step`): ``engine`` run on weights gathered once per rollout
+    (:class:`~vold_pl.rl.unsharded.UnshardedRollouts`, ``sharding.rollout: unshard``, the default) or an
+    :class:`~vold_pl.rl.rollout.HFGenerateEngine` (``synced``)."""
     if world_size <= 1 or not is_fsdp2(model) or keeps_ranks_in_step(engine):
         return engine
+    sharding = sharding or ShardingConfig()
+    if sharding.rollout == "unshard":
+        from vold_pl.rl.unsharded import UnshardedRollouts
+
+        return UnshardedRollouts(engine, sharding.reshard_after_forward)
     from vold_pl.rl.rollout import HFGenerateEngine
 
     return HFGenerateEngine(tokenizer)

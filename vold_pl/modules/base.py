@@ -228,7 +228,7 @@ class PolicyModule(L.LightningModule):
         """
         if self.model is not None:
             return
-        from vold_pl.distributed import check_strategy, prepare_model, rollout_engine_for
+        from vold_pl.distributed import check_strategy, prepare_model, rollout_engine_for, sharding_config
 
         trainer = self._trainer
         check_strategy(getattr(trainer, "strategy", None))  # before loading weights: FSDP1 is refused
@@ -238,7 +238,7 @@ class PolicyModule(L.LightningModule):
         prepare_model(self.model, trainer, activation_checkpointing=self.gradient_checkpointing)
         if trainer is not None:  # sharded across ranks: rollouts must keep every rank stepping (synced generate)
             self.rollout_engine = rollout_engine_for(self.rollout_engine, self.model, self.tokenizer,
-                                                     trainer.world_size)
+                                                     trainer.world_size, sharding_config(trainer))
 
     @property
     def is_vision(self) -> bool:
