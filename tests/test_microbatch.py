@@ -34,7 +34,8 @@ G = 4
 # Completions of very different lengths, so that `sequence`, `token` and `dr_grpo` weigh rows differently;
 # rewards: accuracy x format differ within each group (non-zero advantages), failures get distilled.
 SCRIPT_TEXT = ["<think> 2 + 3 = 5 </think><answer> 5 </answer>", "<answer> 4 </answer>",
-               "I think it is 7 because two and three and a few more words make it longer still", "<answer> 5 </answer>"]
+               "I think it is 7 because two and three and a few more words make it longer still",
+               "<answer> 5 </answer>"]
 SCRIPT_IMAGE = ["<think> looking at the picture carefully </think><answer> yes </answer>", "<answer> no </answer>",
                 "no", "<think> hmm </think><answer> yes </answer>"]
 
@@ -81,14 +82,28 @@ CASES = {  # each aggregation, with the reference KL or an OPD estimator / mode 
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_micro_batched_step_has_the_whole_batch_gradient(case, tiny_models, synth_data):
+@pytest.fixture(scope="module")
+def loaded(tiny_models, synth_data):
+    """One module with every model loaded (student, teacher, reference), the scripted rollouts and the batch;
+    each test sets the GRPO / OPD options it needs (the step reads them when it runs)."""
     records = _records(synth_data)
-    module = _module(tiny_models, **CASES[case])
+    module = _module(tiny_models, agg="sequence", estimator="k1", mode="loss", gate="failed", beta_ref=0.04)
     module.configure_model()
     module.model.train()
     module.rollout_engine = ScriptedEngine(module.tokenizer, {records[0].id: SCRIPT_TEXT, records[1].id: SCRIPT_IMAGE})
     batch = PromptCollator(module.processor)([to_dataset(records)[i] for i in range(2)])
+    return module, batch
+
+
+def _configure(module, agg: str, estimator: str, mode: str, gate: str, beta_ref: float, **micro) -> None:
+    module.grpo = GRPOConfig(num_generations=G, loss_aggregation=agg, beta_ref=beta_ref, **micro)
+    module.opd = OPDConfig(lam=0.5, gate=gate, estimator=estimator, mode=mode)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_micro_batched_step_has_the_whole_batch_gradient(case, loaded):
+    module, batch = loaded
+    _configure(module, **CASES[case])
     assert "pixel_values" in batch  # the image rows' pixels are cut with their rows
 
     whole, loss0, metrics0, g0 = _step_grads(module, batch)
@@ -101,7 +116,7 @@ def test_micro_batched_step_has_the_whole_batch_gradient(case, tiny_models, synt
     micro = {"sequence_k1_loss_ref": dict(micro_batch_size=3),  # groups split, the image group across two
              "token_k1_advantage": dict(max_tokens_per_micro_batch=budget),
              "dr_grpo_full_loss": dict(micro_batch_size=5)}[case]
-    module.grpo = GRPOConfig(**{**module.grpo.__dict__, **micro})
+    _configure(module, **CASES[case], **micro)
     step, loss, metrics, g = _step_grads(module, batch)
     assert len(step.plan) > 1, micro
     assert _rel(g0, g) <= 1e-6, (micro, _rel(g0, g))
@@ -197,17 +212,12 @@ def _two_ranks(agg: str, tiny_models, synth_data, tmp_path: Path) -> dict:
     return {k: torch.tensor(v) for k, v in json.loads(out.read_text()).items()}
 
 
-def test_two_rank_step_equals_one_rank_step(tiny_models, synth_data, tmp_path):
+def test_two_rank_step_equals_one_rank_step(loaded, tiny_models, synth_data, tmp_path):
     """`token`: the DAPO mean over the global token count. The two ranks' rows have different token counts, so
     a per-rank mean averaged by DDP would weigh them differently from one rank on all the rows; micro-batches of
     3 rows (2 on each rank, 3 on one rank) on top."""
-    records = _records(synth_data)
-    module = _module(tiny_models, agg="token", estimator="k1", mode="loss", gate="all", beta_ref=0.0,
-                     micro_batch_size=3)
-    module.configure_model()
-    module.model.train()
-    module.rollout_engine = ScriptedEngine(module.tokenizer, {records[0].id: SCRIPT_TEXT, records[1].id: SCRIPT_IMAGE})
-    batch = PromptCollator(module.processor)([to_dataset(records)[i] for i in range(2)])
+    module, batch = loaded
+    _configure(module, agg="token", estimator="k1", mode="loss", gate="all", beta_ref=0.0, micro_batch_size=3)
     step, _, _, one = _step_grads(module, batch)
     lengths = step.rollout.completion_mask.sum(-1)
     assert int(lengths[:G].sum()) != int(lengths[G:].sum())  # unequal token counts on the two ranks
