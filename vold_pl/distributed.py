@@ -28,6 +28,7 @@ Lightning's ``FSDPStrategy`` (FSDP1) is refused with a message naming ``ModelPar
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from datetime import timedelta
@@ -327,6 +328,22 @@ class BackboneHooks:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def rank_local_forwards(model: nn.Module):
+    """Forwards that only this rank runs (a local self-check such as the lean decoder's probe): no dummy visual
+    forward inside, since that exists only to keep every rank's forwards in step. Safe only where those forwards
+    run no collective, i.e. not under FSDP2 (whose models are never probed)."""
+    hooks: BackboneHooks | None = getattr(model, "_vold_backbone_hooks", None)
+    if hooks is None or not hooks.dummy_visual:
+        yield
+        return
+    hooks.dummy_visual = False
+    try:
+        yield
+    finally:
+        hooks.dummy_visual = True
 
 
 def install_backbone_hooks(model: nn.Module, fsdp_root: nn.Module | None = None,

@@ -647,8 +647,11 @@ class CachedSamplingEngine(HFGenerateEngine):
         key = _lean_key(model, getattr(inner, "language_model", inner))
         before = _LEAN_VERDICTS.get(key)
         _LEAN_VERDICTS[key] = True  # the probe itself decodes through the lean path
+        from vold_pl.distributed import rank_local_forwards
+
         try:
-            mine = self.generate(model, batch, 1, greedy)
+            with rank_local_forwards(model):  # this rank's own check: no dummy vision forward for other ranks
+                mine = self.generate(model, batch, 1, greedy)
         finally:
             if before is None:
                 _LEAN_VERDICTS.pop(key, None)
@@ -659,10 +662,11 @@ class CachedSamplingEngine(HFGenerateEngine):
         was_training = model.training
         model.eval()
         try:
-            ref = model.generate(**batch, max_new_tokens=greedy.max_new_tokens, do_sample=False, temperature=None,
-                                 top_p=None, top_k=None, pad_token_id=pad, eos_token_id=self.eos_ids,
-                                 suppress_tokens=self.suppress_ids or None, output_logits=True,
-                                 return_dict_in_generate=True)
+            with rank_local_forwards(model):
+                ref = model.generate(**batch, max_new_tokens=greedy.max_new_tokens, do_sample=False, temperature=None,
+                                     top_p=None, top_k=None, pad_token_id=pad, eos_token_id=self.eos_ids,
+                                     suppress_tokens=self.suppress_ids or None, output_logits=True,
+                                     return_dict_in_generate=True)
         finally:
             model.train(was_training)
         ref_tok = ref.sequences[:, P:]  # [2, L']
