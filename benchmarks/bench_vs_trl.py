@@ -40,7 +40,7 @@ REWARD_WEIGHTS = {"accuracy": 1.0, "format": 0.1}
 
 def make_prompts(rows: list[dict], vision: bool) -> list[dict]:
     """The same chat prompt for both trainers: vold-pl's ``student_messages`` (images first, then text)."""
-    from vold_pl.data.collate import student_messages
+    from vold_pl.prompts import student_messages
 
     out = []
     for r in rows:

@@ -29,9 +29,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from vold_pl.callbacks.report import NO_CATEGORY, STATS, summarize, write_reports
 from vold_pl.data.benchmarks import load_benchmark
-from vold_pl.data.collate import DEFAULT_INSTRUCTION, PromptCollator
+from vold_pl.data.collate import PromptCollator
 from vold_pl.data.schema import Record
 from vold_pl.distributed import is_fsdp2
+from vold_pl.prompts import DEFAULT_INSTRUCTION
 from vold_pl.rewards.extract import extract_answer, is_well_formatted
 from vold_pl.rewards.functions import score_answer
 from vold_pl.rl.rollout import HFGenerateEngine, SamplingConfig

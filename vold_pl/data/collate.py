@@ -13,9 +13,16 @@ from typing import Any
 
 import torch
 
-DEFAULT_INSTRUCTION = (
-    "Think step by step inside <think> </think>, then give the final answer inside <answer> </answer>."
+from vold_pl.models.inputs import pad_left
+from vold_pl.prompts import (  # noqa: F401 - re-exported: the collators' prompt API
+    DEFAULT_INSTRUCTION,
+    student_messages,
+    target_text,
+    teacher_messages,
+    teacher_prompt,
+    teacher_text,
 )
+
 IGNORE_INDEX = -100
 # Fields carried into ``batch["records"]``; images stay out of it (they are already pixel_values).
 META_FIELDS = ("id", "problem", "answer", "answer_type", "choices", "trace", "text_view", "difficulty", "source",
@@ -48,45 +55,6 @@ def take_rows(rows: list, keep_batch_size: bool) -> tuple[list[dict], list[str]]
         good = [r.substitute if isinstance(r, BadRow) else r for r in rows]
         good = [r for r in good if r is not None]
     return good, bad
-
-
-def student_messages(row: dict, instruction: str = DEFAULT_INSTRUCTION) -> list[dict]:
-    """The student's chat: its images, then the problem and the output-format instruction."""
-    content: list[dict[str, Any]] = [{"type": "image"} for _ in row.get("images") or []]
-    content.append({"type": "text", "text": f"{row['problem']}\n{instruction}".strip()})
-    return [{"role": "user", "content": content}]
-
-
-def teacher_text(row: dict) -> str | None:
-    """What a text-only teacher reads: the text view of an image problem, the problem itself otherwise.
-
-    ``None`` for an image problem without a text view: the teacher cannot see it, so it gets no OPD term.
-    """
-    if row.get("images") or row.get("has_image"):  # dataset rows carry images, batch metadata has_image
-        return row.get("text_view") or None
-    return row.get("text_view") or row["problem"]
-
-
-def teacher_messages(row: dict, instruction: str = DEFAULT_INSTRUCTION) -> list[dict] | None:
-    """The teacher's chat prompt for a row, or ``None`` when the teacher cannot see the problem."""
-    text = teacher_text(row)
-    if text is None:
-        return None
-    return [{"role": "user", "content": f"{text}\n{instruction}".strip()}]
-
-
-def teacher_prompt(row: dict, instruction: str = DEFAULT_INSTRUCTION) -> tuple[list[dict], bool]:
-    """``(messages, available)``: the teacher's prompt, or for a row it cannot see (an image problem without a
-    text view) a stand-in with the bare problem that keeps batches rectangular (its KL is masked out, its
-    length still counts toward the prompt limits)."""
-    msgs = teacher_messages(row, instruction)
-    return (msgs, True) if msgs is not None else ([{"role": "user", "content": row["problem"]}], False)
-
-
-def target_text(row: dict) -> str:
-    """The SFT target in the output format of METHODS.md §6 (the closing ``<|im_end|>`` is added as a token)."""
-    trace = (row.get("trace") or "").strip()
-    return f"<think> {trace} </think><answer> {row['answer']} </answer>"
 
 
 def _tokenizer(processor):
@@ -138,18 +106,6 @@ def encode_prompts(processor, rows: list[dict], view: str = "student",
     else:
         out = {"input_ids": [tok(t, add_special_tokens=False)["input_ids"] for t in texts]}
     return out
-
-
-def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad to a ``[B, T]`` tensor and its attention mask (generation appends on the right)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s):] = 1
-    return ids, mask
 
 
 def mm_token_type_ids(input_ids: torch.Tensor, image_token_id: int | None) -> torch.Tensor:

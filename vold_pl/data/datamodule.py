@@ -14,22 +14,13 @@ import lightning as L
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
-from vold_pl.data.collate import (
-    DEFAULT_INSTRUCTION,
-    SKIPPED_KEY,
-    BadRow,
-    PromptCollator,
-    SFTCollator,
-    max_token_chars,
-    student_messages,
-    target_text,
-    teacher_prompt,
-)
+from vold_pl.data.collate import SKIPPED_KEY, BadRow, PromptCollator, SFTCollator, max_token_chars
 from vold_pl.data.sampling import MixedSampler, ResumableDataLoader
 from vold_pl.data.schema import RecordError, image_problem
 from vold_pl.data.sources import DataSource, load_source
 from vold_pl.distributed import EvenShardSampler, uses_distributed_sampler
 from vold_pl.errors import UserError
+from vold_pl.prompts import DEFAULT_INSTRUCTION, student_messages, target_text, teacher_prompt
 
 __all__ = ["CheckedConcatDataset", "MixedSampler", "ReasoningDataModule", "ResumableDataLoader", "prompt_lengths"]
 # Traces sampled (seeded) to compare their lengths with max_length / max_new_tokens at setup.

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vold_pl.data.collate import DEFAULT_INSTRUCTION, pad_left, teacher_prompt
+from vold_pl.models.inputs import pad_left
+from vold_pl.prompts import DEFAULT_INSTRUCTION, teacher_prompt
 from vold_pl.rl.logprobs import concat_prompt_completion, mask_blocked, model_token_logprobs
 
 
