@@ -293,7 +293,7 @@ def _progress(loader, trainer, desc: str):
         yield from loader
         return
     live = getattr(bar, "progress", None)
-    if live is not None and not getattr(bar, "_progress_stopped", False):
+    if live is not None and live.live.is_started:  # rich's own flag: Lightning stops the display between stages
         task = live.add_task(desc, total=len(loader))
         try:
             for item in loader:
