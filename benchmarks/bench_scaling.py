@@ -44,7 +44,7 @@ def main(argv=None) -> None:
     quiet()
     from bench_vs_trl import run_voldpl
 
-    from vold_pl.rl.rollout import set_cpu_threads
+    from vold_pl.startup import set_cpu_threads
 
     threads = set_cpu_threads(args.threads or None)
     args.workdir = Path(args.workdir or tempfile.mkdtemp(prefix="vold_bench_scaling_"))

@@ -253,7 +253,7 @@ def main(argv=None) -> None:
                         "under <workdir>/profile)")
     args = p.parse_args(argv)
     quiet()
-    from vold_pl.rl.rollout import set_cpu_threads
+    from vold_pl.startup import set_cpu_threads
 
     threads = set_cpu_threads(args.threads or None)
     args.workdir = Path(args.workdir or tempfile.mkdtemp(prefix="vold_bench_trl_"))

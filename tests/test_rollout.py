@@ -19,7 +19,7 @@ from vold_pl.models.factory import ModelSpec, load_model, load_processor
 from vold_pl.rl.logprobs import model_token_logprobs
 from vold_pl.rl.rollout import (
     CachedSamplingEngine, HFGenerateEngine, Rollout, SamplingConfig, ScriptedEngine, completion_mask_from_ids,
-    default_engine, repeat_images, rollout_token_logprobs, set_cpu_threads,
+    default_engine, repeat_images, rollout_token_logprobs,
 )
 
 GREEDY = SamplingConfig(max_new_tokens=20, do_sample=False)
@@ -392,16 +392,6 @@ def test_default_engine_and_fallbacks(processor, text_batch):
     empty = CachedSamplingEngine(tok).generate(_text_llm(processor), text_batch, 2,
                                                SamplingConfig(max_new_tokens=0, do_sample=False))
     assert empty.completion_ids.shape == (8, 1) and empty.logprobs.shape == (8, 1)
-
-
-def test_set_cpu_threads(monkeypatch):
-    before = torch.get_num_threads()
-    try:
-        assert set_cpu_threads(1) == 1
-        monkeypatch.setenv("VOLD_NUM_THREADS", "2")
-        assert set_cpu_threads() == 2
-    finally:
-        torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers

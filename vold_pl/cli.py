@@ -21,6 +21,9 @@ the checkpoint was saved with that differs is listed in a warning (``--ckpt_hpar
 checkpoint file itself is read with ``torch.load(weights_only=True)``, so one holding pickled Python objects is
 refused with vold-pl's message before anything else reads it.
 
+At start it sets torch's CPU threads (:func:`vold_pl.startup.configure_cpu_threads`: ``$VOLD_NUM_THREADS``,
+else ``$OMP_NUM_THREADS`` as set, else torch's default capped at the cores this process may use).
+
 Errors in what the user gave (:class:`vold_pl.errors.UserError`: data records, config values, checkpoints,
 model paths) print as one message and exit with code 2; ``--debug`` (or ``VOLD_PL_DEBUG=1``) shows the
 traceback too.
@@ -37,6 +40,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 
 from vold_pl.data.datamodule import ReasoningDataModule
 from vold_pl.errors import UserError, find_user_error
+from vold_pl.startup import configure_cpu_threads
 
 DEBUG_ENV = "VOLD_PL_DEBUG"
 
@@ -245,6 +249,7 @@ def main(args: list[str] | None = None) -> None:
             args = argv
     check_config_files(argv)
     try:
+        configure_cpu_threads()  # process set-up, here once (launched ranks run main again)
         VoldCLI(
             model_class=None,
             datamodule_class=ReasoningDataModule,

@@ -11,8 +11,9 @@ What happens in ``configure_model`` (see :func:`prepare_model`):
   mixed precision is bf16 compute with fp32 gradient reduction on GPU, fp32 on CPU; activation checkpointing
   is optional;
 - ``generate`` is registered as an FSDP forward method, so rollouts all-gather the root like a forward
-  does, and the model is marked FSDP-managed so ``generate`` runs with ``synced_gpus`` (a rank whose
-  completions all ended keeps stepping until every rank is done, or the others would wait forever);
+  does; on more than one rank HF ``generate`` then runs with ``synced_gpus`` (:func:`generation_needs_sync`:
+  a rank whose completions all ended keeps stepping until every rank is done, or the others would wait
+  forever);
 - a hook on the backbone (``model.model``) makes the backbone callable on its own, as the chunked log-prob
   code does (``backbone(...)`` then the LM head slab by slab): it gathers the root unit first;
 - on a vision model, the same hook runs the vision tower on a 1-token dummy image when a forward has no
@@ -42,8 +43,9 @@ from torch import nn
 __all__ = [
     "ShardingConfig", "FSDP2Strategy", "check_strategy", "prepare_model", "prepare_frozen", "shard_model",
     "shard_blocks", "mixed_precision_policy", "BackboneHooks", "install_backbone_hooks", "keeps_ranks_in_step",
-    "rollout_engine_for", "make_adamw8bit", "EvenShardSampler", "uses_distributed_sampler", "is_fsdp2",
-    "is_quantized", "full_state_dict", "local_param_bytes", "optimizer_state_bytes",
+    "rollout_engine_for", "fsdp_modules", "generation_needs_sync", "make_adamw8bit", "EvenShardSampler",
+    "uses_distributed_sampler", "is_fsdp2", "is_quantized", "full_state_dict", "local_param_bytes",
+    "optimizer_state_bytes",
 ]
 
 
@@ -215,7 +217,7 @@ def shard_model(model: nn.Module, mesh, mp_policy=None, reshard_after_forward: b
 
     The root unit holds what is left (embeddings, final norm, LM head, the vision patch embedding and
     merger), so tied input/output embeddings stay in one unit. ``generate`` is registered as an FSDP forward
-    method, ``_is_fsdp_managed_module`` makes HF ``generate`` use ``synced_gpus``, and
+    method (:func:`generation_needs_sync` then says it must run with ``synced_gpus``), and
     :func:`install_backbone_hooks` makes ``model.model`` callable on its own.
     """
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
@@ -230,9 +232,29 @@ def shard_model(model: nn.Module, mesh, mp_policy=None, reshard_after_forward: b
     fully_shard(model, **kwargs)
     if hasattr(model, "generate"):
         register_fsdp_forward_method(model, "generate")
-    model._is_fsdp_managed_module = True  # transformers: generate(synced_gpus=True) when world_size > 1
     install_backbone_hooks(model, fsdp_root=model, dummy_visual=False)
     return model
+
+
+def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    """The FSDP2 units of ``model`` (modules ``fully_shard`` turned into ``FSDPModule``), root first."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def generation_needs_sync(model: nn.Module) -> bool:
+    """Whether ``model.generate`` must run with ``synced_gpus=True``: ``model`` is sharded by FSDP2
+    (``fully_shard``, see :func:`shard_model`) and the default process group has more than one rank.
+
+    Every forward of a sharded model all-gathers weights (a collective), so a rank whose rows all ended must keep
+    stepping until every rank is done, or the others would wait forever. The one place that decides it: HF
+    generation in vold-pl (:class:`~vold_pl.rl.rollout.HFGenerateEngine`, which the trainers and the benchmark
+    callback use on sharded models) passes its answer explicitly, so transformers' own guess is never relied on.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    return torch.distributed.get_world_size() > 1 and bool(fsdp_modules(model))
 
 
 # ------------------------------------------------------------------------------------------- backbone hooks

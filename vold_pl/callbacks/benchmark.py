@@ -10,8 +10,10 @@ rank with fewer batches cannot hang the others), then one torchmetrics sum-reduc
 matrix per benchmark (the group keys come from the full record list every rank loads) and one
 ``all_gather_object`` of the predictions. Rank 0 writes the reports (see :mod:`vold_pl.callbacks.report`).
 Under FSDP2 every forward is itself a collective, so there the slices are padded to equal batch counts (the
-padding is not scored) and ``generate`` runs with ``synced_gpus``; the sharding code must make the root's
-``generate`` an FSDP forward method (``torch.distributed.fsdp.register_fsdp_forward_method``).
+padding is not scored) and decoding is HF ``generate`` (:class:`~vold_pl.rl.rollout.HFGenerateEngine`), which
+runs with ``synced_gpus`` there (:func:`vold_pl.distributed.generation_needs_sync` decides, for training rollouts
+too); the sharding code must make the root's ``generate`` an FSDP forward method
+(``torch.distributed.fsdp.register_fsdp_forward_method``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from vold_pl.callbacks.report import NO_CATEGORY, STATS, summarize, write_report
 from vold_pl.data.benchmarks import load_benchmark
 from vold_pl.data.collate import PromptCollator
 from vold_pl.data.schema import Record
-from vold_pl.distributed import is_fsdp2
+from vold_pl.distributed import generation_needs_sync
 from vold_pl.prompts import DEFAULT_INSTRUCTION
 from vold_pl.rewards.extract import extract_answer, is_well_formatted
 from vold_pl.rewards.functions import score_answer
@@ -108,7 +110,8 @@ class BenchmarkCallback(L.Callback):
         write_predictions: write ``benchmark_predictions.jsonl`` (every completion, for error analysis).
         engine: generation engine with ``generate(model, batch, num_samples, sampling)``; default the module's
             ``rollout_engine`` or an ``HFGenerateEngine``, and always ``HFGenerateEngine`` on a model sharded with
-            FSDP2 (its ``generate`` can keep finished ranks in step). Tests pass a scripted one.
+            FSDP2 (its ``generate`` keeps finished ranks in step). An engine given here is used as it is, sharded
+            or not: under FSDP2 it must run the same forwards on every rank. Tests pass a scripted one.
     """
 
     def __init__(self, benchmarks: list[BenchmarkSpec], every_n_steps: int | None = None,
@@ -187,7 +190,7 @@ class BenchmarkCallback(L.Callback):
         step = trainer.global_step if fitting or self._ckpt_step is None else self._ckpt_step
         self._last_step = trainer.global_step
         model = pl_module.model
-        sharded = trainer.world_size > 1 and is_fsdp2(model)
+        sharded = generation_needs_sync(model)  # FSDP2 across ranks: every forward is a collective
         engine = self.engine or (None if sharded else getattr(pl_module, "rollout_engine", None))
         engine = engine or HFGenerateEngine(pl_module.tokenizer)
         was_training = model.training
@@ -243,9 +246,8 @@ class BenchmarkCallback(L.Callback):
         n_real, model = len(mine), pl_module.model
         if sharded:
             # Sharded weights: every forward is a collective, so every rank runs the same number of batches
-            # (padded with repeats that are not scored) and generate keeps stepping until all ranks finish.
+            # (padded with repeats that are not scored); HF generate keeps stepping until all ranks finish.
             mine += [mine[0] if mine else 0] * (math.ceil(len(records) / world) - n_real)
-            model = _SyncedGenerate(model)
         collate = PromptCollator(pl_module.processor, self.view, self.instruction)
         loader = torch.utils.data.DataLoader(dataset.select(mine), batch_size=self.batch_size, collate_fn=collate)
         counts = torch.zeros(len(groups), len(STATS), dtype=torch.float64)
@@ -306,23 +308,6 @@ def _progress(loader, trainer, desc: str):
     from tqdm.auto import tqdm
 
     yield from tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
-
-
-class _SyncedGenerate:
-    """The model, with ``generate(synced_gpus=True)``: a rank that finished keeps stepping with the others.
-
-    Needed under FSDP2 (each forward all-gathers weights); transformers only turns it on by itself for models
-    it sharded. Everything else is the wrapped model's.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        self._model = model
-
-    def __getattr__(self, name: str):
-        return getattr(self._model, name)
-
-    def generate(self, *args, **kwargs):
-        return self._model.generate(*args, **{**kwargs, "synced_gpus": True})
 
 
 def _gather_objects(objs: list) -> list:

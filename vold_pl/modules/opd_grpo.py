@@ -30,6 +30,7 @@ from typing import Literal
 import torch
 
 from vold_pl.checkpointing import allow_in_checkpoints
+from vold_pl.distributed import fsdp_modules
 from vold_pl.models.factory import ModelSpec, check_align_option, freeze, load_model, prepare_teacher_tokenizer
 from vold_pl.models.lora import adapters_off, is_lora_model
 from vold_pl.modules.base import OptimConfig, PolicyModule
@@ -375,9 +376,7 @@ class OPDGRPOModule(PolicyModule):
         """Backward without the gradient all-reduce (DDP) / reduce-scatter (FSDP2): the accumulating micro-batches;
         the last one syncs the sum. Public hooks: the strategy's ``block_backward_sync``, FSDP2's
         ``set_requires_gradient_sync``."""
-        from torch.distributed.fsdp import FSDPModule
-
-        fsdp = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+        fsdp = fsdp_modules(self.model)
         for m in fsdp:
             m.set_requires_gradient_sync(False, recurse=False)
         block = getattr(self.trainer.strategy, "block_backward_sync", None) if self._trainer is not None else None

@@ -20,7 +20,6 @@ same fields. Rows are laid out group-contiguous: rows ``i*G .. i*G+G-1`` are the
 from __future__ import annotations
 
 import inspect
-import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -156,6 +155,9 @@ def blocked_token_ids(tokenizer) -> tuple[int, ...]:
 class HFGenerateEngine:
     """Rollouts with ``model.generate`` (KV cache, batched; it stops once every row has emitted EOS).
 
+    On a model sharded by FSDP2 across ranks it runs with ``synced_gpus`` (a rank whose rows ended keeps
+    stepping with the others), as :func:`vold_pl.distributed.generation_needs_sync` decides.
+
     Args:
         tokenizer: decodes completions and gives pad/EOS ids.
     """
@@ -179,9 +181,11 @@ class HFGenerateEngine:
             extra["mm_token_type_ids"] = batch["mm_token_type_ids"].repeat_interleave(G, 0)
             extra.update(repeat_images(batch, G))
         inputs.update(extra)
+        from vold_pl.distributed import generation_needs_sync
+
         gen_kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample,
                           pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_ids,
-                          suppress_tokens=self.suppress_ids or None)
+                          suppress_tokens=self.suppress_ids or None, synced_gpus=generation_needs_sync(model))
         if sampling.do_sample:
             gen_kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
         else:
@@ -344,22 +348,6 @@ def _GrowingLayer(capacity: int):  # noqa: N802 - a lazily built class (transfor
 
 
 _GROWING_LAYER = None
-
-
-def set_cpu_threads(num_threads: int | None = None) -> int:
-    """Intra-op threads for CPU runs: ``num_threads``, else ``$VOLD_NUM_THREADS``, else the cores this process
-    may use (``sched_getaffinity``; torch's default can count hyper-threads or the whole host in containers).
-
-    Returns the thread count now in effect. A no-op on CUDA runs beyond setting the CPU pool.
-    """
-    n = num_threads or int(os.environ.get("VOLD_NUM_THREADS", "0") or 0)
-    if not n:
-        try:
-            n = len(os.sched_getaffinity(0))
-        except AttributeError:  # macOS / Windows
-            n = os.cpu_count() or 1
-    torch.set_num_threads(max(1, n))
-    return torch.get_num_threads()
 
 
 class _LeanDecoder:
@@ -666,7 +654,7 @@ class CachedSamplingEngine(HFGenerateEngine):
                 ref = model.generate(**batch, max_new_tokens=greedy.max_new_tokens, do_sample=False, temperature=None,
                                      top_p=None, top_k=None, pad_token_id=pad, eos_token_id=self.eos_ids,
                                      suppress_tokens=self.suppress_ids or None, output_logits=True,
-                                     return_dict_in_generate=True)
+                                     return_dict_in_generate=True, synced_gpus=False)  # this rank's own probe
         finally:
             model.train(was_training)
         ref_tok = ref.sequences[:, P:]  # [2, L']

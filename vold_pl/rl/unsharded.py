@@ -16,13 +16,9 @@ from typing import Iterator
 
 import torch
 
+from vold_pl.distributed import fsdp_modules
+
 __all__ = ["UnshardedRollouts", "unsharded"]
-
-
-def _fsdp_modules(model: torch.nn.Module) -> list:
-    from torch.distributed.fsdp import FSDPModule
-
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
 @contextmanager
@@ -32,7 +28,7 @@ def unsharded(model: torch.nn.Module, reshard_after_forward: bool = True) -> Ite
     ``reshard_after_forward``: the value the non-root units were sharded with (restored on exit; the root
     keeps FSDP2's own default for it, ``False``). Every rank must enter the block (the gathers are collectives).
     """
-    units = _fsdp_modules(model)
+    units = fsdp_modules(model)
     root = units[0] if units and units[0] is model else None
     for m in units:
         m.set_reshard_after_forward(False, recurse=False)  # forwards inside the block keep the full weights
