@@ -103,3 +103,24 @@ def test_cli_sets_threads_at_start(monkeypatch, capsys, restore_threads):
     with pytest.raises(SystemExit) as ei:
         main(["fit", "--config", "does-not-matter.yaml"])
     assert ei.value.code == 2 and "VOLD_NUM_THREADS='0'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------- VLM families
+
+def test_vlm_of_another_family_is_refused_by_name(tiny_models, tmp_path):
+    """Qwen2.5-VL loads with its image-only processor; a LLaVA (another family's config.json) is refused before
+    any weights load, naming the path, its model_type and what is supported."""
+    from transformers import LlavaConfig
+
+    from vold_pl.models.factory import MODEL_KEY, ModelSpec, load_model, load_processor
+    from vold_pl.models.processor import Qwen2_5_VLImageTextProcessor, UnsupportedVisionModelError
+
+    assert type(load_processor(ModelSpec(str(tiny_models["student"])))) is Qwen2_5_VLImageTextProcessor
+    LlavaConfig().save_pretrained(tmp_path / "llava")  # config.json only: the check must not need weights
+    path = str(tmp_path / "llava")
+    for load in (load_processor, load_model):
+        with pytest.raises(UnsupportedVisionModelError) as ei:
+            load(ModelSpec(path))
+        msg = str(ei.value)
+        assert isinstance(ei.value, UserError) and msg.startswith(f"{MODEL_KEY}: {path!r}")
+        assert "model_type 'llava'" in msg and "Qwen2.5-VL (model_type 'qwen2_5_vl')" in msg

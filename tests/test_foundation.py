@@ -30,7 +30,7 @@ from vold_pl.data.datamodule import MixedSampler, ReasoningDataModule
 from vold_pl.data.schema import RecordError, read_jsonl
 from vold_pl.data.sources import DataSource, read_records, to_dataset
 from vold_pl.models.factory import ModelSpec, check_tokenizers_aligned, load_model, load_processor
-from vold_pl.models.processor import ImageTextProcessor
+from vold_pl.models.processor import Qwen2_5_VLImageTextProcessor
 
 # In-process CLI calls pass ``args`` while pytest has its own ``sys.argv``; Lightning warns about that.
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
@@ -44,7 +44,7 @@ REASONING = ["<think>", "</think>", "<answer>", "</answer>"]
 
 @pytest.fixture(scope="module")
 def student_processor(tiny_models):
-    return ImageTextProcessor.from_pretrained(str(tiny_models["student"]))
+    return Qwen2_5_VLImageTextProcessor.from_pretrained(str(tiny_models["student"]))
 
 
 @pytest.fixture(scope="module")
@@ -381,7 +381,7 @@ def test_sft_export_reloads_with_plain_transformers(tmp_path, tiny_models, synth
     assert (export / "model.safetensors").is_file()
 
     reloaded = AutoModelForImageTextToText.from_pretrained(str(export))
-    processor = ImageTextProcessor.from_pretrained(str(export))
+    processor = Qwen2_5_VLImageTextProcessor.from_pretrained(str(export))
     trained = module.model.state_dict()
     reloaded_sd = reloaded.state_dict()
     assert set(trained) == set(reloaded_sd)

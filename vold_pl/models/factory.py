@@ -1,7 +1,8 @@
 """Loading models the same way for a hub id (``Qwen/Qwen2.5-VL-3B-Instruct``) and a local folder.
 
-A VLM (its config has a ``vision_config``) loads as ``AutoModelForImageTextToText`` with an
-:class:`~vold_pl.models.processor.ImageTextProcessor`; a text-only LLM as ``AutoModelForCausalLM`` with its
+A VLM (its config has a ``vision_config``) loads as ``AutoModelForImageTextToText`` with a
+:class:`~vold_pl.models.processor.Qwen2_5_VLImageTextProcessor` (Qwen2.5-VL is the VLM family served; another is
+refused by :func:`~vold_pl.models.processor.check_vision_family`); a text-only LLM as ``AutoModelForCausalLM`` with its
 tokenizer. ``trust_remote_code`` is off unless the config asks for it. Quantized loading (bitsandbytes 4-bit
 NF4 or 8-bit) is for frozen models: the teacher and the reference.
 """
@@ -134,8 +135,15 @@ def _config_exporting(path: str) -> str | None:
 
 def is_vision_model(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None,
                     key: str = MODEL_KEY) -> bool:
+    """Whether the model is a VLM (its config has a ``vision_config``); a VLM of a family vold-pl does not serve
+    raises :class:`~vold_pl.models.processor.UnsupportedVisionModelError` here, before anything loads it."""
     cfg = load_config(ModelSpec(name_or_path, trust_remote_code=trust_remote_code, revision=revision), key)
-    return getattr(cfg, "vision_config", None) is not None
+    if getattr(cfg, "vision_config", None) is None:
+        return False
+    from vold_pl.models.processor import check_vision_family
+
+    check_vision_family(cfg, name_or_path, key)
+    return True
 
 
 def embedding_rows(spec: ModelSpec, key: str = MODEL_KEY) -> int:
@@ -339,11 +347,11 @@ def load_processor(spec: ModelSpec, key: str = MODEL_KEY):
     from transformers import AutoTokenizer
 
     if is_vision_model(spec.name_or_path, spec.trust_remote_code, spec.revision, key=key):
-        from vold_pl.models.processor import ImageTextProcessor
+        from vold_pl.models.processor import Qwen2_5_VLImageTextProcessor
 
-        proc = ImageTextProcessor.from_pretrained(spec.name_or_path, trust_remote_code=spec.trust_remote_code,
-                                                  revision=spec.revision, min_pixels=spec.min_pixels,
-                                                  max_pixels=spec.max_pixels)
+        proc = Qwen2_5_VLImageTextProcessor.from_pretrained(
+            spec.name_or_path, trust_remote_code=spec.trust_remote_code, revision=spec.revision,
+            min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
     else:
         proc = AutoTokenizer.from_pretrained(spec.name_or_path, trust_remote_code=spec.trust_remote_code,
                                              revision=spec.revision)

@@ -339,13 +339,13 @@ def save_real_shape_models(out: str | Path, sizes: RealShapeSizes | None = None,
     """Write ``out/student`` (model + processor) and ``out/teacher`` (model + tokenizer), safetensors."""
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3ForCausalLM
 
-    from vold_pl.models.processor import ImageTextProcessor
+    from vold_pl.models.processor import Qwen2_5_VLImageTextProcessor
 
     out = Path(out)
     paths = {"student": out / "student", "teacher": out / "teacher"}
     tok = qwen2_5_vl_tokenizer()
-    processor = ImageTextProcessor(image_processor=make_image_processor(), tokenizer=tok,
-                                   chat_template=QWEN2_5_VL_CHAT_TEMPLATE)
+    processor = Qwen2_5_VLImageTextProcessor(image_processor=make_image_processor(), tokenizer=tok,
+                                             chat_template=QWEN2_5_VL_CHAT_TEMPLATE)
     torch.manual_seed(seed)
     student = Qwen2_5_VLForConditionalGeneration(qwen2_5_vl_config(sizes))
     torch.manual_seed(seed + 1)

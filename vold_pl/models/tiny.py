@@ -187,12 +187,12 @@ def build_tiny_models(texts: Iterable[str], sizes: TinySizes | None = None, seed
     """
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3ForCausalLM
 
-    from vold_pl.models.processor import ImageTextProcessor
+    from vold_pl.models.processor import Qwen2_5_VLImageTextProcessor
 
     sizes = sizes or TinySizes()
     tokenizer = train_tokenizer(texts, sizes.vocab_size)
-    processor = ImageTextProcessor(image_processor=make_image_processor(image_size), tokenizer=tokenizer,
-                                           chat_template=CHAT_TEMPLATE)
+    processor = Qwen2_5_VLImageTextProcessor(image_processor=make_image_processor(image_size), tokenizer=tokenizer,
+                                             chat_template=CHAT_TEMPLATE)
     torch.manual_seed(seed)
     student = Qwen2_5_VLForConditionalGeneration(_student_config(tokenizer, sizes))
     torch.manual_seed(seed + 1)
