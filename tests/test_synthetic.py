@@ -223,3 +223,17 @@ def test_cli(tmp_path, capsys):
     paths = syn.main(["--out", str(tmp_path), "--seed", "2", "--n-train", "12", "--n-val", "4", "--n-test", "4"])
     assert "12/4/4" in capsys.readouterr().out and paths["train"].is_file()
     assert len(_load(tmp_path, "test_text")) == 4
+
+
+def test_teacher_text_is_extra_disjoint_and_leaves_splits_alone(data_dir, tmp_path):
+    paths = syn.main(["--out", str(tmp_path), "--seed", "0", "--n-train", str(SMALL["n_train"]), "--n-val",
+                      str(SMALL["n_val"]), "--n-test", str(SMALL["n_test"]), "--n-teacher-text", "300"])
+    for split in syn.SPLITS:  # the image splits and their twins are byte-identical to a run without the option
+        for name in (f"{split}.jsonl", f"{split}_text.jsonl"):
+            assert (tmp_path / name).read_bytes() == (data_dir / name).read_bytes()
+    extra = _load(tmp_path, "teacher_text")
+    assert len(extra) == 300 and all(r.images == [] and r.problem == r.text_view for r in extra)
+    key = lambda r: (r.text_view.split("\n")[0], r.problem.split(" Options:")[0].split("\n")[-1])  # noqa: E731
+    taken = {key(r) for split in syn.SPLITS for r in _load(data_dir, f"{split}_text")}
+    assert len({key(r) for r in extra}) == 300 and not {key(r) for r in extra} & taken
+    assert json.loads(paths["manifest"].read_text())["splits"]["teacher_text"]["n"] == 300

@@ -304,8 +304,12 @@ def generate_items(seed: int = 0, n_train: int = 2000, n_val: int = 200, n_test:
 
 def generate_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_val: int = 200, n_test: int = 200,
                      answer_types: Sequence[str] | None = None, difficulties: Sequence[int] | None = None,
-                     ) -> dict[str, Path]:
+                     n_teacher_text: int = 0) -> dict[str, Path]:
     """Write {split}.jsonl, {split}_text.jsonl, images/ and manifest.json; same args give byte-identical files.
+
+    ``n_teacher_text`` > 0 also writes ``teacher_text.jsonl``: that many extra text-only problems (own RNG stream,
+    disjoint from every split) for the text-only teacher's SFT. Text costs no rendering, and a reader that has
+    seen many captions learns to look facts up in the caption instead of memorising the 2000 training scenes.
 
     Returns the paths keyed by ``train``, ``val``, ``test``, ``train_text``, ..., ``images``, ``manifest``.
     """
@@ -336,6 +340,16 @@ def generate_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_
             "n": len(recs),
             **{k: dict(sorted(Counter(str(getattr(r, k)) for r in recs).items()))
                for k in ("answer_type", "difficulty", "category")}}
+    if n_teacher_text > 0:
+        seen = {(scene, q["stem"]) for split_items in items.values() for scene, q in split_items}
+        extra = _generate_split(seed, "teacher", n_teacher_text, _combos(answer_types, difficulties), seen)
+        paths["teacher_text"] = write_jsonl(
+            [Record(id=f"synthetic-teacher-{i:06d}-text", problem=f"{describe_scene(scene)}\n{q['problem']}",
+                    images=[], source="synthetic-text", answer=q["answer"], answer_type=q["answer_type"],
+                    choices=q["choices"], trace=q["trace"], text_view=f"{describe_scene(scene)}\n{q['problem']}",
+                    difficulty=q["difficulty"], category=q["category"])
+             for i, (scene, q) in enumerate(extra)], out_dir / "teacher_text.jsonl")
+        manifest["splits"]["teacher_text"] = {"n": n_teacher_text}
     paths["manifest"] = out_dir / "manifest.json"
     paths["manifest"].write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return paths
@@ -358,13 +372,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     ap.add_argument("--n-train", type=int, default=2000, help="number of training image records")
     ap.add_argument("--n-val", type=int, default=200, help="number of validation image records")
     ap.add_argument("--n-test", type=int, default=200, help="number of test image records")
+    ap.add_argument("--n-teacher-text", type=int, default=0,
+                    help="extra text-only problems for the teacher's SFT (teacher_text.jsonl); 0 writes none")
     ap.add_argument("--answer-types", default=None, help=f"comma-separated subset of {','.join(ANSWER_TYPES)}")
     ap.add_argument("--difficulties", default=None, help="comma-separated subset of 1,2,3")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     paths = generate_dataset(a.out, a.seed, a.n_train, a.n_val, a.n_test,
                              a.answer_types.split(",") if a.answer_types else None,
-                             [int(d) for d in a.difficulties.split(",")] if a.difficulties else None)
+                             [int(d) for d in a.difficulties.split(",")] if a.difficulties else None,
+                             a.n_teacher_text)
     print(f"wrote {a.n_train}/{a.n_val}/{a.n_test} train/val/test image records (+ text twins) to {a.out} "
           f"(seed {a.seed}) in {time.perf_counter() - t0:.1f}s")
     return paths
