@@ -229,3 +229,255 @@ def test_module_passes_its_configs_to_the_loss(tiny_models):
     assert module.loss_settings == LossSettings(
         aggregation="dr_grpo", max_len=37, epsilon_low=0.1, epsilon_high=0.3, beta_ref=0.02, lam=0.4, gate="all",
         estimator="full", mode="loss", top_k=5)
+
+
+# ------------------------------------------------------------------ micro-batches, metrics and the step's helpers
+
+SLICES = [(0, 1), (1, 3), (3, 4)]  # a row alone, two rows of different lengths, the shortest row
+
+
+def _experience(d, case, logp, s_logits) -> Experience:
+    old = (d["logp"] - d["log_ratio"]) if case["mu"] > 1 else logp.detach()
+    return Experience(
+        logp=logp, old_logp=old, advantages=torch.tensor(ADV, dtype=torch.float64), mask=d["mask"],
+        ref_logp=d["ref"] if case["beta"] else None, teacher_logp=d["teacher_logp"],
+        student_logits=s_logits if case["estimator"] == "full" else None,
+        teacher_logits=d["t_logits"] if case["estimator"] == "full" else None,
+        success=torch.tensor(SUCCESS, dtype=torch.float64), teacher_available=torch.tensor(AVAILABLE))
+
+
+def _settings(case) -> LossSettings:
+    return LossSettings(aggregation=case["agg"], max_len=BUDGET, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH,
+                        beta_ref=case["beta"], lam=LAM, gate=case["gate"], estimator=case["estimator"],
+                        mode=case["mode"], top_k=case["top_k"])
+
+
+SLICE_CASES = [dict(estimator=e, mode=m, gate="failed", beta=BETA, agg=a, mu=2, top_k=k)
+               for a in ("sequence", "token", "dr_grpo")
+               for e, m, k in (("k1", "loss", 0), ("k1", "advantage", 0), ("full", "loss", 3))]
+
+
+@pytest.mark.parametrize("case", SLICE_CASES, ids=[_ids(c) for c in SLICE_CASES])
+def test_row_slices_with_the_step_totals_add_up_to_the_formula(case):
+    """Micro-batches: each slice of rows (its columns cut to its longest completion) divided by the whole
+    step's counts (Totals); the slices' losses and gradients add up to the whole batch's formula, and their
+    metrics, combined with metric_weights, are the whole batch's."""
+    from vold_pl.rl.objective import Totals, combine_metrics, metric_weights
+
+    d = _fixed()
+    logp = d["logp"].clone().requires_grad_(True)
+    s_logits = d["s_logits"].clone().requires_grad_(True)
+    exp, cfg = _experience(d, case, logp, s_logits), _settings(case)
+    totals = Totals(rows=float(N), tokens=float(sum(LENGTHS)))
+    total, parts = 0.0, []
+    for s, e in SLICES:
+        width = max(LENGTHS[s:e])
+        mb = exp.rows(s, e, width)
+        mb_loss, mb_metrics = opd_grpo_loss(mb, cfg, totals)
+        mb_loss.backward()
+        total += float(mb_loss.detach())
+        parts.append((mb_metrics, metric_weights(mb, cfg)))
+    want, want_g_logp, want_g_logits, want_rkl, want_k3 = _by_hand(d, **case)
+    tol, atol = (1e-9, 1e-12) if case["estimator"] == "k1" else (1e-5, 1e-7)
+    assert total == pytest.approx(want, rel=tol, abs=atol)
+    torch.testing.assert_close(logp.grad, want_g_logp, rtol=tol, atol=atol)
+    if case["estimator"] == "full":
+        torch.testing.assert_close(s_logits.grad, want_g_logits, rtol=1e-5, atol=1e-8)
+    combined = combine_metrics(parts)
+    _, whole = opd_grpo_loss(_experience(d, case, d["logp"].clone(), d["s_logits"].clone()), cfg)
+    assert combined.keys() == whole.keys()
+    for k in whole:
+        assert float(combined[k]) == pytest.approx(float(whole[k]), rel=1e-6, abs=1e-9), k
+    assert float(combined["opd/reverse_kl"]) == pytest.approx(want_rkl, rel=1e-6)
+    assert float(combined["kl"]) == pytest.approx(want_k3, rel=1e-6)
+
+
+def test_single_row_slices_divide_by_the_totals_not_by_themselves():
+    """One-row slices with Totals of the whole batch: sequence divides by N rows, token by all tokens."""
+    from vold_pl.rl.objective import Totals
+
+    d = _fixed()
+    for agg, weight in (("sequence", lambda i: 1 / (N * LENGTHS[i])), ("token", lambda i: 1 / sum(LENGTHS)),
+                        ("dr_grpo", lambda i: 1 / (N * BUDGET))):
+        exp = Experience(logp=d["logp"], old_logp=None, advantages=torch.tensor(ADV, dtype=torch.float64),
+                         mask=d["mask"])
+        cfg = LossSettings(aggregation=agg, max_len=BUDGET)
+        total = sum(float(opd_grpo_loss(exp.rows(i, i + 1), cfg, Totals(rows=N, tokens=sum(LENGTHS)))[0])
+                    for i in range(N))
+        assert total == pytest.approx(sum(-ADV[i] * LENGTHS[i] * weight(i) for i in range(N)), rel=1e-12), agg
+
+
+def test_rows_cut_rows_and_completion_columns():
+    from vold_pl.rl.objective import Experience as Exp
+
+    d = _fixed()
+    exp = Exp(logp=d["logp"], old_logp=None, advantages=torch.tensor(ADV), mask=d["mask"],
+              student_logits=d["s_logits"], success=torch.tensor(SUCCESS))
+    sub = exp.rows(1, 3, 2)
+    assert torch.equal(sub.logp, d["logp"][1:3, :2])
+    assert torch.equal(sub.mask, d["mask"][1:3, :2])
+    assert torch.equal(sub.student_logits, d["s_logits"][1:3, :2])  # [n, width, V]: the vocabulary stays
+    assert torch.equal(sub.advantages, torch.tensor(ADV)[1:3])  # [n]: rows only
+    assert torch.equal(sub.success, torch.tensor(SUCCESS)[1:3])
+    assert sub.old_logp is None and sub.teacher_logp is None and sub.ref_logp is None
+    whole_width = exp.rows(2, 4)  # no width: every column
+    assert torch.equal(whole_width.logp, d["logp"][2:4]) and torch.equal(whole_width.mask, d["mask"][2:4])
+    assert torch.equal(whole_width.student_logits, d["s_logits"][2:4])
+
+
+def test_metric_weights_count_tokens_distilled_tokens_and_rows():
+    from vold_pl.rl.objective import metric_weights
+
+    d = _fixed()
+    exp = Experience(logp=d["logp"], old_logp=None, advantages=torch.tensor(ADV), mask=d["mask"],
+                     success=torch.tensor(SUCCESS), teacher_available=torch.tensor(AVAILABLE))
+    tokens = float(sum(LENGTHS))
+    base = {"clip_low": tokens, "clip_high": tokens, "clip_region": tokens, "ratio_mean": tokens, "kl": tokens,
+            "opd/frac_tokens": tokens, "opd/frac_masked_no_text_view": float(N)}
+    assert metric_weights(exp, LossSettings(lam=0.0)) == base
+    for gate in ("failed", "all"):
+        distilled = float(sum(LENGTHS[i] for i in range(N) if _gate(i, gate) > 0))
+        assert metric_weights(exp, LossSettings(lam=LAM, gate=gate)) == {**base, "opd/reverse_kl": distilled}
+    no_success = replace_field(exp, success=None)  # gate all needs no success reward: every available row
+    assert metric_weights(no_success, LossSettings(lam=LAM, gate="all"))["opd/reverse_kl"] == float(
+        sum(n for n, a in zip(LENGTHS, AVAILABLE) if a))
+
+
+def replace_field(exp: Experience, **kw) -> Experience:
+    import dataclasses
+
+    return dataclasses.replace(exp, **kw)
+
+
+def test_combine_metrics_is_the_weighted_mean():
+    from vold_pl.rl.objective import combine_metrics
+
+    t = torch.tensor
+    parts = [({"a": t(1.0), "b": t(2.0), "c": t(5.0)}, {"a": 1.0, "b": 3.0}),  # "c" has no weight: 1
+             ({"a": t(3.0), "c": t(7.0), "z": t(4.0)}, {"a": 3.0, "c": 3.0, "z": 0.0})]
+    out = combine_metrics(parts)
+    assert out.keys() == {"a", "b", "c", "z"}
+    assert float(out["a"]) == pytest.approx((1 * 1 + 3 * 3) / 4)
+    assert float(out["b"]) == pytest.approx(2.0)
+    assert float(out["c"]) == pytest.approx((5 * 1 + 7 * 3) / 4)
+    assert float(out["z"]) == 0.0  # weight 0 (a micro-batch with no distilled token): the sum, 0, not NaN
+    assert combine_metrics([]) == {}
+    # weights below 1 (shares rather than counts) are weights too
+    frac = combine_metrics([({"a": t(1.0)}, {"a": 0.25}), ({"a": t(4.0)}, {"a": 0.5})])
+    assert float(frac["a"]) == pytest.approx((1 * 0.25 + 4 * 0.5) / 0.75)
+
+
+@pytest.mark.parametrize("lengths, prompt_len, group, rows, max_tokens, want", [
+    # no caps: one micro-batch; an empty step: none
+    ([3, 1, 4, 1, 5, 9], 2, 2, 0, 0, [(0, 6)]),
+    ([], 2, 2, 0, 0, []),
+    # a row cap alone: fixed slices, the last one shorter
+    ([3, 1, 4, 1, 5, 9], 2, 2, 4, 0, [(0, 4), (4, 6)]),
+    ([3, 1, 4, 1, 5, 9], 2, 2, 1, 0, [(i, i + 1) for i in range(6)]),
+    # a token budget, rows × (P + longest): groups of 2 cost 2·3=6 ≤ 6 each, so groups stay whole: 4 rows
+    # would cost 4·2=8 > 6
+    ([1, 1, 1, 1, 1, 1], 1, 2, 0, 6, [(0, 2), (2, 4), (4, 6)]),
+    # the same rows one by one (G = 1): 3 rows cost 3·2=6 ≤ 6
+    ([1, 1, 1, 1, 1, 1], 1, 1, 0, 6, [(0, 3), (3, 6)]),
+    # a group size that does not divide N (4 into 6): cut by rows
+    ([1, 1, 1, 1, 1, 1], 1, 4, 0, 6, [(0, 3), (3, 6)]),
+    # the last group alone costs 2·(2+9)=22 > 14: cut by rows; (0,2): 2·5=10, (0,3): 3·6=18 > 14, (2,4): 12,
+    # (2,5): 3·7=21 > 14, (4,5): 7, (4,6): 22 > 14
+    ([3, 1, 4, 1, 5, 9], 2, 2, 0, 14, [(0, 2), (2, 4), (4, 5), (5, 6)]),
+    # groups fit (10, 12, 22 ≤ 24): (0,4) costs 4·6=24, (0,6) 6·11=66
+    ([3, 1, 4, 1, 5, 9], 2, 2, 0, 24, [(0, 4), (4, 6)]),
+    # a row cap that splits groups (3 rows, G = 2): cut by rows, both caps hold
+    ([1, 1, 1, 1, 1, 1], 1, 2, 3, 100, [(0, 3), (3, 6)]),
+    # a row cap that keeps groups: whole groups up to 4 rows
+    ([1, 1, 1, 1, 1, 1], 1, 2, 4, 100, [(0, 4), (4, 6)]),
+    # empty completions still cost one column per row: 2 rows cost 2 > 1
+    ([0, 0], 0, 1, 0, 1, [(0, 1), (1, 2)]),
+    # a single row over the budget is its own micro-batch
+    ([10, 1], 0, 1, 0, 5, [(0, 1), (1, 2)]),
+    # a budget exactly met keeps the rows together
+    ([2, 2], 1, 1, 0, 6, [(0, 2)]),
+    # a group exactly at the budget (2·2 = 4) still keeps groups whole; by rows it would be (0,3), (3,4)
+    ([1, 1, 1, 2], 0, 2, 0, 4, [(0, 2), (2, 4)]),
+    # only the first group is over the budget (2·9 = 18 > 10): cut by rows
+    ([9, 1, 1, 1], 0, 2, 0, 10, [(0, 1), (1, 4)]),
+    # G = 2 does not divide N = 5 (a row cap of 4 would): by rows, 3 rows cost 6
+    ([1, 1, 1, 1, 1], 1, 2, 4, 6, [(0, 3), (3, 5)]),
+    # no group size (0): by rows
+    ([1, 1, 1, 1], 1, 0, 0, 6, [(0, 3), (3, 4)]),
+])
+def test_plan_micro_batches_worked_by_hand(lengths, prompt_len, group, rows, max_tokens, want):
+    from vold_pl.rl.objective import plan_micro_batches
+
+    assert plan_micro_batches(torch.tensor(lengths, dtype=torch.long), prompt_len, group, rows, max_tokens) == want
+
+
+def test_plan_micro_batches_defaults_to_the_whole_batch():
+    from vold_pl.rl.objective import plan_micro_batches
+
+    assert plan_micro_batches(torch.tensor([3, 1, 4, 1, 5, 9]), 2, 2) == [(0, 6)]
+
+
+def test_missing_inputs_name_the_field():
+    d = _fixed()
+    base = dict(logp=d["logp"], old_logp=None, advantages=torch.tensor(ADV, dtype=torch.float64), mask=d["mask"],
+                success=torch.tensor(SUCCESS, dtype=torch.float64))
+    full = LossSettings(lam=LAM, estimator="full")
+    for kw in (dict(student_logits=d["s_logits"]), dict(teacher_logits=d["t_logits"]), {}):
+        with pytest.raises(ValueError, match=r"^estimator 'full' needs Experience\.student_logits and "
+                                             r"Experience\.teacher_logits$"):
+            opd_grpo_loss(Experience(**base, **kw), full)
+    with pytest.raises(ValueError, match=r"^estimator 'k1' needs Experience\.teacher_logp$"):
+        opd_grpo_loss(Experience(**base), LossSettings(lam=LAM))
+    with pytest.raises(ValueError, match=r"^beta_ref > 0 needs Experience\.ref_logp$"):
+        opd_grpo_loss(Experience(**base), LossSettings(beta_ref=0.1))
+    with pytest.raises(ValueError, match=r"^gate 'failed' needs Experience\.success \(the accuracy reward\); "
+                                         r"it never falls back to the summed reward$"):
+        opd_grpo_loss(Experience(**{**base, "success": None}, teacher_logp=d["logp"]), LossSettings(lam=LAM))
+
+
+def test_option_errors_name_the_field_and_the_choices():
+    from vold_pl.rl.objective import check_opd_options
+
+    with pytest.raises(ValueError, match=r"^opd\.estimator: 'k2' is not one of \['k1', 'full'\]\.$"):
+        check_opd_options("k2", "loss", "all")
+    with pytest.raises(ValueError, match=r"^x\.mode: 'adv' is not one of \['loss', 'advantage'\]\.$"):
+        check_opd_options("k1", "adv", "all", where="x")
+    with pytest.raises(ValueError, match=r"^opd\.gate: 'some' is not one of \['all', 'failed'\]\.$"):
+        check_opd_options("k1", "loss", "some")
+    with pytest.raises(ValueError, match=r"^opd\.estimator: full with opd\.mode: advantage is not supported"):
+        check_opd_options("full", "advantage", "all")
+    for e, m in (("k1", "loss"), ("k1", "advantage"), ("full", "loss")):
+        for g in ("all", "failed"):
+            check_opd_options(e, m, g)  # every supported combination passes
+    with pytest.raises(ValueError, match=r"aggregation 'mean' is not one of \['dr_grpo', 'sequence', 'token'\]"):
+        LossSettings(aggregation="mean")
+    with pytest.raises(ValueError, match=r"opd\.gate: 'none'"):
+        LossSettings(gate="none")
+
+
+def test_loss_settings_defaults_are_the_documented_ones():
+    """GRPO with a symmetric 0.2 clip, sequence aggregation, no reference KL, OPD off (k1, loss, failed)."""
+    assert LossSettings() == LossSettings(aggregation="sequence", max_len=None, epsilon_low=0.2, epsilon_high=0.2,
+                                          beta_ref=0.0, lam=0.0, gate="failed", estimator="k1", mode="loss",
+                                          top_k=0)
+    from vold_pl.rl.objective import TEACHER_SCORES
+
+    assert TEACHER_SCORES == {"k1": "logp", "full": "logits"}
+
+
+def test_metrics_without_teacher_view_flags_or_success():
+    """gate all, no availability flags: every row is distilled and the no-view share is 0."""
+    d = _fixed()
+    exp = Experience(logp=d["logp"], old_logp=None, advantages=torch.tensor(ADV, dtype=torch.float64),
+                     mask=d["mask"], teacher_logp=d["logp"] - 0.25)
+    loss, metrics = opd_grpo_loss(exp, LossSettings(lam=LAM, gate="all"))
+    assert float(metrics["opd/frac_masked_no_text_view"]) == 0.0
+    assert float(metrics["opd/frac_tokens"]) == 1.0
+    assert float(metrics["opd/reverse_kl"]) == pytest.approx(0.25)
+    want = sum(-ADV[i] / N + LAM * 0.25 / N for i in range(N))  # sequence: each row's mean over 1/N
+    assert float(loss) == pytest.approx(want, rel=1e-12)
+    # a batch of one completion token: the share of distilled tokens is 1 (the guard against 0 tokens
+    # must not change a real count)
+    one = Experience(logp=d["logp"][:1, :1], old_logp=None, advantages=torch.tensor([0.5]),
+                     mask=torch.ones(1, 1), teacher_logp=d["logp"][:1, :1] - 0.25)
+    assert float(opd_grpo_loss(one, LossSettings(lam=LAM, gate="all"))[1]["opd/frac_tokens"]) == 1.0
