@@ -198,7 +198,7 @@ def worker(cfg: dict) -> None:
         opd=OPDConfig(lam=1.0, gate="all"), sampling=SamplingConfig(max_new_tokens=cfg["length"]),
         logprob_chunk_size=chunk, export=False, log_completions_every_n_steps=0)
     module.rollout_engine = RandomEngine(module.tokenizer, cfg["length"])
-    from vold_pl.rl.rollout import rollout_token_logprobs
+    from vold_pl.rl.logprobs import rollout_token_logprobs
 
     def _logprobs(rollout):  # recompute each slab in backward, or keep every slab's logits for backward
         return rollout_token_logprobs(module.model, rollout, temperature=module.sampling.temperature,

@@ -16,10 +16,10 @@ import torch
 from vold_pl.data.collate import PromptCollator
 from vold_pl.data.sources import read_records, to_dataset
 from vold_pl.models.factory import ModelSpec, load_model, load_processor
-from vold_pl.rl.logprobs import model_token_logprobs
+from vold_pl.rl.logprobs import model_token_logprobs, rollout_token_logprobs
 from vold_pl.rl.rollout import (
     CachedSamplingEngine, HFGenerateEngine, Rollout, SamplingConfig, ScriptedEngine, completion_mask_from_ids,
-    default_engine, repeat_images, rollout_token_logprobs,
+    default_engine, repeat_images,
 )
 
 GREEDY = SamplingConfig(max_new_tokens=20, do_sample=False)
@@ -225,7 +225,7 @@ def test_sampled_logprobs_equal_teacher_forced(tiny_models, processor, mixed_bat
     else:
         model, batch = _text_llm(processor, bias=3.0), text_batch
     torch.manual_seed(7)
-    ro = CachedSamplingEngine(tok).generate(model, batch, 4, sampling)
+    ro = CachedSamplingEngine(tok, track_logprobs=True).generate(model, batch, 4, sampling)
     assert ro.logprobs is not None and ro.logprobs.shape == ro.completion_ids.shape
     ref = _teacher_forced(model, ro, sampling.temperature, kind == "vlm")
     m = ro.completion_mask.bool()
@@ -242,7 +242,7 @@ def test_top_k_and_suppression_respected(processor, text_batch):
     """Every sampled token is among the top-k of the unsuppressed distribution and never a placeholder."""
     model = _text_llm(processor, bias=3.0)
     tok = processor.tokenizer
-    engine = CachedSamplingEngine(tok)
+    engine = CachedSamplingEngine(tok, track_logprobs=True)
     # Make a placeholder the most likely token everywhere: suppression must still never emit it.
     placeholder = engine.suppress_ids[0]
     with torch.no_grad():
@@ -389,9 +389,11 @@ def test_default_engine_and_fallbacks(processor, text_batch):
     scripted = ScriptedEngine(tok, {r["id"]: ["<answer> 1 </answer>"] for r in text_batch["records"]})
     ro = scripted.generate(None, text_batch, 2, GREEDY)
     assert ro.num_rows == 8 and ro.logprobs is None and torch.equal(ro.prompts["input_ids"], text_batch["input_ids"])
-    empty = CachedSamplingEngine(tok).generate(_text_llm(processor), text_batch, 2,
-                                               SamplingConfig(max_new_tokens=0, do_sample=False))
+    empty = CachedSamplingEngine(tok, track_logprobs=True).generate(_text_llm(processor), text_batch, 2,
+                                                                    SamplingConfig(max_new_tokens=0, do_sample=False))
     assert empty.completion_ids.shape == (8, 1) and empty.logprobs.shape == (8, 1)
+    untracked = CachedSamplingEngine(tok).generate(_text_llm(processor), text_batch, 2, GREEDY)  # the default
+    assert untracked.logprobs is None and untracked.completion_mask.sum() > 0
 
 
 # ---------------------------------------------------------------------------------------------------- helpers

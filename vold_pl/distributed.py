@@ -40,6 +40,8 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.pytorch.strategies import ModelParallelStrategy as _ModelParallelStrategy
 from torch import nn
 
+from vold_pl.models.inputs import base_model
+
 __all__ = [
     "ShardingConfig", "FSDP2Strategy", "check_strategy", "prepare_model", "prepare_frozen", "shard_model",
     "shard_blocks", "mixed_precision_policy", "BackboneHooks", "install_backbone_hooks", "keeps_ranks_in_step",
@@ -260,8 +262,7 @@ def generation_needs_sync(model: nn.Module) -> bool:
 # ------------------------------------------------------------------------------------------- backbone hooks
 
 def _backbone(model: nn.Module) -> nn.Module | None:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(base, "model", None)
+    return getattr(base_model(model), "model", None)
 
 
 class BackboneHooks:

@@ -36,7 +36,7 @@ from vold_pl.models.lora import adapters_off, is_lora_model
 from vold_pl.modules.base import OptimConfig, PolicyModule
 from vold_pl.rewards.functions import compute_rewards, validate_weights
 from vold_pl.rl.advantages import group_advantages
-from vold_pl.rl.logprobs import mask_blocked
+from vold_pl.rl.logprobs import mask_blocked, rollout_model_inputs, rollout_token_logprobs
 from vold_pl.rl.losses import Totals, masked_mean
 from vold_pl.rl.objective import (
     TEACHER_SCORES,
@@ -48,7 +48,7 @@ from vold_pl.rl.objective import (
     opd_grpo_loss,
     plan_micro_batches,
 )
-from vold_pl.rl.rollout import Rollout, SamplingConfig, rollout_model_inputs, rollout_rows, rollout_token_logprobs
+from vold_pl.rl.rollout import Rollout, SamplingConfig, rollout_rows
 from vold_pl.rl.teacher import build_teacher_inputs, teacher_completion_logits, teacher_rows, teacher_token_logprobs
 
 

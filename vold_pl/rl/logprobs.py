@@ -17,12 +17,15 @@ the truncated distribution are not differentiable in the tokens they drop; use t
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from vold_pl.models.inputs import IMAGE_INPUT_KEYS, base_model, cache_kwarg, prompt_positions
+from vold_pl.rl.rollout import Rollout, repeat_images
 
 __all__ = [
     "selective_log_softmax",
@@ -31,6 +34,9 @@ __all__ = [
     "model_token_logprobs",
     "mask_blocked",
     "concat_prompt_completion",
+    "shared_prefix_token_logprobs",
+    "rollout_token_logprobs",
+    "rollout_model_inputs",
 ]
 
 LMHead = Union[nn.Module, torch.Tensor]
@@ -189,7 +195,7 @@ def token_logprobs_from_hidden(
 
 def _backbone_and_head(model: nn.Module) -> tuple[nn.Module | None, nn.Module]:
     # PEFT wraps the HF model; its LoRA layers live inside the modules, so the unwrapped backbone still uses them.
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     head = head if head is not None else getattr(base, "lm_head", None)
     if head is None:
@@ -270,3 +276,125 @@ def model_token_logprobs(
     if return_entropy:
         return torch.where(keep, result[0], zero), torch.where(keep, result[1], zero)
     return torch.where(keep, result, zero)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring a rollout (the sampler's output, :class:`~vold_pl.rl.rollout.Rollout`) with each prompt run once per group
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Activation checkpointing on (HF then turns ``use_cache`` off in training forwards)."""
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def shared_prefix_token_logprobs(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    group_size: int,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    return_entropy: bool = False,
+    checkpoint_chunks: bool = False,
+    blocked_ids: tuple[int, ...] = (),
+    **prompt_model_inputs,
+):
+    """``log pi(o_t | q, o_<t)`` of G completions per prompt, running each prompt (and its images) ONCE.
+
+    The same numbers as :func:`model_token_logprobs` on the ``[N, P + L]`` concatenation of
+    G-times repeated prompts and completions (to float rounding), and differentiable the same way, but the
+    prompt's forward (vision encoder included) runs on B rows instead of N = B*G: its KV cache is computed with
+    autograd on, expanded G times (``repeat_interleave``, so gradients from the G samples add up in the prompt
+    activations), and the completions run on top of it. With prompts longer than completions, as in most RL
+    prompts, this removes most of the policy, reference and teacher forward and backward FLOPs.
+
+    Args:
+        prompt_ids, prompt_mask: ``[B, P]`` left-padded prompts, one row per group.
+        completion_ids, completion_mask: ``[N, L]`` right-padded completions, group-contiguous.
+        group_size: G.
+        blocked_ids: token ids the sampler never emits; scored as ``-inf`` logits
+            (:attr:`~vold_pl.rl.rollout.Rollout.blocked_ids`).
+        prompt_model_inputs: the prompts' extra model inputs, unrepeated (``pixel_values``, ``image_grid_thw``,
+            ``mm_token_type_ids``); ignored for a text-only model.
+
+    Returns ``logp [N, L]`` float32 (and ``entropy [N, L]``), unmasked like ``model_token_logprobs`` with an int
+    ``completion_start``. Falls back to ``model_token_logprobs`` under gradient checkpointing (HF drops the cache
+    there) and for VLMs without Qwen2-VL-style ``get_rope_index``.
+    """
+    G = group_size
+    base = base_model(model)
+    vision = getattr(base.config, "vision_config", None) is not None
+    B, P = prompt_ids.shape
+    N, L = completion_ids.shape
+    if N != B * G:
+        raise ValueError(f"{N} completion rows for {B} prompts x G={G}")
+    mm = {k: v for k, v in prompt_model_inputs.items() if v is not None} if vision else {}
+    positions = prompt_positions(base, prompt_ids, prompt_mask, mm, vision)
+    backbone, head = _backbone_and_head(model)
+    grad_ckpt = torch.is_grad_enabled() and base.training and _checkpointing(base)
+    if positions is None or backbone is None or grad_ckpt or L == 0:
+        mm_types = mm["mm_token_type_ids"].repeat_interleave(G, 0) if "mm_token_type_ids" in mm else None
+        ids, attn, mm_types = concat_prompt_completion(prompt_ids.repeat_interleave(G, 0),
+                                                       prompt_mask.repeat_interleave(G, 0), completion_ids,
+                                                       completion_mask, mm_types)  # [N, P + L]
+        extra = {}
+        if vision:
+            extra.update(repeat_images(mm, G))
+            if mm_types is not None:
+                extra["mm_token_type_ids"] = mm_types
+        return model_token_logprobs(model, ids, attn, P, temperature=temperature, chunk_size=chunk_size,
+                                    return_entropy=return_entropy, checkpoint_chunks=checkpoint_chunks,
+                                    blocked_ids=blocked_ids, **extra)
+    cache_key = cache_kwarg(backbone)
+    pre = {k: mm[k] for k in IMAGE_INPUT_KEYS if k in mm} if "pixel_values" in mm else {}
+    out = backbone(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, **pre)
+    cache = out[cache_key] if cache_key in out else out.past_key_values
+    h_last = out.last_hidden_state[:, -1]  # [B, H]: left padding puts every prompt's last token in the last column
+    del out
+    cache.batch_repeat_interleave(G)  # [B, ...] -> [N, ...], differentiable
+    bdim = positions.dim() - 2
+    steps = torch.arange(1, L + 1, device=prompt_ids.device)  # [L]
+    comp_pos = positions[..., -1:].repeat_interleave(G, dim=bdim) + steps  # [N, L] or [4, N, L]
+    attn = torch.cat([prompt_mask.repeat_interleave(G, 0), completion_mask.to(prompt_mask.dtype)], 1)  # [N, P+L]
+    out = backbone(input_ids=completion_ids, attention_mask=attn, position_ids=comp_pos, use_cache=True,
+                   **{cache_key: cache})
+    # hidden[t] predicts token t: the prompt's last state for t = 0, the completion's state t - 1 after that.
+    hidden = torch.cat([h_last.repeat_interleave(G, 0).unsqueeze(1), out.last_hidden_state[:, :-1]], 1)  # [N, L, H]
+    del out, cache
+    return token_logprobs_from_hidden(hidden, head, completion_ids, chunk_size=chunk_size, temperature=temperature,
+                                      return_entropy=return_entropy, checkpoint_chunks=checkpoint_chunks,
+                                      blocked_ids=blocked_ids)
+
+
+def rollout_token_logprobs(model: torch.nn.Module, rollout: Rollout, *, temperature: float = 1.0,
+                           chunk_size: int = 1024, return_entropy: bool = False, checkpoint_chunks: bool = False):
+    """Log-probs ``[N, L]`` of a rollout's completion tokens under ``model`` (the policy or the reference),
+    each prompt run once per group (:func:`shared_prefix_token_logprobs`). Rollouts without ``prompts`` take the
+    G-times repeated path (:func:`model_token_logprobs`): the same numbers.
+
+    The distribution scored is the sampler's: ``temperature`` (pass the sampling one) and the rollout's
+    ``blocked_ids`` removed; top-k / top-p are not applied (see the module docstring)."""
+    kw = dict(temperature=temperature, chunk_size=chunk_size, return_entropy=return_entropy,
+              checkpoint_chunks=checkpoint_chunks, blocked_ids=tuple(rollout.blocked_ids))
+    if rollout.prompts is not None:
+        pr = dict(rollout.prompts)
+        return shared_prefix_token_logprobs(model, pr.pop("input_ids"), pr.pop("attention_mask"),
+                                            rollout.completion_ids, rollout.completion_mask, rollout.group_size,
+                                            **pr, **kw)
+    vision = getattr(base_model(model).config, "vision_config", None) is not None
+    ids, attn, extra = rollout_model_inputs(rollout, vision)
+    return model_token_logprobs(model, ids, attn, rollout.prompt_ids.size(1), **kw, **extra)
+
+
+def rollout_model_inputs(rollout: Rollout, vision: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """The G-times repeated prompts followed by the completions, as the model takes them: ``ids [N, P + L]``,
+    ``attention_mask [N, P + L]`` and the extra inputs (the repeated images; none for a text model)."""
+    extra = dict(rollout.extra) if vision else {}
+    ids, attn, mm = concat_prompt_completion(rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
+                                             rollout.completion_mask, extra.get("mm_token_type_ids"))
+    if mm is not None:
+        extra["mm_token_type_ids"] = mm
+    return ids, attn, extra

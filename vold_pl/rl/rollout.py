@@ -19,14 +19,13 @@ same fields. Rows are laid out group-contiguous: rows ``i*G .. i*G+G-1`` are the
 
 from __future__ import annotations
 
-import inspect
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
-from vold_pl.models.inputs import IMAGE_INPUT_KEYS, select_model_inputs
+from vold_pl.models.inputs import IMAGE_INPUT_KEYS, base_model, cache_kwarg, prompt_positions, select_model_inputs
 
 
 @dataclass
@@ -64,11 +63,12 @@ class Rollout:
     extra: dict[str, Any] = field(default_factory=dict)  # model inputs beyond ids (pixel_values, ...), repeated
     # [N, L] float32 log pi(o_t | q, o_<t) of each sampled token under the sampling-time weights, from the
     # distribution the loss scores: temperature-scaled, ``blocked_ids`` removed, before top-k/top-p; 0 outside
-    # ``completion_mask``. Engines that do not track it leave ``None``.
+    # ``completion_mask``. Only ``CachedSamplingEngine(track_logprobs=True)`` fills it (the lean decoder's self-check
+    # reads it); the loss scores rollouts with :mod:`vold_pl.rl.logprobs` instead.
     logprobs: torch.Tensor | None = None
     # The B distinct prompts as the model takes them, NOT repeated (``input_ids``, ``attention_mask`` and, for a
     # VLM, ``pixel_values`` / ``image_grid_thw`` / ``mm_token_type_ids``): lets scoring run each prompt (and
-    # its images) once per group, :func:`rollout_token_logprobs`.
+    # its images) once per group, :func:`vold_pl.rl.logprobs.rollout_token_logprobs`.
     prompts: dict[str, Any] | None = None
     # Token ids the sampler could never emit (logits set to -inf before sampling): the vision placeholders,
     # :func:`blocked_token_ids`. Every scorer of this rollout (policy, reference, teacher, full-vocabulary KL)
@@ -87,7 +87,7 @@ class RolloutEngine(Protocol):
 
 def prompt_inputs(model: torch.nn.Module, batch: dict) -> dict[str, Any]:
     """The model inputs of the B prompts, unrepeated: ids and mask, plus the image tensors for a VLM."""
-    return select_model_inputs(batch, getattr(_unwrap(model).config, "vision_config", None) is not None)
+    return select_model_inputs(batch, getattr(base_model(model).config, "vision_config", None) is not None)
 
 
 def repeat_images(batch: dict, num_samples: int) -> dict[str, torch.Tensor]:
@@ -202,53 +202,6 @@ class HFGenerateEngine:
         texts = self.tokenizer.batch_decode(comp, skip_special_tokens=True)
         return Rollout(ids, mask, comp, cmask, texts, G, clipped, extra, prompts=prompt_inputs(model, batch),
                        blocked_ids=tuple(self.suppress_ids))
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    # PEFT wraps the HF model; generation and the cache live on the base model.
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _rope_owner(model: torch.nn.Module):
-    """The submodule with Qwen2-VL-style ``get_rope_index`` (multimodal rope), or ``None``."""
-    for m in (model, getattr(model, "model", None)):
-        if m is not None and hasattr(m, "get_rope_index"):
-            return m
-    return None
-
-
-def _text_positions(mask: torch.Tensor) -> torch.Tensor:
-    """HF's positions for a left-padded batch: ``cumsum(mask) - 1``, 0 on padding. ``[B, P] -> [B, P]``."""
-    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-
-
-def _prompt_positions(model, ids, mask, batch, vision: bool) -> torch.Tensor | None:
-    """Prompt position ids as ``generate`` builds them: ``[B, P]`` (text LLM) or ``[4, B, P]`` (Qwen2.5-VL:
-    text positions, then the temporal/height/width rope positions). ``None``: a VLM without Qwen2-VL-style rope."""
-    text = _text_positions(mask)  # [B, P]
-    if not vision:
-        return text
-    owner = _rope_owner(model)
-    if owner is None:
-        return None
-    if "image_grid_thw" in batch:
-        mm = batch["mm_token_type_ids"].to(ids.device)
-        vis, _ = owner.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=batch["image_grid_thw"],
-                                      attention_mask=mask)  # [3, B, P]
-    else:
-        vis = text.unsqueeze(0).expand(3, -1, -1)
-    return torch.cat([text.unsqueeze(0), vis.to(text.dtype)], 0)  # [4, B, P]
-
-
-def _checkpointing(model: torch.nn.Module) -> bool:
-    """Activation checkpointing on (HF then turns ``use_cache`` off in training forwards)."""
-    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
-
-
-def _cache_kwarg(model: torch.nn.Module) -> str:
-    # transformers 5.x renamed ``past_key_values`` to ``cache`` (the old name is deprecated until 5.40).
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def _full_attention_only(model: torch.nn.Module) -> bool:
@@ -478,7 +431,7 @@ class CachedSamplingEngine(HFGenerateEngine):
       the cache (``batch_select_indices``), so a group with one long completion decodes one row, not G;
     - **no per-step generate machinery**: explicit ``position_ids`` (the multimodal rope positions of
       Qwen2.5-VL from ``get_rope_index`` for the prompt, ``last + 1`` while decoding; the same numbers
-      ``generate`` computes), ``logits_to_keep=1``, and the sampled tokens' log-probs for free;
+      ``generate`` computes), ``logits_to_keep=1``;
     - **cheap decode steps**: the KV cache appends into preallocated buffers (no concatenation of the whole
       cache per token), the attention mask is built once, and for Qwen2 / Qwen2.5-VL / Qwen3 each step runs
       through :class:`_LeanDecoder` (the model's own modules, the HF ops, none of the per-call wrappers).
@@ -500,6 +453,9 @@ class CachedSamplingEngine(HFGenerateEngine):
             changed rope, another transformers release's decoder step) decodes through the HF forward, with a
             one-line notice. Off, or for other architectures: the HF forward. Tested with transformers
             :data:`LEAN_TESTED_TRANSFORMERS`.
+        track_logprobs: fill :attr:`Rollout.logprobs` (one full-vocabulary log-softmax per decode step). Off by
+            default: the trainers score rollouts with :mod:`vold_pl.rl.logprobs` and never read it; the
+            lean decoder's self-check turns it on for its probe.
     """
 
     # Probe length of the lean decoder's self-check, and its log-prob tolerance per model dtype (the lean step
@@ -512,9 +468,11 @@ class CachedSamplingEngine(HFGenerateEngine):
     # (``vold_pl.distributed.keeps_ranks_in_step``), whose synced generate keeps every rank stepping.
     keeps_ranks_in_step = False
 
-    def __init__(self, tokenizer, compact: bool = True, share_prefill: bool = True, lean_decode: bool = True):
+    def __init__(self, tokenizer, compact: bool = True, share_prefill: bool = True, lean_decode: bool = True,
+                 track_logprobs: bool = False):
         super().__init__(tokenizer)
         self.compact, self.share_prefill, self.lean_decode = compact, share_prefill, lean_decode
+        self.track_logprobs = track_logprobs
         self.last_decode_path: str | None = None  # "lean" or "hf": which forward the last decode loop used
         self._lean_ok = False  # this rollout may decode through the lean path (self-check passed)
 
@@ -537,13 +495,17 @@ class CachedSamplingEngine(HFGenerateEngine):
             warpers.append(TopPLogitsWarper(top_p=sampling.top_p, min_tokens_to_keep=1))
         return warpers
 
-    @torch.no_grad()
     def generate(self, model: torch.nn.Module, batch: dict, num_samples: int, sampling: SamplingConfig) -> Rollout:
+        return self._sample(model, batch, num_samples, sampling, self.track_logprobs)
+
+    @torch.no_grad()
+    def _sample(self, model: torch.nn.Module, batch: dict, num_samples: int, sampling: SamplingConfig,
+                logprobs: bool) -> Rollout:
         G = num_samples
-        base = _unwrap(model)
+        base = base_model(model)
         vision = getattr(base.config, "vision_config", None) is not None
         p_ids, p_mask = batch["input_ids"], batch["attention_mask"]  # [B, P]
-        positions = _prompt_positions(base, p_ids, p_mask, batch, vision)
+        positions = prompt_positions(base, p_ids, p_mask, batch, vision)
         if positions is None:
             return super().generate(model, batch, num_samples, sampling)
         lean_ok = self.lean_decode and self._lean_verified(base)
@@ -566,7 +528,7 @@ class CachedSamplingEngine(HFGenerateEngine):
             pre_pos = positions.repeat_interleave(G, dim=positions.dim() - 2)
             if vision and "pixel_values" in extra:
                 pre.update(extra)
-        cache_key = _cache_kwarg(base)
+        cache_key = cache_kwarg(base)
         cache = _growing_cache(base, p_ids.size(1) + sampling.max_new_tokens)
         if cache is not None:
             pre[cache_key] = cache
@@ -581,16 +543,17 @@ class CachedSamplingEngine(HFGenerateEngine):
             if self.share_prefill and G > 1:
                 cache.batch_repeat_interleave(G)
                 logits = logits.repeat_interleave(G, 0)
-            comp, logps = self._decode(base, cache, cache_key, logits, mask, positions[..., -1:], G, sampling, device)
+            comp, logps = self._decode(base, cache, cache_key, logits, mask, positions[..., -1:], G, sampling, device,
+                                       logprobs)
         finally:
             base.train(was_training)
 
         if comp.size(1) == 0:
             comp = torch.full((ids.size(0), 1), self.tokenizer.pad_token_id, dtype=torch.long, device=device)
-            logps = torch.zeros(comp.shape, dtype=torch.float32, device=device)
+            logps = torch.zeros(comp.shape, dtype=torch.float32, device=device) if logprobs else None
         cmask, clipped = completion_mask_from_ids(comp, self.eos_ids)
         comp = comp.masked_fill(cmask == 0, self.tokenizer.pad_token_id)
-        logps = logps.masked_fill(cmask == 0, 0.0)
+        logps = logps.masked_fill(cmask == 0, 0.0) if logps is not None else None
         texts = self.tokenizer.batch_decode(comp, skip_special_tokens=True)
         return Rollout(ids, mask, comp, cmask, texts, G, clipped, extra, logprobs=logps,
                        prompts=prompt_inputs(base, batch), blocked_ids=tuple(self.suppress_ids))
@@ -639,7 +602,7 @@ class CachedSamplingEngine(HFGenerateEngine):
 
         try:
             with rank_local_forwards(model):  # this rank's own check: no dummy vision forward for other ranks
-                mine = self.generate(model, batch, 1, greedy)
+                mine = self._sample(model, batch, 1, greedy, logprobs=True)
         finally:
             if before is None:
                 _LEAN_VERDICTS.pop(key, None)
@@ -673,10 +636,11 @@ class CachedSamplingEngine(HFGenerateEngine):
             return f"token log-probs differ by {diff:.3g} (tolerance {tol:g} for {dtype})"
         return None
 
-    def _decode(self, model, cache, cache_key: str, logits: torch.Tensor, mask: torch.Tensor,
-                last_pos: torch.Tensor, G: int, sampling: SamplingConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode(self, model, cache, cache_key: str, logits: torch.Tensor, mask: torch.Tensor, last_pos: torch.Tensor,
+                G: int, sampling: SamplingConfig, device, logprobs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The decode loop. ``logits [N, V]`` of the next token, ``mask [N, P]``, ``last_pos [B|N, 1]`` or
-        ``[4, B|N, 1]``. Returns ``tokens [N, T]`` (pad after EOS) and their log-probs ``[N, T]``.
+        ``[4, B|N, 1]``. Returns ``tokens [N, T]`` (pad after EOS) and, with ``logprobs``, their log-probs
+        ``[N, T]`` (else ``None``).
 
         One model call per generated position over the rows still running; everything per row is tensor ops."""
         N, P = mask.shape
@@ -686,7 +650,7 @@ class CachedSamplingEngine(HFGenerateEngine):
         if last_pos.size(bdim) != N:  # positions of the shared prefill: one row per prompt
             last_pos = last_pos.repeat_interleave(G, dim=bdim)
         out_tok = torch.full((N, L), pad, dtype=torch.long, device=device)
-        out_lp = torch.zeros((N, L), dtype=torch.float32, device=device)
+        out_lp = torch.zeros((N, L), dtype=torch.float32, device=device) if logprobs else None
         eos = torch.tensor(self.eos_ids, device=device)
         suppress = torch.tensor(self.suppress_ids, dtype=torch.long, device=device) if self.suppress_ids else None
         warpers = self._warpers(sampling)
@@ -706,26 +670,28 @@ class CachedSamplingEngine(HFGenerateEngine):
         alive = torch.ones(N, dtype=torch.bool, device=device)  # no compaction: rows without EOS yet
         steps = 0
         for t in range(L):
-            # log pi of the distribution the loss scores (blocked ids removed, temperature-scaled, before
-            # top-k/top-p), then HF's processing of the same suppressed scores.
+            # HF's processing of the scores with the blocked ids removed; with ``logprobs``, log pi of the
+            # distribution the loss scores (the same suppressed scores, temperature-scaled, before top-k/top-p).
             scores = logits if suppress is None else logits.index_fill(1, suppress, float("-inf"))
-            logp_all = torch.log_softmax(scores * inv_t if inv_t != 1.0 else scores, -1)  # [n, V]
+            logp_all = torch.log_softmax(scores * inv_t if inv_t != 1.0 else scores, -1) if logprobs else None
             if sampling.do_sample:
                 for w in warpers:
                     scores = w(None, scores)
                 tok = torch.multinomial(torch.softmax(scores, -1), 1).squeeze(1)  # [n]
             else:
                 tok = scores.argmax(-1)  # [n]
-            lp = logp_all.gather(1, tok.unsqueeze(1)).squeeze(1)  # [n]
+            lp = logp_all.gather(1, tok.unsqueeze(1)).squeeze(1) if logprobs else None  # [n]
             done = torch.isin(tok, eos)  # [n]
             steps = t + 1
             if self.compact:
                 out_tok[rows, t] = tok
-                out_lp[rows, t] = lp
+                if logprobs:
+                    out_lp[rows, t] = lp
             else:  # finished rows keep decoding, on pad tokens, as generate does
                 tok = torch.where(alive, tok, pad)
                 out_tok[:, t] = tok
-                out_lp[:, t] = torch.where(alive, lp, 0.0)
+                if logprobs:
+                    out_lp[:, t] = torch.where(alive, lp, 0.0)
                 alive &= ~done
             if t == L - 1:
                 break
@@ -754,133 +720,7 @@ class CachedSamplingEngine(HFGenerateEngine):
                         logits_to_keep=1, **{cache_key: cache})
             logits = out.logits[:, -1].float()  # [n, V]
             del out
-        return out_tok[:, :steps], out_lp[:, :steps]
-
-# ---------------------------------------------------------------------------------------------------------------
-# Scoring a rollout with each prompt run once per group
-
-
-def shared_prefix_token_logprobs(
-    model: torch.nn.Module,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    completion_ids: torch.Tensor,
-    completion_mask: torch.Tensor,
-    group_size: int,
-    *,
-    temperature: float = 1.0,
-    chunk_size: int = 1024,
-    return_entropy: bool = False,
-    checkpoint_chunks: bool = False,
-    blocked_ids: tuple[int, ...] = (),
-    **prompt_model_inputs,
-):
-    """``log pi(o_t | q, o_<t)`` of G completions per prompt, running each prompt (and its images) ONCE.
-
-    The same numbers as :func:`vold_pl.rl.logprobs.model_token_logprobs` on the ``[N, P + L]`` concatenation of
-    G-times repeated prompts and completions (to float rounding), and differentiable the same way, but the
-    prompt's forward (vision encoder included) runs on B rows instead of N = B*G: its KV cache is computed with
-    autograd on, expanded G times (``repeat_interleave``, so gradients from the G samples add up in the prompt
-    activations), and the completions run on top of it. With prompts longer than completions, as in most RL
-    prompts, this removes most of the policy, reference and teacher forward and backward FLOPs.
-
-    Args:
-        prompt_ids, prompt_mask: ``[B, P]`` left-padded prompts, one row per group.
-        completion_ids, completion_mask: ``[N, L]`` right-padded completions, group-contiguous.
-        group_size: G.
-        blocked_ids: token ids the sampler never emits; scored as ``-inf`` logits (:attr:`Rollout.blocked_ids`).
-        prompt_model_inputs: the prompts' extra model inputs, unrepeated (``pixel_values``, ``image_grid_thw``,
-            ``mm_token_type_ids``); ignored for a text-only model.
-
-    Returns ``logp [N, L]`` float32 (and ``entropy [N, L]``), unmasked like ``model_token_logprobs`` with an int
-    ``completion_start``. Falls back to ``model_token_logprobs`` under gradient checkpointing (HF drops the cache
-    there) and for VLMs without Qwen2-VL-style ``get_rope_index``.
-    """
-    from vold_pl.rl.logprobs import (
-        _backbone_and_head,
-        concat_prompt_completion,
-        model_token_logprobs,
-        token_logprobs_from_hidden,
-    )
-
-    G = group_size
-    base = _unwrap(model)
-    vision = getattr(base.config, "vision_config", None) is not None
-    B, P = prompt_ids.shape
-    N, L = completion_ids.shape
-    if N != B * G:
-        raise ValueError(f"{N} completion rows for {B} prompts x G={G}")
-    mm = {k: v for k, v in prompt_model_inputs.items() if v is not None} if vision else {}
-    positions = _prompt_positions(base, prompt_ids, prompt_mask, mm, vision)
-    backbone, head = _backbone_and_head(model)
-    grad_ckpt = torch.is_grad_enabled() and base.training and _checkpointing(base)
-    if positions is None or backbone is None or grad_ckpt or L == 0:
-        mm_types = mm["mm_token_type_ids"].repeat_interleave(G, 0) if "mm_token_type_ids" in mm else None
-        ids, attn, mm_types = concat_prompt_completion(prompt_ids.repeat_interleave(G, 0),
-                                                       prompt_mask.repeat_interleave(G, 0), completion_ids,
-                                                       completion_mask, mm_types)  # [N, P + L]
-        extra = {}
-        if vision:
-            extra.update(repeat_images(mm, G))
-            if mm_types is not None:
-                extra["mm_token_type_ids"] = mm_types
-        return model_token_logprobs(model, ids, attn, P, temperature=temperature, chunk_size=chunk_size,
-                                    return_entropy=return_entropy, checkpoint_chunks=checkpoint_chunks,
-                                    blocked_ids=blocked_ids, **extra)
-    cache_key = _cache_kwarg(backbone)
-    pre = {k: mm[k] for k in IMAGE_INPUT_KEYS if k in mm} if "pixel_values" in mm else {}
-    out = backbone(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, **pre)
-    cache = out[cache_key] if cache_key in out else out.past_key_values
-    h_last = out.last_hidden_state[:, -1]  # [B, H]: left padding puts every prompt's last token in the last column
-    del out
-    cache.batch_repeat_interleave(G)  # [B, ...] -> [N, ...], differentiable
-    bdim = positions.dim() - 2
-    steps = torch.arange(1, L + 1, device=prompt_ids.device)  # [L]
-    comp_pos = positions[..., -1:].repeat_interleave(G, dim=bdim) + steps  # [N, L] or [4, N, L]
-    attn = torch.cat([prompt_mask.repeat_interleave(G, 0), completion_mask.to(prompt_mask.dtype)], 1)  # [N, P+L]
-    out = backbone(input_ids=completion_ids, attention_mask=attn, position_ids=comp_pos, use_cache=True,
-                   **{cache_key: cache})
-    # hidden[t] predicts token t: the prompt's last state for t = 0, the completion's state t - 1 after that.
-    hidden = torch.cat([h_last.repeat_interleave(G, 0).unsqueeze(1), out.last_hidden_state[:, :-1]], 1)  # [N, L, H]
-    del out, cache
-    return token_logprobs_from_hidden(hidden, head, completion_ids, chunk_size=chunk_size, temperature=temperature,
-                                      return_entropy=return_entropy, checkpoint_chunks=checkpoint_chunks,
-                                      blocked_ids=blocked_ids)
-
-
-def rollout_token_logprobs(model: torch.nn.Module, rollout: Rollout, *, temperature: float = 1.0,
-                           chunk_size: int = 1024, return_entropy: bool = False, checkpoint_chunks: bool = False):
-    """Log-probs ``[N, L]`` of a rollout's completion tokens under ``model`` (the policy or the reference),
-    each prompt run once per group (:func:`shared_prefix_token_logprobs`). Rollouts without ``prompts`` take the
-    G-times repeated path (:func:`vold_pl.rl.logprobs.model_token_logprobs`): the same numbers.
-
-    The distribution scored is the sampler's: ``temperature`` (pass the sampling one) and the rollout's
-    ``blocked_ids`` removed; top-k / top-p are not applied (see :mod:`vold_pl.rl.logprobs`)."""
-    kw = dict(temperature=temperature, chunk_size=chunk_size, return_entropy=return_entropy,
-              checkpoint_chunks=checkpoint_chunks, blocked_ids=tuple(rollout.blocked_ids))
-    if rollout.prompts is not None:
-        pr = dict(rollout.prompts)
-        return shared_prefix_token_logprobs(model, pr.pop("input_ids"), pr.pop("attention_mask"),
-                                            rollout.completion_ids, rollout.completion_mask, rollout.group_size,
-                                            **pr, **kw)
-    from vold_pl.rl.logprobs import model_token_logprobs
-
-    ids, attn, extra = rollout_model_inputs(rollout, getattr(_unwrap(model).config, "vision_config", None) is not None)
-    return model_token_logprobs(model, ids, attn, rollout.prompt_ids.size(1), **kw, **extra)
-
-
-def rollout_model_inputs(rollout: Rollout, vision: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """The G-times repeated prompts followed by the completions, as the model takes them: ``ids [N, P + L]``,
-    ``attention_mask [N, P + L]`` and the extra inputs (the repeated images; none for a text model)."""
-    from vold_pl.rl.logprobs import concat_prompt_completion
-
-    extra = dict(rollout.extra) if vision else {}
-    ids, attn, mm = concat_prompt_completion(rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
-                                             rollout.completion_mask, extra.get("mm_token_type_ids"))
-    if mm is not None:
-        extra["mm_token_type_ids"] = mm
-    return ids, attn, extra
-
+        return out_tok[:, :steps], out_lp[:, :steps] if logprobs else None
 
 def _image_rows(inputs: dict[str, Any], start: int, end: int) -> dict[str, Any]:
     """Rows ``start:end`` of a batch of model inputs, images included: ``pixel_values`` stacks every image's
