@@ -512,3 +512,10 @@ def test_logprob_helpers_defaults_blocked_ids_and_empty_input():
     assert torch.allclose(token_logprobs_from_logits(logits, ids, blocked_ids=(4,)), ref_b, atol=1e-5)
     empty = selective_log_softmax(torch.zeros(0, 3, 5).bfloat16(), torch.zeros(0, 3, dtype=torch.long))
     assert empty.shape == (0, 3) and empty.dtype == torch.float32
+
+
+def test_group_advantages_stay_on_the_rewards_device():
+    """Both outputs live where the rewards are (the meta device stands in for an accelerator on CPU-only hosts)."""
+    for g in (1, 2):
+        adv, zero = group_advantages(torch.zeros(4, device="meta"), g)
+        assert adv.device.type == "meta" and zero.device.type == "meta"

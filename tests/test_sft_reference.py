@@ -139,3 +139,35 @@ def test_sft_module_options_reach_the_module(tiny_models):
                   max_consecutive_skips=3)
     assert (m.optim_cfg, m.gradient_checkpointing, m.export_dir, m.export, m.seed, m.max_consecutive_skips) == (
         optim, True, "out", False, 7, 3)
+
+
+def test_training_step_logs_the_train_metrics_and_skips_a_non_finite_loss(sft_batch):
+    """The training step logs its loss and accuracy as ``train/*`` (the loss in the progress bar, not synced: the
+    step's own value), and returns None, skipping the update, when the loss is not finite."""
+    module, batch, prompt_lens, target_lens = sft_batch
+    logged = {}
+    module.log = lambda name, value, **kw: logged.__setitem__(name, (value, kw))  # the instance's own record
+    try:
+        with torch.no_grad():
+            loss = module.training_step(batch, 0)
+            logits = module.model(**module.model_inputs(batch), use_cache=False).logits
+        rows, targets = _reference_pairs(logits, batch["input_ids"], prompt_lens, target_lens)
+        assert logged.keys() == {"train/loss", "train/token_accuracy", "train/tokens_per_second", "train/truncated"}
+        value, kw = logged["train/loss"]
+        assert value is loss and float(loss) == pytest.approx(float(F.cross_entropy(rows, targets)), rel=1e-5)
+        assert kw == {"prog_bar": True, "batch_size": 4, "sync_dist": False}
+        hits = sum(int(r.argmax()) == int(t) for r, t in zip(rows, targets))
+        assert float(logged["train/token_accuracy"][0]) == pytest.approx(hits / len(targets))
+        assert logged["train/token_accuracy"][1] == {"batch_size": 4, "sync_dist": False}
+        assert logged["train/truncated"] == (0.0, {"batch_size": 4, "reduce_fx": "sum"})
+
+        head = module.model.get_output_embeddings().weight
+        saved = head.detach().clone()
+        skipped = module.skipped_steps
+        with torch.no_grad():
+            head[0] = float("nan")  # every logit row then has a NaN: the loss is NaN
+            assert module.training_step(batch, 0) is None
+            head.copy_(saved)
+        assert module.skipped_steps == skipped + 1
+    finally:
+        del module.log
