@@ -413,11 +413,11 @@ def _lean_key(model: torch.nn.Module, text: torch.nn.Module) -> tuple:
 
 
 def _is_sharded(model: torch.nn.Module) -> bool:
-    """FSDP-wrapped modules or DTensor parameters: their parameters are gathered by hooks on the wrapped
-    modules' ``forward``, which the lean decoder's direct submodule calls would bypass."""
-    if any(type(m).__name__.startswith("FSDP") for m in model.modules()):
-        return True
-    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+    """FSDP2 units or DTensor parameters: their parameters are gathered by hooks on the wrapped modules'
+    ``forward``, which the lean decoder's direct submodule calls would bypass."""
+    from vold_pl.distributed import fsdp_modules, is_fsdp2
+
+    return bool(fsdp_modules(model)) or is_fsdp2(model)
 
 
 class CachedSamplingEngine(HFGenerateEngine):
