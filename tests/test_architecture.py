@@ -103,6 +103,11 @@ def test_cli_sets_threads_at_start(monkeypatch, capsys, restore_threads):
     with pytest.raises(SystemExit) as ei:
         main(["fit", "--config", "does-not-matter.yaml"])
     assert ei.value.code == 2 and "VOLD_NUM_THREADS='0'" in capsys.readouterr().err
+    monkeypatch.setenv("VOLD_NUM_THREADS", "1")
+    torch.set_num_threads(2)
+    with pytest.raises(SystemExit):  # the config file is missing: LightningCLI stops, after the set-up ran
+        main(["fit", "--config", "does-not-exist.yaml"])
+    assert torch.get_num_threads() == 1
 
 
 # ---------------------------------------------------------------------------------------- VLM families
