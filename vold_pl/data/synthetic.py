@@ -302,6 +302,11 @@ def generate_items(seed: int = 0, n_train: int = 2000, n_val: int = 200, n_test:
     return {s: items[s] for s in SPLITS}
 
 
+def _text_view(scene: Scene, q: dict) -> str:
+    """What the text-only teacher reads: the exact caption, then the problem (with its options)."""
+    return f"{describe_scene(scene)}\n{q['problem']}"
+
+
 def generate_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_val: int = 200, n_test: int = 200,
                      answer_types: Sequence[str] | None = None, difficulties: Sequence[int] | None = None,
                      n_teacher_text: int = 0) -> dict[str, Path]:
@@ -328,7 +333,7 @@ def generate_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_
         for i, (scene, q) in enumerate(split_items):
             rid, img_path = f"synthetic-{split}-{i:05d}", img_dir / f"{split}-{i:05d}.png"
             render_scene(scene).save(img_path, format="PNG")  # PIL writes no timestamp: bytes are reproducible
-            text_view = f"{describe_scene(scene)}\n{q['problem']}"
+            text_view = _text_view(scene, q)
             common = dict(answer=q["answer"], answer_type=q["answer_type"], choices=q["choices"], trace=q["trace"],
                           text_view=text_view, difficulty=q["difficulty"], category=q["category"])
             recs.append(Record(id=rid, problem=q["problem"], images=[str(img_path.resolve())], source="synthetic",
@@ -344,10 +349,10 @@ def generate_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_
         seen = {(scene, q["stem"]) for split_items in items.values() for scene, q in split_items}
         extra = _generate_split(seed, "teacher", n_teacher_text, _combos(answer_types, difficulties), seen)
         paths["teacher_text"] = write_jsonl(
-            [Record(id=f"synthetic-teacher-{i:06d}-text", problem=f"{describe_scene(scene)}\n{q['problem']}",
-                    images=[], source="synthetic-text", answer=q["answer"], answer_type=q["answer_type"],
-                    choices=q["choices"], trace=q["trace"], text_view=f"{describe_scene(scene)}\n{q['problem']}",
-                    difficulty=q["difficulty"], category=q["category"])
+            [Record(id=f"synthetic-teacher-{i:06d}-text", problem=_text_view(scene, q), images=[],
+                    source="synthetic-text", answer=q["answer"], answer_type=q["answer_type"], choices=q["choices"],
+                    trace=q["trace"], text_view=_text_view(scene, q), difficulty=q["difficulty"],
+                    category=q["category"])
              for i, (scene, q) in enumerate(extra)], out_dir / "teacher_text.jsonl")
         manifest["splits"]["teacher_text"] = {"n": n_teacher_text}
     paths["manifest"] = out_dir / "manifest.json"
