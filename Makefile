@@ -18,7 +18,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 venv: $(VENV)/.installed
 
 $(ART)/data/manifest.json: $(VENV)/.installed
-	$(PY) -m vold_pl.data.synthetic --out $(ART)/data --seed 0 --n-train 2000 --n-val 200 --n-test 200
+	$(PY) -m vold_pl.data.synthetic --out $(ART)/data --seed 0 --n-train 2000 --n-val 200 --n-test 200 --n-teacher-text 30000
 
 $(ART)/tiny/student/config.json: $(ART)/data/manifest.json
 	$(PY) -m vold_pl.models.tiny --out $(ART)/tiny --seed 0

@@ -2,7 +2,8 @@
 
 Stages, each a plain ``vold-pl`` command printed before it runs (so every step can be rerun by hand):
 
-1. teacher SFT      the tiny text-only teacher learns the text twins of the synthetic problems;
+1. teacher SFT      the tiny text-only teacher learns the text twins of the synthetic problems and the
+                    extra text-only problems of ``teacher_text.jsonl``;
 2. teacher traces   ``vold-pl predict`` + TraceWriter: the teacher answers the *text views* of the image
                     problems; only verified traces are kept (VOLD's cold-start data);
 3. cold start       SFT of the tiny Qwen2.5-VL student on those traces, with the images (it never sees the
@@ -41,11 +42,15 @@ def main(argv: list[str] | None = None) -> None:
     done = lambda p: p.exists() and not args.fresh  # noqa: E731
 
     teacher = runs / "teacher_sft" / "export"
+    # The teacher reads the text twins of the training problems plus, when `make artifacts` wrote them, many
+    # extra text-only problems: with only 2000 scenes a tiny reader memorises them instead of learning to look
+    # the facts up in the caption, and a teacher weaker than its student has nothing to distil.
+    teacher_train = [p for p in (data / "train_text.jsonl", data / "teacher_text.jsonl") if p.exists()]
     if not done(teacher / "config.json"):
         run(["fit", "--config", str(CONFIGS / "sft_teacher.yaml"),
              "--model.init_args.model.name_or_path", str(tiny / "teacher"),
              "--model.init_args.export_dir", str(teacher),
-             "--data.train", sources(data / "train_text.jsonl"), "--data.val", sources(data / "val_text.jsonl"),
+             "--data.train", sources(*teacher_train), "--data.val", sources(data / "val_text.jsonl"),
              "--trainer.default_root_dir", str(runs / "teacher_sft")], runs / "logs" / "1_teacher_sft.log")
 
     bench = ["--trainer.callbacks.init_args.benchmarks",
