@@ -519,3 +519,263 @@ def test_group_advantages_stay_on_the_rewards_device():
     for g in (1, 2):
         adv, zero = group_advantages(torch.zeros(4, device="meta"), g)
         assert adv.device.type == "meta" and zero.device.type == "meta"
+
+
+def test_aggregations_with_the_step_totals_of_one_token():
+    """Given the step's totals, the aggregations divide by them, down to a step of one completion token (and
+    the guards against an empty step only act at 0)."""
+    from vold_pl.rl.losses import Totals
+
+    x, m = t([[3.0, 5.0]]), torch.tensor([[True, False]])
+    one = Totals(rows=1.0, tokens=1.0)
+    assert aggregate(x, m, "token", totals=one).item() == 3.0
+    assert aggregate(x, m, "sequence", totals=one).item() == 3.0
+    assert aggregate(x, m, "dr_grpo", max_len=1, totals=one).item() == 3.0
+    assert opd_loss(x, m, t([1.0]), 1.0, "token", totals=one).item() == 3.0
+    empty = Totals(rows=0.0, tokens=0.0)
+    none = torch.zeros(1, 2, dtype=torch.bool)
+    for agg in ("token", "sequence", "dr_grpo"):
+        assert aggregate(x, none, agg, max_len=2, totals=empty).item() == 0.0
+
+
+def test_full_reverse_kl_shape_error_names_both_shapes():
+    with pytest.raises(ValueError, match=r"^student \(1, 2, 3\) and teacher \(1, 2, 4\) vocab/shape differ$"):
+        full_reverse_kl(torch.zeros(1, 2, 3), torch.zeros(1, 2, 4))
+
+
+def test_mask_blocked_on_the_vocabulary_axis_any_index_kind_and_device():
+    from vold_pl.rl.logprobs import mask_blocked
+
+    x = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)  # [N, L, V]: V is not dim 1
+    want = x.clone()
+    want[..., 1] = float("-inf")
+    want[..., 3] = float("-inf")
+    for ids in ([1, 3], (3, 1), torch.tensor([1, 3], dtype=torch.int32)):  # an int32 tensor is cast to long
+        assert torch.equal(mask_blocked(x, ids), want)
+    assert mask_blocked(x, None) is x and mask_blocked(x, []) is x  # nothing blocked: the same tensor
+    meta = torch.zeros(2, 4, device="meta")  # the index follows the logits' device (meta: any accelerator)
+    for ids in ([1], torch.tensor([1])):
+        assert mask_blocked(meta, ids).device.type == "meta"
+
+
+class _CountingHead(nn.Module):
+    """A linear head that counts its forward calls: checkpointed slabs run it again in backward."""
+
+    def __init__(self, h: int, v: int):
+        super().__init__()
+        self.lin = nn.Linear(h, v, bias=False)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.lin(x)
+
+
+def test_token_logprobs_from_hidden_defaults_blocked_ids_recompute_and_empty():
+    torch.manual_seed(9)
+    head = _CountingHead(8, 6)
+    hidden = torch.randn(2, 5, 8, requires_grad=True)
+    ids = torch.randint(0, 5, (2, 5))
+    logits = head.lin(hidden)
+    ref, _ = _ref_logp(logits, ids)  # temperature 1
+    head.calls = 0
+    lp = token_logprobs_from_hidden(hidden, head, ids, chunk_size=4)  # defaults: T = 1, no recompute
+    assert torch.allclose(lp, ref, atol=1e-6)
+    lp.sum().backward()
+    assert head.calls == 3  # ceil(10 / 4) slabs, none recomputed in backward
+    head.calls = 0
+    token_logprobs_from_hidden(hidden, head, ids, chunk_size=4, checkpoint_chunks=True).sum().backward()
+    assert head.calls == 6  # each slab again in backward: the [chunk, V] logits are not kept
+    head.calls = 0
+    with torch.no_grad():  # nothing to recompute without autograd
+        token_logprobs_from_hidden(hidden, head, ids, chunk_size=4, checkpoint_chunks=True)
+    assert head.calls == 3
+    blocked = logits.detach().clone()
+    blocked[..., 5] = float("-inf")
+    ref_b, _ = _ref_logp(blocked, ids)
+    lsm = torch.log_softmax(blocked, -1)
+    ent_b = -torch.nan_to_num(lsm.exp() * lsm).sum(-1)  # 0 · -inf at the blocked id counts 0
+    lp_b, ent = token_logprobs_from_hidden(hidden, head, ids, blocked_ids=(5,), return_entropy=True)
+    assert torch.allclose(lp_b, ref_b, atol=1e-6)
+    assert torch.allclose(ent, ent_b, atol=1e-6)
+    # L = 0: nothing to score, float32 zeros of the right shape (and entropy when asked)
+    empty = token_logprobs_from_hidden(torch.zeros(2, 0, 8).bfloat16(), head, torch.zeros(2, 0, dtype=torch.long))
+    assert empty.shape == (2, 0) and empty.dtype == torch.float32
+    e_lp, e_ent = token_logprobs_from_hidden(torch.zeros(2, 0, 8), head, torch.zeros(2, 0, dtype=torch.long),
+                                             return_entropy=True)
+    assert e_lp.shape == e_ent.shape == (2, 0)
+    # the head: a module or a [V, H] weight, nothing else
+    for bad, kind in (("head", "str"), (torch.zeros(2, 6, 8), "Tensor")):
+        with pytest.raises(TypeError, match=rf"^lm_head must be an nn.Module or a \[V, H\] weight tensor, got "
+                                            rf"<class '(torch\.)?{kind}'>$"):
+            token_logprobs_from_hidden(hidden, bad, ids)
+
+
+def test_logp_temperature_two_is_applied():
+    torch.manual_seed(10)
+    logits, ids = torch.randn(3, 7), torch.randint(0, 7, (3,))
+    ref, _ = _ref_logp(logits, ids, 2.0)
+    assert torch.allclose(token_logprobs_from_logits(logits.unsqueeze(0), ids.unsqueeze(0), 2.0)[0], ref, atol=1e-6)
+
+
+class _Recorder(nn.Module):
+    """Wraps a module and records the keyword arguments of each call (what scoring asks of the model)."""
+
+    def __init__(self, inner: nn.Module, as_tuple: bool = False):
+        super().__init__()
+        self.inner, self.as_tuple, self.calls = inner, as_tuple, []
+
+    def forward(self, **kw):
+        self.calls.append(kw)
+        out = self.inner(**kw)
+        return (out.last_hidden_state,) if self.as_tuple else out
+
+
+def _manual_logp(model, ids, attn, start, temp=1.0, blocked=()):
+    """log softmax(logits[t - 1] / T)[ids[t]] and the entropy, position by position, from the full forward."""
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attn).logits.float() / temp  # [N, T, V]
+    logits[..., list(blocked)] = float("-inf")
+    lp = torch.zeros(ids.shape[0], ids.shape[1] - start)
+    ent = torch.zeros_like(lp)
+    for i in range(ids.shape[0]):
+        for j, pos in enumerate(range(start, ids.shape[1])):
+            row = torch.log_softmax(logits[i, pos - 1], -1)
+            lp[i, j] = row[ids[i, pos]]
+            ent[i, j] = -torch.nan_to_num(row.exp() * row).sum()
+    return lp, ent
+
+
+def test_model_token_logprobs_options_masks_and_bounds():
+    model = _tiny_qwen2()
+    torch.manual_seed(11)
+    ids = torch.randint(0, 299, (2, 9))
+    attn = torch.ones(2, 9, dtype=torch.long)
+    attn[1, :2] = 0  # left padding
+    with torch.no_grad():
+        # default completion_start 1: every token after the first
+        full = model_token_logprobs(model, ids, attn)
+        assert torch.allclose(full, _manual_logp(model, ids, attn, 1)[0], atol=1e-5)
+        # a completion mask, entropy, blocked ids and temperature: everything outside the mask is 0
+        comp = torch.zeros(2, 9, dtype=torch.bool)
+        comp[0, 5:] = True
+        comp[1, 5:8] = True
+        lp, ent = model_token_logprobs(model, ids, attn, comp, temperature=0.7, return_entropy=True,
+                                       blocked_ids=(299,))
+        ref_lp, ref_ent = _manual_logp(model, ids, attn, 5, 0.7, blocked=(299,))
+        keep = comp[:, 5:]
+        assert lp.dtype == ent.dtype == torch.float32
+        assert torch.allclose(lp, torch.where(keep, ref_lp, 0.0), atol=1e-5)
+        assert torch.allclose(ent, torch.where(keep, ref_ent, 0.0), atol=1e-5)
+        only = model_token_logprobs(model, ids, attn, comp, blocked_ids=(299,))
+        assert torch.allclose(only, torch.where(keep, _manual_logp(model, ids, attn, 5, blocked=(299,))[0], 0.0),
+                              atol=1e-5)
+        # a mask without completion columns, and a start at the last column: nothing to score
+        assert model_token_logprobs(model, ids, attn, torch.zeros(2, 9, dtype=torch.bool)).shape == (2, 0)
+        assert model_token_logprobs(model, ids, attn, 9).shape == (2, 0)
+    for bad in (0, 10):
+        with pytest.raises(ValueError, match=rf"^completion must start at column >= 1 \(a token needs a context\), "
+                                             rf"got {bad}$"):
+            model_token_logprobs(model, ids, attn, bad)
+
+
+def test_model_token_logprobs_asks_the_model_for_no_cache_and_passes_its_inputs():
+    """The backbone path and the output_hidden_states fallback: no KV cache, the attention mask and the extra
+    inputs reach the model, the fallback keeps one position of logits; a backbone returning a tuple works."""
+    model = _tiny_qwen2()
+    torch.manual_seed(12)
+    ids = torch.randint(0, 300, (2, 8))
+    attn = torch.ones(2, 8, dtype=torch.long)
+    attn[0, :3] = 0
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # explicit position ids, the extra input passed through
+    ref = _manual_logp(model, ids, attn, 4)[0]
+
+    class Backbone(nn.Module):  # model.model records its calls; model.lm_head is the head
+        def __init__(self, as_tuple):
+            super().__init__()
+            self.model, self.lm_head = _Recorder(model.model, as_tuple), model.lm_head
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    for as_tuple in (False, True):
+        wrapped = Backbone(as_tuple)
+        with torch.no_grad():
+            out = model_token_logprobs(wrapped, ids, attn, 4, position_ids=pos)
+        assert torch.allclose(out, ref, atol=1e-5)
+        (kw,) = wrapped.model.calls
+        assert kw["use_cache"] is False and kw["attention_mask"] is attn and kw["position_ids"] is pos
+
+    class NoBackbone(nn.Module):  # no `.model`: the output_hidden_states path of the whole model
+        def __init__(self):
+            super().__init__()
+            self.whole = _Recorder(model)
+
+        def get_output_embeddings(self):
+            return model.lm_head
+
+        def forward(self, **kw):
+            return self.whole(**kw)
+
+    wrapped = NoBackbone()
+    with torch.no_grad():
+        out = model_token_logprobs(wrapped, ids, attn, 4, position_ids=pos)
+    assert torch.allclose(out, ref, atol=1e-5)
+    (kw,) = wrapped.whole.calls
+    assert kw["use_cache"] is False and kw["attention_mask"] is attn and kw["position_ids"] is pos
+    assert kw["output_hidden_states"] is True and kw["logits_to_keep"] == 1
+
+
+def test_the_head_is_found_by_get_output_embeddings_or_lm_head():
+    model = _tiny_qwen2()
+    ids = torch.randint(0, 300, (1, 6))
+    ref = _manual_logp(model, ids, None, 2)[0]
+
+    class LmHeadOnly(nn.Module):  # no get_output_embeddings at all
+        def __init__(self):
+            super().__init__()
+            self.model, self.lm_head = model.model, model.lm_head
+
+    class NoneFromGetter(LmHeadOnly):  # the getter answers None: lm_head is the head
+        def get_output_embeddings(self):
+            return None
+
+    for cls in (LmHeadOnly, NoneFromGetter):
+        with torch.no_grad():
+            assert torch.allclose(model_token_logprobs(cls(), ids, None, 2), ref, atol=1e-5)
+
+    class Headless(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model.model
+
+    with pytest.raises(AttributeError, match=r"^Headless has no lm_head / output embeddings$"):
+        model_token_logprobs(Headless(), ids, None, 2)
+
+
+def test_clip_flags_only_where_the_clip_is_active():
+    """A token counts as clipped only where its gradient is zeroed: outside the band on the side its advantage
+    pushes towards, with A != 0; at a ratio exactly on a bound (ε = 0, on-policy) the gradient still flows."""
+    rho = t([[0.5, 1.5, 0.5, 1.5, 0.5, 1.5]])
+    adv = t([[0.0, 0.0, 0.5, -0.5, -0.5, 0.5]])
+    logp = rho.log().requires_grad_(True)
+    loss, stats = clipped_surrogate(logp, torch.zeros_like(logp), adv, 0.2, 0.2)
+    assert stats.low_clipped.tolist() == [[False, False, False, False, True, False]]
+    assert stats.high_clipped.tolist() == [[False, False, False, False, False, True]]
+    loss.sum().backward()
+    assert logp.grad[0].tolist() == pytest.approx([0.0, 0.0, -0.25, 0.75, 0.0, 0.0], rel=1e-12)
+    on = t([[-1.0, -2.0]]).requires_grad_(True)
+    loss, stats = clipped_surrogate(on, on.detach(), t([-1.0]), 0.0, 0.0)  # ρ = 1 = 1 - 0 = 1 + 0
+    assert not stats.low_clipped.any() and not stats.high_clipped.any()
+    loss.sum().backward()
+    assert on.grad.tolist() == [[1.0, 1.0]]
+    _, stats = clipped_surrogate(on.detach(), on.detach(), t([1.0]), 0.0, 0.0)
+    assert not stats.high_clipped.any()
+
+
+def test_clipped_surrogate_defaults_and_loss_dtype():
+    """Default clip 0.2 on both sides; float64 advantages do not turn a float32 loss into float64."""
+    logp = torch.tensor([[1.3, 0.7, 1.1]]).log()
+    loss, _ = clipped_surrogate(logp, torch.zeros_like(logp), t([[1.0, -1.0, 1.0]]))
+    assert loss.dtype == torch.float32
+    assert loss[0].tolist() == pytest.approx([-1.2, 0.8, -1.1], rel=1e-6)
