@@ -123,18 +123,23 @@ def read_curves(out: Path) -> dict[str, list[tuple[int, float]]]:
     return {k: v for k, v in curves.items() if v}
 
 
-def hard_files(data: Path, test: Path, out: Path, difficulty: int) -> tuple[Path, Path]:
-    """The training and test problems of one difficulty, written once to ``out`` (image paths are absolute)."""
+def hard_files(data: Path, test: Path, out: Path, difficulty: int,
+               answer_types: list[str] | None = None) -> tuple[Path, Path]:
+    """The training and test problems of one difficulty (and of ``answer_types`` when given), written once to
+    ``out`` (image paths are absolute)."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for src, name in ((data / "train.jsonl", "train.jsonl"), (test, "test.jsonl")):
         keep = []
         for ln in src.read_text().splitlines():
             rec = json.loads(ln) if ln.strip() else {}
-            if rec.get("difficulty") == difficulty:  # image paths are relative to the file: make them absolute
+            keep_type = not answer_types or rec.get("answer_type") in answer_types
+            if rec.get("difficulty") == difficulty and keep_type:  # image paths become absolute below
                 rec["images"] = [str((src.parent / im).resolve()) for im in rec.get("images") or []]
                 keep.append(json.dumps(rec))
-        (out / name).write_text("\n".join(keep) + "\n")
+        text = "\n".join(keep) + "\n"
+        if not (out / name).exists() or (out / name).read_text() != text:  # seeds may run as parallel processes
+            (out / name).write_text(text)
         paths.append(out / name)
     return paths[0], paths[1]
 
@@ -152,7 +157,8 @@ def larger_test(data: Path, n_test: int, out: Path, seed: int = 0) -> Path:
     manifest = json.loads((data / "manifest.json").read_text())
     n = {s: manifest["splits"][s]["n"] for s in ("train", "val")}
     paths = generate_dataset(out, seed=manifest.get("seed", seed), n_train=n["train"], n_val=n["val"], n_test=n_test)
-    seen = {json.loads(ln)["text_view"] for split in ("train", "val")
+    seen = {json.loads(ln)["text_view"] for split in ("train", "val", "teacher_text")
+            if (data / f"{split}.jsonl").exists()  # teacher_text: the teacher's extra SFT problems
             for ln in (data / f"{split}.jsonl").read_text().splitlines() if ln.strip()}
     lines = [ln for ln in paths["test"].read_text().splitlines() if ln.strip()]
     keep = [ln for ln in lines if json.loads(ln)["text_view"] not in seen]
@@ -183,6 +189,9 @@ def main(argv: list[str] | None = None) -> None:
                         "length cap, which makes its evaluation the slowest); 0: as --limit-test")
     p.add_argument("--hard", action="store_true", help="add arms b and c on the hard split (b_hard, c_hard)")
     p.add_argument("--hard-difficulty", type=int, default=3, help="difficulty of the hard split")
+    p.add_argument("--hard-answer-types", nargs="*", default=[],
+                   help="answer types of the hard split (e.g. math: open numeric answers, no option to guess, so "
+                        "most groups of a weak student are all-wrong); empty: every type")
     p.add_argument("--bootstrap", type=int, default=5000, help="bootstrap resamples of the paired intervals")
     p.add_argument("--arms", nargs="*", default=None, choices=RL_ARMS,
                    help="train only these RL arms (the others are summarised if finished); default all")
@@ -208,12 +217,15 @@ def main(argv: list[str] | None = None) -> None:
     d_seeds = a.seeds if a.d_seeds is None else a.d_seeds
     hard_train = hard_test = None
     if a.hard:  # every hard problem of the test split, whatever --limit-test
-        hard_train, hard_test = hard_files(data, test, out / "data_hard", a.hard_difficulty)
+        hard_train, hard_test = hard_files(data, test, out / "data_hard", a.hard_difficulty,
+                                          a.hard_answer_types)
     main_test = test
     if a.limit_test:  # the first N problems, as a file: arm a scores it and the hard problems in one run
         main_test = out / "data_test" / f"test_first{a.limit_test}.jsonl"
         main_test.parent.mkdir(parents=True, exist_ok=True)
-        main_test.write_text("\n".join(test.read_text().splitlines()[: a.limit_test]) + "\n")
+        first = "\n".join(test.read_text().splitlines()[: a.limit_test]) + "\n"
+        if not main_test.exists() or main_test.read_text() != first:  # seeds may run as parallel processes
+            main_test.write_text(first)
     t0 = time.perf_counter()
     results: dict[str, dict[int, dict]] = {k: {} for k in ARMS}
     curves: dict[str, dict[int, dict]] = {k: {} for k in RL_ARMS}
