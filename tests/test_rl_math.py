@@ -705,6 +705,16 @@ def test_model_token_logprobs_asks_the_model_for_no_cache_and_passes_its_inputs(
         assert torch.allclose(out, ref, atol=1e-5)
         (kw,) = wrapped.model.calls
         assert kw["use_cache"] is False and kw["attention_mask"] is attn and kw["position_ids"] is pos
+    # chunk_size and checkpoint_chunks reach the head: 8 positions in slabs of 3, each run again in backward
+    wrapped = Backbone(False)
+    wrapped.lm_head = head = _CountingHead(32, 300)
+    head.lin.weight = model.lm_head.weight
+    model_token_logprobs(wrapped, ids, attn, 4, chunk_size=3, checkpoint_chunks=True).sum().backward()
+    assert head.calls == 6
+    head.calls = 0
+    model_token_logprobs(wrapped, ids, attn, 4, chunk_size=3).sum().backward()
+    assert head.calls == 3
+    model.zero_grad(set_to_none=True)
 
     class NoBackbone(nn.Module):  # no `.model`: the output_hidden_states path of the whole model
         def __init__(self):
