@@ -789,3 +789,81 @@ def test_clipped_surrogate_defaults_and_loss_dtype():
     loss, _ = clipped_surrogate(logp, torch.zeros_like(logp), t([[1.0, -1.0, 1.0]]))
     assert loss.dtype == torch.float32
     assert loss[0].tolist() == pytest.approx([-1.2, 0.8, -1.1], rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ teacher inputs
+def _teacher_tokenizer(tiny_models):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_models["teacher"]))
+
+
+TEACHER_RECORDS = [
+    {"problem": "What is 2 + 3?", "images": [], "text_view": None},  # text-only: the problem itself
+    {"problem": "How many shapes?", "has_image": True, "text_view": "A red square and a blue circle. How many?"},
+    {"problem": "Which colour?", "has_image": True, "text_view": None},  # an image the teacher cannot see
+]
+
+
+def _teacher_prompt_ids(tok, instruction: str) -> list[list[int]]:
+    """Each record's teacher prompt by hand: its text view (or problem) and the instruction as one user turn of
+    the teacher's chat template; the bare problem where the teacher has no view. No special tokens added."""
+    out = []
+    for r in TEACHER_RECORDS:
+        view = r["text_view"] or (None if r.get("has_image") else r["problem"])
+        content = f"{view}\n{instruction}" if view else r["problem"]
+        text = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                       tokenize=False)
+        out.append(tok(text, add_special_tokens=False)["input_ids"])
+    return out
+
+
+def test_teacher_inputs_by_hand(tiny_models):
+    """Left-padded teacher prompts (one per record, repeated G times), then the student's completion ids; the
+    completion column, the availability flags, a custom instruction, and the rows of a micro-batch."""
+    from vold_pl.rl.teacher import build_teacher_inputs, teacher_rows
+
+    tok, G = _teacher_tokenizer(tiny_models), 2
+    comp = torch.arange(6 * 4).reshape(6, 4) + 10  # [N, L] completion ids
+    cmask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    for instruction in (None, "Answer briefly."):
+        kw = {} if instruction is None else {"instruction": instruction}
+        from vold_pl.prompts import DEFAULT_INSTRUCTION
+
+        prompts = _teacher_prompt_ids(tok, instruction or DEFAULT_INSTRUCTION)
+        S = max(len(p) for p in prompts)
+        tin = build_teacher_inputs(tok, TEACHER_RECORDS, comp, cmask, G, **kw)
+        assert tin.completion_start == S and tin.input_ids.shape == (6, S + 4)
+        for i in range(6):
+            p = prompts[i // G]
+            assert tin.input_ids[i].tolist() == [tok.pad_token_id] * (S - len(p)) + p + comp[i].tolist()
+            assert tin.attention_mask[i].tolist() == [0] * (S - len(p)) + [1] * len(p) + cmask[i].tolist()
+        assert tin.available.tolist() == [True, True, True, True, False, False]
+        sub = teacher_rows(tin, 1, 4, 2)
+        assert torch.equal(sub.input_ids, tin.input_ids[1:4, : S + 2])
+        assert torch.equal(sub.attention_mask, tin.attention_mask[1:4, : S + 2])
+        assert sub.completion_start == S and sub.available.tolist() == [True, True, True]
+
+
+def test_teacher_inputs_add_no_special_tokens_and_follow_the_completions_device(tiny_models):
+    """A tokenizer that prepends a BOS when asked to: the prompt is the chat template's text only. Completions on
+    another device (meta stands in for an accelerator): the teacher's inputs go there too."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    from vold_pl.prompts import DEFAULT_INSTRUCTION
+    from vold_pl.rl.teacher import build_teacher_inputs
+
+    tok = copy.deepcopy(_teacher_tokenizer(tiny_models))
+    bos = tok.eos_token
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.convert_tokens_to_ids(bos))])
+    assert tok("x")["input_ids"][0] == tok.convert_tokens_to_ids(bos)  # the BOS is really added by default
+    comp, cmask = torch.ones(3, 2, dtype=torch.long), torch.ones(3, 2, dtype=torch.long)
+    tin = build_teacher_inputs(tok, TEACHER_RECORDS, comp, cmask, 1)
+    for i, p in enumerate(_teacher_prompt_ids(tok, DEFAULT_INSTRUCTION)):
+        row = tin.input_ids[i, : tin.completion_start][tin.attention_mask[i, : tin.completion_start].bool()]
+        assert row.tolist() == p
+    meta = build_teacher_inputs(tok, TEACHER_RECORDS, comp.to("meta"), cmask.to("meta"), 1)
+    assert {meta.input_ids.device.type, meta.attention_mask.device.type, meta.available.device.type} == {"meta"}
