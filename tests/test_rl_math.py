@@ -867,3 +867,123 @@ def test_teacher_inputs_add_no_special_tokens_and_follow_the_completions_device(
         assert row.tolist() == p
     meta = build_teacher_inputs(tok, TEACHER_RECORDS, comp.to("meta"), cmask.to("meta"), 1)
     assert {meta.input_ids.device.type, meta.attention_mask.device.type, meta.available.device.type} == {"meta"}
+
+
+# ---------------------------------------------------------------------- scoring a rollout, each prompt once
+def _prompts_and_completions(G=2):
+    torch.manual_seed(13)
+    prompt_ids = torch.randint(0, 300, (2, 5))
+    prompt_mask = torch.ones(2, 5, dtype=torch.long)
+    prompt_mask[1, :2] = 0  # left padding
+    comp = torch.randint(0, 300, (2 * G, 4))
+    cmask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]])
+    return prompt_ids, prompt_mask, comp, cmask
+
+
+def _repeated(model, prompt_ids, prompt_mask, comp, cmask, G, **kw):
+    ids = torch.cat([prompt_ids.repeat_interleave(G, 0), comp], 1)
+    attn = torch.cat([prompt_mask.repeat_interleave(G, 0), cmask], 1)
+    return model_token_logprobs(model, ids, attn, prompt_ids.size(1), **kw)
+
+
+def _backbone_rows(model):
+    """The batch size of every backbone forward (the prompt pass runs B rows, the completion pass N)."""
+    rows = []
+    handle = model.model.register_forward_hook(lambda m, args, kw, out: rows.append(kw["input_ids"].shape[0]),
+                                               with_kwargs=True)
+    return rows, handle
+
+
+def test_shared_prefix_defaults_values_and_errors():
+    from vold_pl.rl.logprobs import shared_prefix_token_logprobs
+
+    model, G = _tiny_qwen2(), 2
+    p, pm, c, cm = _prompts_and_completions(G)
+    with torch.no_grad():
+        out = shared_prefix_token_logprobs(model, p, pm, c, cm, G)  # T = 1, no entropy: a tensor
+        ref = _repeated(model, p, pm, c, cm, G)
+        assert isinstance(out, torch.Tensor) and torch.allclose(out, ref, atol=1e-5)
+        # a text model ignores image inputs it is handed
+        assert torch.allclose(shared_prefix_token_logprobs(model, p, pm, c, cm, G, pixel_values=torch.ones(3)), ref,
+                              atol=1e-5)
+    with pytest.raises(ValueError, match=r"^3 completion rows for 2 prompts x G=2$"):
+        shared_prefix_token_logprobs(model, p, pm, c[:3], cm[:3], G)
+
+
+@pytest.mark.parametrize("train, grad, ckpt, L, cached", [
+    (False, False, False, 4, True),  # scoring under no_grad: prompts once
+    (True, True, False, 4, True),  # training forward without checkpointing: prompts once
+    (True, True, True, 4, False),  # gradient checkpointing in training: HF drops the cache, G-times path
+    (True, False, True, 4, True),  # checkpointing on but no autograd: prompts once
+    (False, True, True, 4, True),  # checkpointing configured, eval mode: prompts once
+    (False, False, False, 1, True),  # one completion token: still prompts once
+])
+def test_shared_prefix_runs_prompts_once_unless_checkpointing_trains(train, grad, ckpt, L, cached):
+    from vold_pl.rl.logprobs import shared_prefix_token_logprobs
+
+    model, G = _tiny_qwen2(), 2
+    p, pm, c, cm = _prompts_and_completions(G)
+    c, cm = c[:, :L], cm[:, :L]
+    model.train(train)
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    rows, handle = _backbone_rows(model)
+    try:
+        with torch.set_grad_enabled(grad):
+            out = shared_prefix_token_logprobs(model, p, pm, c, cm, G)
+    finally:
+        handle.remove()
+    assert rows == ([2, 4] if cached else [4])
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(out.detach(), _repeated(model, p, pm, c, cm, G), atol=1e-5)
+
+
+def test_shared_prefix_without_a_backbone_takes_the_repeated_path():
+    from vold_pl.rl.logprobs import shared_prefix_token_logprobs
+
+    model, G = _tiny_qwen2(), 2
+
+    class NoBackbone(nn.Module):  # no `.model`: scored through output_hidden_states
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config = model, model.config
+
+        def get_output_embeddings(self):
+            return model.lm_head
+
+        def forward(self, **kw):
+            return self.inner(**kw)
+
+    p, pm, c, cm = _prompts_and_completions(G)
+    with torch.no_grad():
+        out = shared_prefix_token_logprobs(NoBackbone(), p, pm, c, cm, G)
+        assert torch.allclose(out, _repeated(model, p, pm, c, cm, G), atol=1e-5)
+
+
+def test_concat_prompt_completion_dtypes_and_types():
+    from vold_pl.rl.logprobs import concat_prompt_completion
+
+    p, pm = torch.tensor([[0, 7, 8]]), torch.tensor([[False, True, True]])
+    c, cm = torch.tensor([[9, 3]]), torch.tensor([[1, 0]])
+    ids, attn, mm = concat_prompt_completion(p, pm, c, cm)
+    assert ids.tolist() == [[0, 7, 8, 9, 3]] and mm is None
+    assert attn.dtype == torch.bool and attn.tolist() == [[False, True, True, True, False]]  # the prompt's dtype
+    types = torch.tensor([[0, 1, 0]], dtype=torch.int32)
+    _, _, mm = concat_prompt_completion(p, pm, c, cm, types)
+    assert mm.dtype == torch.int32 and mm.tolist() == [[0, 1, 0, 0, 0]]  # generated tokens are text (type 0)
+
+
+def test_rollout_model_inputs_hand_extras_to_vision_models_only():
+    from vold_pl.rl.logprobs import rollout_model_inputs
+    from vold_pl.rl.rollout import Rollout
+
+    ro = Rollout(prompt_ids=torch.tensor([[1, 2]]), prompt_mask=torch.ones(1, 2, dtype=torch.long),
+                 completion_ids=torch.tensor([[3]]), completion_mask=torch.ones(1, 1, dtype=torch.long), texts=["x"],
+                 group_size=1, clipped=torch.tensor([False]),
+                 extra={"pixel_values": torch.ones(2), "mm_token_type_ids": torch.tensor([[0, 1]])})
+    ids, attn, extra = rollout_model_inputs(ro, vision=False)
+    assert ids.tolist() == [[1, 2, 3]] and attn.tolist() == [[1, 1, 1]] and extra == {}
+    _, _, extra = rollout_model_inputs(ro, vision=True)
+    assert extra.keys() == {"pixel_values", "mm_token_type_ids"}
+    assert extra["mm_token_type_ids"].tolist() == [[0, 1, 0]] and ro.extra["mm_token_type_ids"].shape == (1, 2)
