@@ -987,3 +987,29 @@ def test_rollout_model_inputs_hand_extras_to_vision_models_only():
     _, _, extra = rollout_model_inputs(ro, vision=True)
     assert extra.keys() == {"pixel_values", "mm_token_type_ids"}
     assert extra["mm_token_type_ids"].tolist() == [[0, 1, 0]] and ro.extra["mm_token_type_ids"].shape == (1, 2)
+
+
+def test_rollout_scoring_passes_chunking_and_recompute_to_the_head():
+    """rollout_token_logprobs -> shared_prefix_token_logprobs -> the head: N·L = 16 positions in slabs of 3 (6
+    slabs), each run again in backward with checkpoint_chunks; the repeated path without ``prompts`` the same."""
+    from vold_pl.rl.logprobs import rollout_token_logprobs
+    from vold_pl.rl.rollout import Rollout
+
+    model, G = _tiny_qwen2(), 2
+    head = _CountingHead(32, 300)
+    head.lin.weight = model.lm_head.weight
+    model.lm_head = head
+    p, pm, c, cm = _prompts_and_completions(G)
+    ro = Rollout(prompt_ids=p.repeat_interleave(G, 0), prompt_mask=pm.repeat_interleave(G, 0), completion_ids=c,
+                 completion_mask=cm, texts=[""] * 4, group_size=G, clipped=torch.zeros(4, dtype=torch.bool),
+                 prompts={"input_ids": p, "attention_mask": pm})
+    for prompts in (ro.prompts, None):
+        ro.prompts = prompts
+        for ckpt, calls in ((True, 12), (False, 6)):
+            head.calls = 0
+            rollout_token_logprobs(model, ro, chunk_size=3, checkpoint_chunks=ckpt).sum().backward()
+            assert head.calls == calls, (prompts is None, ckpt)
+        head.calls = 0
+        rollout_token_logprobs(model, ro).sum().backward()  # defaults: one slab, no recompute
+        assert head.calls == 1
+        model.zero_grad(set_to_none=True)

@@ -1,7 +1,8 @@
 """Mutation score per file from ``mutmut results --all true``, with the equivalent mutants of docs/testing.md set aside.
 
 Usage: ``python tools/mutation_score.py [--sampled FILE]... RESULTS... docs/testing.md`` (``make mutate`` runs it
-with ``mutants/results.txt``; several results files merge, a later file's checked mutants winning). Prints a
+with ``mutants/results.txt``; several results files merge: a mutant killed in any of them counts as killed, since each
+run used tests of the same selection, otherwise a later file's checked result wins). Prints a
 Markdown table and writes it into the docs between the ``mutation-scores`` markers. A mutant listed in the docs'
 equivalent-mutants table (its name in backticks in the first column) is one no test can kill because it does not
 change behaviour; it is left out of the denominator. The score is killed / (tested - equivalent), where killed
@@ -26,12 +27,15 @@ START, END = "<!-- mutation-scores:start -->", "<!-- mutation-scores:end -->"
 
 
 def read_results(paths: list[Path]) -> dict[str, tuple[str, str]]:
-    """mutant name -> (module, status); a mutant not run in a later file keeps an earlier file's result."""
+    """mutant name -> (module, status); a kill in any file stands, a mutant not run in a later file keeps an
+    earlier file's result."""
     out: dict[str, tuple[str, str]] = {}
     for path in paths:
         for line in path.read_text().splitlines():
             m = NAME_RE.match(line)
-            if m and (m["status"] not in NOT_RUN or m["name"] not in out):
+            if not m or (m["name"] in out and out[m["name"]][1] in KILLED):
+                continue
+            if m["status"] not in NOT_RUN or m["name"] not in out:
                 out[m["name"]] = (m["module"], m["status"])
     return out
 
