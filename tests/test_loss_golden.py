@@ -481,3 +481,24 @@ def test_metrics_without_teacher_view_flags_or_success():
     one = Experience(logp=d["logp"][:1, :1], old_logp=None, advantages=torch.tensor([0.5]),
                      mask=torch.ones(1, 1), teacher_logp=d["logp"][:1, :1] - 0.25)
     assert float(opd_grpo_loss(one, LossSettings(lam=LAM, gate="all"))[1]["opd/frac_tokens"]) == 1.0
+
+
+def test_module_counts_and_plan_on_one_process(tiny_models):
+    """Without a trainer (one process): the step's totals are this batch's rows and completion tokens, the world
+    is 1, and the micro-batch plan is plan_micro_batches of the rollout's lengths and the module's caps."""
+    from vold_pl.models.factory import ModelSpec
+    from vold_pl.modules.opd_grpo import GRPOConfig, OPDGRPOModule
+    from vold_pl.rl.objective import Totals
+    from vold_pl.rl.rollout import Rollout
+
+    module = OPDGRPOModule(ModelSpec(str(tiny_models["student"])),
+                           grpo=GRPOConfig(num_generations=2, micro_batch_size=2, max_tokens_per_micro_batch=9))
+    d = _fixed()
+    exp = Experience(logp=None, old_logp=None, advantages=torch.tensor(ADV), mask=d["mask"])
+    assert module._totals(exp) == (Totals(rows=float(N), tokens=float(sum(LENGTHS))), 1)
+    ro = Rollout(prompt_ids=torch.zeros(N, 1, dtype=torch.long), prompt_mask=torch.ones(N, 1, dtype=torch.long),
+                 completion_ids=torch.zeros(N, L, dtype=torch.long), completion_mask=d["mask"].long(),
+                 texts=[""] * N, group_size=2, clipped=torch.zeros(N, dtype=torch.bool))
+    # lengths 5, 3, 4, 2 with a 1-token prompt: the first group costs 2·6 = 12 > 9, so rows: (0,1) 6, (0,2) 12 > 9,
+    # (1,2) 4, (1,3) 10 > 9, (2,3) 5, (2,4) 10 > 9, (3,4) 3
+    assert module._plan(ro) == [(0, 1), (1, 2), (2, 3), (3, 4)]
