@@ -116,7 +116,8 @@ def test_validation_and_test_log_the_batch_weighted_nll(sft_batch, synth_data):
     collate = SFTCollator(module.processor)
     batches = [collate(rows[:3]), collate(rows[3:4])]
     with torch.no_grad():
-        nll = [completion_nll(module.model(**module.model_inputs(b), use_cache=False).logits, b["labels"]) for b in batches]
+        nll = [completion_nll(module.model(**module.model_inputs(b), use_cache=False).logits, b["labels"])
+               for b in batches]
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     loader = DataLoader(batches, batch_size=None, collate_fn=lambda b: b)
     for stage, run in (("val", trainer.validate), ("test", trainer.test)):
