@@ -502,3 +502,29 @@ def test_module_counts_and_plan_on_one_process(tiny_models):
     # lengths 5, 3, 4, 2 with a 1-token prompt: the first group costs 2·6 = 12 > 9, so rows: (0,1) 6, (0,2) 12 > 9,
     # (1,2) 4, (1,3) 10 > 9, (2,3) 5, (2,4) 10 > 9, (3,4) 3
     assert module._plan(ro) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+
+
+def test_module_experience_carries_the_teacher_view_flags(tiny_models, synth_data):
+    """build_experience with an image record the teacher cannot see: its rows are flagged unavailable in the
+    experience (their OPD term is masked), and with β_ref = 0 and μ = 1 no reference or π_old is scored."""
+    from vold_pl.data.collate import PromptCollator
+    from vold_pl.data.sources import read_records, to_dataset
+    from vold_pl.models.factory import ModelSpec
+    from vold_pl.modules.opd_grpo import GRPOConfig, OPDConfig, OPDGRPOModule
+    from vold_pl.rl.rollout import SamplingConfig, ScriptedEngine
+
+    img, _ = read_records(synth_data["train"])
+    txt, _ = read_records(synth_data["train_text"])
+    blind, text = next(r for r in img if r.images), next(r for r in txt if not r.images)
+    blind.text_view = None
+    module = OPDGRPOModule(ModelSpec(str(tiny_models["student"])), teacher=ModelSpec(str(tiny_models["teacher"])),
+                           grpo=GRPOConfig(num_generations=2), opd=OPDConfig(lam=0.5, gate="all"),
+                           sampling=SamplingConfig(max_new_tokens=8), export=False)
+    module.configure_model()
+    module.rollout_engine = ScriptedEngine(module.tokenizer, {blind.id: ["<answer> 1 </answer>"],
+                                                              text.id: ["<answer> 2 </answer>", "no"]})
+    ds = to_dataset([blind, text])
+    step = module.build_experience(PromptCollator(module.processor)([ds[0], ds[1]]))
+    assert step.experience.teacher_available.tolist() == [False, False, True, True]
+    assert step.experience.ref_logp is None and step.experience.old_logp is None
+    assert step.experience.teacher_logp.shape == step.experience.mask.shape
