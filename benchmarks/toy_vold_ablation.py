@@ -307,7 +307,9 @@ def main(argv: list[str] | None = None) -> None:
         {"command": cmd, "minutes": minutes, "settings": vars(a), "arms": summary, "paired": paired,
          "per_seed": per_seed, "diagnostics": diagnostics, "curves": {k: v for k, v in curves.items() if v}},
         indent=1))
-    plot(results, summary, paired, curves, out / "ablation.png")
+    hard_title = f"hard split (difficulty {a.hard_difficulty}" + (
+        f", {'/'.join(a.hard_answer_types)} answers)" if a.hard_answer_types else ")")
+    plot(results, summary, paired, curves, out / "ablation.png", hard_title)
     print_table(summary, paired, minutes)
 
 
@@ -365,7 +367,7 @@ def _smooth(ys: list[float], w: int = 5) -> list[float]:
     return [statistics.mean(ys[max(0, i - w + 1): i + 1]) for i in range(len(ys))]
 
 
-def plot(results, summary, paired, curves, path: Path) -> None:
+def plot(results, summary, paired, curves, path: Path, hard_title: str = "hard split (difficulty 3)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -378,7 +380,7 @@ def plot(results, summary, paired, curves, path: Path) -> None:
     ax = axes[0, 1]
     hard = [k for k in summary if k.endswith("_hard")]
     if hard:
-        _bars(ax, hard, summary, "hard split (difficulty 3)")
+        _bars(ax, hard, summary, hard_title)
     else:
         ax.axis("off")
     ax = axes[0, 2]
