@@ -75,6 +75,22 @@ def test_totals_are_summed_over_the_ranks(tiny_models):
     assert module._totals(exp) == (Totals(rows=7.0, tokens=24.0), 2)
 
 
+class _DeviceCollective:
+    """A collective that, like NCCL, takes only tensors on the accelerator (the meta device stands in for it)."""
+
+    def reduce(self, tensor, group=None, reduce_op="mean"):
+        assert tensor.device.type == "meta" and tensor.shape == (2,) and reduce_op == "sum"
+        return torch.tensor([7.0, 24.0])
+
+
+def test_totals_hand_the_collective_counts_on_the_mask_device(tiny_models):
+    """The counts are built on the completion mask's device, where the gradient collective runs."""
+    module = _module(tiny_models)
+    module._trainer = SimpleNamespace(world_size=2, strategy=_DeviceCollective())
+    exp = Experience(logp=None, old_logp=None, advantages=torch.tensor(ADV), mask=_mask().float().to("meta"))
+    assert module._totals(exp) == (Totals(rows=7.0, tokens=24.0), 2)
+
+
 def test_step_loss_undoes_the_rank_average_and_pads_with_weightless_dummies(tiny_models):
     """μ = 1, no KL terms, sequence aggregation over the totals' 4 rows: at ratio 1 the loss is
     -Σ_i A_i · (1/|o_i|) Σ_t 1 / 4 = -1.25 / 4 on this rank, times world = 2 (DDP then averages over the ranks).
@@ -113,3 +129,22 @@ def test_scores_ignore_the_padding_dummy_on_a_one_row_rollout(tiny_models):
     want = [float(torch.log_softmax(logits[P - 1 + t] / module.sampling.temperature, -1)[one.completion_ids[0, t]])
             for t in range(L)]
     torch.testing.assert_close(got[0].double(), torch.tensor(want, dtype=torch.float64), rtol=1e-4, atol=1e-4)
+
+
+def test_policy_scores_recompute_their_slabs_in_backward(tiny_models):
+    """The policy's log-probs run the head over N·L = 20 positions in slabs of logprob_chunk_size = 4: 5 head
+    calls in forward, and each slab again in backward (checkpointed, so the [N, L, V] logits never live whole):
+    10 calls. The constant scores (no gradient) run each slab once."""
+    module = OPDGRPOModule(ModelSpec(str(tiny_models["student"])), grpo=GRPOConfig(num_generations=2),
+                           export=False, logprob_chunk_size=4)
+    module.configure_model()
+    calls = []
+    module.model.get_output_embeddings().register_forward_hook(lambda *_: calls.append(1))
+    logp, _ = module._logprobs(_rollout())
+    assert len(calls) == 5
+    logp.sum().backward()
+    assert len(calls) == 10
+    calls.clear()
+    with torch.no_grad():
+        module._score(module.model, _rollout(), [(0, 4)])
+    assert len(calls) == 5
