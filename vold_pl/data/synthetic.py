@@ -302,9 +302,12 @@ def generate_items(seed: int = 0, n_train: int = 2000, n_val: int = 200, n_test:
     return {s: items[s] for s in SPLITS}
 
 
-def _text_view(scene: Scene, q: dict) -> str:
-    """What the text-only teacher reads: the exact caption, then the problem (with its options)."""
-    return f"{describe_scene(scene)}\n{q['problem']}"
+def _answer_fields(scene: Scene, q: dict) -> dict:
+    """The fields an image record and its text twin share: gold answer, trace and the text view (what the
+    text-only teacher reads: the exact caption, then the problem with its options)."""
+    return dict(answer=q["answer"], answer_type=q["answer_type"], choices=q["choices"], trace=q["trace"],
+                text_view=f"{describe_scene(scene)}\n{q['problem']}", difficulty=q["difficulty"],
+                category=q["category"])
 
 
 def generate_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_val: int = 200, n_test: int = 200,
@@ -333,12 +336,11 @@ def generate_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_
         for i, (scene, q) in enumerate(split_items):
             rid, img_path = f"synthetic-{split}-{i:05d}", img_dir / f"{split}-{i:05d}.png"
             render_scene(scene).save(img_path, format="PNG")  # PIL writes no timestamp: bytes are reproducible
-            text_view = _text_view(scene, q)
-            common = dict(answer=q["answer"], answer_type=q["answer_type"], choices=q["choices"], trace=q["trace"],
-                          text_view=text_view, difficulty=q["difficulty"], category=q["category"])
+            common = _answer_fields(scene, q)
             recs.append(Record(id=rid, problem=q["problem"], images=[str(img_path.resolve())], source="synthetic",
                                **common))
-            twins.append(Record(id=f"{rid}-text", problem=text_view, images=[], source="synthetic-text", **common))
+            twins.append(Record(id=f"{rid}-text", problem=common["text_view"], images=[], source="synthetic-text",
+                                **common))
         paths[split] = write_jsonl(recs, out_dir / f"{split}.jsonl")
         paths[f"{split}_text"] = write_jsonl(twins, out_dir / f"{split}_text.jsonl")
         manifest["splits"][split] = {
@@ -348,12 +350,10 @@ def generate_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_
     if n_teacher_text > 0:
         seen = {(scene, q["stem"]) for split_items in items.values() for scene, q in split_items}
         extra = _generate_split(seed, "teacher", n_teacher_text, _combos(answer_types, difficulties), seen)
+        fields = [_answer_fields(scene, q) for scene, q in extra]
         paths["teacher_text"] = write_jsonl(
-            [Record(id=f"synthetic-teacher-{i:06d}-text", problem=_text_view(scene, q), images=[],
-                    source="synthetic-text", answer=q["answer"], answer_type=q["answer_type"], choices=q["choices"],
-                    trace=q["trace"], text_view=_text_view(scene, q), difficulty=q["difficulty"],
-                    category=q["category"])
-             for i, (scene, q) in enumerate(extra)], out_dir / "teacher_text.jsonl")
+            [Record(id=f"synthetic-teacher-{i:06d}-text", problem=f["text_view"], images=[], source="synthetic-text",
+                    **f) for i, f in enumerate(fields)], out_dir / "teacher_text.jsonl")
         manifest["splits"]["teacher_text"] = {"n": n_teacher_text}
     paths["manifest"] = out_dir / "manifest.json"
     paths["manifest"].write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
