@@ -17,10 +17,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 venv: $(VENV)/.installed
 
-$(ART)/data/manifest.json: $(VENV)/.installed
+# teacher_text.jsonl is the rule's target, so artifacts from before it existed are regenerated (same bytes otherwise).
+$(ART)/data/teacher_text.jsonl: $(VENV)/.installed
 	$(PY) -m vold_pl.data.synthetic --out $(ART)/data --seed 0 --n-train 2000 --n-val 200 --n-test 200 --n-teacher-text 30000
 
-$(ART)/tiny/student/config.json: $(ART)/data/manifest.json
+$(ART)/tiny/student/config.json: $(ART)/data/teacher_text.jsonl
 	$(PY) -m vold_pl.models.tiny --out $(ART)/tiny --seed 0
 
 artifacts: $(ART)/tiny/student/config.json

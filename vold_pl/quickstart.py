@@ -38,14 +38,17 @@ def main(argv: list[str] | None = None) -> None:
     data, tiny = art / "data", art / "tiny"
     if not (tiny / "student" / "config.json").exists() or not (data / "train.jsonl").exists():
         raise SystemExit(f"no tiny models or data under {art}: run `make artifacts` first.")
+    if not (data / "teacher_text.jsonl").exists():
+        raise SystemExit(f"{data} has no teacher_text.jsonl (the teacher's extra text problems): run `make artifacts` "
+                         f"again, which adds it and leaves the other files as they are.")
     t_start = time.perf_counter()
     done = lambda p: p.exists() and not args.fresh  # noqa: E731
 
     teacher = runs / "teacher_sft" / "export"
-    # The teacher reads the text twins of the training problems plus, when `make artifacts` wrote them, many
-    # extra text-only problems: with only 2000 scenes a tiny reader memorises them instead of learning to look
-    # the facts up in the caption, and a teacher weaker than its student has nothing to distil.
-    teacher_train = [p for p in (data / "train_text.jsonl", data / "teacher_text.jsonl") if p.exists()]
+    # The teacher reads the text twins of the training problems plus many extra text-only problems: with only
+    # 2000 scenes a tiny reader memorises them instead of learning to look the facts up in the caption, and a
+    # teacher weaker than its student has nothing to distil.
+    teacher_train = [data / "train_text.jsonl", data / "teacher_text.jsonl"]
     if not done(teacher / "config.json"):
         run(["fit", "--config", str(CONFIGS / "sft_teacher.yaml"),
              "--model.init_args.model.name_or_path", str(tiny / "teacher"),
