@@ -123,6 +123,13 @@ def read_curves(out: Path) -> dict[str, list[tuple[int, float]]]:
     return {k: v for k, v in curves.items() if v}
 
 
+def write_if_changed(path: Path, text: str) -> None:
+    """Write ``text`` unless ``path`` already holds it: seeds may run as parallel processes on one output folder,
+    and rewriting a file another process is reading could hand it a truncated file."""
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
 def hard_files(data: Path, test: Path, out: Path, difficulty: int,
                answer_types: list[str] | None = None) -> tuple[Path, Path]:
     """The training and test problems of one difficulty (and of ``answer_types`` when given), written once to
@@ -137,9 +144,7 @@ def hard_files(data: Path, test: Path, out: Path, difficulty: int,
             if rec.get("difficulty") == difficulty and keep_type:  # image paths become absolute below
                 rec["images"] = [str((src.parent / im).resolve()) for im in rec.get("images") or []]
                 keep.append(json.dumps(rec))
-        text = "\n".join(keep) + "\n"
-        if not (out / name).exists() or (out / name).read_text() != text:  # seeds may run as parallel processes
-            (out / name).write_text(text)
+        write_if_changed(out / name, "\n".join(keep) + "\n")
         paths.append(out / name)
     return paths[0], paths[1]
 
@@ -223,9 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.limit_test:  # the first N problems, as a file: arm a scores it and the hard problems in one run
         main_test = out / "data_test" / f"test_first{a.limit_test}.jsonl"
         main_test.parent.mkdir(parents=True, exist_ok=True)
-        first = "\n".join(test.read_text().splitlines()[: a.limit_test]) + "\n"
-        if not main_test.exists() or main_test.read_text() != first:  # seeds may run as parallel processes
-            main_test.write_text(first)
+        write_if_changed(main_test, "\n".join(test.read_text().splitlines()[: a.limit_test]) + "\n")
     t0 = time.perf_counter()
     results: dict[str, dict[int, dict]] = {k: {} for k in ARMS}
     curves: dict[str, dict[int, dict]] = {k: {} for k in RL_ARMS}
