@@ -176,6 +176,21 @@ def test_traces_copy_the_caption(data_dir):
             assert row in caption, (r.id, row)
 
 
+def test_choice_traces_check_the_options_in_order(data_dir):
+    """A multiple-choice trace states the value, then copies the options in order, each marked yes/no against
+    that value, and stops at the first match, whose letter is the answer: every step is a copy or a comparison
+    of adjacent text, nothing a small reader has to search for."""
+    recs = [r for r in _load(data_dir, "train_text") + _load(data_dir, "test_text") if r.answer_type == "choice"]
+    assert recs
+    for r in recs:
+        value, checks = re.search(r"Looking for (\d+):((?: [A-D]\. \d+ (?:yes|no)\.)+) The answer is [A-D]\.$",
+                                  r.trace).groups()
+        steps = re.findall(r"([A-D])\. (\d+) (yes|no)\.", checks)
+        assert [(L, c) for L, c, _ in steps] == list(zip("ABCD", r.choices))[:len(steps)], (r.id, checks)
+        assert [v for _, _, v in steps] == ["no"] * (len(steps) - 1) + ["yes"] and steps[-1][1] == value
+        assert steps[-1][0] == r.answer and r.choices[ord(r.answer) - ord("A")] == value
+
+
 def test_pixels_match_caption(data_dir):
     for split in syn.SPLITS:
         for r in _load(data_dir, split):
