@@ -72,18 +72,6 @@ def _student(tiny_models, processor, bias=0.0, row_scale=2.0, seed=0):
     return _eos_prone(model, processor.tokenizer.eos_token_id, bias, row_scale, seed)
 
 
-def _varied_greedy_student(tiny_models, processor, batch) -> torch.nn.Module:
-    """A ``_student`` whose greedy completions of ``batch`` (2 per prompt) end at 3 or more different steps, some
-    before the limit, so early stops at different steps (compaction) are exercised. Which random EOS row gives
-    that depends on the tokenizer the fixtures train, so the first of a few seeds that does is taken."""
-    for seed in range(8):
-        model = _student(tiny_models, processor, seed=seed)
-        lengths = HFGenerateEngine(processor.tokenizer).generate(model, batch, 2, GREEDY).completion_mask.sum(-1)
-        if len(set(lengths.tolist())) >= 3 and int(lengths.min()) < GREEDY.max_new_tokens:
-            return model
-    raise AssertionError("no seed gives greedy completions of 3 or more lengths")
-
-
 def _text_llm(processor, bias=0.0, row_scale=2.0, seed=0):
     """A tiny Qwen2 text LLM on the student's vocabulary, built from a config (no hub)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -102,19 +90,20 @@ def _text_llm(processor, bias=0.0, row_scale=2.0, seed=0):
 
 @pytest.fixture(scope="module")
 def varied_llm(processor, text_batch) -> torch.nn.Module:
-    return _varied_greedy_llm(processor, text_batch)
+    return _first_varied(lambda seed: _text_llm(processor, seed=seed), processor, text_batch, G=3, n_lengths=2)
 
 
-def _varied_greedy_llm(processor, batch, G: int = 3) -> torch.nn.Module:
-    """A ``_text_llm`` whose greedy completions of ``batch`` end at different steps, some before the limit:
-    the precondition of the compaction checks. Which random EOS row gives that depends on the tokenizer the
-    fixtures train, so the first of a few seeds that does is taken (checked with ``model.generate``)."""
+def _first_varied(build, processor, batch, G: int, n_lengths: int) -> torch.nn.Module:
+    """``build(seed)`` for the first seed whose greedy completions of ``batch`` (G per prompt) end at
+    ``n_lengths`` or more different steps, some before the limit: the precondition of the compaction checks.
+    Which random EOS row gives that depends on the tokenizer the fixtures train, so a few seeds are tried
+    (checked with ``model.generate``)."""
     for seed in range(8):
-        model = _text_llm(processor, seed=seed)
+        model = build(seed)
         lengths = HFGenerateEngine(processor.tokenizer).generate(model, batch, G, GREEDY).completion_mask.sum(-1)
-        if len(set(lengths.tolist())) >= 2 and int(lengths.min()) < GREEDY.max_new_tokens:
+        if len(set(lengths.tolist())) >= n_lengths and int(lengths.min()) < GREEDY.max_new_tokens:
             return model
-    raise AssertionError("no seed gives greedy completions of varied lengths")
+    raise AssertionError(f"no seed gives greedy completions of {n_lengths} or more lengths")
 
 
 def _teacher_forced(model, ro: Rollout, temperature: float, vision: bool) -> torch.Tensor:
@@ -155,7 +144,8 @@ def _path(opts: dict) -> str:
 
 @pytest.mark.parametrize("opts", list(ENGINES.values()), ids=list(ENGINES))
 def test_greedy_equals_generate_on_vlm_student(tiny_models, processor, mixed_batch, opts):
-    model = _varied_greedy_student(tiny_models, processor, mixed_batch)
+    model = _first_varied(lambda seed: _student(tiny_models, processor, seed=seed), processor, mixed_batch, G=2,
+                          n_lengths=3)
     tok = processor.tokenizer
     ref = HFGenerateEngine(tok).generate(model, mixed_batch, 2, GREEDY)
     engine = CachedSamplingEngine(tok, **opts)

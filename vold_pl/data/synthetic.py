@@ -256,13 +256,14 @@ def make_question(scene: Scene, answer_type: str, difficulty: int, rng: random.R
     problem, answer, choices = q["stem"], str(q["value"]), None
     if answer_type == "choice":
         choices = q["choices"]
-        answer = LETTERS[choices.index(str(q["value"]))]
+        k = choices.index(str(q["value"]))
+        answer = LETTERS[k]
         problem += " Options: " + " ".join(f"{L}. {c}" for L, c in zip(LETTERS, choices))
         # Check the options in order and stop at the match. A bare "1 is option B." asks a small reader to
         # find "1" among the options and copy the letter before it in one step (the 3000-step toy teacher got
         # 47% of those right); copying "B. 1" in order and comparing it with the value just stated is local.
-        checks = [f" {L}. {c} {'yes' if c == str(q['value']) else 'no'}." for L, c in zip(LETTERS, choices)]
-        q["trace"] += f" Looking for {q['value']}:" + "".join(checks[:choices.index(str(q["value"])) + 1])
+        q["trace"] += f" Looking for {q['value']}:" + "".join(
+            f" {L}. {c} {'yes' if i == k else 'no'}." for i, (L, c) in enumerate(zip(LETTERS, choices[:k + 1])))
     return dict(stem=q["stem"], problem=problem, answer=answer, answer_type=answer_type, choices=choices,
                 trace=q["trace"] + f" The answer is {answer}.", difficulty=difficulty, category=q["category"])
 
