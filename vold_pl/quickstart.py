@@ -13,12 +13,14 @@ Stages, each a plain ``vold-pl`` command printed before it runs (so every step c
                     text views (greedy, and at temperature 1 as when it wrote the traces), then the base
                     student, the cold-start student and the VOLD student on the images; a final table.
 
-A stage whose output already exists is skipped, so an interrupted quickstart resumes where it stopped.
+A stage whose output already exists is skipped, so an interrupted quickstart resumes where it stopped; when
+the artifacts have changed since (``make artifacts`` after a change of the generator), every stage reruns.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -42,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{data} has no teacher_text.jsonl (the teacher's extra text problems): run `make artifacts` "
                          f"again, which adds it and leaves the other files as they are.")
     t_start = time.perf_counter()
-    done = lambda p: p.exists() and not args.fresh  # noqa: E731
+    fresh = args.fresh or artifacts_changed(art, runs)
+    done = lambda p: p.exists() and not fresh  # noqa: E731
 
     teacher = runs / "teacher_sft" / "export"
     # The teacher reads the text twins of the training problems plus many extra text-only problems: with only
@@ -102,6 +105,25 @@ def main(argv: list[str] | None = None) -> None:
     for name, path in (("base_student", tiny / "student"), ("after_cold_start", cold), ("after_VOLD", vold)):
         benchmark(name, path, "bench.yaml")
     print_table(table_rows(reports), time.perf_counter() - t_start, list(reports.values()))
+
+
+def artifacts_changed(art: Path, runs: Path) -> bool:
+    """True when ``runs`` holds outputs made from other artifacts than ``art`` holds now (a regenerated data set,
+    e.g. after a change of the trace format, or rebuilt tiny models), so that no stage's stale output is reused.
+    The fingerprint (sha256 of the data's JSONL files and the models' JSON files) is kept in
+    ``runs/artifacts.sha256``; outputs without one predate it and count as changed. Writes the new fingerprint."""
+    digest = hashlib.sha256()
+    for f in sorted([*(art / "data").glob("*.jsonl"), *(art / "tiny").glob("*/*.json")]):
+        digest.update(f"{f.relative_to(art)}\n".encode())
+        digest.update(f.read_bytes())
+    stamp, new = runs / "artifacts.sha256", digest.hexdigest()
+    old = stamp.read_text().strip() if stamp.is_file() else None
+    changed = old != new and (old is not None or (runs.is_dir() and any(runs.iterdir())))
+    if changed:
+        print(f"the artifacts under {art} changed since the outputs under {runs} were made: rerunning every stage")
+    runs.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(new + "\n")
+    return changed
 
 
 def _accuracy(report: Path) -> float:
