@@ -63,9 +63,9 @@ def mathvista_row(pid, **kw):
 def make_mathvista(root: Path, rows=None) -> Path:
     rows = rows or [
         mathvista_row("1", question="Which is largest?", choices=["3", "4", "5"], answer="4",
-                      question_type="multi_choice", answer_type="text"),
+                      question_type="multi_choice", answer_type="text", query=None),
         mathvista_row("2", answer="1.2", answer_type="float", precision=2.0, unit="cm"),
-        mathvista_row("3", answer="7", unit="g"),
+        mathvista_row("3", answer="7", unit="g", query=None),
         mathvista_row("4", answer="Tom", answer_type="text", metadata={"category": "general-vqa", "task": "visual question answering"}),
         mathvista_row("5", answer="[1, 2]", answer_type="list"),
     ]
@@ -79,11 +79,15 @@ def test_mathvista_maps_answer_conventions(tmp_path):
     assert recs["1"].category == "geometry problem solving" and recs["1"].source == "mathvista"
     # float gold is written with exactly `precision` decimals and the problem asks for that many
     assert (recs["2"].answer_type, recs["2"].answer) == ("math", "1.20")
-    assert recs["2"].problem.startswith("Question 2? (Unit: cm)") and "2 decimal places" in recs["2"].problem
-    assert (recs["3"].answer_type, recs["3"].answer) == ("math", "7") and "(Unit: g)" in recs["3"].problem
+    # a published `query` is the problem as is; without one it is built by MathVista's build_query rules
+    assert recs["2"].problem == "Hint: ..."
+    assert (recs["3"].answer_type, recs["3"].answer) == ("math", "7")
+    assert recs["3"].problem == ("Hint: Please answer the question requiring an integer answer and provide the final "
+                                 "value, e.g., 1, 2, 3, at the end.\nQuestion: Question 3? (Unit: g)")
+    assert recs["1"].problem.endswith("Question: Which is largest?\nChoices:\n(A) 3\n(B) 4\n(C) 5")
     assert (recs["4"].answer_type, recs["4"].answer) == ("open", "Tom")
     assert recs["4"].category == "visual question answering"
-    assert recs["5"].answer_type == "open" and "list" in recs["5"].problem
+    assert recs["5"].answer_type == "open"
     for r in recs.values():
         assert_images_ok(r)
         assert r.images[0].startswith(str(tmp_path / "images_cache" / "mathvista" / "testmini"))
@@ -104,8 +108,11 @@ def test_mathvista_malformed(tmp_path):
     f = make_mathvista(tmp_path / "a", [mathvista_row("9", choices=["1", "2"], answer="3",
                                                       question_type="multi_choice", answer_type="text")])
     with pytest.raises(RecordError, match=r"field 'answer'.*'3' is neither") as e:
-        load_mathvista(tmp_path / "a")
+        load_mathvista(tmp_path / "a", on_bad_record="error")
     assert str(f) in str(e.value) and "id='9'" in str(e.value)
+    skipped = load_mathvista(tmp_path / "a")  # default: skipped and counted, not fatal
+    assert (len(skipped), skipped.published, skipped.skipped[0]["id"]) == (0, 1, "9")
+    assert "is neither" in skipped.skipped[0]["reason"]
     row = mathvista_row("1")
     del row["answer_type"]
     f = make_mathvista(tmp_path / "b", [row])
@@ -114,7 +121,7 @@ def test_mathvista_malformed(tmp_path):
     assert str(f) in str(e.value)
     make_mathvista(tmp_path / "c", [mathvista_row("1", answer="2.5")])  # integer type, non-integer gold
     with pytest.raises(RecordError, match="not an integer"):
-        load_mathvista(tmp_path / "c")
+        load_mathvista(tmp_path / "c", on_bad_record="error")
 
 
 def test_mathvista_falls_back_to_unzipped_image(tmp_path):
@@ -152,15 +159,15 @@ def test_mathvision_malformed(tmp_path):
     f = write_parquet(tmp_path / "data" / "test-00000-of-00001.parquet",
                       [mathvision_row("1"), mathvision_row("2", options=list("ABCDE"), answer="F")])
     with pytest.raises(RecordError, match=r"id='2'.*field 'answer'.*'F'") as e:
-        load_mathvision(tmp_path)
+        load_mathvision(tmp_path, on_bad_record="error")
     assert f"{f}:1" in str(e.value)  # file and 0-based row index
     write_parquet(tmp_path / "b" / "data" / "test-00000-of-00001.parquet", [mathvision_row("1", level=7)])
     with pytest.raises(RecordError, match="field 'level'"):
-        load_mathvision(tmp_path / "b")
+        load_mathvision(tmp_path / "b", on_bad_record="error")
     write_parquet(tmp_path / "c" / "data" / "test-00000-of-00001.parquet",
                   [mathvision_row("1", decoded_image=hf_image(b"not an image"))])
     with pytest.raises(RecordError, match="decoded_image.*cannot be decoded"):
-        load_mathvision(tmp_path / "c")
+        load_mathvision(tmp_path / "c", on_bad_record="error")
 
 
 # ------------------------------------------------------------------------------------------- MMMU-Pro
@@ -184,7 +191,7 @@ def test_mmmu_pro_standard(tmp_path):
     recs = load_benchmark("mmmu_pro_standard", tmp_path)
     a, b = recs
     assert (a.answer_type, a.answer, a.difficulty, a.category) == ("choice", "C", 3, "Accounting")
-    assert a.problem == "Compare image 1 and image 2. Which is cheaper?"
+    assert a.problem == "Compare image 1 and image 2. Which is cheaper?\nA. $1\nB. $2\nC. image 2\nD. $4"
     assert a.choices == ["$1", "$2", "image 2", "$4"] and a.source == "mmmu_pro_standard"
     assert_images_ok(a, 2)
     assert a.images[0].endswith("validation_Accounting_1_1.png")
@@ -197,7 +204,7 @@ def test_mmmu_pro_options_are_never_evaluated(tmp_path):
     f = write_parquet(tmp_path / STD / "test-00000-of-00001.parquet",
                       [mmmu_std_row("x_1", options=f"__import__('os').system('touch {marker}')")])
     with pytest.raises(RecordError, match="field 'options'.*not a Python list literal") as e:
-        load_mmmu_pro(tmp_path)
+        load_mmmu_pro(tmp_path, on_bad_record="error")
     assert str(f) in str(e.value) and not marker.exists()
 
 
@@ -211,8 +218,8 @@ def test_mmmu_pro_vision_and_out_of_range(tmp_path):
     assert_images_ok(r)
     rows[0]["answer"] = "K"
     f = write_parquet(tmp_path / "bad" / "vision" / "test-00000-of-00001.parquet", rows)
-    with pytest.raises(RecordError, match=r"field 'answer'.*'K' is not an option letter of 4 choices") as e:
-        load_mmmu_pro(tmp_path / "bad", config="vision")
+    with pytest.raises(RecordError, match=r"field 'answer'.*'K' is not one of the option letters A-D") as e:
+        load_mmmu_pro(tmp_path / "bad", config="vision", on_bad_record="error")
     assert str(f) in str(e.value)
 
 
@@ -272,15 +279,15 @@ def test_logicvista(tmp_path):
 def test_logicvista_malformed(tmp_path):
     f = make_logicvista(tmp_path / "a", {"v1_0": lv_row("v1_0", "How fast? (A) 1 RPM, (B) 2 RPM, (C) 3 RPM", "D")})
     with pytest.raises(RecordError, match=r"id='v1_0'.*field 'answer'.*outside the 3 options A-C") as e:
-        load_logicvista(tmp_path / "a")
+        load_logicvista(tmp_path / "a", on_bad_record="error")
     assert str(f) in str(e.value)
     f = make_logicvista(tmp_path / "b", {"v1_0": lv_row("v1_0", "Which one? (A-D)", "B")})
     (f.parent / "images" / "v1_0.png").unlink()
     with pytest.raises(RecordError, match="field 'images': image file not found"):
-        load_logicvista(tmp_path / "b")
+        load_logicvista(tmp_path / "b", on_bad_record="error")
     make_logicvista(tmp_path / "c", {"v1_0": lv_row("v1_0", "Which one? (A-D)", "maybe B?")})
     with pytest.raises(RecordError, match="field 'answer'.*not option letters"):
-        load_logicvista(tmp_path / "c")
+        load_logicvista(tmp_path / "c", on_bad_record="error")
 
 
 # ----------------------------------------------------------------------------------- synthetic, registry
