@@ -130,7 +130,7 @@ def test_scripted_accuracy_per_group_and_reports(synth_data, tiny_models, tmp_pa
 
     # The four artifacts: JSON (above), Markdown, PNG, predictions.
     md = (tmp_path / "benchmark_report.md").read_text()
-    assert "| synthetic | 10 | 60.0 |" in md and "per category" in md
+    assert "| synthetic | 10 | 10 | 0 | 60.0 | 60.0 |" in md and "per category" in md
     from PIL import Image
 
     with Image.open(tmp_path / "benchmark_report.png") as im:

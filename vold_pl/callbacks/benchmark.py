@@ -2,8 +2,12 @@
 
 When it runs: under ``trainer.validate`` / ``vold-pl validate`` (at the end of the validation epoch, so its
 metrics appear in the validate results), and during fit every ``every_n_steps`` optimizer steps, every
-``every_n_epochs`` epochs and once when training ends. Scoring is :func:`~vold_pl.rewards.extract.extract_answer`
-then :func:`~vold_pl.rewards.functions.score_answer`: the same code as the training reward (one source of truth).
+``every_n_epochs`` epochs and once when training ends. Every completion gets two scores: ``strict`` is
+:func:`~vold_pl.rewards.extract.extract_answer` then :func:`~vold_pl.rewards.functions.score_answer`, the same code as
+the training reward (format tags required); ``official`` is the benchmark's own rule-based extraction and comparison
+(:func:`~vold_pl.rewards.official.official_score`), which also reads untagged answers. The prompt is the question as
+the benchmark prints it (options listed, :mod:`vold_pl.data.benchmarks`) followed by the training instruction or,
+with ``prompt_style: official``, the benchmark's own instruction; its exact text is written to the predictions.
 
 Distributed: each rank decodes its own slice ``records[rank::world]`` with no collective inside the loop (a
 rank with fewer batches cannot hang the others), then one torchmetrics sum-reduction of a fixed-shape count
@@ -30,13 +34,14 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from vold_pl.callbacks.report import NO_CATEGORY, STATS, summarize, write_reports
-from vold_pl.data.benchmarks import load_benchmark
+from vold_pl.data.benchmarks import ON_BAD_RECORD, PROMPT_STYLES, benchmark_instruction, load_benchmark
 from vold_pl.data.collate import PromptCollator
 from vold_pl.data.schema import Record
 from vold_pl.distributed import generation_needs_sync
-from vold_pl.prompts import DEFAULT_INSTRUCTION
+from vold_pl.prompts import DEFAULT_INSTRUCTION, student_messages
 from vold_pl.rewards.extract import extract_answer, is_well_formatted
 from vold_pl.rewards.functions import score_answer
+from vold_pl.rewards.official import official_score
 from vold_pl.rl.rollout import HFGenerateEngine, SamplingConfig
 
 
@@ -46,7 +51,8 @@ class BenchmarkSpec:
 
     Args:
         name: label in logs and reports (``bench/<name>/accuracy``); unique among the benchmarks.
-        path: the benchmark's local folder or file (see ``vold_pl/data/benchmarks.py`` for the layouts).
+        path: the benchmark's local folder or file, or a hub id read from the local HF cache (see
+            docs/benchmarks.md for the layouts); a relative path is resolved once, against the working directory.
         loader: which loader reads it: ``mathvista``, ``mathvision``, ``mmmu_pro_standard``, ``mmmu_pro_vision``,
             ``logicvista`` or ``synthetic``; default ``name``.
         limit: evaluate only the first ``limit`` records (quick checks).
@@ -105,6 +111,11 @@ class BenchmarkCallback(L.Callback):
         pass_k: samples per problem; reports pass@k (any of k fully correct) next to mean accuracy.
         batch_size: problems per generation batch (per rank).
         instruction: the output-format instruction appended to each problem (as in training).
+        prompt_style: ``training`` (the question as the benchmark prints it, then ``instruction``) or ``official``
+            (then the benchmark's own answer instruction instead, e.g. MMMU-Pro's "Answer: $LETTER" line; other
+            benchmarks, e.g. ``synthetic``, keep ``instruction``).
+        on_bad_record: ``skip`` (rows that cannot be used are left out and listed in the report with their id and
+            reason) or ``error`` (the first such row stops the run).
         view: ``student`` (images + problem) or ``teacher`` (text view, for a text-only model).
         out_dir: folder of the reports; default the trainer's log directory.
         write_predictions: write ``benchmark_predictions.jsonl`` (every completion, for error analysis).
@@ -118,6 +129,8 @@ class BenchmarkCallback(L.Callback):
                  every_n_epochs: int | None = None, at_fit_end: bool = True, on_validate: bool = True,
                  max_new_tokens: int = 512, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                  pass_k: int = 1, batch_size: int = 8, instruction: str = DEFAULT_INSTRUCTION,
+                 prompt_style: Literal["training", "official"] = "training",
+                 on_bad_record: Literal["skip", "error"] = "skip",
                  view: Literal["student", "teacher"] = "student", out_dir: str | None = None,
                  write_predictions: bool = True, engine: Any = None):
         names = [b.name for b in benchmarks]
@@ -125,6 +138,10 @@ class BenchmarkCallback(L.Callback):
             raise ValueError(f"benchmark names must be unique, got {names}")
         if pass_k < 1 or batch_size < 1 or max_new_tokens < 1:
             raise ValueError("pass_k, batch_size and max_new_tokens must be >= 1")
+        if prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {prompt_style!r}")
+        if on_bad_record not in ON_BAD_RECORD:
+            raise ValueError(f"on_bad_record must be one of {ON_BAD_RECORD}, got {on_bad_record!r}")
         if pass_k > 1 and not do_sample:
             raise ValueError(f"pass_k={pass_k} needs do_sample: true (greedy decoding gives identical samples)")
         self.benchmarks, self.every_n_steps, self.every_n_epochs = benchmarks, every_n_steps, every_n_epochs
@@ -132,6 +149,7 @@ class BenchmarkCallback(L.Callback):
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                        do_sample=do_sample)
         self.instruction, self.view, self.out_dir = instruction, view, out_dir
+        self.prompt_style, self.on_bad_record = prompt_style, on_bad_record
         self.write_predictions, self.engine = write_predictions, engine
         self._records: dict[str, list[Record]] = {}
         self._datasets: dict[str, Any] = {}
@@ -209,7 +227,8 @@ class BenchmarkCallback(L.Callback):
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                   "decoding": {"max_new_tokens": self.sampling.max_new_tokens, "do_sample": self.sampling.do_sample,
                                "temperature": self.sampling.temperature, "top_p": self.sampling.top_p,
-                               "pass_k": self.pass_k, "instruction": self.instruction},
+                               "pass_k": self.pass_k, "instruction": self.instruction,
+                               "prompt_style": self.prompt_style},
                   "benchmarks": summaries}
         if trainer.is_global_zero:
             if predictions is not None:  # the same order whatever the number of ranks
@@ -220,6 +239,7 @@ class BenchmarkCallback(L.Callback):
         metrics = {}
         for name, s in summaries.items():
             metrics[f"bench/{name}/accuracy"] = s["accuracy"]
+            metrics[f"bench/{name}/official_accuracy"] = s["official_accuracy"]
             metrics[f"bench/{name}/format_valid"] = s["format_valid"]
             if self.pass_k > 1:
                 metrics[f"bench/{name}/pass@{self.pass_k}"] = s[f"pass@{self.pass_k}"]
@@ -230,10 +250,11 @@ class BenchmarkCallback(L.Callback):
             from vold_pl.data.sources import to_dataset
 
             records = load_benchmark(spec.loader or spec.name, spec.path, limit=spec.limit, cache_dir=spec.cache_dir,
-                                     **spec.kwargs)
+                                     on_bad_record=self.on_bad_record, **spec.kwargs)
             if not records:
-                raise ValueError(f"benchmark {spec.name!r} at {spec.path} has no records")
-            self._records[spec.name], self._datasets[spec.name] = records, to_dataset(records)
+                raise ValueError(f"benchmark {spec.name!r} at {spec.path} has no usable records "
+                                 f"({len(records.skipped)} skipped; first: {records.skipped[:1]})")
+            self._records[spec.name], self._datasets[spec.name] = records, to_dataset(list(records))
         return self._records[spec.name], self._datasets[spec.name]
 
     def _evaluate_one(self, bench_idx: int, spec: BenchmarkSpec, trainer, pl_module, engine,
@@ -248,7 +269,8 @@ class BenchmarkCallback(L.Callback):
             # Sharded weights: every forward is a collective, so every rank runs the same number of batches
             # (padded with repeats that are not scored); HF generate keeps stepping until all ranks finish.
             mine += [mine[0] if mine else 0] * (math.ceil(len(records) / world) - n_real)
-        collate = PromptCollator(pl_module.processor, self.view, self.instruction)
+        instruction = self.instruction_for(spec)
+        collate = PromptCollator(pl_module.processor, self.view, instruction)
         loader = torch.utils.data.DataLoader(dataset.select(mine), batch_size=self.batch_size, collate_fn=collate)
         counts = torch.zeros(len(groups), len(STATS), dtype=torch.float64)
         preds: list[dict] = []
@@ -264,16 +286,20 @@ class BenchmarkCallback(L.Callback):
                 rec = records[pos]
                 assert rec.id == meta["id"], "loader order must follow the slice"
                 row = torch.zeros(len(STATS), dtype=torch.float64)
+                prompt = prompt_text(rec.to_json(), instruction)
                 for g in range(k):
                     text = rollout.texts[i * k + g]
                     answer = extract_answer(text)
                     score = float(score_answer(answer, rec))
+                    official, official_answer = official_score(text, rec)
                     fmt = is_well_formatted(text)
-                    row += torch.tensor([0, 1, score, 0, float(fmt), lengths[i * k + g]], dtype=torch.float64)
+                    row += torch.tensor([0, 1, score, 0, float(fmt), lengths[i * k + g], official],
+                                        dtype=torch.float64)
                     preds.append({"_order": (bench_idx, pos), "benchmark": spec.name, "id": rec.id, "sample": g,
-                                  "prompt": rec.problem, "completion": text, "extracted": answer, "gold": rec.answer,
-                                  "answer_type": rec.answer_type, "category": rec.category, "score": score,
-                                  "correct": score >= 1.0, "format_valid": fmt})
+                                  "prompt": prompt, "completion": text, "extracted": answer, "gold": rec.answer,
+                                  "choices": rec.choices, "answer_type": rec.answer_type, "category": rec.category,
+                                  "score": score, "correct": score >= 1.0, "official_extracted": official_answer,
+                                  "official_score": official, "format_valid": fmt})
                 row[STATS.index("records")] = 1
                 row[STATS.index("solved")] = float(any(p["correct"] for p in preds[-k:]))
                 for g in (("all", ""), ("category", rec.category or NO_CATEGORY), ("answer_type", rec.answer_type)):
@@ -281,7 +307,24 @@ class BenchmarkCallback(L.Callback):
         tally = _Tally(len(groups)).to(pl_module.device)
         tally.update(counts)
         total = tally.compute().cpu().tolist()  # the one collective: a sum over ranks
-        return summarize(groups, total, k), preds
+        summary = summarize(groups, total, k)
+        summary.update(published=records.published, scored=len(records), skipped=len(records.skipped),
+                       skipped_records=records.skipped)
+        return summary, preds
+
+    def instruction_for(self, spec: BenchmarkSpec) -> str:
+        """The instruction appended to ``spec``'s questions under this callback's ``prompt_style``."""
+        return benchmark_instruction(spec.loader or spec.name, self.prompt_style, self.instruction)
+
+
+def prompt_text(row: dict, instruction: str) -> str:
+    """The text of the student's chat for ``row`` (what the model reads besides the images), from
+    :func:`vold_pl.prompts.student_messages` whatever form its content takes (a string or typed parts)."""
+    parts = []
+    for msg in student_messages(row, instruction):
+        content = msg["content"]
+        parts += [content] if isinstance(content, str) else [c["text"] for c in content if c.get("type") == "text"]
+    return "\n".join(parts)
 
 
 def _progress(loader, trainer, desc: str):
@@ -330,4 +373,4 @@ def _model_name(pl_module) -> str | None:
     return getattr(cfg, "_name_or_path", None) or type(getattr(pl_module, "model", pl_module)).__name__
 
 
-__all__ = ["BenchmarkCallback", "BenchmarkSpec", "group_keys"]
+__all__ = ["BenchmarkCallback", "BenchmarkSpec", "group_keys", "prompt_text"]

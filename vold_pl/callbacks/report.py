@@ -24,7 +24,7 @@ from typing import Any, Iterable
 from vold_pl.checkpointing import atomic_write_bytes
 
 # Columns of the per-group count matrix the evaluator reduces across ranks (all plain sums, so exact).
-STATS = ("records", "samples", "score", "solved", "format_valid", "tokens")
+STATS = ("records", "samples", "score", "solved", "format_valid", "tokens", "official")
 REPORT_JSON, REPORT_MD, REPORT_PNG = "benchmark_report.json", "benchmark_report.md", "benchmark_report.png"
 PREDICTIONS_JSONL = "benchmark_predictions.jsonl"
 NO_CATEGORY = "(none)"
@@ -35,9 +35,11 @@ def _ratio(num: float, den: float) -> float:
 
 
 def group_stats(row: Iterable[float], pass_k: int) -> dict[str, Any]:
-    """``{n, accuracy[, pass@k]}`` of one count row (see :data:`STATS`)."""
+    """``{n, accuracy, official_accuracy[, pass@k]}`` of one count row (see :data:`STATS`); ``accuracy`` is the
+    strict (training reward) scoring, ``official_accuracy`` the benchmark's own rules."""
     c = dict(zip(STATS, row))
-    out: dict[str, Any] = {"n": int(c["records"]), "accuracy": _ratio(c["score"], c["samples"])}
+    out: dict[str, Any] = {"n": int(c["records"]), "accuracy": _ratio(c["score"], c["samples"]),
+                           "official_accuracy": _ratio(c.get("official", 0.0), c["samples"])}
     if pass_k > 1:
         out[f"pass@{pass_k}"] = _ratio(c["solved"], c["records"])
     return out
@@ -128,21 +130,32 @@ def render_markdown(report: dict) -> str:
         f"- model: `{report.get('model')}`", f"- checkpoint: `{report.get('checkpoint')}`",
         f"- step: {report.get('step')} ({report.get('stage')})",
         "- decoding: " + ", ".join(f"{k}={v}" for k, v in dec.items()), "",
-        "| benchmark | n | accuracy (%) |" + (f" {pk} (%) |" if pk else "") + " format valid (%) | mean tokens |",
-        "|---|---:|---:|" + ("---:|" if pk else "") + "---:|---:|",
+        "Strict: the training reward (answer tags required). Official: the benchmark's own rule-based scorer "
+        "(docs/benchmarks.md).", "",
+        "| benchmark | published | scored | skipped | strict (%) | official (%) |" + (f" {pk} (%) |" if pk else "")
+        + " format valid (%) | mean tokens |",
+        "|---|---:|---:|---:|---:|---:|" + ("---:|" if pk else "") + "---:|---:|",
     ]
     for name, s in report["benchmarks"].items():
-        lines.append(f"| {name} | {s['n']} | {_pct(s['accuracy'])} |" + (f" {_pct(s[pk])} |" if pk else "")
+        lines.append(f"| {name} | {s.get('published', s['n'])} | {s.get('scored', s['n'])} | {s.get('skipped', 0)} | "
+                     f"{_pct(s['accuracy'])} | {_pct(s.get('official_accuracy', 0.0))} |"
+                     + (f" {_pct(s[pk])} |" if pk else "")
                      + f" {_pct(s['format_valid'])} | {s['mean_completion_tokens']:.1f} |")
     for name, s in report["benchmarks"].items():
         for title, key in (("category", "per_category"), ("answer type", "per_answer_type")):
             if not s.get(key):
                 continue
             lines += ["", f"## {name}: per {title}", "",
-                      f"| {title} | n | accuracy (%) |" + (f" {pk} (%) |" if pk else ""),
-                      "|---|---:|---:|" + ("---:|" if pk else "")]
+                      f"| {title} | n | strict (%) | official (%) |" + (f" {pk} (%) |" if pk else ""),
+                      "|---|---:|---:|---:|" + ("---:|" if pk else "")]
             for k, g in s[key].items():
-                lines.append(f"| {k} | {g['n']} | {_pct(g['accuracy'])} |" + (f" {_pct(g[pk])} |" if pk else ""))
+                lines.append(f"| {k} | {g['n']} | {_pct(g['accuracy'])} | {_pct(g.get('official_accuracy', 0.0))} |"
+                             + (f" {_pct(g[pk])} |" if pk else ""))
+        if s.get("skipped_records"):
+            lines += ["", f"## {name}: skipped rows ({len(s['skipped_records'])})", ""]
+            lines += [f"- `{r['id']}`: {r['reason']}" for r in s["skipped_records"][:50]]
+            if len(s["skipped_records"]) > 50:
+                lines.append(f"- ... {len(s['skipped_records']) - 50} more in benchmark_report.json")
     steps = sorted({p.get("step") for p in report.get("history", []) if p.get("step") is not None})
     if len(steps) > 1:
         names = list(dict.fromkeys(p["benchmark"] for p in report["history"]))
