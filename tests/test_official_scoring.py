@@ -162,3 +162,13 @@ def test_official_is_total():
         for junk in (None, 3, "\\boxed{" * 5000, "<answer>" * 1000, "x" * 200_000):
             score, _ = official_score(junk, r)
             assert score == 0.0
+
+
+@pytest.mark.parametrize("pred, expected", [
+    ("The answer is 1.45", 1.0), ("The answer is 1.45.", 1.0), ("Final answer: 1.45", 1.0), ("1.45", 1.0),
+    ("The answer is 1.46", 0.0), ("The answer is", 0.0), ("The answer is 1.45\nor maybe 2", 1.0),
+])
+def test_strict_reads_a_sentence_answer_with_or_without_final_period(pred, expected):
+    from vold_pl.rewards.functions import score_answer
+
+    assert score_answer(pred, rec("mathvista", "1.45", "math")) == expected

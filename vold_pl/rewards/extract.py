@@ -153,6 +153,28 @@ def _extract_answer(text: str) -> str | None:
     return _bounded(answer) or None
 
 
+_ANSWER_PHRASE_RE = re.compile(r"(?:final\s+|correct\s+)?(?:answer|option|choice)\s*(?:is|:)[ \t:]*", re.IGNORECASE)
+
+
+def after_answer_phrase(s: object) -> str | None:
+    """The text after the last "(final|correct) answer/option/choice is" or "...:" phrase, up to the end of its
+    line, with one trailing period dropped; None when there is no such phrase or nothing follows it.
+
+    ``"The answer is 1.45"`` -> ``"1.45"``; ``"Answer: B."`` -> ``"B"``. Only the last ``MAX_SCAN_CHARS`` are read.
+    """
+    t = _text(s, MAX_SCAN_CHARS)
+    if not t:
+        return None
+    last = None
+    for m in _ANSWER_PHRASE_RE.finditer(t):
+        last = m
+    if last is None:
+        return None
+    rest = t[last.end():].split("\n", 1)[0].strip()
+    rest = rest[:-1].strip() if rest.endswith(".") else rest
+    return _bounded(rest) or None
+
+
 def is_well_formatted(text: object) -> bool:
     """True iff the output, stripped, fully matches ``<think>.*?</think>\\s*<answer>.*?</answer>`` (DOTALL).
 

@@ -31,6 +31,7 @@ from vold_pl.errors import UserError
 from vold_pl.rewards.extract import (
     NUMBER_RE,
     THOUSANDS_RE,
+    after_answer_phrase,
     clean_answer,
     extract_answer,
     is_well_formatted,
@@ -271,7 +272,9 @@ def score_answer(pred: str | None, record: Any) -> float:
         p = parse_choice_letters(pred, n, choices)
         return float(bool(p) and p == parse_choice_letters(gold, n))
     if atype == "math":
-        return float(math_equal(pred, gold))
+        # a sentence answer ("The answer is 1.45", no final period) is read after its answer phrase
+        tail = after_answer_phrase(pred) if not math_equal(pred, gold) else pred
+        return float(tail is not None and math_equal(tail, gold))
     if atype == "open":
         np_, ng = normalize_text(pred), normalize_text(gold)
         if np_ and np_ == ng:

@@ -35,10 +35,9 @@ import math
 import re
 from typing import Any
 
-from vold_pl.rewards.extract import MAX_ANSWER_CHARS, MAX_SCAN_CHARS, extract_answer, find_boxed
+from vold_pl.rewards.extract import MAX_ANSWER_CHARS, MAX_SCAN_CHARS, after_answer_phrase, extract_answer, find_boxed
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-_PHRASE_RE = re.compile(r"(?:final\s+|correct\s+)?(?:answer|option|choice)\s*(?:is|:)\s*:?\s*([^\n]*)", re.I)
 _NUMBER_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 
 
@@ -59,8 +58,7 @@ def final_span(text: object) -> str:
     t = _tail(text)
     got = extract_answer(t)
     if got is None:
-        phrases = _PHRASE_RE.findall(t)
-        got = phrases[-1] if phrases and phrases[-1].strip() else t
+        got = after_answer_phrase(t) or t
     got = got.strip()
     return "" if len(got) > MAX_ANSWER_CHARS and got is not t else got
 
