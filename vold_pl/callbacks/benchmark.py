@@ -38,7 +38,7 @@ from vold_pl.data.benchmarks import ON_BAD_RECORD, PROMPT_STYLES, benchmark_inst
 from vold_pl.data.collate import PromptCollator
 from vold_pl.data.schema import Record
 from vold_pl.distributed import generation_needs_sync
-from vold_pl.prompts import DEFAULT_INSTRUCTION, student_messages
+from vold_pl.prompts import DEFAULT_INSTRUCTION, student_messages, teacher_prompt
 from vold_pl.rewards.extract import extract_answer, is_well_formatted
 from vold_pl.rewards.functions import score_answer
 from vold_pl.rewards.official import official_score
@@ -286,7 +286,7 @@ class BenchmarkCallback(L.Callback):
                 rec = records[pos]
                 assert rec.id == meta["id"], "loader order must follow the slice"
                 row = torch.zeros(len(STATS), dtype=torch.float64)
-                prompt = prompt_text(rec.to_json(), instruction)
+                prompt = prompt_text(rec.to_json(), instruction, self.view)
                 for g in range(k):
                     text = rollout.texts[i * k + g]
                     answer = extract_answer(text)
@@ -317,11 +317,13 @@ class BenchmarkCallback(L.Callback):
         return benchmark_instruction(spec.loader or spec.name, self.prompt_style, self.instruction)
 
 
-def prompt_text(row: dict, instruction: str) -> str:
-    """The text of the student's chat for ``row`` (what the model reads besides the images), from
-    :func:`vold_pl.prompts.student_messages` whatever form its content takes (a string or typed parts)."""
+def prompt_text(row: dict, instruction: str, view: str = "student") -> str:
+    """The text of the chat for ``row`` (what the model reads besides the images), from
+    :func:`vold_pl.prompts.student_messages` (or, ``view='teacher'``, :func:`vold_pl.prompts.teacher_prompt`)
+    whatever form its content takes (a string or typed parts)."""
     parts = []
-    for msg in student_messages(row, instruction):
+    messages = teacher_prompt(row, instruction)[0] if view == "teacher" else student_messages(row, instruction)
+    for msg in messages:
         content = msg["content"]
         parts += [content] if isinstance(content, str) else [c["text"] for c in content if c.get("type") == "text"]
     return "\n".join(parts)

@@ -341,6 +341,20 @@ class _Collector:
         self.out.skipped.append({"id": str(rid), "reason": str(err)})
 
 
+def _collect(rows: Iterator[tuple[Any, int, Any]], on_bad_record: str, id_field: str,
+             build: Callable[..., dict]) -> BenchmarkRecords:
+    """Every row through ``build(row, file, index, id)`` into a :class:`_Collector` (a row that could not even be
+    parsed arrives as its :class:`RecordError`)."""
+    col = _Collector(on_bad_record)
+    for f, i, row in rows:
+        if isinstance(row, RecordError):
+            col.skip(f"line {i}", row)
+            continue
+        rid = str(row.get(id_field)) if isinstance(row, dict) else f"row {i}"
+        col.add(f, i, rid, partial(build, row, f, i, rid))
+    return col.out
+
+
 def _letter_of(ans: str, choices: list[str], fail, text_first: bool = False) -> str:
     """The option letter of ``ans``, given as a letter or as the option's text.
 
@@ -407,14 +421,10 @@ def load_mathvista(path, split: str = "testmini", limit: int | None = None, cach
     root, rows, _ = _rows_for("mathvista", path, subdir="data", split=split, repo="AI4Math/MathVista",
                               required=MATHVISTA_COLUMNS, limit=limit)
     cache = _cache_root(root, cache_dir) / "mathvista" / _safe(split)
-    col = _Collector(on_bad_record)
-    for f, i, row in rows:
-        pid = str(row.get("pid"))
-        col.add(f, i, pid, partial(_mathvista_record, row, f, i, pid, root, cache))
-    return col.out
+    return _collect(rows, on_bad_record, "pid", partial(_mathvista_record, root=root, cache=cache))
 
 
-def _mathvista_record(row: dict, f, i: int, pid: str, root: Path | None, cache: Path) -> dict:
+def _mathvista_record(row: dict, f, i: int, pid: str, *, root: Path | None, cache: Path) -> dict:
     fail = _failer(f, i, pid)
     question = _text(row, "question", fail)
     ans = str(row["answer"] if row["answer"] is not None else "").strip()
@@ -476,17 +486,10 @@ def load_mathvision(path, split: str = "test", limit: int | None = None, cache_d
     root, rows, is_jsonl = _rows_for("mathvision", path, subdir="data", split=split, repo="MathLLMs/MathVision",
                                      required=MATHVISION_COLUMNS, limit=limit, jsonl=f"data/{split}.jsonl")
     cache = _cache_root(root, cache_dir) / "mathvision" / _safe(split)
-    col = _Collector(on_bad_record)
-    for f, i, row in rows:
-        if isinstance(row, RecordError):
-            col.skip(f"line {i}", row)
-            continue
-        rid = str(row.get("id")) if isinstance(row, dict) else f"line {i}"
-        col.add(f, i, rid, partial(_mathvision_record, row, f, i, rid, root, cache))
-    return col.out
+    return _collect(rows, on_bad_record, "id", partial(_mathvision_record, root=root, cache=cache))
 
 
-def _mathvision_record(row: Any, f, i: int, rid: str, root: Path | None, cache: Path) -> dict:
+def _mathvision_record(row: Any, f, i: int, rid: str, *, root: Path | None, cache: Path) -> dict:
     fail = _failer(f, i, rid)
     if not isinstance(row, dict):
         raise fail("(row)", f"expected an object, got {type(row).__name__}", "Re-download the file.")
@@ -555,14 +558,10 @@ def load_mmmu_pro(path, config: str = "standard (10 options)", limit: int | None
     root, rows, _ = _rows_for("mmmu_pro_vision" if vision else "mmmu_pro_standard", path, subdir=config,
                               split="test", repo="MMMU/MMMU_Pro", required=required, limit=limit, config=config)
     cache = _cache_root(root, cache_dir) / "mmmu_pro" / _safe(config)
-    col = _Collector(on_bad_record)
-    for f, i, row in rows:
-        rid = str(row.get("id"))
-        col.add(f, i, rid, partial(_mmmu_pro_record, row, f, i, rid, vision, cache))
-    return col.out
+    return _collect(rows, on_bad_record, "id", partial(_mmmu_pro_record, vision=vision, cache=cache))
 
 
-def _mmmu_pro_record(row: dict, f, i: int, rid: str, vision: bool, cache: Path) -> dict:
+def _mmmu_pro_record(row: dict, f, i: int, rid: str, *, vision: bool, cache: Path) -> dict:
     fail = _failer(f, i, rid)
     options = _parse_options(row["options"], fail)
     ans = str(row["answer"] or "").strip()
