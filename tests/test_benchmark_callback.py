@@ -135,14 +135,14 @@ def test_scripted_accuracy_per_group_and_reports(synth_data, tiny_models, tmp_pa
 
     with Image.open(tmp_path / "benchmark_report.png") as im:
         im.verify()
-    assert render_png(rep)[1] == bar_labels(rep) == ["0.600"]  # the plot prints the JSON's numbers
+    assert render_png(rep)[1] == bar_labels(rep) == ["0.600", "0.600"]  # the plot prints the JSON's numbers
     preds = [json.loads(x) for x in (tmp_path / "benchmark_predictions.jsonl").read_text().splitlines()]
     assert [p["id"] for p in preds] == [r.id for r in records]
     assert [p["correct"] for p in preds] == [k in CORRECT for (k,) in PLAN_1]
     assert [p["format_valid"] for p in preds] == [k in WELL_FORMATTED for (k,) in PLAN_1]
     assert preds[0]["extracted"] == records[0].answer and preds[3]["extracted"] is None
     assert {"prompt", "completion", "gold", "benchmark"} <= preds[0].keys()
-    assert rep["history"] == [{"step": 0, "benchmark": "synthetic", "accuracy": 0.6, "n": 10}]
+    assert rep["history"] == [{"step": 0, "benchmark": "synthetic", "accuracy": 0.6, "n": 10, "official_accuracy": 0.6}]
 
 
 # Four records, three samples each. Mean accuracy = (1 + 0 + 3 + 1) / 12 = 5/12; pass@3 = 3 of 4 solved.

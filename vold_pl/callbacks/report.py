@@ -80,6 +80,8 @@ def history_entries(report: dict) -> list[dict]:
     out = []
     for name, s in report["benchmarks"].items():
         point = {"step": report.get("step"), "benchmark": name, "accuracy": s["accuracy"], "n": s["n"]}
+        if "official_accuracy" in s:
+            point["official_accuracy"] = s["official_accuracy"]
         point.update({k: v for k, v in s.items() if k.startswith("pass@")})
         out.append(point)
     return out
@@ -169,10 +171,16 @@ def render_markdown(report: dict) -> str:
 
 
 def bar_labels(report: dict) -> list[str]:
-    """The numbers printed on the accuracy bars, in drawing order (accuracy, then pass@k, per benchmark)."""
-    pk = _passk_key(report)
-    keys = ["accuracy"] + ([pk] if pk else [])
+    """The numbers printed on the accuracy bars, in drawing order (strict accuracy, official accuracy when the
+    report has it, then pass@k, per benchmark)."""
+    keys = _bar_keys(report)
     return [f"{report['benchmarks'][n][k]:.3f}" for k in keys for n in report["benchmarks"]]
+
+
+def _bar_keys(report: dict) -> list[str]:
+    pk = _passk_key(report)
+    official = all("official_accuracy" in s for s in report["benchmarks"].values())
+    return ["accuracy"] + (["official_accuracy"] if official else []) + ([pk] if pk else [])
 
 
 def render_png(report: dict) -> tuple[bytes, list[str]]:
@@ -183,19 +191,18 @@ def render_png(report: dict) -> tuple[bytes, list[str]]:
     import matplotlib.pyplot as plt
 
     names = list(report["benchmarks"])
-    pk = _passk_key(report)
     history = report.get("history") or []
     steps = sorted({p.get("step") for p in history if p.get("step") is not None})
     panels = 2 if len(steps) > 1 else 1
     fig, axes = plt.subplots(1, panels, figsize=(5 + 1.2 * len(names) + 5 * (panels - 1), 4.2), squeeze=False)
     ax = axes[0][0]
-    keys = ["accuracy"] + ([pk] if pk else [])
+    keys = _bar_keys(report)
     width = 0.8 / len(keys)
     drawn: list[str] = []
     for j, key in enumerate(keys):
         vals = [report["benchmarks"][n][key] for n in names]
         xs = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(names))]
-        bars = ax.bar(xs, vals, width=width, label=key)
+        bars = ax.bar(xs, vals, width=width, label={"accuracy": "strict"}.get(key, key.replace("_accuracy", "")))
         for b, v in zip(bars, vals):
             text = f"{v:.3f}"
             ax.text(b.get_x() + b.get_width() / 2, v + 0.01, text, ha="center", va="bottom", fontsize=9)
@@ -204,7 +211,7 @@ def render_png(report: dict) -> tuple[bytes, list[str]]:
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("accuracy")
     ax.set_title(f"step {report.get('step')}: {str(report.get('model'))[-60:]}", fontsize=10)
-    if pk:
+    if len(keys) > 1:
         ax.legend(loc="upper right", fontsize=8)
     if panels == 2:
         ax2 = axes[0][1]
