@@ -96,7 +96,8 @@ class RecordingEngine(ScriptedEngine):
 def _specs(base: Path) -> list[BenchmarkSpec]:
     b = base / "data" / "benchmarks"
     return [BenchmarkSpec("mathvista", str(b / "MathVista")), BenchmarkSpec("mathvision", str(b / "MATH-V")),
-            BenchmarkSpec("mmmu_pro_standard", str(b / "MMMU_Pro")), BenchmarkSpec("mmmu_pro_vision", str(b / "MMMU_Pro")),
+            BenchmarkSpec("mmmu_pro_standard", str(b / "MMMU_Pro")),
+            BenchmarkSpec("mmmu_pro_vision", str(b / "MMMU_Pro")),
             BenchmarkSpec("logicvista", str(b / "LogicVista"))]
 
 
@@ -116,7 +117,7 @@ def test_callback_prompts_list_every_option_and_report_counts(tmp_path, tiny_mod
     L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, callbacks=[cb]).validate(module, verbose=False)
     n_choice = 0
-    for name, rs in records.items():
+    for rs in records.values():
         for r in rs:
             prompt = engine.prompts[r.id]
             if r.answer_type == "choice" and r.source != "mmmu_pro_vision" and r.choices != list("ABCD"):
@@ -161,7 +162,8 @@ def test_shipped_bench_config_validates_on_all_four_benchmarks(tmp_path, tiny_mo
     main(["validate", "--config", str(SHIPPED), "--model.init_args.model.name_or_path", str(tiny_models["student"]),
           "--model.init_args.model.dtype", "float32", "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
           "--trainer.callbacks.init_args.max_new_tokens", "4", "--trainer.enable_progress_bar", "false"])
-    rep = json.loads((tmp_path / "runs" / "openvlthinker_qwen2_5_vl_3b" / "bench" / "benchmark_report.json").read_text())
+    out = tmp_path / "runs" / "openvlthinker_qwen2_5_vl_3b" / "bench"
+    rep = json.loads((out / "benchmark_report.json").read_text())
     assert set(rep["benchmarks"]) == {"mathvista", "mathvision", "mmmu_pro_standard", "mmmu_pro_vision", "logicvista"}
     for name, s in rep["benchmarks"].items():
         assert s["scored"] >= 1 and s["published"] == s["scored"] + s["skipped"], (name, s)
@@ -181,3 +183,20 @@ def test_mmmu_pro_multi_image_and_vision(tmp_path):
     assert len(std["validation_Accounting_1"].images) == 2 and len(std["validation_Art_2"].images) == 1
     (v,) = load_benchmark("mmmu_pro_vision", tmp_path)
     assert v.choices == list("ABCDEFGHIJ") and "$1" not in v.problem
+
+
+def test_callback_on_bad_record_error_keeps_the_strict_behaviour(tmp_path, tiny_models):
+    from tests.test_benchmark_callback import StubPolicy
+
+    make_logicvista(tmp_path / "lv")
+    module = StubPolicy(tiny_models["student"])
+    cb = BenchmarkCallback([BenchmarkSpec("logicvista", str(tmp_path / "lv"))], out_dir=str(tmp_path / "out"),
+                           on_bad_record="error", engine=ScriptedEngine(module.tokenizer, {}))
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
+    with pytest.raises(RecordError, match="id='v1_3'.*field 'question'"):
+        trainer.validate(module, verbose=False)
+    with pytest.raises(ValueError, match="on_bad_record"):
+        BenchmarkCallback([], on_bad_record="ignore")
+    with pytest.raises(ValueError, match="prompt_style"):
+        BenchmarkCallback([], prompt_style="fancy")

@@ -47,7 +47,8 @@ MATHVISTA = [
     (MV_INT, "The answer is 7.", 1), (MV_INT, tag("7 cm"), 1), (MV_INT, "\\boxed{7}", 1), (MV_INT, "8", 0),
     (MV_INT, tag("6.99"), 0), (MV_INT, "seven", 0), (MV_INT, "", 0), (MV_INT, "1,007", 0),
     # floats: rounded to the gold's precision
-    (MV_FLOAT2, "1.45", 1), (MV_FLOAT2, "1.449", 1), (MV_FLOAT2, tag("1.4512"), 1), (MV_FLOAT2, "The answer is 1.45", 1),
+    (MV_FLOAT2, "1.45", 1), (MV_FLOAT2, "1.449", 1), (MV_FLOAT2, tag("1.4512"), 1),
+    (MV_FLOAT2, "The answer is 1.45", 1),
     (MV_FLOAT2, "1.4", 0), (MV_FLOAT2, "1.46", 0), (MV_FLOAT2, tag("\\frac{29}{20}"), 0),
     (MV_FLOAT1, "0.5", 1), (MV_FLOAT1, tag("0.500"), 1), (MV_FLOAT1, "1/2", 0), (MV_FLOAT1b, "2", 1),
     (MV_FLOAT1b, "1.96", 1), (MV_FLOAT1b, "2.1", 0),
@@ -71,7 +72,8 @@ MATHVISION = [
     (MATHV_CHOICE, "Therefore it is (B).", 1), (MATHV_CHOICE, "B\nbecause 4 sides", 1),
     (MATHV_CHOICE, "The answer is 4", 1), (MATHV_CHOICE, tag("4"), 1),  # the option's value
     (MATHV_CHOICE, "\\boxed{4}", 1), (MATHV_CHOICE, "A", 0), (MATHV_CHOICE, tag("C"), 0), (MATHV_CHOICE, "6", 0),
-    (MATHV_CHOICE, "", 0), (MATHV_CHOICE, "\\boxed{A} then \\boxed{B}", 1), (MATHV_CHOICE, "\\boxed{B} then \\boxed{A}", 0),
+    (MATHV_CHOICE, "", 0), (MATHV_CHOICE, "\\boxed{A} then \\boxed{B}", 1),
+    (MATHV_CHOICE, "\\boxed{B} then \\boxed{A}", 0),
     (MATHV_CHOICE, "B.", 1), (MATHV_CHOICE, "B and C", 0),
     (MATHV_NUM, "12", 1), (MATHV_NUM, tag("12"), 1), (MATHV_NUM, "\\boxed{12}", 1), (MATHV_NUM, "The answer is 12.", 1),
     (MATHV_NUM, "x = 12", 1), (MATHV_NUM, "12.0", 1), (MATHV_NUM, "12.004", 1), (MATHV_NUM, "12.01", 0),
@@ -151,7 +153,8 @@ def test_tables_have_enough_cases(name):
 
 
 @pytest.mark.parametrize("record, response, expected",
-                         [pytest.param(r, s, e, id=f"{n}-{i}") for n, t in TABLES.items() for i, (r, s, e) in enumerate(t)])
+                         [pytest.param(r, s, e, id=f"{n}-{i}")
+                          for n, t in TABLES.items() for i, (r, s, e) in enumerate(t)])
 def test_official_verdicts(record, response, expected):
     score, _ = official_score(response, record)
     assert score == expected, (response, record.answer, official_score(response, record))
