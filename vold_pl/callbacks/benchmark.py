@@ -36,6 +36,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from vold_pl.callbacks.report import NO_CATEGORY, STATS, summarize, write_reports
 from vold_pl.data.benchmarks import ON_BAD_RECORD, PROMPT_STYLES, benchmark_instruction, load_benchmark
 from vold_pl.data.collate import PromptCollator
+from vold_pl.data.datamodule import check_prompts_render
 from vold_pl.data.schema import Record
 from vold_pl.distributed import generation_needs_sync
 from vold_pl.prompts import DEFAULT_INSTRUCTION, student_messages, teacher_prompt
@@ -172,6 +173,13 @@ class BenchmarkCallback(L.Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._validated = False
+        if (stage == "validate" and self.on_validate) or (stage == "fit" and (
+                self.every_n_steps or self.every_n_epochs or self.at_fit_end)):
+            for spec in self.benchmarks:  # a chat template that drops the prompts fails now, not after training
+                _, dataset = self._load(spec)
+                check_prompts_render(pl_module.processor, dataset, self.view, self.instruction,
+                                     where=f"benchmark {spec.name!r} ({spec.path})",
+                                     view_key="trainer.callbacks.init_args.view")
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if stage == "validate" and self.on_validate and not self._validated:

@@ -13,9 +13,12 @@ from typing import Any
 
 import torch
 
+from vold_pl.models.factory import get_tokenizer
 from vold_pl.models.inputs import pad_left
 from vold_pl.prompts import (  # noqa: F401 - re-exported: the collators' prompt API
     DEFAULT_INSTRUCTION,
+    has_image_processor,
+    render_prompt,
     student_messages,
     target_text,
     teacher_messages,
@@ -57,10 +60,6 @@ def take_rows(rows: list, keep_batch_size: bool) -> tuple[list[dict], list[str]]
     return good, bad
 
 
-def _tokenizer(processor):
-    return getattr(processor, "tokenizer", processor)
-
-
 _MAX_TOKEN_CHARS: dict[int, int] = {}
 
 
@@ -77,26 +76,18 @@ def max_token_chars(tokenizer) -> int:
     return _MAX_TOKEN_CHARS[key]
 
 
-def _has_images(processor) -> bool:
-    return getattr(processor, "image_processor", None) is not None
-
-
 def encode_prompts(processor, rows: list[dict], view: str = "student",
                    instruction: str = DEFAULT_INSTRUCTION) -> dict[str, Any]:
     """Tokenise chat prompts, unpadded: ``input_ids`` is a list of lists; image tensors when there are images.
 
-    ``view='teacher'`` renders each row as a text-only model sees it (no pixels, the text view).
+    ``view='teacher'`` renders each row as a text-only model sees it (no pixels, the text view). The chats are
+    built and rendered by :func:`vold_pl.prompts.render_prompt` (string content unless a row has images).
     """
-    tok = _tokenizer(processor)
-    if view == "teacher":
-        msgs = [teacher_prompt(r, instruction)[0] for r in rows]
-        images = []
-    else:
-        msgs = [student_messages(r, instruction) for r in rows]
-        images = [im for r in rows for im in (r.get("images") or [])]
-    texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in msgs]
+    tok = get_tokenizer(processor)
+    texts = [render_prompt(processor, r, view, instruction) for r in rows]
+    images = [] if view == "teacher" else [im for r in rows for im in (r.get("images") or [])]
     if images:
-        if not _has_images(processor):
+        if not has_image_processor(processor):
             raise ValueError("rows have images but the model has no image processor: a text-only model needs "
                              "view='teacher' (the text view) or text-only data.")
         enc = processor(text=texts, images=images, padding=False, return_tensors=None)
@@ -116,7 +107,7 @@ def mm_token_type_ids(input_ids: torch.Tensor, image_token_id: int | None) -> to
 
 
 def image_token_id(processor) -> int | None:
-    return getattr(processor, "image_token_id", None) if _has_images(processor) else None
+    return getattr(processor, "image_token_id", None) if has_image_processor(processor) else None
 
 
 def meta(rows: list[dict]) -> list[dict]:
@@ -135,7 +126,7 @@ class PromptCollator:
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
         rows, bad = take_rows(rows, self.keep_batch_size)
         enc = encode_prompts(self.processor, rows, self.view, self.instruction)
-        ids, mask = pad_left(enc.pop("input_ids"), _tokenizer(self.processor).pad_token_id)
+        ids, mask = pad_left(enc.pop("input_ids"), get_tokenizer(self.processor).pad_token_id)
         out = {"input_ids": ids, "attention_mask": mask,
                "mm_token_type_ids": mm_token_type_ids(ids, image_token_id(self.processor)),
                **enc, "records": meta(rows)}
@@ -159,7 +150,7 @@ class SFTCollator:
     keep_batch_size: bool = False
 
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
-        tok = _tokenizer(self.processor)
+        tok = get_tokenizer(self.processor)
         rows, bad = take_rows(rows, self.keep_batch_size)
         enc = encode_prompts(self.processor, rows, self.view, self.instruction)
         seqs, labels, truncated = [], [], 0

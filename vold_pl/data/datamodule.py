@@ -20,11 +20,14 @@ from vold_pl.data.schema import RecordError, image_problem
 from vold_pl.data.sources import DataSource, load_source
 from vold_pl.distributed import EvenShardSampler, uses_distributed_sampler
 from vold_pl.errors import UserError
-from vold_pl.prompts import DEFAULT_INSTRUCTION, student_messages, target_text, teacher_prompt
+from vold_pl.prompts import DEFAULT_INSTRUCTION, check_rendered_prompt, render_prompt, target_text, teacher_text
 
-__all__ = ["CheckedConcatDataset", "MixedSampler", "ReasoningDataModule", "ResumableDataLoader", "prompt_lengths"]
+__all__ = ["CheckedConcatDataset", "MixedSampler", "ReasoningDataModule", "ResumableDataLoader",
+           "check_prompts_render", "prompt_lengths"]
 # Traces sampled (seeded) to compare their lengths with max_length / max_new_tokens at setup.
 LENGTH_SAMPLE = 256
+# Rows searched at setup for one prompt of each form (text-only, with images) to render with the chat template.
+RENDER_PROBE_ROWS = 1000
 
 
 class CheckedConcatDataset(ConcatDataset):
@@ -153,6 +156,7 @@ class ReasoningDataModule(L.LightningDataModule):
         self.curriculum_stage: int | None = None
         self.curriculum_state: dict = {}
         self._pools_cache: dict[str, list[list[int]]] = {}
+        self._rendering_checked: set[tuple] = set()  # (source, processor, view) whose prompts rendered correctly
 
     # -- setup -------------------------------------------------------------------------------------------
     def _processor(self):
@@ -180,11 +184,27 @@ class ReasoningDataModule(L.LightningDataModule):
             ds, skipped = load_source(src, self.on_bad_record, check_images=self.image_check)
             self.skipped += skipped
             if processor is not None:
+                self._check_rendering(ds, src, processor)
                 ds = self._check_prompt_lengths(ds, src, processor, mode)
                 if split == "train":
                     self._check_trace_lengths(ds, src, processor, mode)
             parts.append(ds)
         return CheckedConcatDataset(parts, self.on_bad_record)
+
+    def _check_rendering(self, ds, src: DataSource, processor) -> None:
+        """Render prompts of ``src`` with the model's own chat template, in the data module's view, and with the
+        teacher's (OPD: the LightningModule's ``teacher_tokenizer``) in the teacher view; a template that drops or
+        garbles them is a :class:`UserError` before any step (:func:`check_prompts_render`). Once per source."""
+        module = self.trainer.lightning_module if self._trainer_attached() else None
+        renderers = [(processor, self.view)]
+        teacher_tok = getattr(module, "teacher_tokenizer", None)
+        if teacher_tok is not None:
+            renderers.append((teacher_tok, "teacher"))
+        for proc, view in renderers:
+            key = (src.path, id(proc), view)
+            if key not in self._rendering_checked:
+                check_prompts_render(proc, ds, view, self.instruction, where=f"data source {src.path}")
+                self._rendering_checked.add(key)
 
     def _processor_or_none(self):
         try:
@@ -454,14 +474,9 @@ def prompt_lengths(processor, ds, view: str = "student", instruction: str = DEFA
     merge = getattr(image_processor, "merge_size", 2) or 1
     columns = ds.select_columns([c for c in ("id", "problem", "text_view", "image_paths") if c in ds.column_names])
     rows = list(columns)
-    texts = []
     for r in rows:
         r["images"] = r.get("image_paths") or []
-        if view == "teacher":
-            msgs = teacher_prompt(r, instruction)[0]
-        else:
-            msgs = student_messages(r, instruction)
-        texts.append(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
+    texts = [render_prompt(processor, r, view, instruction) for r in rows]
     ids = tok(texts, add_special_tokens=False)["input_ids"]
     out = []
     for r, seq in zip(rows, ids):
@@ -474,3 +489,29 @@ def prompt_lengths(processor, ds, view: str = "student", instruction: str = DEFA
                 n += patches // (merge * merge) - 1  # the one placeholder token becomes this many
         out.append(n)
     return out
+
+
+def check_prompts_render(processor, ds, view: str = "student", instruction: str = DEFAULT_INSTRUCTION,
+                         where: str = "data", view_key: str = "data.view") -> None:
+    """Render prompts of ``ds`` (a data set of the record schema) with the model's own chat template and verify
+    them (:func:`vold_pl.prompts.check_rendered_prompt`): in the student view the first text-only row and the
+    first row with images among the first :data:`RENDER_PROBE_ROWS` (the two forms a user turn takes), in the
+    teacher view the first row the teacher can read. Image paths stand in for the pixels (only their count
+    matters). Raises :class:`~vold_pl.errors.UserError` naming the model, the template's behaviour and the fix.
+    """
+    cols = [c for c in ("id", "problem", "text_view", "image_paths", "choices") if c in ds.column_names]
+    rows = ds.select_columns(cols).select(range(min(len(ds), RENDER_PROBE_ROWS)))
+    probes: dict[str, dict] = {}
+    for r in rows:
+        r["images"] = r.get("image_paths") or []
+        if view == "teacher":
+            kind = "seen" if teacher_text(r) is not None else "stand-in"
+        else:
+            kind = "images" if r["images"] else "text"
+        probes.setdefault(kind, r)
+        if len(probes) == 2:
+            break
+    if view == "teacher" and "seen" in probes:
+        probes.pop("stand-in", None)  # the teacher's bare stand-in prompt is masked out of the loss
+    for r in probes.values():
+        check_rendered_prompt(processor, r, view, instruction, where=where, view_key=view_key)

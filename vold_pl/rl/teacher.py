@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from vold_pl.models.inputs import pad_left
-from vold_pl.prompts import DEFAULT_INSTRUCTION, teacher_prompt
+from vold_pl.prompts import DEFAULT_INSTRUCTION, render_messages, teacher_prompt
 from vold_pl.rl.logprobs import concat_prompt_completion, mask_blocked, model_token_logprobs
 
 
@@ -37,7 +37,7 @@ def build_teacher_inputs(tokenizer, records: list[dict], completion_ids: torch.T
     for rec in records:
         msgs, ok = teacher_prompt(rec, instruction)  # a stand-in prompt where the teacher cannot see the row
         available.append(ok)
-        text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        text = render_messages(tokenizer, msgs)
         prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
     prompt_ids, prompt_mask = pad_left(prompts, tokenizer.pad_token_id)  # [B, S]
     prompt_ids = prompt_ids.repeat_interleave(group_size, 0).to(completion_ids.device)  # [N, S]
