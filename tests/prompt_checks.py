@@ -3,8 +3,8 @@
 :func:`decoded_prompts` turns a collated batch back into prompt text (the tokens the model attends to, the SFT
 target left out); :func:`assert_reads` checks one decoded prompt against its record; :class:`PromptRecorder`
 records the decoded prompts of every stage of a run in this process (the student's batches, the teacher's
-inputs, trace writing and benchmarks) by wrapping the collators and the teacher's input builder: the wrapped
-code runs unchanged, its outputs are decoded on the side.
+inputs, trace writing and benchmarks) by wrapping the collators, the teacher's input builder and the trace
+writer's batch hook: the wrapped code runs unchanged, what it builds or receives is decoded on the side.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ def assert_reads(decoded: str, record: dict, view: str, instruction: str = DEFAU
 
 @dataclass
 class Seen:
-    """One decoded prompt: which code built it (``student`` collators, ``teacher`` inputs), the view, the row's
-    metadata and the instruction it was built with."""
+    """One decoded prompt: which code built it (``sft`` / ``prompt``: the collators, ``teacher``: the teacher's
+    inputs, ``traces``: a batch trace writing sampled from), the view, the row's metadata and the instruction."""
 
     kind: str
     view: str
@@ -63,17 +63,19 @@ class Seen:
 
 @dataclass
 class PromptRecorder:
-    """Decoded prompts of everything collated or scored while it is installed (see the module docstring)."""
+    """Decoded prompts of everything collated, scored or sampled for traces while it is installed (see the module
+    docstring); benchmarks collate with :class:`~vold_pl.data.collate.PromptCollator` (kind ``prompt``)."""
 
     seen: list[Seen] = field(default_factory=list)
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> PromptRecorder:
+        from vold_pl.callbacks.trace_writer import TraceWriter
         from vold_pl.data import collate
         from vold_pl.modules import opd_grpo
         from vold_pl.rl import teacher
 
-        for cls in (collate.PromptCollator, collate.SFTCollator):
-            monkeypatch.setattr(cls, "__call__", self._collator(cls.__call__))
+        for cls, kind in ((collate.PromptCollator, "prompt"), (collate.SFTCollator, "sft")):
+            monkeypatch.setattr(cls, "__call__", self._collator(cls.__call__, kind))
         build = teacher.build_teacher_inputs
 
         def build_and_record(tokenizer, records, completion_ids, completion_mask, group_size,
@@ -86,31 +88,40 @@ class PromptRecorder:
             return out
 
         monkeypatch.setattr(opd_grpo, "build_teacher_inputs", build_and_record)
+        write = TraceWriter.write_on_batch_end
+
+        def write_and_record(writer, trainer, pl_module, prediction, batch_indices, batch, *args, **kwargs):
+            dm = trainer.datamodule
+            for rec, text in zip(batch["records"], decoded_prompts(pl_module.tokenizer, batch)):
+                self.seen.append(Seen("traces", dm.view, rec, text, dm.instruction))
+            return write(writer, trainer, pl_module, prediction, batch_indices, batch, *args, **kwargs)
+
+        monkeypatch.setattr(TraceWriter, "write_on_batch_end", write_and_record)
         return self
 
-    def _collator(self, call):
+    def _collator(self, call, kind: str):
         recorder = self
 
         def call_and_record(collator, rows):
             batch = call(collator, rows)
             texts = decoded_prompts(get_tokenizer(collator.processor), batch)
             for rec, text in zip(batch["records"], texts):
-                recorder.seen.append(Seen("student", collator.view, rec, text, collator.instruction))
+                recorder.seen.append(Seen(kind, collator.view, rec, text, collator.instruction))
             return batch
 
         return call_and_record
 
-    def of(self, kind: str | None = None, id_part: str = "") -> list[Seen]:
-        """The prompts recorded for ``kind`` (any when ``None``) whose record id contains ``id_part``."""
-        return [s for s in self.seen if (kind is None or s.kind == kind) and id_part in str(s.record.get("id"))]
+    def of(self, kind: str, id_part: str = "") -> list[Seen]:
+        """The prompts recorded for ``kind`` whose record id contains ``id_part``."""
+        return [s for s in self.seen if s.kind == kind and id_part in str(s.record.get("id"))]
 
-    def check(self, kind: str | None = None, id_part: str = "", at_least: int = 1) -> list[Seen]:
-        """Every recorded prompt of ``kind`` / ``id_part`` reads right (:func:`assert_reads`); at least
-        ``at_least`` of them were seen. Returns them."""
+    def check(self, kind: str, id_part: str = "", view: str = "student", at_least: int = 1) -> list[Seen]:
+        """Every recorded prompt of ``kind`` / ``id_part`` is in ``view`` and reads right (:func:`assert_reads`),
+        with the default instruction; at least ``at_least`` of them were seen. Returns them."""
         found = self.of(kind, id_part)
-        assert len(found) >= at_least, f"{len(found)} {kind or 'any'} prompts of ids *{id_part}* seen"
+        assert len(found) >= at_least, f"{len(found)} {kind} prompts of ids *{id_part}* seen, {at_least}+ expected"
         for s in found:
-            assert s.instruction == DEFAULT_INSTRUCTION
+            assert s.view == view and s.instruction == DEFAULT_INSTRUCTION, (s.kind, s.view, s.instruction)
             assert_reads(s.text, s.record, s.view, s.instruction)
         return found
 

@@ -5,7 +5,11 @@ The models are the real architectures scaled down, with the real tokenizers, tok
 ``vold_pl/models/qwen_shapes.py``). Each config runs through the CLI as a user runs it, with only model paths,
 data paths, device, strategy size and sizes (steps, lengths, batches) overridden: two optimizer steps of each
 fit, a validation where the recipe validates, a predict where it samples. The FSDP configs run
-``ModelParallelStrategy`` / ``FSDP2Strategy`` (``fully_shard``) in one gloo process.
+``ModelParallelStrategy`` / ``FSDP2Strategy`` (``fully_shard``) in one gloo process. Every stage's prompts are
+checked as the models receive them, decoded from their ids under the real chat templates
+(``tests/prompt_checks.py``): the student's training and validation batches, the teacher's inputs, the batches
+trace writing samples from and the benchmark's, each with its problem (or text view), options and instruction
+exactly once and one image placeholder per image the view shows.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
+from tests.prompt_checks import PromptRecorder
 
 REPO = Path(__file__).resolve().parent.parent
 REAL = REPO / "configs" / "real"
@@ -78,8 +84,9 @@ def assert_exported_aligned(export: Path) -> None:
     assert added["<think>"] == 151667 and added["</think>"] == 151668 and max(added.values()) == 151668
 
 
-def test_sft_real_config(workdir, real_shape_models, synth_data):
+def test_sft_real_config(workdir, real_shape_models, synth_data, monkeypatch):
     config = REAL / "sft_qwen2_5_vl_3b.yaml"
+    prompts = PromptRecorder().install(monkeypatch)
     cli(["fit", "--config", str(config), *DEVICE, *SIZES,
          "--model.init_args.model.name_or_path", str(real_shape_models["student"]),
          "--model.init_args.model.align_tokens_with", str(real_shape_models["teacher"]),
@@ -91,6 +98,8 @@ def test_sft_real_config(workdir, real_shape_models, synth_data):
     assert len(column(rows, "train/loss")) >= 1 and all(math.isfinite(x) for x in column(rows, "train/loss"))
     assert len(column(rows, "val/loss")) == 1  # validated once, after the 2 optimizer steps
     assert_exported_aligned(workdir / "runs" / "sft_qwen2_5_vl_3b" / "export")
+    prompts.check("sft", "synthetic-train", at_least=4)  # 2 steps x 2 rows, images and all
+    prompts.check("sft", "synthetic-val")
 
 
 def opd_args(config: Path, real_shape_models, synth_data) -> list[str]:
@@ -106,9 +115,11 @@ def opd_args(config: Path, real_shape_models, synth_data) -> list[str]:
     ("opd_grpo_qwen2_5_vl_3b", ["--trainer.strategy.init_args.data_parallel_size", "1"]),  # ModelParallelStrategy
     ("opd_grpo_qwen2_5_vl_3b_fsdp", []),  # FSDP2Strategy: data_parallel_size auto = 1 node x 1 device
 ])
-def test_opd_grpo_real_configs(name, strategy_size, workdir, real_shape_models, synth_data):
-    """The base Qwen2.5-VL tokenizer is aligned with the Qwen3 teacher at load time (align_tokens_with: teacher)."""
+def test_opd_grpo_real_configs(name, strategy_size, workdir, real_shape_models, synth_data, monkeypatch):
+    """The base Qwen2.5-VL tokenizer is aligned with the Qwen3 teacher at load time (align_tokens_with: teacher).
+    The student reads image and text-only problems, the teacher (Qwen3's template) their text views."""
     config = REAL / f"{name}.yaml"
+    prompts = PromptRecorder().install(monkeypatch)
     cli([*opd_args(config, real_shape_models, synth_data), *strategy_size])
     run = workdir / "runs" / name
     rows = metrics(run)
@@ -118,12 +129,18 @@ def test_opd_grpo_real_configs(name, strategy_size, workdir, real_shape_models, 
     assert len(kl) == 2 and all(math.isfinite(x) for x in kl)
     assert len(column(rows, "val/accuracy")) == 1
     assert_exported_aligned(run / "export")
+    student = prompts.check("prompt", "synthetic-train", at_least=4)
+    assert {bool(s.record["has_image"]) for s in student} == {True, False}  # both sources were drawn
+    prompts.check("prompt", "synthetic-val")
+    teacher = prompts.check("teacher", "synthetic-train", view="teacher", at_least=4)
+    assert {bool(s.record["has_image"]) for s in teacher} == {True, False}  # text views and text problems
 
 
-def test_currreft_real_config_and_rejection_sampling(workdir, real_shape_models, synth_data):
+def test_currreft_real_config_and_rejection_sampling(workdir, real_shape_models, synth_data, monkeypatch):
     """Curriculum RL (ModelParallelStrategy, k3 KL to the frozen initial weights), then the rejection sampling
     predict on its export, as the config's header says."""
     config = REAL / "currreft_qwen2_5_vl_3b.yaml"
+    prompts = PromptRecorder().install(monkeypatch)
     # 8 records, 2 per answer type: each stage's epoch is one step of 2 prompts; 3 steps (the curriculum refuses
     # fewer steps than stages), one per stage.
     cli(["fit", "--config", str(config), *DEVICE, *SIZES, *RL_SIZES, "--trainer.max_steps", "3",
@@ -138,6 +155,8 @@ def test_currreft_real_config_and_rejection_sampling(workdir, real_shape_models,
     assert len(column(rows, "val/reward")) >= 1
     export = run / "export"
     assert (export / "model.safetensors").is_file()
+    prompts.check("prompt", "synthetic-train", at_least=6)
+    prompts.seen.clear()
     cli(["predict", "--config", "configs/currreft/rejection_sample.yaml", *DEVICE,
          "--model.init_args.model.name_or_path", str(export),
          "--data.predict", json.dumps([{"path": str(synth_data["train"]), "limit": 4}]),
@@ -147,11 +166,15 @@ def test_currreft_real_config_and_rejection_sampling(workdir, real_shape_models,
     summary = json.loads((workdir / "runs/currreft/rejection/train.summary.json").read_text())
     assert summary["total"] == 4  # every prompt sampled (random tiny weights verify nothing: kept may be 0)
     assert (workdir / "runs/currreft/rejection/train.jsonl").is_file()
+    sampled = prompts.check("traces", "synthetic-train", at_least=4)  # the student's image view, as configured
+    assert len({s.record["id"] for s in sampled}) == 4
 
 
-def test_openvlthinker_real_config(workdir, real_shape_models, synth_data):
+def test_openvlthinker_real_config(workdir, real_shape_models, synth_data, monkeypatch):
     """The rounds driver on the real stage configs: SFT, benchmark, GRPO, benchmark, then the next SFT set."""
     from vold_pl.rounds import main as rounds_main
+
+    prompts = PromptRecorder().install(monkeypatch)
 
     bench = json.dumps([{"name": "synthetic", "path": str(synth_data["test"]), "loader": "synthetic", "limit": 4}])
     val = json.dumps([{"path": str(synth_data["val"]), "limit": 2}])
@@ -176,3 +199,7 @@ def test_openvlthinker_real_config(workdir, real_shape_models, synth_data):
     assert [(e["round"], e["stage"]) for e in state["stages"]] == [
         (0, "sft"), (0, "bench_sft"), (0, "grpo"), (0, "bench_grpo"), (0, "traces")]
     assert (out / "round_0" / "grpo" / "export" / "model.safetensors").is_file()
+    prompts.check("sft", "synthetic-train", at_least=4)
+    prompts.check("prompt", "synthetic-test", at_least=8)  # the benchmark: 4 problems after SFT, 4 after GRPO
+    prompts.check("prompt", "synthetic-train", at_least=4)  # GRPO's rollouts
+    prompts.check("traces", "synthetic-train", at_least=4)  # the next SFT set
