@@ -39,7 +39,7 @@ from vold_pl.data.collate import PromptCollator
 from vold_pl.data.datamodule import check_prompts_render
 from vold_pl.data.schema import Record
 from vold_pl.distributed import generation_needs_sync
-from vold_pl.prompts import DEFAULT_INSTRUCTION, student_messages, teacher_prompt
+from vold_pl.prompts import DEFAULT_INSTRUCTION, prompt_messages, turn_text
 from vold_pl.rewards.extract import extract_answer, is_well_formatted
 from vold_pl.rewards.functions import score_answer
 from vold_pl.rewards.official import official_score
@@ -177,7 +177,7 @@ class BenchmarkCallback(L.Callback):
                 self.every_n_steps or self.every_n_epochs or self.at_fit_end)):
             for spec in self.benchmarks:  # a chat template that drops the prompts fails now, not after training
                 _, dataset = self._load(spec)
-                check_prompts_render(pl_module.processor, dataset, self.view, self.instruction,
+                check_prompts_render(pl_module.processor, dataset, self.view, self.instruction_for(spec),
                                      where=f"benchmark {spec.name!r} ({spec.path})",
                                      view_key="trainer.callbacks.init_args.view")
 
@@ -329,12 +329,7 @@ def prompt_text(row: dict, instruction: str, view: str = "student") -> str:
     """The text of the chat for ``row`` (what the model reads besides the images), from
     :func:`vold_pl.prompts.student_messages` (or, ``view='teacher'``, :func:`vold_pl.prompts.teacher_prompt`)
     whatever form its content takes (a string or typed parts)."""
-    parts = []
-    messages = teacher_prompt(row, instruction)[0] if view == "teacher" else student_messages(row, instruction)
-    for msg in messages:
-        content = msg["content"]
-        parts += [content] if isinstance(content, str) else [c["text"] for c in content if c.get("type") == "text"]
-    return "\n".join(parts)
+    return turn_text(prompt_messages(row, view, instruction))
 
 
 def _progress(loader, trainer, desc: str):
