@@ -34,13 +34,13 @@ def test_benchmark_rows_show_progress(tmp_path, capsys):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from vold_pl.data.benchmarks import _rows
+    from vold_pl.data.benchmarks import _parquet_rows
 
     f = tmp_path / "part.parquet"
     pq.write_table(pa.table({"a": [1, 2, 3]}), f)
-    assert [row["a"] for _, _, row in _rows([f], ("a",), None)] == [1, 2, 3]
+    assert [row["a"] for _, _, row in _parquet_rows([f], ("a",), None)] == [1, 2, 3]
     assert "3/3" in capsys.readouterr().err
-    assert len(list(_rows([f], ("a",), 2))) == 2
+    assert len(list(_parquet_rows([f], ("a",), 2))) == 2
     assert "2/2" in capsys.readouterr().err
 
 

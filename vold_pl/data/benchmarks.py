@@ -178,22 +178,31 @@ def _parquet_rows(files: list[Path], required: tuple[str, ...], limit: int | Non
     """Yield ``(file, row_index, row)``; batches keep memory flat on shards of hundreds of MB."""
     import pyarrow.parquet as pq
 
+    from vold_pl.progress import progress
+
+    total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)  # footers only: cheap
+    bar = progress(total=total if limit is None else min(total, limit), desc="benchmark rows (images cached)",
+                   unit="row", leave=False)
     n = 0
-    for f in files:
-        pf = pq.ParquetFile(f)
-        missing = [c for c in required if c not in pf.schema_arrow.names]
-        if missing:
-            raise RecordError(f"{f}: missing column(s) {', '.join(missing)} (found "
-                              f"{', '.join(pf.schema_arrow.names)}). Is this the right benchmark, config and split, "
-                              "as published on the hub?")
-        i = 0
-        for batch in pf.iter_batches(batch_size=32):
-            for row in batch.to_pylist():
-                if limit is not None and n >= limit:
-                    return
-                yield f, i, row
-                i += 1
-                n += 1
+    try:
+        for f in files:
+            pf = pq.ParquetFile(f)
+            missing = [c for c in required if c not in pf.schema_arrow.names]
+            if missing:
+                raise RecordError(f"{f}: missing column(s) {', '.join(missing)} (found "
+                                  f"{', '.join(pf.schema_arrow.names)}). Is this the right benchmark, config and "
+                                  "split, as published on the hub?")
+            i = 0
+            for batch in pf.iter_batches(batch_size=32):
+                for row in batch.to_pylist():
+                    if limit is not None and n >= limit:
+                        return
+                    yield f, i, row
+                    bar.update(1)
+                    i += 1
+                    n += 1
+    finally:
+        bar.close()
 
 
 def _jsonl_rows(file: Path, limit: int | None) -> Iterator[tuple[Path, int, Any]]:
