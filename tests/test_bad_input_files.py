@@ -263,13 +263,75 @@ def test_checkpoint_hparams_never_change_the_config_nor_run_code(tmp_path, tiny_
     assert resumed["hyper_parameters"]["model"]["trust_remote_code"] is False
     assert not (root / "export").exists()  # export stayed off as the config says
 
-    # hyper-parameters that no longer parse (an option whose type changed): not compared, the resume goes on
+    # hyper-parameters that would not parse as options (a type changed, an unknown key): plain data, compared
     ckpt["hyper_parameters"]["max_consecutive_skips"] = "many"
+    ckpt["hyper_parameters"]["gone_option"] = {"depth": [1, 2]}
     torch.save(ckpt, crafted)
     main(["fit", *base, "--trainer.max_steps", "2", "--ckpt_path", str(crafted)])
     err = capsys.readouterr().err
-    assert "do not parse as this version's options" in err and "max_consecutive_skips" in err, err
+    assert "model.init_args.max_consecutive_skips: config 10, checkpoint 'many'" in err, err
+    assert "model.init_args.gone_option.depth: config (not set), checkpoint [1, 2]" in err, err
     assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+MARKER_MODULE = """
+import os, pathlib
+pathlib.Path(os.environ["VOLD_PL_TEST_MARKER"], __name__).write_text("imported")
+class Evil:
+    def __init__(self, *a, **k):
+        pathlib.Path(os.environ["VOLD_PL_TEST_MARKER"], __name__ + ".called").write_text("called")
+"""
+
+
+def test_checkpoint_never_imports_what_it_names(tmp_path, tiny_models, synth_data, capsys):
+    """``_class_path`` / ``class_path`` / any string in a checkpoint's hyper-parameters names nothing that gets
+    imported or called: modules that leave a marker file when imported sit in the working directory and on
+    PYTHONPATH of a real ``python -m vold_pl.cli`` run, and a standard-library module (``this`` prints the Zen of
+    Python when imported)."""
+    import os
+    import subprocess
+    import sys
+
+    repo, markers, cwd = Path(__file__).resolve().parents[1], tmp_path / "markers", tmp_path / "cwd"
+    markers.mkdir()
+    cwd.mkdir()
+    for name in ("vpl_marker", "vpl_marker_nested", "vpl_marker_value"):
+        (cwd / f"{name}.py").write_text(MARKER_MODULE)
+    root = tmp_path / "run"
+    base = _sft_args(tiny_models, synth_data["train_text"], root)
+    main(["fit", *base])  # one step: a real checkpoint
+    capsys.readouterr()
+    ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+    hp = ckpt["hyper_parameters"]
+    assert hp["_class_path"] == "vold_pl.modules.sft.SFTModule"  # what LightningCLI would hand to jsonargparse
+    env = dict(os.environ, PYTHONPATH=f"{repo}{os.pathsep}{cwd}", VOLD_PL_TEST_MARKER=str(markers),
+               OMP_NUM_THREADS="1", VOLD_PL_DEBUG="")
+
+    def run(class_path: str, *extra: str) -> subprocess.CompletedProcess:
+        crafted = tmp_path / f"{class_path}.ckpt"
+        torch.save({**ckpt, "hyper_parameters": {
+            **hp, "_class_path": class_path,
+            "optim": {"class_path": "vpl_marker_nested.Evil", "init_args": {"lr": 1.0}},
+            "export": "vpl_marker_value.Evil"}}, crafted)
+        return subprocess.run([sys.executable, "-m", "vold_pl.cli", "fit", *base, "--trainer.max_steps", "2",
+                               "--ckpt_path", str(crafted), *extra], cwd=cwd, env=env, capture_output=True,
+                              text=True, timeout=600)
+
+    proc = run("vpl_marker.Evil")  # warn: the run resumes with the config's module
+    assert sorted(p.name for p in markers.iterdir()) == []
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("model.class_path: config 'vold_pl.modules.sft.SFTModule', checkpoint 'vpl_marker.Evil'"
+            in proc.stderr), proc.stderr[-3000:]
+    assert "model.init_args.optim.class_path: config (not set), checkpoint 'vpl_marker_nested.Evil'" in proc.stderr
+    assert sorted(p.name for p in markers.iterdir()) == []
+    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+    proc = run("this.Zen", "--ckpt_hparams", "error")  # a standard-library module
+    assert "Beautiful is better than ugly" not in proc.stdout + proc.stderr
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "checkpoint 'this.Zen'" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "Beautiful is better than ugly" not in proc.stdout + proc.stderr
+    assert sorted(p.name for p in markers.iterdir()) == []
 
 
 class _Payload:

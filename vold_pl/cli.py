@@ -14,10 +14,11 @@ and ``vold-pl fit --config configs/quickstart/sft_student.yaml --print_config`` 
 
 Resume with ``vold-pl fit <same options> --ckpt_path last`` (or a checkpoint file).
 
-A checkpoint is data, never configuration: LightningCLI would merge a ``--ckpt_path`` checkpoint's saved
-hyper-parameters into the run's config, so a crafted checkpoint could point ``model.name_or_path`` at a folder
-with code and switch on ``trust_remote_code``. ``vold-pl`` runs with the user's config and flags only; each value
-the checkpoint was saved with that differs is listed in a warning (``--ckpt_hparams error``: an error). The
+A checkpoint is data, never configuration: LightningCLI would parse a ``--ckpt_path`` checkpoint's saved
+hyper-parameters into the run's config, importing whatever module its ``_class_path`` names and letting a crafted
+checkpoint point ``model.name_or_path`` at a folder with code and switch on ``trust_remote_code``. ``vold-pl``
+runs with the user's config and flags only and reads the checkpoint's hyper-parameters as plain data (nothing they
+name is imported or called); each value that differs is listed in a warning (``--ckpt_hparams error``: an error). The
 checkpoint file itself is read with ``torch.load(weights_only=True)``, so one holding pickled Python objects is
 refused with vold-pl's message before anything else reads it.
 
@@ -79,82 +80,57 @@ class VoldCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
         # Reward plugins run code: enable (and load, so errors show now) exactly those named in the user's own
-        # config files and flags, parsed here before LightningCLI merges a --ckpt_path's saved hyperparameters.
+        # config files and flags (a --ckpt_path checkpoint's saved hyper-parameters are never parsed).
         from vold_pl.rewards.plugins import load_reward_plugins, plugin_names_in
 
         load_reward_plugins(plugin_names_in(self.config))
-        # What the user's config files and flags say, before LightningCLI merges a --ckpt_path's hyper-parameters
-        # in; checked now with weights_only=True so an unsafe checkpoint gets vold-pl's message, not torch's.
-        self._user_config = self.config.clone()
-        self._check_checkpoint_file()
-
-    def _check_checkpoint_file(self) -> None:
-        from pathlib import Path
-
-        from vold_pl.checkpointing import read_hyperparameters
-
-        sub = self.config.get("subcommand")
-        ckpt = self.config[sub].get("ckpt_path") if sub else None
-        if ckpt and Path(str(ckpt)).is_file():  # ("last" and sharded folders: Lightning reads no hparams)
-            read_hyperparameters(ckpt)
 
     def _parse_ckpt_path(self) -> None:
-        """LightningCLI's merge of a ``--ckpt_path`` checkpoint's hyper-parameters, kept only so that
-        :meth:`before_instantiate_classes` can list what differs (and then puts the user's config back).
-
-        LightningCLI has no public hook for this step and its own version reads the whole checkpoint into memory
-        (weights and optimizer state) just for the hyper-parameters, and exits when they no longer parse; this
-        one reads them memory-mapped and turns a parse failure into a warning. Should LightningCLI stop calling
-        this method, the user's config is still restored by the public hooks.
-        """
-        from pathlib import Path
-
-        from jsonargparse import ArgumentError
-
-        from vold_pl.checkpointing import read_hyperparameters
-
-        sub = self.config.get("subcommand")
-        ckpt = self.config[sub].get("ckpt_path") if sub else None
-        if not ckpt or not Path(str(ckpt)).is_file():
-            return
-        hparams = read_hyperparameters(ckpt)
-        hparams.pop("_instantiator", None)
-        if not hparams:
-            return
-        if "_class_path" in hparams:
-            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
-        exit_on_error, self.parser.exit_on_error = self.parser.exit_on_error, False
-        try:
-            self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
-        except ArgumentError as e:
-            first = " ".join(str(e).split())[:300]
-            print(f"[vold-pl] warning: checkpoint {ckpt}: its saved hyper-parameters do not parse as this version's "
-                  f"options ({first}), so they are not compared with the config; the run uses the config.",
-                  file=sys.stderr)
-        finally:
-            self.parser.exit_on_error = exit_on_error
+        """Nothing: LightningCLI's version parses a ``--ckpt_path`` checkpoint's saved hyper-parameters as
+        configuration, and jsonargparse then imports the module its ``_class_path`` (or any ``class_path``) names
+        before anything is compared. LightningCLI calls this private method from ``__init__`` with no public hook to
+        turn it off; the comparison is done as plain data by the public :meth:`before_instantiate_classes`."""
 
     def before_instantiate_classes(self) -> None:
-        """Undo the checkpoint's hyper-parameters: the model is built from the user's config alone."""
+        """Compare a ``--ckpt_path`` checkpoint's hyper-parameters with the user's model config, as plain data
+        (nothing the checkpoint names is imported or called), and report the differences: the model is built
+        from the user's config alone."""
         sub = self.config.get("subcommand")
-        mine = getattr(self, "_user_config", None)
-        if not sub or mine is None:
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if not ckpt or not os.path.isfile(str(ckpt)):
             return
-        merged_model, my_model = self.config[sub].get("model"), mine[sub].get("model")
-        diffs = config_differences(my_model, merged_model, "model")
-        if diffs:
-            ckpt = self.config[sub].get("ckpt_path")
-            lines = "; ".join(f"{k}: config {a!r}, checkpoint {b!r}" for k, a, b in diffs[:20])
-            more = f" (and {len(diffs) - 20} more)" if len(diffs) > 20 else ""
-            head = (f"checkpoint {ckpt} was saved with hyper-parameters that differ from this run's config: "
-                    f"{lines}{more}.")
-            if mine[sub].get("ckpt_hparams") == "error":
-                raise CheckpointHparamsError(
-                    f"{head} Put the values you want in the config or on the command line (a checkpoint never sets "
-                    "them), or pass --ckpt_hparams warn to go on with the config.")
-            print(f"[vold-pl] warning: {head} The run uses the config's values: a checkpoint never changes the "
-                  "config (set them in the config if you meant the checkpoint's).", file=sys.stderr)
-        self.config[sub]["model"] = my_model
+        from vold_pl.checkpointing import read_hyperparameters
+
+        saved = read_hyperparameters(ckpt)
+        saved.pop("_instantiator", None)
+        if not saved:
+            return
+        diffs = checkpoint_hparams_differences(self._model_config_as_saved(), saved)
+        if not diffs:
+            return
+        lines = "; ".join(f"{k}: config {_show(a)}, checkpoint {_show(b)}" for k, a, b in diffs[:20])
+        more = f" (and {len(diffs) - 20} more)" if len(diffs) > 20 else ""
+        head = (f"checkpoint {ckpt} was saved with hyper-parameters that differ from this run's config: "
+                f"{lines}{more}.")
+        if self.config[sub].get("ckpt_hparams") == "error":
+            raise CheckpointHparamsError(
+                f"{head} Put the values you want in the config or on the command line (a checkpoint never sets "
+                "them), or pass --ckpt_hparams warn to go on with the config.")
+        print(f"[vold-pl] warning: {head} The run uses the config's values: a checkpoint never changes the "
+              "config (set them in the config if you meant the checkpoint's).", file=sys.stderr)
+
+    def _model_config_as_saved(self) -> dict:
+        """The user's model config in the form LightningCLI saves as a module's hyper-parameters: the YAML dump
+        of the config, ``class_path`` as ``_class_path`` next to the init arguments."""
+        import yaml
+
+        sub = self.config["subcommand"]
+        dump = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_none=False, format="yaml"))
+        model = (dump.get(sub) or {}).get("model") or {}
+        if isinstance(model, dict) and "class_path" in model:
+            model = {"_class_path": model["class_path"], **(model.get("init_args") or {}),
+                     **(model.get("dict_kwargs") or {})}
+        return model if isinstance(model, dict) else {}
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
         if self.subcommand == "fit":
@@ -215,21 +191,43 @@ def check_config_files(args: list[str]) -> None:
             raise SystemExit(2)
 
 
-def config_differences(mine, other, prefix: str = "") -> list[tuple[str, object, object]]:
-    """``(dotted key, value in mine, value in other)`` for every place where two config namespaces differ; a
-    section present on one side only is one entry (as a dict)."""
-    from jsonargparse import Namespace
+_ABSENT = object()
 
-    if isinstance(mine, Namespace) and isinstance(other, Namespace):
-        a, b = vars(mine), vars(other)
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += config_differences(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+
+def checkpoint_hparams_differences(mine: dict, saved: dict) -> list[tuple[str, object, object]]:
+    """``(option, value in the config, value in the checkpoint)`` for every place where a checkpoint's saved
+    hyper-parameters (plain data, never parsed or imported) differ from the user's model config in the same form
+    (:meth:`VoldCLI._model_config_as_saved`); options named as on the command line (``model.class_path``,
+    ``model.init_args.<key>``), a value missing on one side as :data:`_ABSENT`."""
+    def flat(d, prefix):
+        out = {}
+        for k, v in d.items():
+            key = f"{prefix}.{k}"
+            if isinstance(v, dict) and v:
+                out.update(flat(v, key))
+            else:
+                out[key] = v
         return out
-    if mine == other:
-        return []
-    plain = [x.as_dict() if isinstance(x, Namespace) else x for x in (mine, other)]
-    return [(prefix, plain[0], plain[1])]
+
+    def top(d):
+        d = dict(d)
+        cls = d.pop("_class_path", _ABSENT)
+        out = flat(d, "model.init_args")
+        if cls is not _ABSENT:
+            out["model.class_path"] = cls
+        return out
+
+    a, b = top(mine), top(saved)
+    return [(k, a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in sorted(set(a) | set(b), key=str)
+            if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
+
+
+def _show(value: object) -> str:
+    """A value of a difference, short (a checkpoint's strings can be anything, of any length)."""
+    if value is _ABSENT:
+        return "(not set)"
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def debug_enabled() -> bool:
