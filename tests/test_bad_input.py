@@ -144,7 +144,7 @@ def test_yaml_cannot_run_code(tmp_path, capsys):
 
 @pytest.mark.parametrize("args,needle", [
     (["--trainer.max_stepz", "3"], "trainer.max_stepz"),
-    (["--data.batch_size", "many"], 'Parser key "data.batch_size"'),
+    (["--data.batch_size", "many"], "option 'data.batch_size'"),
     (["--data.on_bad_record", "sometimes"], "data.on_bad_record"),
 ], ids=["unknown_option", "wrong_type", "bad_choice"])
 def test_bad_option_is_named(args, needle, capsys):

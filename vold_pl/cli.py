@@ -63,9 +63,14 @@ class CheckpointHparamsError(UserError):
     ``--ckpt_hparams error``."""
 
 
+class OptionError(UserError):
+    """An option the parser refused (unknown key, wrong type, missing value): one line, no usage text."""
+
+
 class VoldCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         _import_classes()
+        self._subcommand_parser_list = [*getattr(self, "_subcommand_parser_list", []), parser]  # for suggestions
         # The data module's MixedSampler splits draws across ranks itself, and its evaluation / predict loaders
         # split their rows with EvenShardSampler (equal counts per rank); Lightning must not wrap either.
         parser.set_defaults({"seed_everything": 0, "trainer.use_distributed_sampler": False})
@@ -78,12 +83,29 @@ class VoldCLI(LightningCLI):
                             help=f"show the Python traceback of errors in the input too (or set {DEBUG_ENV}=1)")
 
     def parse_arguments(self, parser, args) -> None:
-        super().parse_arguments(parser, args)
+        from jsonargparse import ArgumentError
+
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as e:
+            raise self._option_error(e, sys.argv[1:] if args is None else list(args)) from e
         # Reward plugins run code: enable (and load, so errors show now) exactly those named in the user's own
         # config files and flags (a --ckpt_path checkpoint's saved hyper-parameters are never parsed).
         from vold_pl.rewards.plugins import load_reward_plugins, plugin_names_in
 
         load_reward_plugins(plugin_names_in(self.config))
+
+    def _option_error(self, e: Exception, argv: list[str]) -> OptionError:
+        from vold_pl.option_errors import option_error_line
+
+        sub = next((a for a in argv if a in self.subcommands()), None)
+        keys: set[str] = set()
+        for p in getattr(self, "_subcommand_parser_list", []):
+            try:
+                keys.update(p.get_defaults().keys())
+            except Exception:  # (a parser whose defaults do not resolve: no suggestions from it)
+                continue
+        return OptionError(option_error_line(str(e), sub, sorted(keys)))
 
     def _parse_ckpt_path(self) -> None:
         """Nothing: LightningCLI's version parses a ``--ckpt_path`` checkpoint's saved hyper-parameters as
@@ -253,6 +275,7 @@ def main(args: list[str] | None = None) -> None:
             datamodule_class=ReasoningDataModule,
             subclass_mode_model=True,
             save_config_kwargs={"overwrite": True},
+            parser_kwargs={"exit_on_error": False},  # parse errors: one line (OptionError), the usage with --help
             args=args,
             auto_configure_optimizers=False,
         )

@@ -40,6 +40,7 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.pytorch.strategies import ModelParallelStrategy as _ModelParallelStrategy
 from torch import nn
 
+from vold_pl.errors import UserError
 from vold_pl.models.inputs import base_model
 
 __all__ = [
@@ -124,7 +125,7 @@ class FSDP2Strategy(_ModelParallelStrategy):
         rollout: Literal["unshard", "synced"] = "unshard",
     ) -> None:
         if tensor_parallel_size != 1:
-            raise ValueError("FSDP2Strategy shards over data parallelism only: tensor_parallel_size must be 1.")
+            raise UserError("FSDP2Strategy shards over data parallelism only: tensor_parallel_size must be 1.")
         super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=tensor_parallel_size,
                          save_distributed_checkpoint=save_distributed_checkpoint,
                          process_group_backend=process_group_backend, timeout=timeout)
@@ -168,7 +169,7 @@ def check_strategy(strategy) -> None:
     except ImportError:  # pragma: no cover
         return
     if isinstance(strategy, FSDPStrategy):
-        raise ValueError(FSDP1_MESSAGE)
+        raise UserError(FSDP1_MESSAGE)
 
 
 # ---------------------------------------------------------------------------------------------------- sharding
@@ -184,7 +185,7 @@ def mixed_precision_policy(kind: str = "auto", device: torch.device | str | None
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if kind == "fp32":
         return MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
-    raise ValueError(f"mixed_precision must be auto, bf16 or fp32; got {kind!r}")
+    raise UserError(f"mixed_precision must be auto, bf16 or fp32; got {kind!r}")
 
 
 def _block_class_names(model: nn.Module) -> set[str]:
@@ -399,7 +400,7 @@ def fsdp_mesh(trainer):
         return mesh
     tp = mesh["tensor_parallel"].size() if "tensor_parallel" in mesh.mesh_dim_names else 1
     if tp != 1:
-        raise ValueError(
+        raise UserError(
             f"vold-pl shards with FSDP2 over data parallelism only, but the ModelParallelStrategy mesh has "
             f"tensor_parallel_size={tp} (its default 'auto' is the number of devices). Set "
             f"data_parallel_size={trainer.world_size} and tensor_parallel_size=1, or use "

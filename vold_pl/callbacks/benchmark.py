@@ -39,6 +39,7 @@ from vold_pl.data.collate import PromptCollator
 from vold_pl.data.datamodule import check_prompts_render
 from vold_pl.data.schema import Record
 from vold_pl.distributed import generation_needs_sync
+from vold_pl.errors import UserError
 from vold_pl.prompts import DEFAULT_INSTRUCTION, prompt_messages, turn_text
 from vold_pl.rewards.extract import extract_answer, is_well_formatted
 from vold_pl.rewards.functions import score_answer
@@ -136,15 +137,15 @@ class BenchmarkCallback(L.Callback):
                  write_predictions: bool = True, engine: Any = None):
         names = [b.name for b in benchmarks]
         if len(set(names)) != len(names):
-            raise ValueError(f"benchmark names must be unique, got {names}")
+            raise UserError(f"benchmark names must be unique, got {names}")
         if pass_k < 1 or batch_size < 1 or max_new_tokens < 1:
-            raise ValueError("pass_k, batch_size and max_new_tokens must be >= 1")
+            raise UserError("pass_k, batch_size and max_new_tokens must be >= 1")
         if prompt_style not in PROMPT_STYLES:
-            raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {prompt_style!r}")
+            raise UserError(f"prompt_style must be one of {PROMPT_STYLES}, got {prompt_style!r}")
         if on_bad_record not in ON_BAD_RECORD:
-            raise ValueError(f"on_bad_record must be one of {ON_BAD_RECORD}, got {on_bad_record!r}")
+            raise UserError(f"on_bad_record must be one of {ON_BAD_RECORD}, got {on_bad_record!r}")
         if pass_k > 1 and not do_sample:
-            raise ValueError(f"pass_k={pass_k} needs do_sample: true (greedy decoding gives identical samples)")
+            raise UserError(f"pass_k={pass_k} needs do_sample: true (greedy decoding gives identical samples)")
         self.benchmarks, self.every_n_steps, self.every_n_epochs = benchmarks, every_n_steps, every_n_epochs
         self.at_fit_end, self.on_validate, self.pass_k, self.batch_size = at_fit_end, on_validate, pass_k, batch_size
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -260,8 +261,8 @@ class BenchmarkCallback(L.Callback):
             records = load_benchmark(spec.loader or spec.name, spec.path, limit=spec.limit, cache_dir=spec.cache_dir,
                                      on_bad_record=self.on_bad_record, **spec.kwargs)
             if not records:
-                raise ValueError(f"benchmark {spec.name!r} at {spec.path} has no usable records "
-                                 f"({len(records.skipped)} skipped; first: {records.skipped[:1]})")
+                raise UserError(f"benchmark {spec.name!r} at {spec.path} has no usable records "
+                                f"({len(records.skipped)} skipped; first: {records.skipped[:1]})")
             self._records[spec.name], self._datasets[spec.name] = records, to_dataset(list(records))
         return self._records[spec.name], self._datasets[spec.name]
 

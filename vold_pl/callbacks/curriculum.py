@@ -37,6 +37,7 @@ from typing import Any, Callable
 import lightning as L
 
 from vold_pl.data.curriculum import CurriculumStage
+from vold_pl.errors import UserError
 from vold_pl.rewards.functions import validate_weights
 
 
@@ -77,16 +78,16 @@ class Curriculum(L.Callback):
 
     def __init__(self, stages: list[CurriculumStage]):
         if not stages:
-            raise ValueError("Curriculum needs at least one stage.")
+            raise UserError("Curriculum needs at least one stage.")
         self.stages = [s if isinstance(s, CurriculumStage) else CurriculumStage(**s) for s in stages]
         for i, s in enumerate(self.stages):
             if s.rewards is not None:
                 try:
                     validate_weights(s.rewards)
                 except ValueError as e:
-                    raise ValueError(f"curriculum stage {i} {s.name!r}: {e}") from None
+                    raise UserError(f"curriculum stage {i} {s.name!r}: {e}") from None
             if i < len(self.stages) - 1 and not s.has_end_rule:
-                raise ValueError(f"curriculum stage {i} {s.name!r} has no rule to end it, so the stages after it "
+                raise UserError(f"curriculum stage {i} {s.name!r} has no rule to end it, so the stages after it "
                                  "would never run: set its steps, epochs or val_threshold (only the last stage "
                                  "runs until training ends).")
         self.stage, self.start_step, self.start_epoch, self.end_epoch = 0, 0, 0, False
@@ -106,18 +107,18 @@ class Curriculum(L.Callback):
             return
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "set_curriculum_stage"):
-            raise TypeError("the Curriculum callback filters the training data through the data module: use it "
+            raise UserError("the Curriculum callback filters the training data through the data module: use it "
                             "with vold_pl.data.datamodule.ReasoningDataModule (data: in the config).")
         for s in self.stages:  # a stage that selects nothing fails now, not hours into training
             dm.curriculum_pools(s)
         reload = trainer.reload_dataloaders_every_n_epochs
         if reload not in (0, 1):
-            raise ValueError(f"the Curriculum callback needs trainer.reload_dataloaders_every_n_epochs: 1 (each "
+            raise UserError(f"the Curriculum callback needs trainer.reload_dataloaders_every_n_epochs: 1 (each "
                              f"epoch's train loader is built for the stage it trains), got {reload}.")
         # A public Trainer setting, read by the fit loop after setup: every epoch gets a loader built for its stage.
         trainer.reload_dataloaders_every_n_epochs = 1
         if not callable(getattr(pl_module, "end_epoch_early", None)):
-            raise TypeError(f"the Curriculum callback ends an epoch through the module's end_epoch_early(); "
+            raise UserError(f"the Curriculum callback ends an epoch through the module's end_epoch_early(); "
                             f"{type(pl_module).__name__} has none (use a vold_pl PolicyModule).")
         self._check_limits(trainer)
         self._dm, self._module = dm, pl_module
@@ -146,7 +147,7 @@ class Curriculum(L.Callback):
 
         for rule, limit in (("epochs", trainer.max_epochs), ("steps", trainer.max_steps)):
             if limit is not None and limit != -1 and limit < need(rule):
-                raise ValueError(
+                raise UserError(
                     f"the curriculum needs at least {need(rule)} {rule} to run all its {len(self.stages)} stages, "
                     f"but trainer.max_{rule}={limit} ends training first. Set trainer.max_epochs: -1 and bound the "
                     f"run with trainer.max_steps (or raise trainer.max_{rule}); a stage that ends mid-epoch ends "
@@ -220,7 +221,7 @@ class Curriculum(L.Callback):
     def load_state_dict(self, state: dict) -> None:
         stage = int(state["stage"])
         if stage >= len(self.stages):
-            raise ValueError(f"the checkpoint is in curriculum stage {stage} ({state.get('names')}), but this run "
+            raise UserError(f"the checkpoint is in curriculum stage {stage} ({state.get('names')}), but this run "
                              f"defines only {len(self.stages)} stages ({[s.name for s in self.stages]}).")
         if state.get("names") != [s.name for s in self.stages]:
             print(f"[vold-pl] curriculum stages changed since the checkpoint ({state.get('names')} -> "

@@ -27,6 +27,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info
 
 from vold_pl.checkpointing import ResumableCheckpoint, save_atomically
+from vold_pl.errors import UserError
 
 
 class PreemptionCallback(L.Callback):
@@ -42,7 +43,7 @@ class PreemptionCallback(L.Callback):
         self.signals = list(signals) if signals is not None else ["SIGTERM", "SIGUSR1"]
         for name in self.signals:
             if not isinstance(getattr(signal, name, None), signal.Signals):
-                raise ValueError(f"unknown signal {name!r} in PreemptionCallback.signals; use names like SIGTERM.")
+                raise UserError(f"unknown signal {name!r} in PreemptionCallback.signals; use names like SIGTERM.")
         self.dirpath = dirpath
         self.received: int | None = None
         self.saved_path: str | None = None

@@ -63,7 +63,7 @@ def select_traces(candidates: list[str], keep: str = "shortest") -> list[str]:
     Ties keep sample order (``shortest`` takes the first of equally short traces).
     """
     if keep not in KEEP_MODES:
-        raise ValueError(f"keep must be shortest, drop_longest, first or all; got {keep!r}")
+        raise UserError(f"keep must be shortest, drop_longest, first or all; got {keep!r}")
     if not candidates:
         return []
     if keep == "shortest":
@@ -136,9 +136,9 @@ class TraceWriter(L.pytorch.callbacks.BasePredictionWriter):
         super().__init__(write_interval="batch")
         select_traces([], keep)  # validates ``keep`` now, not after an hour of sampling
         if not 0.0 <= text_only_ratio < 1.0:
-            raise ValueError(f"text_only_ratio must be in [0, 1), got {text_only_ratio}")
+            raise UserError(f"text_only_ratio must be in [0, 1), got {text_only_ratio}")
         if shard_every < 1:
-            raise ValueError(f"shard_every must be >= 1, got {shard_every}")
+            raise UserError(f"shard_every must be >= 1, got {shard_every}")
         self.out_path, self.num_samples, self.keep = Path(out_path), num_samples, keep
         self.temperature = temperature
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=max(temperature, 1e-5),

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from vold_pl.errors import UserError
 from vold_pl.models.factory import get_tokenizer
 from vold_pl.models.inputs import pad_left
 from vold_pl.prompts import (  # noqa: F401 - re-exported: the collators' prompt API
@@ -88,7 +89,7 @@ def encode_prompts(processor, rows: list[dict], view: str = "student",
     images = [] if view == "teacher" else [im for r in rows for im in (r.get("images") or [])]
     if images:
         if not has_image_processor(processor):
-            raise ValueError("rows have images but the model has no image processor: a text-only model needs "
+            raise UserError("rows have images but the model has no image processor: a text-only model needs "
                              "view='teacher' (the text view) or text-only data.")
         enc = processor(text=texts, images=images, padding=False, return_tensors=None)
         out = {"input_ids": [list(x) for x in enc["input_ids"]],

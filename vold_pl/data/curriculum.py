@@ -71,40 +71,40 @@ class CurriculumStage:
     def __post_init__(self) -> None:
         where = f"curriculum stage {self.name!r}"
         if not isinstance(self.name, str) or not self.name.strip():
-            raise ValueError(f"a curriculum stage needs a non-empty name, got {self.name!r}")
+            raise UserError(f"a curriculum stage needs a non-empty name, got {self.name!r}")
         if self.answer_types is not None:
             bad = [t for t in self.answer_types if t not in ANSWER_TYPES]
             if bad or not self.answer_types:
-                raise ValueError(f"{where}: unknown answer type(s) {bad or '[] (empty list)'}; valid answer types: "
+                raise UserError(f"{where}: unknown answer type(s) {bad or '[] (empty list)'}; valid answer types: "
                                  f"{', '.join(ANSWER_TYPES)} (or leave answer_types unset for all).")
             self.answer_types = list(self.answer_types)
         if self.difficulties is not None:
             bad = [d for d in self.difficulties if isinstance(d, bool) or d not in DIFFICULTIES]
             if bad or not self.difficulties:
-                raise ValueError(f"{where}: difficulties must be a non-empty list of {DIFFICULTIES}, got "
+                raise UserError(f"{where}: difficulties must be a non-empty list of {DIFFICULTIES}, got "
                                  f"{self.difficulties!r}.")
             self.difficulties = [int(d) for d in self.difficulties]
         if self.num_generations is not None and not _int_at_least(self.num_generations, 2):
-            raise ValueError(f"{where}: num_generations (G) must be an integer >= 2, got {self.num_generations!r}: "
+            raise UserError(f"{where}: num_generations (G) must be an integer >= 2, got {self.num_generations!r}: "
                              "with one completion per prompt the group advantage is always 0 and nothing is learned.")
         if self.rewards is not None:
             if not isinstance(self.rewards, dict) or not self.rewards:
-                raise ValueError(f"{where}: rewards must be a non-empty mapping name -> weight, got {self.rewards!r}")
+                raise UserError(f"{where}: rewards must be a non-empty mapping name -> weight, got {self.rewards!r}")
             for k, w in self.rewards.items():
                 if not _finite(w):
-                    raise ValueError(f"{where}: weight of reward {k!r} must be a finite number, got {w!r}")
+                    raise UserError(f"{where}: weight of reward {k!r} must be a finite number, got {w!r}")
         if self.max_new_tokens is not None and not _int_at_least(self.max_new_tokens, 1):
-            raise ValueError(f"{where}: max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+            raise UserError(f"{where}: max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if self.temperature is not None and not (_finite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"{where}: temperature must be > 0, got {self.temperature!r}")
+            raise UserError(f"{where}: temperature must be > 0, got {self.temperature!r}")
         for field_name in ("steps", "epochs"):
             v = getattr(self, field_name)
             if v is not None and not _int_at_least(v, 1):
-                raise ValueError(f"{where}: {field_name} must be an integer >= 1 (or unset), got {v!r}")
+                raise UserError(f"{where}: {field_name} must be an integer >= 1 (or unset), got {v!r}")
         if self.val_threshold is not None and not _finite(self.val_threshold):
-            raise ValueError(f"{where}: val_threshold must be a finite number, got {self.val_threshold!r}")
+            raise UserError(f"{where}: val_threshold must be a finite number, got {self.val_threshold!r}")
         if not isinstance(self.val_metric, str) or not self.val_metric:
-            raise ValueError(f"{where}: val_metric must name a logged metric, got {self.val_metric!r}")
+            raise UserError(f"{where}: val_metric must name a logged metric, got {self.val_metric!r}")
 
     @property
     def has_end_rule(self) -> bool:

@@ -166,7 +166,7 @@ class ReasoningDataModule(L.LightningDataModule):
             return load_processor(ModelSpec(self.processor_name))
         module = getattr(self.trainer, "lightning_module", None) if self._trainer_attached() else None
         if module is None or getattr(module, "processor", None) is None:
-            raise ValueError("ReasoningDataModule needs a processor: set data.processor to a model folder or use it "
+            raise UserError("ReasoningDataModule needs a processor: set data.processor to a model folder or use it "
                              "with a vold-pl LightningModule that has one.")
         return module.processor
 
@@ -347,7 +347,7 @@ class ReasoningDataModule(L.LightningDataModule):
         if self._trainer_attached():
             rank, world = self.trainer.global_rank, self.trainer.world_size
             if world > 1 and uses_distributed_sampler(self.trainer):
-                raise ValueError("ReasoningDataModule splits its mixed draws across ranks itself (and resumes from "
+                raise UserError("ReasoningDataModule splits its mixed draws across ranks itself (and resumes from "
                                  "them); Lightning's DistributedSampler on top would split them again. Set "
                                  "Trainer(use_distributed_sampler=False) (vold-pl fit does by default).")
         sizes = [len(d) for d in ds.datasets]

@@ -8,6 +8,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from vold_pl.errors import UserError
+
 
 class MixedSampler(Sampler[int]):
     """Indices into a ``ConcatDataset`` drawn by source weight, reproducible from ``(seed, epoch)``.
@@ -22,7 +24,7 @@ class MixedSampler(Sampler[int]):
     def __init__(self, sizes: list[int], weights: list[float], num_samples: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1):
         if len(sizes) != len(weights) or any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise ValueError(f"source weights must be non-negative with a positive sum, got {weights}")
+            raise UserError(f"source weights must be non-negative with a positive sum, got {weights}")
         self.sizes, self.weights, self.num_samples, self.seed = sizes, weights, num_samples, seed
         self.rank, self.world_size, self.epoch, self.start = rank, world_size, 0, 0
         self.pools: list[list[int]] | None = None  # per source: local indices it may draw; None = all
@@ -40,7 +42,7 @@ class MixedSampler(Sampler[int]):
             if len(pools) != len(self.sizes) or any(i < 0 or i >= n for p, n in zip(pools, self.sizes) for i in p):
                 raise ValueError(f"pools must hold local indices of each of the {len(self.sizes)} sources")
             if not any(w > 0 and p for w, p in zip(self.weights, pools)):
-                raise ValueError(f"every eligible record is in a source of weight 0 (weights {self.weights}, eligible "
+                raise UserError(f"every eligible record is in a source of weight 0 (weights {self.weights}, eligible "
                                  f"per source {[len(p) for p in pools]}): nothing can be drawn.")
         self.pools, self.num_samples = pools, num_samples
 

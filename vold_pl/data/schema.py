@@ -103,7 +103,7 @@ def validate_record(
     """
     check_images = {True: "decode", False: "none"}.get(check_images, check_images)
     if check_images not in IMAGE_CHECKS:
-        raise ValueError(f"check_images must be one of {', '.join(IMAGE_CHECKS)}, got {check_images!r}")
+        raise UserError(f"check_images must be one of {', '.join(IMAGE_CHECKS)}, got {check_images!r}")
     if not isinstance(obj, dict):
         raise RecordError(f"{_where(path, line)}: a record must be a JSON object, got {type(obj).__name__}.")
     rid = obj.get("id")
@@ -235,7 +235,7 @@ def read_jsonl(
     line is decoded on its own, so a line that is not UTF-8 is one bad record and the rest of the file is kept.
     """
     if on_bad_record not in ("error", "skip"):
-        raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
+        raise UserError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
     path = Path(path)
     if not path.is_file():
         from vold_pl.errors import UserFileNotFoundError

@@ -164,7 +164,7 @@ def _quantization_config(spec: ModelSpec):
                                   bnb_4bit_use_double_quant=True)
     if spec.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    raise ValueError(f"quantization must be one of none, 4bit, 8bit; got {spec.quantization!r}")
+    raise UserError(f"quantization must be one of none, 4bit, 8bit; got {spec.quantization!r}")
 
 
 def load_model(spec: ModelSpec, with_processor: bool = True):
@@ -176,7 +176,7 @@ def load_model(spec: ModelSpec, with_processor: bool = True):
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     if spec.dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}; got {spec.dtype!r}")
+        raise UserError(f"dtype must be one of {sorted(_DTYPES)}; got {spec.dtype!r}")
     kwargs = dict(dtype=_DTYPES[spec.dtype], attn_implementation=spec.attn_implementation,
                   trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     qcfg = _quantization_config(spec)

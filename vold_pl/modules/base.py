@@ -22,6 +22,7 @@ from vold_pl.checkpointing import (
     fingerprint_from_state_dict,
     model_fingerprint,
 )
+from vold_pl.errors import UserError
 from vold_pl.models.factory import ModelSpec, check_align_option, get_tokenizer, load_model, load_processor
 from vold_pl.models.inputs import MODEL_INPUT_KEYS, select_model_inputs  # noqa: F401 (MODEL_INPUT_KEYS re-exported)
 from vold_pl.models.lora import LoRAConfig, apply_lora, is_lora_model, save_lora_export
@@ -63,7 +64,7 @@ def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
         return bnb.optim.AdamW8bit(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     if cfg.name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    raise ValueError(f"optim.name must be 'adamw' or 'adamw8bit', got {cfg.name!r}")
+    raise UserError(f"optim.name must be 'adamw' or 'adamw8bit', got {cfg.name!r}")
 
 
 def bf16_lost_update_fraction(params, lr: float, sample: int = 1 << 20) -> tuple[float, float]:
@@ -179,7 +180,7 @@ class PolicyModule(L.LightningModule):
         self.gradient_checkpointing, self.export_dir, self.export, self.seed = (
             gradient_checkpointing, export_dir, export, seed)
         if max_consecutive_skips < 0:
-            raise ValueError(f"max_consecutive_skips must be >= 0 (0 = never stop), got {max_consecutive_skips}")
+            raise UserError(f"max_consecutive_skips must be >= 0 (0 = never stop), got {max_consecutive_skips}")
         self.max_consecutive_skips = max_consecutive_skips
         self.skipped_steps, self.consecutive_skips = 0, 0
         self._step_skipped, self._last_skip = False, ""
@@ -216,7 +217,7 @@ class PolicyModule(L.LightningModule):
     def set_predict_sampling(self, num_samples: int, sampling: SamplingConfig) -> None:
         """How ``predict_step`` samples: ``num_samples`` completions per prompt with ``sampling``."""
         if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+            raise UserError(f"num_samples must be >= 1, got {num_samples}")
         self.predict_num_samples, self.predict_sampling = int(num_samples), sampling
 
     # -- model ---------------------------------------------------------------------------------------------

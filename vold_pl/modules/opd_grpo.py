@@ -31,6 +31,7 @@ import torch
 
 from vold_pl.checkpointing import allow_in_checkpoints
 from vold_pl.distributed import fsdp_modules
+from vold_pl.errors import UserError
 from vold_pl.models.factory import ModelSpec, check_align_option, freeze, load_model, prepare_teacher_tokenizer
 from vold_pl.models.lora import adapters_off, is_lora_model
 from vold_pl.modules.base import OptimConfig, PolicyModule
@@ -88,7 +89,7 @@ class GRPOConfig:
     def __post_init__(self):
         for name in ("micro_batch_size", "max_tokens_per_micro_batch"):
             if getattr(self, name) < 0:
-                raise ValueError(f"grpo.{name}: {getattr(self, name)} is negative; use 0 (the whole batch) or a "
+                raise UserError(f"grpo.{name}: {getattr(self, name)} is negative; use 0 (the whole batch) or a "
                                  f"positive cap.")
 
 
@@ -191,13 +192,13 @@ class OPDGRPOModule(PolicyModule):
         check_align_option(model, teacher if self.opd.lam > 0 else None)
         if self.opd.lam > 0:
             if teacher is None:
-                raise ValueError("opd.lam > 0 needs a teacher: set model.init_args.teacher.name_or_path, or "
+                raise UserError("opd.lam > 0 needs a teacher: set model.init_args.teacher.name_or_path, or "
                                  "opd.lam: 0.")
             # Aligns the student's tokenizer when model.align_tokens_with: teacher, then fails at setup, not deep
             # in a step, when the teacher cannot score the student's tokens.
             self.teacher_tokenizer = prepare_teacher_tokenizer(self.processor, model, teacher)
             if self.opd.gate == "failed" and self.opd.gate_reward not in self.reward_weights:
-                raise ValueError(
+                raise UserError(
                     f"opd.gate: failed reads the success reward opd.gate_reward={self.opd.gate_reward!r}, which is "
                     f"not among the rewards {sorted(self.reward_weights)}: add it to model.init_args.rewards "
                     f"(weight 0 is fine), set opd.gate_reward to your success reward, or use opd.gate: all.")

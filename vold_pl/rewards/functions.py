@@ -66,11 +66,11 @@ def register_reward(name: str, *, overwrite: bool = False) -> Callable[[RewardFn
     """Decorator registering ``fn(completion, record) -> float`` under ``name``. A taken name raises unless
     ``overwrite=True``: a silent replacement would change training rewards without a trace."""
     if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"a reward name must be a non-empty string, got {name!r}")
+        raise UserError(f"a reward name must be a non-empty string, got {name!r}")
 
     def deco(fn: RewardFn) -> RewardFn:
         if name in _REGISTRY and _REGISTRY[name] is not fn and not overwrite:
-            raise ValueError(f"reward {name!r} is already registered ({_REGISTRY[name].__qualname__}); "
+            raise UserError(f"reward {name!r} is already registered ({_REGISTRY[name].__qualname__}); "
                              "pass overwrite=True to replace it")
         _REGISTRY[name] = fn
         return fn
@@ -104,13 +104,13 @@ def validate_weights(weights: Mapping[str, float]) -> dict[str, float]:
     """Check reward weights (call at setup); return ``{name: float}``. ValueError for an empty mapping, an
     unknown name (listing the known ones) or a weight that is not a finite number."""
     if not isinstance(weights, Mapping) or not weights:
-        raise ValueError(f"reward weights must be a non-empty mapping name -> weight, got {weights!r}. "
+        raise UserError(f"reward weights must be a non-empty mapping name -> weight, got {weights!r}. "
                          f"Known rewards: {', '.join(list_rewards())}.")
     out: dict[str, float] = {}
     for name, w in weights.items():
         get_reward(name)  # UnknownRewardError is a ValueError
         if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
-            raise ValueError(f"weight of reward {name!r} must be a finite number, got {w!r}")
+            raise UserError(f"weight of reward {name!r} must be a finite number, got {w!r}")
         out[name] = float(w)
     return out
 

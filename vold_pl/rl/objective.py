@@ -41,6 +41,7 @@ from typing import Iterable
 
 import torch
 
+from vold_pl.errors import UserError
 from vold_pl.rl.losses import (
     AGGREGATIONS,
     OPD_ESTIMATORS,
@@ -68,13 +69,13 @@ TEACHER_SCORES = {"k1": "logp", "full": "logits"}
 def check_opd_options(estimator: str, mode: str, gate: str, where: str = "opd") -> None:
     """Raise ``ValueError`` for an unknown or unsupported estimator × mode × gate, naming the fields."""
     if estimator not in OPD_ESTIMATOR_NAMES:
-        raise ValueError(f"{where}.estimator: {estimator!r} is not one of {list(OPD_ESTIMATOR_NAMES)}.")
+        raise UserError(f"{where}.estimator: {estimator!r} is not one of {list(OPD_ESTIMATOR_NAMES)}.")
     if mode not in OPD_MODES:
-        raise ValueError(f"{where}.mode: {mode!r} is not one of {list(OPD_MODES)}.")
+        raise UserError(f"{where}.mode: {mode!r} is not one of {list(OPD_MODES)}.")
     if gate not in OPD_GATES:
-        raise ValueError(f"{where}.gate: {gate!r} is not one of {sorted(OPD_GATES)}.")
+        raise UserError(f"{where}.gate: {gate!r} is not one of {sorted(OPD_GATES)}.")
     if estimator == "full" and mode == "advantage":
-        raise ValueError(
+        raise UserError(
             f"{where}.estimator: full with {where}.mode: advantage is not supported: the full-vocabulary KL of a "
             f"position does not depend on the sampled token, so as a per-token advantage its expected policy "
             f"gradient is zero (METHODS.md §3). Use {where}.estimator: k1 with mode: advantage, or keep "
@@ -111,7 +112,7 @@ class LossSettings:
 
     def __post_init__(self):
         if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation {self.aggregation!r} is not one of {sorted(AGGREGATIONS)}")
+            raise UserError(f"aggregation {self.aggregation!r} is not one of {sorted(AGGREGATIONS)}")
         check_opd_options(self.estimator, self.mode, self.gate)
 
 
