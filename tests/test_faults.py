@@ -4,6 +4,8 @@ stop the run with a clear message; a raising reward is counted, not fatal; check
 from __future__ import annotations
 
 import copy
+import errno
+import json
 import os
 import signal
 import subprocess
@@ -169,7 +171,7 @@ sys.path.insert(0, {repo!r})
 from vold_pl.checkpointing import atomic_torch_save
 i = 0
 while True:
-    atomic_torch_save({{"i": i, "w": torch.full((4_000_000,), float(i))}}, {path!r})
+    atomic_torch_save({{"i": i, "global_step": i, "state_dict": {{}}, "w": torch.full((4_000_000,), float(i))}}, {path!r})
     print(i, flush=True)
     i += 1
 '''
@@ -198,7 +200,8 @@ def test_kill_9_during_checkpoint_writes_never_corrupts_last(tmp_path):
 
 def test_failed_write_keeps_old_checkpoint_and_resume_ignores_partial(tmp_path, monkeypatch):
     path = tmp_path / "last.ckpt"
-    atomic_torch_save({"step": 1}, path)
+    first = {"step": 1, "global_step": 1, "state_dict": {}}
+    atomic_torch_save(first, path)
 
     def dying_save(obj, fh, *a, **k):
         fh.write(b"PK\x03\x04 half a checkpoint")
@@ -208,7 +211,7 @@ def test_failed_write_keeps_old_checkpoint_and_resume_ignores_partial(tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         AtomicCheckpointIO().save_checkpoint({"step": 2}, path)
     monkeypatch.undo()
-    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert torch.load(path, weights_only=True) == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
 
     # a sharded (folder) checkpoint is swapped in whole; a crash between the renames is undone on the next run
@@ -227,3 +230,120 @@ def test_failed_write_keeps_old_checkpoint_and_resume_ignores_partial(tmp_path, 
     (tmp_path / ".last.ckpt.partial").mkdir()
     assert {Path(p).name for p in cb._find_last_checkpoints(trainer=None)} == {"last.ckpt", "last_dir.ckpt"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last_dir.ckpt"]
+
+
+# --------------------------------------------------------------------------------------------- failed saves, `last`
+
+def _sft_cli_args(tiny_models, synth_data, root: Path, steps: int) -> list[str]:
+    return ["fit", "--model", "SFTModule", "--model.model.name_or_path", str(tiny_models["student"]),
+            "--model.export", "false", "--trainer.accelerator", "cpu", "--trainer.max_steps", str(steps),
+            "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(root),
+            "--data.train", json.dumps([{"path": str(synth_data["train_text"]), "limit": 8}]), "--data.batch_size",
+            "2", "--data.epoch_size", "8"]
+
+
+def _step_of(path: Path) -> int:
+    return torch.load(path, weights_only=True, map_location="cpu")["global_step"]
+
+
+def test_failed_save_names_the_file_and_keeps_the_previous_checkpoint(tiny_models, synth_data, tmp_path):
+    """A real write failure from the kernel (the file size limit: ``write`` fails with EFBIG, as with a full disk
+    torch's zip writer then ends in ``unexpected pos``), in a real ``vold-pl fit`` that resumes from step 1."""
+    import resource
+
+    from vold_pl.cli import main
+
+    root = tmp_path / "run"
+    main(_sft_cli_args(tiny_models, synth_data, root, 1))
+    last = root / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    limit = len(before) // 2  # room for logs and caches, not for a checkpoint
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1",
+               VOLD_PL_DEBUG="")
+    proc = subprocess.run([sys.executable, "-m", "vold_pl.cli", *_sft_cli_args(tiny_models, synth_data, root, 2),
+                           "--ckpt_path", "last"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600, preexec_fn=limited)
+    err = proc.stderr
+    assert proc.returncode == 2, err[-3000:]
+    assert "Traceback" not in err and "unexpected pos" not in err, err[-3000:]
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert errors == [f"error: could not write checkpoint {last}: File too large (EFBIG). The write is atomic, so the "
+                      "previous last.ckpt is intact (nothing was replaced). To go on, raise the file size limit "
+                      "(ulimit -f) or save smaller checkpoints, then resume with --ckpt_path last."], err[-3000:]
+    assert last.read_bytes() == before and _step_of(last) == 1
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]  # no half-written leftovers
+
+
+@pytest.mark.parametrize("code,name,remedy", [
+    (errno.ENOSPC, "No space left on device (ENOSPC)", "free space on the disk of"),
+    (errno.EACCES, "Permission denied (EACCES)", "make {folder} writable"),
+])
+def test_disk_full_or_no_permission_is_one_message(code, name, remedy, tiny_models, synth_data, tmp_path,
+                                                    monkeypatch, capsys):
+    """ENOSPC / EACCES raised by the operating system call that makes the temporary file (injected: this test
+    runs as any user, on any disk), through the CLI in-process."""
+    import tempfile
+
+    from vold_pl.cli import main
+
+    root = tmp_path / "run"
+    main(_sft_cli_args(tiny_models, synth_data, root, 1))
+    last = root / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    real_mkstemp = tempfile.mkstemp
+
+    def failing_mkstemp(*a, dir=None, **k):
+        if str(dir).startswith(str(last.parent)):
+            raise OSError(code, os.strerror(code), str(dir))
+        return real_mkstemp(*a, dir=dir, **k)
+
+    monkeypatch.setattr(tempfile, "mkstemp", failing_mkstemp)
+    monkeypatch.setenv("VOLD_PL_DEBUG", "")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ei:
+        main([*_sft_cli_args(tiny_models, synth_data, root, 2), "--ckpt_path", "last"])
+    assert ei.value.code == 2
+    err = capsys.readouterr().err
+    line = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(line) == 1 and "Traceback" not in err, err[-3000:]
+    assert line[0].startswith(f"error: could not write checkpoint {last}: {name}"), line
+    assert "the previous last.ckpt is intact" in line[0] and remedy.format(folder=last.parent) in line[0], line
+    assert last.read_bytes() == before
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_ckpt_path_last_without_a_usable_last_resumes_from_the_newest_complete(damage, tiny_models, synth_data,
+                                                                               tmp_path, capsys):
+    """A run killed while it wrote its first ``last.ckpt`` (so there is none), or a truncated ``last.ckpt``:
+    ``--ckpt_path last`` resumes from the newest complete step checkpoint of the folder and says so."""
+    from vold_pl.cli import main
+
+    root = tmp_path / "run"
+    every = ["--trainer.callbacks+=ResumableCheckpoint", "--trainer.callbacks.every_n_train_steps", "1",
+             "--trainer.callbacks.save_top_k", "-1"]
+    main([*_sft_cli_args(tiny_models, synth_data, root, 3), *every])
+    folder = root / "checkpoints"
+    names = sorted(p.name for p in folder.iterdir())
+    assert "last.ckpt" in names and "epoch=0-step=2.ckpt" in names and "epoch=0-step=3.ckpt" in names, names
+    _truncate(folder / "epoch=0-step=3.ckpt")  # the newest step checkpoint is broken too: step 2 is the newest good
+    (folder / "last.ckpt").unlink() if damage == "missing" else _truncate(folder / "last.ckpt")
+    capsys.readouterr()
+    main([*_sft_cli_args(tiny_models, synth_data, root, 4), *every, "--ckpt_path", "last"])
+    err = capsys.readouterr().err
+    assert (f"--ckpt_path last: {folder} has no usable last.ckpt" in err
+            and f"resuming from the newest complete checkpoint {folder / 'epoch=0-step=2.ckpt'} (step 2)" in err), err
+    assert ("last.ckpt: unreadable" in err) if damage == "truncated" else ("(no last.ckpt)" in err), err
+    # it resumed at step 2 (two more steps to 4), not from step 0 (four steps)
+    assert _step_of(folder / "last.ckpt") == 4
+    assert "epoch=0-step=4.ckpt" in {p.name for p in folder.iterdir()}

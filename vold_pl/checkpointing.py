@@ -14,10 +14,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import pickle
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,50 @@ class CheckpointMismatchError(UserError):
 
 class UnreadableCheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read safely (Python objects ``weights_only=True`` refuses) or at all."""
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint that could not be written (disk full, no permission, file size limit): the message names the
+    file, the reason, and says that the previous checkpoint of that name is intact."""
+
+
+_WRITE_REMEDY = {
+    errno.ENOSPC: "free space on the disk of {folder}",
+    errno.EDQUOT: "free space (the disk quota is used up) on {folder}",
+    errno.EACCES: "make {folder} writable for this user, or point the checkpoint dirpath / trainer.default_root_dir "
+                  "at a folder you can write",
+    errno.EPERM: "make {folder} writable for this user, or point the checkpoint dirpath / trainer.default_root_dir "
+                 "at a folder you can write",
+    errno.EROFS: "point the checkpoint dirpath / trainer.default_root_dir at a writable file system",
+    errno.EFBIG: "raise the file size limit (ulimit -f) or save smaller checkpoints",
+}
+
+
+def write_failure(path: Any, e: BaseException) -> CheckpointWriteError | None:
+    """The error to raise when writing checkpoint ``path`` failed with ``e`` because of the file system (an
+    ``OSError`` in its chain: torch's zip writer reports a full disk as ``unexpected pos``, with the ``OSError``
+    as its context), or ``None`` for any other failure. The writes are atomic, so ``path`` is as it was before."""
+    if isinstance(e, CheckpointWriteError):
+        e = e.__cause__ or e
+    seen, os_error, cur = set(), None, e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, OSError) and not isinstance(cur, UserError):
+            os_error = cur
+            break
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    if os_error is None:
+        return None
+    path = Path(str(path).removeprefix("file://"))
+    code = os_error.errno
+    why = f"{os.strerror(code)} ({errno.errorcode.get(code, code)})" if code else str(os_error)
+    if os_error.filename and Path(str(os_error.filename)).name not in (path.name, ""):
+        why += f" on {os_error.filename}"
+    kept = (f"the previous {path.name} is intact (nothing was replaced)" if path.exists()
+            else f"no earlier {path.name} was there; nothing was replaced")
+    remedy = _WRITE_REMEDY.get(code, "fix the cause above").format(folder=path.parent)
+    return CheckpointWriteError(f"could not write checkpoint {path}: {why}. The write is atomic, so {kept}. To go "
+                                f"on, {remedy}, then resume with --ckpt_path last.")
 
 
 # ------------------------------------------------------------------------------------------------ atomic writes
@@ -107,9 +153,17 @@ def save_atomically(trainer, filepath: str | Path, weights_only: bool = False) -
         if tmp.exists():  # a previous write that died
             shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
     trainer.strategy.barrier("vold_pl.save_atomically.start")
-    trainer.save_checkpoint(tmp, weights_only)  # ends with a barrier: every shard is written
-    if trainer.is_global_zero:
-        swap_into_place(tmp, path)
+    try:
+        trainer.save_checkpoint(tmp, weights_only)  # ends with a barrier: every shard is written
+        if trainer.is_global_zero:
+            swap_into_place(tmp, path)
+    except Exception as e:
+        err = write_failure(path, e)
+        if err is None:
+            raise
+        if trainer.is_global_zero and tmp.exists():  # (never the checkpoint itself: it is still the old one)
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        raise err from e
     trainer.strategy.barrier("vold_pl.save_atomically.end")
 
 
@@ -119,7 +173,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None or not _is_local(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_torch_save(checkpoint, str(path).removeprefix("file://"))
+        try:
+            atomic_torch_save(checkpoint, str(path).removeprefix("file://"))
+        except Exception as e:
+            err = write_failure(path, e)
+            if err is None:
+                raise
+            raise err from e
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         if _is_local(path) and not Path(str(path).removeprefix("file://")).exists():
@@ -168,6 +228,31 @@ def read_hyperparameters(path: str | Path) -> dict[str, Any]:
     return dict(ckpt.get("hyper_parameters") or {})
 
 
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why checkpoint ``path`` cannot be resumed from (truncated, not a checkpoint, no training state), or None.
+    A sharded checkpoint (a folder) is taken as complete: it is swapped into place whole
+    (:func:`swap_into_place`). Reads only the file's index and small values (memory-mapped), not the weights."""
+    path = Path(path)
+    if path.is_dir():
+        return None
+    if not path.is_file():
+        return "missing"
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        return f"unreadable ({type(e).__name__}: {' '.join(str(e).split())[:120]})"
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("global_step"), int) or "state_dict" not in ckpt:
+        return "not a Lightning training checkpoint"
+    return None
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The ``global_step`` a complete checkpoint file was saved at, or None when it cannot be resumed from."""
+    if checkpoint_problem(path) is not None or Path(path).is_dir():
+        return None
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+
+
 # ------------------------------------------------------------------------------------------------ ModelCheckpoint
 
 class ResumableCheckpoint(ModelCheckpoint):
@@ -201,8 +286,32 @@ class ResumableCheckpoint(ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
 
     def _find_last_checkpoints(self, trainer) -> set[str]:
+        """What ``--ckpt_path last`` may resume from: the complete ``last*.ckpt`` files, or, when there is none (a
+        run killed while it wrote its first ``last.ckpt``, a truncated copy), the newest complete checkpoint of
+        the folder, with a message saying so."""
         self._stable_dir(trainer)
-        return super()._find_last_checkpoints(trainer)
+        found = super()._find_last_checkpoints(trainer)
+        if not _is_local(self.dirpath):
+            return found
+        usable = {p for p in found if checkpoint_problem(p) is None}
+        if usable or not os.path.isdir(self.dirpath):
+            return usable
+        others = [p for p in Path(self.dirpath).glob(f"*{self.FILE_EXTENSION}") if str(p) not in found]
+        steps = {p: checkpoint_step(p) for p in others}
+        complete = [p for p, step in steps.items() if step is not None]
+        if not complete and not found:
+            return set()
+        broken = "; ".join(f"{Path(p).name}: {checkpoint_problem(p)}" for p in sorted(found)) or \
+            f"no {self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+        if not complete:
+            print(f"[vold-pl] warning: --ckpt_path last: {self.dirpath} has no complete checkpoint ({broken}); the "
+                  "run starts from step 0.", file=sys.stderr)
+            return set()
+        best = max(complete, key=lambda p: (steps[p], p.stat().st_mtime))
+        print(f"[vold-pl] warning: --ckpt_path last: {self.dirpath} has no usable {self.CHECKPOINT_NAME_LAST}"
+              f"{self.FILE_EXTENSION} ({broken}); resuming from the newest complete checkpoint {best} (step "
+              f"{steps[best]}).", file=sys.stderr)
+        return {os.path.normpath(str(best))}
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         from weakref import proxy
