@@ -30,7 +30,7 @@ from vold_pl.rewards import functions as reward_fns
 from vold_pl.rl.rollout import SamplingConfig
 
 NAN = float("nan")
-RAISING_REWARD, HASH_REWARD = "_test_faults_raises", "_test_faults_hash"
+RAISING_REWARD, HASH_REWARD, OVERFLOW_REWARD = "_test_faults_raises", "_test_faults_hash", "_test_faults_overflow"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -142,6 +142,7 @@ def test_consecutive_skips_stop_the_run_with_a_clear_message(tiny_models, synth_
 
 def test_opd_nonfinite_loss_skips_and_raising_reward_is_counted(tiny_models, synth_data, tmp_path):
     reward_fns.register_reward(RAISING_REWARD, overwrite=True)(lambda c, r: 1 / 0)
+    reward_fns.register_reward(OVERFLOW_REWARD, overwrite=True)(lambda c, r: 1e39)  # finite float64, inf in float32
     # varies with the text, so the tiny model's rollouts get non-zero advantages and healthy steps move weights
     reward_fns.register_reward(HASH_REWARD, overwrite=True)(lambda c, r: (zlib.crc32(c.encode()) % 997) / 997)
     try:
@@ -149,18 +150,20 @@ def test_opd_nonfinite_loss_skips_and_raising_reward_is_counted(tiny_models, syn
         PoisonedOPD.poison = {1}
         module = PoisonedOPD(ModelSpec(str(tiny_models["student"])), optim=OptimConfig(lr=1e-2),
                              grpo=GRPOConfig(num_generations=2), sampling=SamplingConfig(max_new_tokens=4),
-                             rewards={"accuracy": 1.0, HASH_REWARD: 1.0, RAISING_REWARD: 1.0}, export=False,
+                             rewards={"accuracy": 1.0, HASH_REWARD: 1.0, RAISING_REWARD: 1.0, OVERFLOW_REWARD: 1.0},
+                             export=False,
                              log_completions_every_n_steps=0)
         trainer, snaps = _fit(module, synth_data, tmp_path, 3)
     finally:
-        reward_fns._REGISTRY.pop(RAISING_REWARD, None)
-        reward_fns._REGISTRY.pop(HASH_REWARD, None)
+        for name in (RAISING_REWARD, HASH_REWARD, OVERFLOW_REWARD):
+            reward_fns._REGISTRY.pop(name, None)
     (w0, o0), (w1, o1) = snaps.before[1], snaps.after[1]
     assert _same(w0, w1) and _same(o0, o1), "the NaN step changed weights or optimizer state"
     assert not _same(*[s[0] for s in (snaps.before[2], snaps.after[2])]), "training did not go on after the skip"
     assert module.skipped_steps == 1 and float(trainer.callback_metrics["train/skipped_steps"]) == 1.0
-    # the raising reward scored 0 on every completion of the last step and was counted, not fatal
-    assert float(trainer.callback_metrics["train/rewards/errors"]) == 4.0
+    # the raising and the overflowing reward scored 0 on every completion of the last step and were counted
+    assert float(trainer.callback_metrics["train/rewards/errors"]) == 8.0
+    assert int(trainer.callback_metrics["train/skipped_steps"]) == 1  # only the poisoned step, not the overflow
 
 
 # --------------------------------------------------------------------------------------------- atomic checkpoints

@@ -369,6 +369,19 @@ def test_raising_reward_is_counted_not_fatal(registry_snapshot, caplog):
     assert "kaboom" in caplog.text and "'test_boom' failed on 2 of 3" in caplog.text
 
 
+def test_reward_overflowing_the_reward_dtype_is_counted_and_scored_0(registry_snapshot):
+    @register_reward("test_huge")
+    def huge(completion, record):
+        return {"f64": 1e39, "weighted": 1e38, "ok": 3.0}[record.id]  # all finite in float64
+
+    records = [rec("4", "math", rid="f64"), rec("4", "math", rid="weighted"), rec("4", "math", rid="ok")]
+    out = compute_rewards([wrap("4")] * 3, records, {"test_huge": 10.0, "accuracy": 1.0})
+    assert torch.isfinite(out.total).all()
+    assert out.named["test_huge"].tolist() == [0.0, 0.0, 3.0]  # 1e38 alone fits float32, 10 x 1e38 does not
+    assert out.total.tolist() == pytest.approx([1.0, 1.0, 31.0])
+    assert out.errors == {"test_huge": 2, "accuracy": 0}
+
+
 def test_bad_weights_and_inputs():
     with pytest.raises(ValueError, match="Known rewards"):
         compute_rewards(["x"], [rec("1", "math")], {"acuracy": 1.0})

@@ -1013,3 +1013,62 @@ def test_rollout_scoring_passes_chunking_and_recompute_to_the_head():
         rollout_token_logprobs(model, ro).sum().backward()  # defaults: one slab, no recompute
         assert head.calls == 1
         model.zero_grad(set_to_none=True)
+
+
+# ------------------------------------------------------------------ non-finite frozen scores outside the mask
+
+def _poisoned_step(mode: str, estimator: str, frozen: str, bad: float | None, on_policy: bool):
+    """One ``opd_grpo_loss`` backward whose ``frozen`` scores (teacher log-probs / logits, reference log-probs)
+    hold ``bad`` at every padded position (``None``: finite values there). Returns loss, grads, metrics."""
+    from vold_pl.rl.objective import Experience, LossSettings, opd_grpo_loss
+
+    g = torch.Generator().manual_seed(0)
+    N, L, V = 4, 6, 9
+    mask = torch.ones(N, L)  # [N, L]
+    mask[0, 3:], mask[2, 1:], mask[3, 5:] = 0, 0, 0
+    pad = mask == 0
+    logp = (-torch.rand(N, L, generator=g) - 0.1).requires_grad_(True)  # [N, L]
+    student_logits = torch.randn(N, L, V, generator=g).requires_grad_(True)  # [N, L, V]
+    scores = {"teacher_logp": -torch.rand(N, L, generator=g) - 0.1, "ref_logp": -torch.rand(N, L, generator=g) - 0.1,
+              "teacher_logits": torch.randn(N, L, V, generator=g)}
+    if bad is not None:
+        scores[frozen][pad] = bad
+    exp = Experience(logp=logp, old_logp=None if on_policy else logp.detach() - 0.05,
+                     advantages=torch.tensor([1.0, -1.0, 0.5, -0.5]), mask=mask, success=torch.tensor([0., 1., 0., 0.]),
+                     student_logits=student_logits, **scores)
+    cfg = LossSettings(lam=0.5, mode=mode, estimator=estimator, aggregation="token", beta_ref=0.1)
+    loss, metrics = opd_grpo_loss(exp, cfg)
+    loss.backward()
+    return loss.detach(), logp.grad, student_logits.grad, metrics
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("mode,estimator,frozen,on_policy", [
+    ("loss", "k1", "teacher_logp", True), ("loss", "k1", "teacher_logp", False),
+    ("advantage", "k1", "teacher_logp", True), ("advantage", "k1", "teacher_logp", False),
+    ("loss", "k1", "ref_logp", False), ("advantage", "k1", "ref_logp", False),
+    ("loss", "full", "teacher_logits", True), ("loss", "full", "teacher_logits", False),
+])
+def test_nonfinite_frozen_scores_at_masked_positions_never_reach_the_gradient(mode, estimator, frozen, on_policy,
+                                                                              bad):
+    loss0, g0, s0, m0 = _poisoned_step(mode, estimator, frozen, None, on_policy)
+    loss1, g1, s1, m1 = _poisoned_step(mode, estimator, frozen, bad, on_policy)
+    assert torch.isfinite(g1).all() and torch.equal(g0, g1)
+    if estimator == "full":
+        assert torch.isfinite(s1).all() and torch.equal(s0, s1)
+    assert torch.equal(loss0, loss1)
+    assert {k: float(v) for k, v in m0.items()} == {k: float(v) for k, v in m1.items()}
+
+
+def test_nonfinite_frozen_score_on_a_real_token_still_shows():
+    """Only padded positions are replaced: a teacher that cannot score a real completion token makes the loss
+    non-finite, so the step is skipped and counted instead of training on a silently changed target."""
+    from vold_pl.rl.objective import Experience, LossSettings, opd_grpo_loss
+
+    logp = torch.full((2, 3), -1.0, requires_grad=True)  # [N, L]
+    teacher = torch.full((2, 3), -1.0)
+    teacher[0, 0] = float("-inf")
+    exp = Experience(logp=logp, old_logp=None, advantages=torch.tensor([1.0, -1.0]), mask=torch.ones(2, 3),
+                     teacher_logp=teacher, success=torch.zeros(2))
+    loss, _ = opd_grpo_loss(exp, LossSettings(lam=0.5, mode="loss", aggregation="token"))
+    assert not torch.isfinite(loss)

@@ -353,6 +353,9 @@ class RewardOutput:
         return sum(self.errors.values())
 
 
+REWARD_DTYPE = torch.float32  # the dtype of the rewards, advantages and loss terms they enter
+
+
 def compute_rewards(completions: Sequence[str], records: Sequence[Any], weights: Mapping[str, float]) -> RewardOutput:
     """Score every completion with every weighted reward (weight 0 still computes it, e.g. for logging).
 
@@ -365,7 +368,7 @@ def compute_rewards(completions: Sequence[str], records: Sequence[Any], weights:
         raise ValueError(f"{len(completions)} completions but {len(records)} records; they must pair up 1:1")
     named: dict[str, torch.Tensor] = {}
     errors: dict[str, int] = {}
-    total = torch.zeros(len(completions), dtype=torch.float32)
+    total = torch.zeros(len(completions), dtype=REWARD_DTYPE)
     for name, weight in w.items():
         fn = get_reward(name)
         scores: list[float] = []
@@ -376,6 +379,12 @@ def compute_rewards(completions: Sequence[str], records: Sequence[Any], weights:
                 v = fn(c, r)
                 if not isinstance(v, numbers.Real) or not math.isfinite(v):
                     raise TypeError(f"returned {v!r}, not a finite number")
+                # checked as it will be used: a finite float64 can overflow the rewards' dtype (or its weighted
+                # term can), which would make the step's loss non-finite instead of counting one reward error
+                cast = torch.tensor([float(v), weight * float(v)], dtype=REWARD_DTYPE)  # [2]
+                if not bool(torch.isfinite(cast).all()):
+                    raise TypeError(f"returned {v!r}, which (times its weight {weight}) is not finite in "
+                                    f"{str(REWARD_DTYPE).removeprefix('torch.')}")
                 scores.append(float(v))
             except Exception as e:  # noqa: BLE001 - a reward bug must not crash training; it is counted
                 scores.append(0.0)
@@ -385,6 +394,6 @@ def compute_rewards(completions: Sequence[str], records: Sequence[Any], weights:
             logger.warning("reward %r failed on %d of %d completions (scored 0.0); first: %s",
                            name, n_err, len(scores), first)
         errors[name] = n_err
-        named[name] = torch.tensor(scores, dtype=torch.float32)
+        named[name] = torch.tensor(scores, dtype=REWARD_DTYPE)
         total += weight * named[name]
     return RewardOutput(total=total, named=named, errors=errors)

@@ -36,7 +36,7 @@ Decisions the papers leave open, made here (docs/opd.md):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Iterable
 
 import torch
@@ -168,6 +168,29 @@ def _opd_kl(exp: Experience, cfg: LossSettings, old_logp: torch.Tensor) -> torch
     return OPD_ESTIMATORS[cfg.estimator](*args, **kwargs)
 
 
+def _frozen_scores_outside_mask_finite(exp: Experience) -> Experience:
+    """``exp`` with the frozen models' scores (teacher, reference) replaced by the student's own at positions
+    outside the mask, where one is not finite (a teacher or reference scoring padding can give ``-inf``/NaN).
+
+    The masked-out positions then have a KL of exactly 0 in value and gradient. Masking the aggregated value
+    alone is not enough: autograd multiplies the zero upstream gradient by the local derivative (``exp(inf)`` in
+    k3, a NaN softmax in the full KL), and ``0 * inf = NaN`` reaches the weights, in either OPD mode. A
+    non-finite score on a real completion token is kept: the step is then skipped as non-finite, which shows it.
+    """
+    pad = ~exp.mask.bool()  # [N, L]
+    if not bool(pad.any()):
+        return exp
+    changes = {}
+    for name, own in (("teacher_logp", exp.logp), ("ref_logp", exp.logp)):
+        t = getattr(exp, name)  # [N, L]
+        if t is not None and own is not None and bool((pad & ~torch.isfinite(t)).any()):
+            changes[name] = torch.where(pad, own.detach().to(t.dtype), t)  # [N, L]
+    t, own = exp.teacher_logits, exp.student_logits  # [N, L, V]
+    if t is not None and own is not None and bool((pad.unsqueeze(-1) & ~torch.isfinite(t)).any()):
+        changes["teacher_logits"] = torch.where(pad.unsqueeze(-1), own.detach().to(t.dtype), t)  # [N, L, V]
+    return replace(exp, **changes) if changes else exp
+
+
 def opd_grpo_loss(exp: Experience, cfg: LossSettings,
                   totals: Totals | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The step's loss (module docstring) and its diagnostics.
@@ -181,6 +204,7 @@ def opd_grpo_loss(exp: Experience, cfg: LossSettings,
     the sampler's distribution to the teacher's on the same support), ``opd/frac_tokens`` (share of completion
     tokens distilled) and ``opd/frac_masked_no_text_view`` (share of rows without a teacher view), when lam > 0.
     """
+    exp = _frozen_scores_outside_mask_finite(exp)
     mask = exp.mask.float()  # [N, L]
     agg = cfg.aggregation
     old_logp = exp.old_logp if exp.old_logp is not None else exp.logp.detach()  # on-policy: ρ ≡ 1
