@@ -297,6 +297,8 @@ def _save_image(value: Any, dest_stem: Path, fail, field: str, fallback: Path | 
                    "The published file embeds the image; re-download it.")
     from PIL import Image
 
+    from vold_pl.data.images import to_rgb
+
     try:
         im = Image.open(io.BytesIO(data))
         w, h = im.size
@@ -310,7 +312,7 @@ def _save_image(value: Any, dest_stem: Path, fail, field: str, fallback: Path | 
         return str(dest)
     if convert:
         scale = min(1.0, (MAX_IMAGE_PIXELS / (w * h)) ** 0.5)
-        im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
+        im = im.convert("RGBA") if "A" in im.getbands() else to_rgb(im)  # (16-bit grey scaled, not clipped)
         with atomic_open(dest, "wb") as fh:
             im.resize((max(1, int(w * scale)), max(1, int(h * scale)))).save(fh, format="PNG")
     else:

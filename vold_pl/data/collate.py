@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from vold_pl.data.images import to_rgb
 from vold_pl.errors import UserError
 from vold_pl.models.factory import get_tokenizer
 from vold_pl.models.inputs import pad_left
@@ -86,11 +87,12 @@ def encode_prompts(processor, rows: list[dict], view: str = "student",
     """
     tok = get_tokenizer(processor)
     texts = [render_prompt(processor, r, view, instruction) for r in rows]
-    images = [] if view == "teacher" else [im for r in rows for im in (r.get("images") or [])]
+    # every image as 8-bit RGB (16-bit grey scaled, alpha on white) before the processor sees it
+    images = [] if view == "teacher" else [to_rgb(im) for r in rows for im in (r.get("images") or [])]
     if images:
         if not has_image_processor(processor):
             raise UserError("rows have images but the model has no image processor: a text-only model needs "
-                             "view='teacher' (the text view) or text-only data.")
+                            "view='teacher' (the text view) or text-only data.")
         enc = processor(text=texts, images=images, padding=False, return_tensors=None)
         out = {"input_ids": [list(x) for x in enc["input_ids"]],
                "pixel_values": torch.as_tensor(enc["pixel_values"]),

@@ -24,8 +24,10 @@ field           type                         meaning
 
 Validation names the file, the line and the field of every problem (see :func:`validate_record`): each line
 is decoded as UTF-8 on its own (a line that is not is one bad record), image files must exist, stay below
-``MAX_IMAGE_PIXELS`` (decompression bombs are refused before any pixel is decoded) and, with
-``check_images='decode'`` (the default), decode in full.
+``MAX_IMAGE_PIXELS`` (decompression bombs are refused before any pixel is decoded) and ``MAX_ASPECT_RATIO``
+(the image processor's own limit) and, with ``check_images='decode'`` (the default), decode in full and convert to
+RGB (:func:`vold_pl.data.images.to_rgb`). A path the file system refuses (a name too long, no permission, a
+folder) is a problem of that record, never a crash.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ OPTIONAL_FIELDS = ("images", "choices", "trace", "text_view", "difficulty", "sou
 ALL_FIELDS = REQUIRED_FIELDS + OPTIONAL_FIELDS
 # Pixels above this count are refused: a 10k x 10k image would stall collation and blow memory.
 MAX_IMAGE_PIXELS = 4096 * 4096
+# Longest side over shortest side above this is refused: the Qwen2-VL / Qwen2.5-VL image processors' smart_resize
+# raises for it (at batch time, where it would stop a run).
+MAX_ASPECT_RATIO = 200
 # How image files are checked when a record is validated: ``decode`` (open, verify and decode every pixel: a
 # damaged pixel stream is found at setup), ``header`` (open and verify the chunks only: faster on large sets;
 # pixels that fail to decode later are caught when the batch is drawn) or ``none`` (not even opened).
@@ -188,13 +193,25 @@ def image_problem(p: str | Path, decode: bool = True) -> str | None:
     would inflate to gigabytes) is refused unread; ``decode`` then decodes every pixel, which is what finds a
     file whose chunks are intact (``verify`` passes) but whose compressed pixel stream is corrupt.
     """
+    import stat
     import warnings
 
     from PIL import Image
 
+    from vold_pl.data.images import to_rgb
+
     p = Path(p)
-    if not p.is_file():
+    try:
+        mode = p.stat().st_mode
+    except FileNotFoundError:
         return f"image file not found: {p}"
+    except (OSError, ValueError) as e:  # a name too long, a folder without permission, a NUL byte in the path
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        return f"image path {_short(p)} cannot be used ({why})"
+    if stat.S_ISDIR(mode):
+        return f"image path {p} is a folder, not an image file"
+    if not stat.S_ISREG(mode):
+        return f"image path {p} is not a regular file"
     try:
         with warnings.catch_warnings():
             # PIL warns above its own limit (and raises above twice it); ours is lower and checked just below.
@@ -203,15 +220,28 @@ def image_problem(p: str | Path, decode: bool = True) -> str | None:
                 w, h = im.size
                 if w * h > MAX_IMAGE_PIXELS:
                     return f"image {p} is {w}x{h}, above the limit of {MAX_IMAGE_PIXELS} pixels"
+                if min(w, h) < 1 or max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
+                    return (f"image {p} is {w}x{h}: an aspect ratio above {MAX_ASPECT_RATIO}:1, which the "
+                            "Qwen2-VL family's image processor refuses")
                 im.verify()
             if decode:
                 with Image.open(p) as im:
-                    im.load()
+                    to_rgb(im).load()  # every pixel decoded, in the conversion the model's input gets
     except Image.DecompressionBombError as e:
         return f"image {p} is a decompression bomb ({e})"
+    except OSError as e:
+        if getattr(e, "errno", None) is not None:  # the file system, not the image format
+            return f"image {p} cannot be read ({e.strerror or e})"
+        return f"unreadable image {p} ({type(e).__name__}: {e})"
     except Exception as e:  # noqa: BLE001 - whatever PIL raises on a damaged file, the file is unusable
         return f"unreadable image {p} ({type(e).__name__}: {e})"
     return None
+
+
+def _short(p: Path, keep: int = 160) -> str:
+    """A path for a message: a name too long for the file system is cut in the middle."""
+    s = str(p)
+    return s if len(s) <= keep else f"{s[: keep // 2]}...{s[-keep // 2:]} ({len(s)} characters)"
 
 
 def _check_image(p: Path, fail, decode: bool = True) -> None:
@@ -220,9 +250,14 @@ def _check_image(p: Path, fail, decode: bool = True) -> None:
         return
     if problem.startswith("image file not found"):
         raise fail("images", problem, "Image paths are relative to the data file's folder.")
+    if problem.startswith("image path ") or " cannot be read (" in problem:
+        raise fail("images", problem, "Point the record at a readable image file (relative to the data file's "
+                                      "folder).")
     if " above the limit " in problem or "decompression bomb" in problem:
         raise fail("images", problem, "Downscale it before training (the processor resizes to a few hundred "
                                       "pixels anyway).")
+    if "aspect ratio" in problem:
+        raise fail("images", problem, "Crop or pad it to at most 200:1, or remove the record.")
     raise fail("images", problem, "Replace or remove the corrupt file.")
 
 

@@ -317,7 +317,7 @@ def _image_paths(value: Any, src: DataSource, path: Path, where, rid, base_dir: 
             out.append(v)
         elif isinstance(v, dict) and (v.get("bytes") or v.get("path")):
             p = v.get("path")
-            if p and not v.get("bytes") or p and (Path(p) if Path(p).is_absolute() else base_dir / p).is_file():
+            if p and not v.get("bytes") or p and _is_file(Path(p) if Path(p).is_absolute() else base_dir / p):
                 out.append(p)  # a file on disk (validation says so if it is missing)
             else:
                 out.append(_write_image(v["bytes"], src, path, where, rid, k))
@@ -330,6 +330,14 @@ def _image_paths(value: Any, src: DataSource, path: Path, where, rid, base_dir: 
         else:
             return value
     return out
+
+
+def _is_file(p: Path) -> bool:
+    """``p.is_file()``, False where the file system refuses the path (too long, no permission, a NUL byte)."""
+    try:
+        return p.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _write_image(data: bytes, src: DataSource, path: Path, where, rid, k: int) -> str:
