@@ -139,7 +139,9 @@ class BenchmarkCallback(L.Callback):
         if len(set(names)) != len(names):
             raise UserError(f"benchmark names must be unique, got {names}")
         if pass_k < 1 or batch_size < 1 or max_new_tokens < 1:
-            raise UserError("pass_k, batch_size and max_new_tokens must be >= 1")
+            raise UserError(f"BenchmarkCallback: pass_k={pass_k}, batch_size={batch_size}, "
+                            f"max_new_tokens={max_new_tokens}: each must be >= 1; set the one below 1 to a positive "
+                            "value.")
         if prompt_style not in PROMPT_STYLES:
             raise UserError(f"prompt_style must be one of {PROMPT_STYLES}, got {prompt_style!r}")
         if on_bad_record not in ON_BAD_RECORD:

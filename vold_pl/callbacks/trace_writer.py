@@ -136,9 +136,10 @@ class TraceWriter(L.pytorch.callbacks.BasePredictionWriter):
         super().__init__(write_interval="batch")
         select_traces([], keep)  # validates ``keep`` now, not after an hour of sampling
         if not 0.0 <= text_only_ratio < 1.0:
-            raise UserError(f"text_only_ratio must be in [0, 1), got {text_only_ratio}")
+            raise UserError(f"text_only_ratio: {text_only_ratio} is outside [0, 1); use the share of text-only "
+                            "records to write, e.g. 0.2 (0: none).")
         if shard_every < 1:
-            raise UserError(f"shard_every must be >= 1, got {shard_every}")
+            raise UserError(f"shard_every: {shard_every} is below 1; use the number of records per output shard.")
         self.out_path, self.num_samples, self.keep = Path(out_path), num_samples, keep
         self.temperature = temperature
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=max(temperature, 1e-5),

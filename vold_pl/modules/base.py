@@ -64,7 +64,7 @@ def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
         return bnb.optim.AdamW8bit(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     if cfg.name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    raise UserError(f"optim.name must be 'adamw' or 'adamw8bit', got {cfg.name!r}")
+    raise UserError(f"optim.name: {cfg.name!r} is not an optimizer vold-pl builds; use adamw or adamw8bit.")
 
 
 def bf16_lost_update_fraction(params, lr: float, sample: int = 1 << 20) -> tuple[float, float]:
@@ -180,7 +180,8 @@ class PolicyModule(L.LightningModule):
         self.gradient_checkpointing, self.export_dir, self.export, self.seed = (
             gradient_checkpointing, export_dir, export, seed)
         if max_consecutive_skips < 0:
-            raise UserError(f"max_consecutive_skips must be >= 0 (0 = never stop), got {max_consecutive_skips}")
+            raise UserError(f"max_consecutive_skips: {max_consecutive_skips} is negative; use 0 (never stop) or the "
+                            "number of skipped steps in a row that should stop the run.")
         self.max_consecutive_skips = max_consecutive_skips
         self.skipped_steps, self.consecutive_skips = 0, 0
         self._step_skipped, self._last_skip = False, ""
@@ -217,7 +218,7 @@ class PolicyModule(L.LightningModule):
     def set_predict_sampling(self, num_samples: int, sampling: SamplingConfig) -> None:
         """How ``predict_step`` samples: ``num_samples`` completions per prompt with ``sampling``."""
         if num_samples < 1:
-            raise UserError(f"num_samples must be >= 1, got {num_samples}")
+            raise UserError(f"num_samples: {num_samples} is below 1; ask for at least one completion per prompt.")
         self.predict_num_samples, self.predict_sampling = int(num_samples), sampling
 
     # -- model ---------------------------------------------------------------------------------------------
