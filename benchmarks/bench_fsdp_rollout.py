@@ -3,7 +3,7 @@ FSDP2 with HF ``generate(synced_gpus=True)`` (the path used before), in one run.
 
 Three ways to generate on 2 ranks, each rank sampling its own prompts (G completions each):
 
-- ``fsdp2-unshard``: the policy sharded with FSDP2 (``vold_pl.distributed.shard_model``), every unit gathered
+- ``fsdp2-unshard``: the policy sharded with FSDP2 (``vold_pl.sharding.shard_model``), every unit gathered
   once per rollout and the cached sampler decoding on the full weights
   (:class:`vold_pl.rl.unsharded.UnshardedRollouts`, the trainer's default on FSDP2);
 - ``ddp``: a full replica per rank and the cached sampler (what DDP training does);
@@ -53,9 +53,11 @@ def _rank(rank: int, args, paths: dict, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     from vold_pl.data.collate import PromptCollator
-    from vold_pl.distributed import shard_model
+    from vold_pl.sharding import shard_model
     from vold_pl.models.factory import ModelSpec, load_model
-    from vold_pl.rl.rollout import CachedSamplingEngine, HFGenerateEngine, SamplingConfig
+    from vold_pl.rl.cached_sampler import CachedSamplingEngine
+    from vold_pl.rl.hf_engine import HFGenerateEngine
+    from vold_pl.rl.rollout_types import SamplingConfig
     from vold_pl.rl.unsharded import UnshardedRollouts
 
     quiet()

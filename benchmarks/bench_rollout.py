@@ -34,7 +34,9 @@ import torch  # noqa: E402
 def rollout_throughput(args) -> dict:
     from vold_pl.data.collate import PromptCollator
     from vold_pl.models.factory import ModelSpec, load_model
-    from vold_pl.rl.rollout import CachedSamplingEngine, HFGenerateEngine, SamplingConfig
+    from vold_pl.rl.cached_sampler import CachedSamplingEngine
+    from vold_pl.rl.hf_engine import HFGenerateEngine
+    from vold_pl.rl.rollout_types import SamplingConfig
 
     data = build_data(args.workdir / "data", n=64, seed=args.seed)
     models = {"text": (build_text_policy(args.workdir / "text_policy", seed=args.seed), data["train_text"]),
@@ -161,7 +163,9 @@ def step_breakdown(args) -> dict:
     from vold_pl.models.factory import ModelSpec
     from vold_pl.modules.base import OptimConfig
     from vold_pl.modules.opd_grpo import GRPOConfig, OPDConfig, OPDGRPOModule
-    from vold_pl.rl.rollout import CachedSamplingEngine, HFGenerateEngine, SamplingConfig
+    from vold_pl.rl.cached_sampler import CachedSamplingEngine
+    from vold_pl.rl.hf_engine import HFGenerateEngine
+    from vold_pl.rl.rollout_types import SamplingConfig
 
     paths = build_vlm(args.workdir / "vlm", seed=args.seed)
     data = build_data(args.workdir / "data", n=64, seed=args.seed)

@@ -93,7 +93,9 @@ def run_voldpl(policy: Path, rows: list[dict], args, vision: bool, profile_dir: 
     from vold_pl.models.factory import ModelSpec
     from vold_pl.modules.base import OptimConfig
     from vold_pl.modules.opd_grpo import GRPOConfig, OPDConfig, OPDGRPOModule
-    from vold_pl.rl.rollout import CachedSamplingEngine, HFGenerateEngine, SamplingConfig
+    from vold_pl.rl.cached_sampler import CachedSamplingEngine
+    from vold_pl.rl.hf_engine import HFGenerateEngine
+    from vold_pl.rl.rollout_types import SamplingConfig
 
     module = OPDGRPOModule(
         ModelSpec(str(policy)),

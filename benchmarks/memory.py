@@ -111,7 +111,7 @@ class RandomEngine:
         self.allowed = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
 
     def generate(self, model, batch: dict, num_samples: int, sampling):
-        from vold_pl.rl.rollout import Rollout, repeat_images
+        from vold_pl.rl.rollout_types import Rollout, repeat_images
 
         G = num_samples
         ids = batch["input_ids"].repeat_interleave(G, 0)
@@ -169,11 +169,13 @@ def worker(cfg: dict) -> None:
 
     from vold_pl.data.datamodule import ReasoningDataModule
     from vold_pl.data.sources import DataSource
-    from vold_pl.distributed import FSDP2Strategy, local_param_bytes, make_adamw8bit, optimizer_state_bytes
+    from vold_pl.sharding import FSDP2Strategy
+    from vold_pl.memory import local_param_bytes, optimizer_state_bytes
+    from vold_pl.optimizers import make_adamw8bit
     from vold_pl.models.factory import ModelSpec
     from vold_pl.modules.base import OptimConfig, build_optimizer
     from vold_pl.modules.opd_grpo import GRPOConfig, OPDConfig, OPDGRPOModule
-    from vold_pl.rl.rollout import SamplingConfig
+    from vold_pl.rl.rollout_types import SamplingConfig
 
     torch.set_num_threads(cfg["threads"])
     cuda = cfg["device"] == "cuda"

@@ -449,7 +449,8 @@ def diagnose(student: Path, teacher: Path, train: Path, *, lam: float, seed: int
     from vold_pl.rl.advantages import group_advantages
     from vold_pl.rl.objective import Experience, LossSettings, opd_grpo_loss
     from vold_pl.rl.logprobs import rollout_token_logprobs
-    from vold_pl.rl.rollout import SamplingConfig, default_engine
+    from vold_pl.rl.rollout_types import SamplingConfig
+    from vold_pl.rl.cached_sampler import default_engine
     from vold_pl.rl.teacher import build_teacher_inputs, teacher_token_logprobs
 
     torch.manual_seed(seed)

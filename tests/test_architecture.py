@@ -1,4 +1,4 @@
-"""One home per job: the ``synced_gpus`` decision (``vold_pl.distributed.generation_needs_sync``), CPU thread
+"""One home per job: the ``synced_gpus`` decision (``vold_pl.sharding.generation_needs_sync``), CPU thread
 set-up where the CLI starts (``vold_pl.startup``), and the processor only for the families it serves."""
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ def _two_rank_generate(rank: int, store: str, teacher: str, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from vold_pl.distributed import generation_needs_sync, shard_model
-    from vold_pl.rl.rollout import HFGenerateEngine, SamplingConfig
+    from vold_pl.sharding import generation_needs_sync, shard_model
+    from vold_pl.rl.hf_engine import HFGenerateEngine
+    from vold_pl.rl.rollout_types import SamplingConfig
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
@@ -54,8 +55,8 @@ def test_generation_needs_sync_only_for_a_sharded_model_on_several_ranks(tiny_mo
     import torch.multiprocessing as mp
     import transformers  # noqa: F401 - imported once here: the forked ranks inherit it
 
-    from vold_pl.distributed import generation_needs_sync
-    from vold_pl.rl import rollout  # noqa: F401
+    from vold_pl.sharding import generation_needs_sync
+    from vold_pl.rl import hf_engine  # noqa: F401
 
     assert not generation_needs_sync(torch.nn.Linear(2, 2))  # no process group in this process
     mp.start_processes(_two_rank_generate, nprocs=2, join=True, start_method="fork",

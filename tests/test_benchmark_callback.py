@@ -24,7 +24,7 @@ from vold_pl.callbacks.benchmark import BenchmarkCallback, BenchmarkSpec
 from vold_pl.callbacks.report import bar_labels, render_png, write_reports
 from vold_pl.data.benchmarks import load_benchmark
 from vold_pl.models.factory import ModelSpec, get_tokenizer, load_model
-from vold_pl.rl.rollout import ScriptedEngine
+from tests.scripted_engine import ScriptedEngine
 
 
 class StubPolicy(L.LightningModule):
@@ -241,7 +241,7 @@ if __name__ == "__main__":  # the multi-process tests' worker; Lightning relaunc
     else:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        from vold_pl.distributed import is_fsdp2
+        from vold_pl.sharding import is_fsdp2
 
         *_, module = run_validate(model_dir, data_path, out_dir, None, n=5, devices=2, batch_size=2,
                                   strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),

@@ -15,7 +15,7 @@ from vold_pl.callbacks.benchmark import BenchmarkCallback, BenchmarkSpec
 from vold_pl.data.benchmarks import load_benchmark
 from vold_pl.data.schema import RecordError
 from vold_pl.errors import UserError
-from vold_pl.rl.rollout import ScriptedEngine
+from tests.scripted_engine import ScriptedEngine
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "configs" / "openvlthinker" / "qwen2_5_vl_3b" / "bench.yaml"

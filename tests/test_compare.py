@@ -12,7 +12,7 @@ from tests.benchmark_fixtures import make_all
 from vold_pl.callbacks.benchmark import BenchmarkCallback, BenchmarkSpec
 from vold_pl.compare import main
 from vold_pl.data.benchmarks import load_benchmark
-from vold_pl.rl.rollout import ScriptedEngine
+from tests.scripted_engine import ScriptedEngine
 
 
 def _run(tmp_path, module, specs, answer, out, limit=None):

@@ -34,7 +34,8 @@ from vold_pl.models.factory import ModelSpec
 from vold_pl.modules.base import OptimConfig
 from vold_pl.modules.opd_grpo import GRPOConfig, OPDConfig, OPDGRPOModule
 from vold_pl.rewards import functions as F
-from vold_pl.rl.rollout import SamplingConfig, ScriptedEngine
+from vold_pl.rl.rollout_types import SamplingConfig
+from tests.scripted_engine import ScriptedEngine
 
 REPO = Path(__file__).resolve().parents[1]
 LIMIT = 24  # records per training source in the fits (6 of each answer type in the fixture's first 24)

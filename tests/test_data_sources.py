@@ -18,7 +18,7 @@ from vold_pl.data.schema import RecordError
 from vold_pl.data.sources import DataSource, read_records
 from vold_pl.errors import UserError
 from vold_pl.models.factory import ModelSpec, load_processor
-from vold_pl.rl.rollout import SamplingConfig
+from vold_pl.rl.rollout_types import SamplingConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 

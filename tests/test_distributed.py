@@ -1,4 +1,4 @@
-"""FSDP2 through Lightning's ModelParallelStrategy (``vold_pl.distributed``).
+"""FSDP2 through Lightning's ModelParallelStrategy (``vold_pl.sharding``).
 
 The end-to-end test launches a real 2-process run on CPU (gloo): OPD-GRPO with a sharded student, teacher
 and reference, where rank 0 only ever sees text-only batches and rank 1 only image batches, and validation
@@ -25,12 +25,13 @@ import torch
 
 from vold_pl.data.collate import PromptCollator
 from vold_pl.data.sources import read_records, to_dataset
-from vold_pl.distributed import (
-    FSDP1_MESSAGE, BackboneHooks, EvenShardSampler, FSDP2Strategy, check_strategy, install_backbone_hooks,
-    keeps_ranks_in_step, local_param_bytes, shard_blocks,
-)
+from vold_pl.sharding import FSDP1_MESSAGE, BackboneHooks, FSDP2Strategy, check_strategy, install_backbone_hooks, shard_blocks
+from vold_pl.data.samplers import EvenShardSampler
+from vold_pl.rl.unsharded import keeps_ranks_in_step
+from vold_pl.memory import local_param_bytes
 from vold_pl.models.factory import ModelSpec, load_model, load_processor
-from vold_pl.rl.rollout import HFGenerateEngine, SamplingConfig
+from vold_pl.rl.hf_engine import HFGenerateEngine
+from vold_pl.rl.rollout_types import SamplingConfig
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT_S = 420  # the 2-rank run takes ~1 min on 2 busy cores; a collective mismatch would hang forever
@@ -144,11 +145,13 @@ def test_shard_units_are_decoder_layers_and_vision_blocks(student, tiny_models):
 
 
 def test_rollout_engines_that_keep_ranks_in_step():
-    from vold_pl.rl import rollout
+    from tests.scripted_engine import ScriptedEngine
+    from vold_pl.rl.cached_sampler import CachedSamplingEngine
 
     tok = SimpleNamespace(convert_tokens_to_ids=lambda t: 0, unk_token_id=None, eos_token_id=1)
-    assert keeps_ranks_in_step(rollout.HFGenerateEngine(tok))
-    assert keeps_ranks_in_step(rollout.ScriptedEngine(tok, {}))
+    assert keeps_ranks_in_step(HFGenerateEngine(tok))
+    assert keeps_ranks_in_step(ScriptedEngine(tok, {}))
+    assert not keeps_ranks_in_step(CachedSamplingEngine(tok))
     custom = SimpleNamespace(eos_ids=[1])
     assert not keeps_ranks_in_step(custom)
     custom.keeps_ranks_in_step = True
@@ -165,7 +168,8 @@ def test_adamw8bit_steps_fsdp2_shards_like_plain_adamw8bit(tmp_path):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from vold_pl.distributed import make_adamw8bit, optimizer_state_bytes
+    from vold_pl.optimizers import make_adamw8bit
+    from vold_pl.memory import optimizer_state_bytes
 
     assert not dist.is_initialized()
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
@@ -222,12 +226,15 @@ RUN_SCRIPT = textwrap.dedent('''
 
     from vold_pl.data.datamodule import ReasoningDataModule
     from vold_pl.data.sources import DataSource
-    from vold_pl.distributed import EvenShardSampler, FSDP2Strategy, is_fsdp2, local_param_bytes, optimizer_state_bytes
+    from vold_pl.data.samplers import EvenShardSampler
+    from vold_pl.sharding import FSDP2Strategy, is_fsdp2
+    from vold_pl.memory import local_param_bytes, optimizer_state_bytes
     from vold_pl.models.factory import ModelSpec, load_model
     from vold_pl.modules.base import OptimConfig
     from vold_pl.modules.opd_grpo import GRPOConfig, OPDConfig, OPDGRPOModule
     from vold_pl.rl.logprobs import model_token_logprobs
-    from vold_pl.rl.rollout import HFGenerateEngine, SamplingConfig
+    from vold_pl.rl.hf_engine import HFGenerateEngine
+    from vold_pl.rl.rollout_types import SamplingConfig
 
     tiny, data, out, kind = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
     torch.set_num_threads(1)
@@ -415,7 +422,7 @@ def test_fsdp_config_parses(capsys, monkeypatch):
         assert e.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     strategy = printed["trainer"]["strategy"]
-    assert strategy["class_path"] == "vold_pl.distributed.FSDP2Strategy"
+    assert strategy["class_path"] == "vold_pl.sharding.FSDP2Strategy"
     assert strategy["init_args"]["data_parallel_size"] == "auto" and strategy["init_args"]["tensor_parallel_size"] == 1
     assert printed["trainer"]["num_nodes"] == 2 and printed["trainer"]["devices"] == 8
     args = printed["model"]["init_args"]

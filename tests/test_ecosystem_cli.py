@@ -21,7 +21,7 @@ def _print_config(args: list[str], capsys) -> dict:
 
 def test_short_model_name_and_groups_print_their_values(capsys):
     from vold_pl.modules.opd_grpo import GRPOConfig, OPDConfig
-    from vold_pl.rl.rollout import SamplingConfig
+    from vold_pl.rl.rollout_types import SamplingConfig
 
     printed = _print_config(["fit", "--model", "OPDGRPOModule", "--model.model.name_or_path", "some/model",
                              "--model.grpo.num_generations", "6"], capsys)

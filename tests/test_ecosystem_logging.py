@@ -61,7 +61,7 @@ def test_opd_grpo_fit_logs_completion_text_to_tensorboard(tiny_models, synth_dat
     from vold_pl.data.sources import DataSource
     from vold_pl.models.factory import ModelSpec
     from vold_pl.modules.opd_grpo import GRPOConfig, OPDGRPOModule
-    from vold_pl.rl.rollout import SamplingConfig
+    from vold_pl.rl.rollout_types import SamplingConfig
 
     module = OPDGRPOModule(ModelSpec(str(tiny_models["student"])), grpo=GRPOConfig(num_generations=2),
                            sampling=SamplingConfig(max_new_tokens=6), export=False, log_completions_every_n_steps=1)

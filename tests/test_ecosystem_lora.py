@@ -100,7 +100,7 @@ def test_opd_grpo_lora_reference_is_base_weights_without_a_second_model(tiny_mod
                                                                        monkeypatch, one_thread):
     import vold_pl.modules.opd_grpo as M
     from vold_pl.modules.base import OptimConfig
-    from vold_pl.rl.rollout import SamplingConfig
+    from vold_pl.rl.rollout_types import SamplingConfig
 
     loads = []
     real_load = M.load_model

@@ -27,7 +27,7 @@ from vold_pl.modules.base import NonFiniteStepsError, OptimConfig
 from vold_pl.modules.opd_grpo import GRPOConfig, OPDGRPOModule
 from vold_pl.modules.sft import SFTModule
 from vold_pl.rewards import functions as reward_fns
-from vold_pl.rl.rollout import SamplingConfig
+from vold_pl.rl.rollout_types import SamplingConfig
 
 NAN = float("nan")
 RAISING_REWARD, HASH_REWARD, OVERFLOW_REWARD = "_test_faults_raises", "_test_faults_hash", "_test_faults_overflow"

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from vold_pl.models.factory import ModelSpec, load_model, load_processor
-from vold_pl.rl import rollout as R
-from vold_pl.rl.rollout import CachedSamplingEngine, HFGenerateEngine, SamplingConfig
+from vold_pl.rl import cached_sampler as R
+from vold_pl.rl.cached_sampler import CachedSamplingEngine
+from vold_pl.rl.hf_engine import HFGenerateEngine
+from vold_pl.rl.rollout_types import SamplingConfig
 
 GREEDY = SamplingConfig(max_new_tokens=6, do_sample=False)
 

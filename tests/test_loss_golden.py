@@ -219,7 +219,7 @@ def test_module_passes_its_configs_to_the_loss(tiny_models):
     sampling.max_new_tokens."""
     from vold_pl.models.factory import ModelSpec
     from vold_pl.modules.opd_grpo import GRPOConfig, OPDConfig, OPDGRPOModule
-    from vold_pl.rl.rollout import SamplingConfig
+    from vold_pl.rl.rollout_types import SamplingConfig
 
     module = OPDGRPOModule(
         ModelSpec(str(tiny_models["student"])), teacher=ModelSpec(str(tiny_models["teacher"])),
@@ -489,7 +489,7 @@ def test_module_counts_and_plan_on_one_process(tiny_models):
     from vold_pl.models.factory import ModelSpec
     from vold_pl.modules.opd_grpo import GRPOConfig, OPDGRPOModule
     from vold_pl.rl.objective import Totals
-    from vold_pl.rl.rollout import Rollout
+    from vold_pl.rl.rollout_types import Rollout
 
     module = OPDGRPOModule(ModelSpec(str(tiny_models["student"])),
                            grpo=GRPOConfig(num_generations=2, micro_batch_size=2, max_tokens_per_micro_batch=9))
@@ -511,7 +511,8 @@ def test_module_experience_carries_the_teacher_view_flags(tiny_models, synth_dat
     from vold_pl.data.sources import read_records, to_dataset
     from vold_pl.models.factory import ModelSpec
     from vold_pl.modules.opd_grpo import GRPOConfig, OPDConfig, OPDGRPOModule
-    from vold_pl.rl.rollout import SamplingConfig, ScriptedEngine
+    from vold_pl.rl.rollout_types import SamplingConfig
+    from tests.scripted_engine import ScriptedEngine
 
     img, _ = read_records(synth_data["train"])
     txt, _ = read_records(synth_data["train_text"])

@@ -26,7 +26,8 @@ from vold_pl.models.factory import ModelSpec
 from vold_pl.modules.base import OptimConfig
 from vold_pl.modules.opd_grpo import GRPOConfig, OPDConfig, OPDGRPOModule
 from vold_pl.rl.objective import plan_micro_batches
-from vold_pl.rl.rollout import SamplingConfig, ScriptedEngine
+from vold_pl.rl.rollout_types import SamplingConfig
+from tests.scripted_engine import ScriptedEngine
 
 REPO = Path(__file__).resolve().parents[1]
 G = 4
@@ -152,7 +153,7 @@ _RANKS_SCRIPT = textwrap.dedent('''
     from tests.test_microbatch import _module, _records, SCRIPT_TEXT, SCRIPT_IMAGE
     from vold_pl.data.collate import PromptCollator
     from vold_pl.data.sources import to_dataset
-    from vold_pl.rl.rollout import ScriptedEngine
+    from tests.scripted_engine import ScriptedEngine
 
     tiny, data, out, agg = json.loads(sys.argv[2])
     world = 2

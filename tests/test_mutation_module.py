@@ -17,7 +17,7 @@ import torch
 from vold_pl.models.factory import ModelSpec
 from vold_pl.modules.opd_grpo import GRPOConfig, OPDGRPOModule, StepData
 from vold_pl.rl.objective import Experience, Totals
-from vold_pl.rl.rollout import Rollout
+from vold_pl.rl.rollout_types import Rollout
 
 N, L = 4, 5
 LENGTHS = [5, 3, 4, 2]

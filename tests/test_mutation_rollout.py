@@ -9,8 +9,12 @@ import pytest
 import torch
 
 from vold_pl.models.factory import ModelSpec, load_model, load_processor
-from vold_pl.rl import rollout as R
-from vold_pl.rl.rollout import CachedSamplingEngine, HFGenerateEngine, Rollout, SamplingConfig, ScriptedEngine
+from vold_pl.rl import cached_sampler as R
+from vold_pl.rl import rollout_types
+from vold_pl.rl.cached_sampler import CachedSamplingEngine
+from vold_pl.rl.hf_engine import HFGenerateEngine
+from vold_pl.rl.rollout_types import Rollout, SamplingConfig
+from tests.scripted_engine import ScriptedEngine
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +74,10 @@ def test_rollout_rows_score_whole_groups_on_their_shared_prompts():
                  completion_ids=torch.arange(12).view(4, 3), completion_mask=torch.ones(4, 3, dtype=torch.long),
                  texts=["a", "b", "c", "d"], group_size=2, clipped=torch.zeros(4, dtype=torch.bool),
                  prompts={"input_ids": p, "attention_mask": torch.ones(2, 2, dtype=torch.long)})
-    whole = R.rollout_rows(ro, 2, 4)
+    whole = rollout_types.rollout_rows(ro, 2, 4)
     assert whole.group_size == 2 and whole.prompts["input_ids"].tolist() == [[7, 8]]
     assert whole.texts == ["c", "d"]
-    straddle = R.rollout_rows(ro, 1, 3)
+    straddle = rollout_types.rollout_rows(ro, 1, 3)
     assert straddle.group_size == 1 and straddle.prompts["input_ids"].tolist() == [[5, 6], [7, 8]]
 
 

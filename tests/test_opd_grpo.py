@@ -29,7 +29,8 @@ from vold_pl.models.factory import ModelSpec, load_model, load_processor
 from vold_pl.modules.base import OptimConfig
 from vold_pl.modules.opd_grpo import GRPOConfig, OPDConfig, OPDGRPOModule
 from vold_pl.rewards import functions as reward_fns
-from vold_pl.rl.rollout import SamplingConfig, ScriptedEngine
+from vold_pl.rl.rollout_types import SamplingConfig
+from tests.scripted_engine import ScriptedEngine
 from vold_pl.rl.teacher import build_teacher_inputs, teacher_completion_logits, teacher_token_logprobs
 
 REPO = Path(__file__).resolve().parents[1]

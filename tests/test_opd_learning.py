@@ -28,7 +28,8 @@ from vold_pl.models.factory import ModelSpec, load_processor
 from vold_pl.modules.base import OptimConfig
 from vold_pl.modules.opd_grpo import GRPOConfig, OPDConfig, OPDGRPOModule
 from vold_pl.rewards import functions as reward_fns
-from vold_pl.rl.rollout import CachedSamplingEngine, SamplingConfig, blocked_token_ids
+from vold_pl.rl.cached_sampler import CachedSamplingEngine
+from vold_pl.rl.rollout_types import SamplingConfig, blocked_token_ids
 from vold_pl.rl.teacher import build_teacher_inputs
 
 DIGITS, CONST, HAS_ANSWER = "_test_learn_digits", "_test_learn_const", "_test_learn_has_answer"

@@ -30,7 +30,7 @@ import torch
 
 from vold_pl.data.collate import pad_left, target_text, teacher_messages
 from vold_pl.data.sources import read_records
-from vold_pl.distributed import is_quantized
+from vold_pl.sharding import is_quantized
 from vold_pl.models.factory import ModelSpec, load_model
 from vold_pl.rl.teacher import build_teacher_inputs, teacher_token_logprobs
 

@@ -37,7 +37,7 @@ from vold_pl.modules.base import OptimConfig
 from vold_pl.modules.opd_grpo import GRPOConfig, OPDConfig, OPDGRPOModule
 from vold_pl.modules.sft import SFTModule
 from vold_pl.rewards import functions as reward_fns
-from vold_pl.rl.rollout import SamplingConfig
+from vold_pl.rl.rollout_types import SamplingConfig
 
 REPO = Path(__file__).resolve().parents[1]
 HASH_REWARD = "_test_resume_text_hash"

@@ -976,7 +976,7 @@ def test_concat_prompt_completion_dtypes_and_types():
 
 def test_rollout_model_inputs_hand_extras_to_vision_models_only():
     from vold_pl.rl.logprobs import rollout_model_inputs
-    from vold_pl.rl.rollout import Rollout
+    from vold_pl.rl.rollout_types import Rollout
 
     ro = Rollout(prompt_ids=torch.tensor([[1, 2]]), prompt_mask=torch.ones(1, 2, dtype=torch.long),
                  completion_ids=torch.tensor([[3]]), completion_mask=torch.ones(1, 1, dtype=torch.long), texts=["x"],
@@ -993,7 +993,7 @@ def test_rollout_scoring_passes_chunking_and_recompute_to_the_head():
     """rollout_token_logprobs -> shared_prefix_token_logprobs -> the head: N·L = 16 positions in slabs of 3 (6
     slabs), each run again in backward with checkpoint_chunks; the repeated path without ``prompts`` the same."""
     from vold_pl.rl.logprobs import rollout_token_logprobs
-    from vold_pl.rl.rollout import Rollout
+    from vold_pl.rl.rollout_types import Rollout
 
     model, G = _tiny_qwen2(), 2
     head = _CountingHead(32, 300)

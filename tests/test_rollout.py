@@ -17,10 +17,10 @@ from vold_pl.data.collate import PromptCollator
 from vold_pl.data.sources import read_records, to_dataset
 from vold_pl.models.factory import ModelSpec, load_model, load_processor
 from vold_pl.rl.logprobs import model_token_logprobs, rollout_token_logprobs
-from vold_pl.rl.rollout import (
-    CachedSamplingEngine, HFGenerateEngine, Rollout, SamplingConfig, ScriptedEngine, completion_mask_from_ids,
-    default_engine, repeat_images,
-)
+from vold_pl.rl.cached_sampler import CachedSamplingEngine, default_engine
+from vold_pl.rl.hf_engine import HFGenerateEngine
+from vold_pl.rl.rollout_types import Rollout, SamplingConfig, completion_mask_from_ids, repeat_images
+from tests.scripted_engine import ScriptedEngine
 
 GREEDY = SamplingConfig(max_new_tokens=20, do_sample=False)
 

@@ -1,6 +1,6 @@
 """Sharded, resumable generation and evaluation on 2 gloo ranks (CPU), against the same run on 1 rank.
 
-Policy: a :class:`~vold_pl.rl.rollout.ScriptedEngine` answering each record id from a fixed plan (the plans of
+Policy: a :class:`~tests.scripted_engine.ScriptedEngine` answering each record id from a fixed plan (the plans of
 ``test_traces``), deterministic like greedy decoding, so the 1-rank and the 2-rank data sets must be equal record
 for record. The script counts the prompts each rank hands to the engine.
 
@@ -46,7 +46,7 @@ SCRIPT = textwrap.dedent('''
     from vold_pl.data.sources import DataSource
     from vold_pl.models.factory import ModelSpec
     from vold_pl.modules.sft import SFTModule
-    from vold_pl.rl.rollout import ScriptedEngine
+    from tests.scripted_engine import ScriptedEngine
 
 
     class Scripted(L.Callback):
@@ -253,7 +253,7 @@ def test_rerun_samples_only_prompts_without_a_shard(tmp_path, tiny_models, synth
     from tests.test_traces import run_predict
     from vold_pl.callbacks.trace_writer import TraceWriter
     from vold_pl.errors import UserError
-    from vold_pl.rl.rollout import ScriptedEngine
+    from tests.scripted_engine import ScriptedEngine
 
     sampled: list[str] = []
     generate = ScriptedEngine.generate

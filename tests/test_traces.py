@@ -1,7 +1,7 @@
 """TraceWriter (``vold-pl predict``): filters as pure functions, then two end-to-end runs with a scripted policy.
 
 The end-to-end runs go through the real CLI in-process; a callback of this module swaps the module's rollout
-engine for a :class:`~vold_pl.rl.rollout.ScriptedEngine` that answers each record with a known plan of
+engine for a :class:`~tests.scripted_engine.ScriptedEngine` that answers each record with a known plan of
 completions (right, wrong, reflective, long, untagged), so the kept set is known exactly and counted by hand.
 """
 
@@ -109,7 +109,7 @@ class ScriptedPlan(L.Callback):
         self.plan_file = plan_file
 
     def on_predict_start(self, trainer, pl_module):
-        from vold_pl.rl.rollout import ScriptedEngine
+        from tests.scripted_engine import ScriptedEngine
 
         pl_module.rollout_engine = ScriptedEngine(pl_module.tokenizer, json.loads(Path(self.plan_file).read_text()))
 

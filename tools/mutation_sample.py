@@ -1,6 +1,6 @@
 """A reproducible random sample of one file's mutants, for files too large to mutate whole.
 
-Usage: ``python tools/mutation_sample.py mutants/vold_pl/rl/rollout.py.meta [--n 80] [--seed 15] [--functions F...]``
+Usage: ``python tools/mutation_sample.py mutants/vold_pl/rl/cached_sampler.py.meta [--n 80] [--seed 15] [--functions F...]``
 prints the names of ``n`` mutants drawn without replacement (``random.Random(seed).sample`` of the sorted names in
 mutmut's ``.meta`` file, which ``mutmut run`` writes when it generates the mutants); ``--functions`` draws only
 from the mutants of those functions (methods as ``Class.method``). Pass them to

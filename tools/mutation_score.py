@@ -8,7 +8,7 @@ equivalent-mutants table (its name in backticks in the first column) is one no t
 change behaviour; it is left out of the denominator. The score is killed / (tested - equivalent), where killed
 includes timeouts and tested is every mutant mutmut ran ("no tests" counts as not killed).
 
-``--sampled vold_pl/rl/rollout.py``: that file's run mutants are a random sample (``tools/mutation_sample.py``);
+``--sampled vold_pl/rl/cached_sampler.py``: that file's run mutants are a random sample (``tools/mutation_sample.py``);
 its row adds the Wilson 95% interval of the whole file's score.
 """
 

@@ -14,8 +14,8 @@ rank with fewer batches cannot hang the others), then one torchmetrics sum-reduc
 matrix per benchmark (the group keys come from the full record list every rank loads) and one
 ``all_gather_object`` of the predictions. Rank 0 writes the reports (see :mod:`vold_pl.callbacks.report`).
 Under FSDP2 every forward is itself a collective, so there the slices are padded to equal batch counts (the
-padding is not scored) and decoding is HF ``generate`` (:class:`~vold_pl.rl.rollout.HFGenerateEngine`), which
-runs with ``synced_gpus`` there (:func:`vold_pl.distributed.generation_needs_sync` decides, for training rollouts
+padding is not scored) and decoding is HF ``generate`` (:class:`~vold_pl.rl.hf_engine.HFGenerateEngine`), which
+runs with ``synced_gpus`` there (:func:`vold_pl.sharding.generation_needs_sync` decides, for training rollouts
 too); the sharding code must make the root's ``generate`` an FSDP forward method
 (``torch.distributed.fsdp.register_fsdp_forward_method``).
 """
@@ -38,13 +38,14 @@ from vold_pl.data.benchmarks import ON_BAD_RECORD, PROMPT_STYLES, benchmark_inst
 from vold_pl.data.collate import PromptCollator
 from vold_pl.data.datamodule import check_prompts_render
 from vold_pl.data.schema import Record
-from vold_pl.distributed import generation_needs_sync
 from vold_pl.errors import UserError
 from vold_pl.prompts import DEFAULT_INSTRUCTION, prompt_messages, turn_text
 from vold_pl.rewards.extract import extract_answer, is_well_formatted
 from vold_pl.rewards.functions import score_answer
 from vold_pl.rewards.official import official_score
-from vold_pl.rl.rollout import HFGenerateEngine, SamplingConfig
+from vold_pl.rl.hf_engine import HFGenerateEngine
+from vold_pl.rl.rollout_types import SamplingConfig
+from vold_pl.sharding import generation_needs_sync
 
 
 @dataclass

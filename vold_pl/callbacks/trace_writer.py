@@ -36,7 +36,7 @@ from vold_pl.errors import UserError
 from vold_pl.progress import format_eta
 from vold_pl.rewards.extract import extract_answer
 from vold_pl.rewards.functions import score_answer
-from vold_pl.rl.rollout import SamplingConfig
+from vold_pl.rl.rollout_types import SamplingConfig
 
 REFLECTION_PHRASES = ("But wait", "Wait,", "Wait.", "Wait ", "Hmm,", "Let me double-check", "Let me re-check",
                       "Actually,")

@@ -15,10 +15,10 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
 from vold_pl.data.collate import SKIPPED_KEY, BadRow, PromptCollator, SFTCollator, max_token_chars
+from vold_pl.data.samplers import EvenShardSampler, uses_distributed_sampler
 from vold_pl.data.sampling import MixedSampler, ResumableDataLoader
 from vold_pl.data.schema import RecordError, image_problem
 from vold_pl.data.sources import DataSource, load_source
-from vold_pl.distributed import EvenShardSampler, uses_distributed_sampler
 from vold_pl.errors import UserError
 from vold_pl.prompts import DEFAULT_INSTRUCTION, check_rendered_prompt, render_prompt, target_text, teacher_text
 

@@ -1,6 +1,6 @@
 """What a model's forward takes: the batch keys (the one list that collators, the policy module and the rollout
 engines agree on), left padding, the prompt position ids and the name of the KV-cache argument, shared by the
-sampler (:mod:`vold_pl.rl.rollout`) and the scorer (:mod:`vold_pl.rl.logprobs`)."""
+sampler (:mod:`vold_pl.rl.cached_sampler`) and the scorer (:mod:`vold_pl.rl.logprobs`)."""
 
 from __future__ import annotations
 

@@ -26,7 +26,8 @@ from vold_pl.errors import UserError
 from vold_pl.models.factory import ModelSpec, check_align_option, get_tokenizer, load_model, load_processor
 from vold_pl.models.inputs import MODEL_INPUT_KEYS, select_model_inputs  # noqa: F401 (MODEL_INPUT_KEYS re-exported)
 from vold_pl.models.lora import LoRAConfig, apply_lora, is_lora_model, save_lora_export
-from vold_pl.rl.rollout import SamplingConfig, default_engine
+from vold_pl.rl.cached_sampler import default_engine
+from vold_pl.rl.rollout_types import SamplingConfig
 
 
 @dataclass
@@ -57,7 +58,8 @@ def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
     if cfg.name == "adamw8bit":
         import bitsandbytes as bnb
 
-        from vold_pl.distributed import is_fsdp2_params, make_adamw8bit
+        from vold_pl.optimizers import make_adamw8bit
+        from vold_pl.sharding import is_fsdp2_params
 
         if is_fsdp2_params(params):  # bitsandbytes cannot step DTensor shards; this updates each rank's shard
             return make_adamw8bit(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -223,14 +225,15 @@ class PolicyModule(L.LightningModule):
 
     # -- model ---------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        """Load the model; under ModelParallelStrategy shard it with FSDP2 (``vold_pl.distributed``).
+        """Load the model; under ModelParallelStrategy shard it with FSDP2 (``vold_pl.sharding``).
 
         Also installs, on more than one rank, the dummy visual forward that keeps ranks with image-free
         batches in step with ranks that have images. Refuses Lightning's FSDPStrategy (FSDP1).
         """
         if self.model is not None:
             return
-        from vold_pl.distributed import check_strategy, prepare_model, rollout_engine_for, sharding_config
+        from vold_pl.rl.unsharded import rollout_engine_for
+        from vold_pl.sharding import check_strategy, prepare_model, sharding_config
 
         trainer = self._trainer
         check_strategy(getattr(trainer, "strategy", None))  # before loading weights: FSDP1 is refused
@@ -400,7 +403,7 @@ class PolicyModule(L.LightningModule):
 
     def export_model(self, out: str) -> Path | None:
         """``save_pretrained`` of model + processor in safetensors, from rank 0 (full weights gathered)."""
-        from vold_pl.distributed import full_state_dict
+        from vold_pl.sharding import full_state_dict
 
         state = full_state_dict(self.model)  # a collective under FSDP2: every rank gathers, rank 0 writes
         out_path = Path(out) if self.trainer.global_rank == 0 else None

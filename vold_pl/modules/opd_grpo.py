@@ -30,7 +30,6 @@ from typing import Literal
 import torch
 
 from vold_pl.checkpointing import allow_in_checkpoints
-from vold_pl.distributed import fsdp_modules
 from vold_pl.errors import UserError
 from vold_pl.models.factory import ModelSpec, check_align_option, freeze, load_model, prepare_teacher_tokenizer
 from vold_pl.models.lora import adapters_off, is_lora_model
@@ -49,8 +48,9 @@ from vold_pl.rl.objective import (
     opd_grpo_loss,
     plan_micro_batches,
 )
-from vold_pl.rl.rollout import Rollout, SamplingConfig, rollout_rows
+from vold_pl.rl.rollout_types import Rollout, SamplingConfig, rollout_rows
 from vold_pl.rl.teacher import build_teacher_inputs, teacher_completion_logits, teacher_rows, teacher_token_logprobs
+from vold_pl.sharding import fsdp_modules
 
 
 @dataclass
@@ -225,18 +225,18 @@ class OPDGRPOModule(PolicyModule):
             self._frozen["reference"] = self._load_frozen(self.reference_spec or self.model_spec)
 
     def _load_frozen(self, spec: ModelSpec) -> torch.nn.Module:
-        """Load a frozen model; under FSDP2 shard it like the student or replicate it (``vold_pl.distributed``).
+        """Load a frozen model; under FSDP2 shard it like the student or replicate it (``vold_pl.sharding``).
 
         Quantized models (bitsandbytes 4/8-bit) are placed by ``load_model`` and always replicated.
         """
-        from vold_pl.distributed import prepare_frozen
+        from vold_pl.sharding import prepare_frozen
 
         model, _ = load_model(spec, with_processor=False)
         model = freeze(model)
         return prepare_frozen(model, self._trainer, self.device)
 
     def on_fit_start(self) -> None:
-        from vold_pl.distributed import is_fsdp2, is_quantized
+        from vold_pl.sharding import is_fsdp2, is_quantized
 
         super().on_fit_start()
         for name, m in self._frozen.items():  # sharded and quantized models are already where they belong

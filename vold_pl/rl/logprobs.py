@@ -9,7 +9,7 @@ through the LM head chunk by chunk, keeps one ``[chunk, V]`` slab alive at a tim
 Logits are divided by the sampling temperature before the softmax so that the log-probs are those of the
 distribution the rollouts were drawn from (otherwise rho != 1 on-policy and the teacher KL is off-policy).
 For the same reason every function takes ``blocked_ids``: the token ids the sampler never emits (the vision
-placeholders, :func:`vold_pl.rl.rollout.blocked_token_ids`). Their logits are set to ``-inf`` before the
+placeholders, :func:`vold_pl.rl.rollout_types.blocked_token_ids`). Their logits are set to ``-inf`` before the
 softmax, so the scored distribution is the sampler's, renormalised on the allowed tokens. Top-k / top-p are
 *not* applied in scoring (as TRL and verl): their support changes with the weights, so log-probs and KLs of
 the truncated distribution are not differentiable in the tokens they drop; use them off (the default) in RL.
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from vold_pl.models.inputs import IMAGE_INPUT_KEYS, base_model, cache_kwarg, prompt_positions
-from vold_pl.rl.rollout import Rollout, repeat_images
+from vold_pl.rl.rollout_types import Rollout, repeat_images
 
 __all__ = [
     "selective_log_softmax",
@@ -279,7 +279,8 @@ def model_token_logprobs(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Scoring a rollout (the sampler's output, :class:`~vold_pl.rl.rollout.Rollout`) with each prompt run once per group
+# Scoring a rollout (the sampler's output, :class:`~vold_pl.rl.rollout_types.Rollout`), each prompt run once
+# per group
 
 
 def _checkpointing(model: nn.Module) -> bool:
@@ -316,7 +317,7 @@ def shared_prefix_token_logprobs(
         completion_ids, completion_mask: ``[N, L]`` right-padded completions, group-contiguous.
         group_size: G.
         blocked_ids: token ids the sampler never emits; scored as ``-inf`` logits
-            (:attr:`~vold_pl.rl.rollout.Rollout.blocked_ids`).
+            (:attr:`~vold_pl.rl.rollout_types.Rollout.blocked_ids`).
         prompt_model_inputs: the prompts' extra model inputs, unrepeated (``pixel_values``, ``image_grid_thw``,
             ``mm_token_type_ids``); ignored for a text-only model.
 

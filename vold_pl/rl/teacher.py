@@ -59,7 +59,7 @@ def teacher_token_logprobs(teacher: torch.nn.Module, inputs: TeacherInputs, temp
                            chunk_size: int = 1024, blocked_ids: tuple[int, ...] = ()) -> torch.Tensor:
     """``log π_T(o_t | q_T, o_<t)`` for every completion token: ``[N, L]``.
 
-    ``blocked_ids`` (the rollout's, :attr:`vold_pl.rl.rollout.Rollout.blocked_ids`): the teacher is renormalised
+    ``blocked_ids`` (the rollout's, :attr:`vold_pl.rl.rollout_types.Rollout.blocked_ids`): the teacher is renormalised
     on the tokens the student may emit, so the KL compares two distributions on the same support."""
     return model_token_logprobs(teacher, inputs.input_ids, inputs.attention_mask, inputs.completion_start,
                                 temperature=temperature, chunk_size=chunk_size, blocked_ids=blocked_ids)

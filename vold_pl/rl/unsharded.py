@@ -16,9 +16,10 @@ from typing import Iterator
 
 import torch
 
-from vold_pl.distributed import fsdp_modules
+from vold_pl.rl.hf_engine import HFGenerateEngine
+from vold_pl.sharding import ShardingConfig, fsdp_modules, is_fsdp2
 
-__all__ = ["UnshardedRollouts", "unsharded"]
+__all__ = ["UnshardedRollouts", "unsharded", "keeps_ranks_in_step", "rollout_engine_for"]
 
 
 @contextmanager
@@ -68,3 +69,29 @@ class UnshardedRollouts:
         if name == "engine":
             raise AttributeError(name)
         return getattr(self.engine, name)
+
+
+def keeps_ranks_in_step(engine) -> bool:
+    """Whether a rollout engine is safe on a model sharded across ranks: the engine says so.
+
+    Under FSDP2 every forward is a collective, so every rank must run the same number of forwards per
+    rollout: HF ``generate`` does (``synced_gpus``: a finished rank keeps stepping), an engine that never calls
+    the model does, and each declares ``keeps_ranks_in_step = True`` (see
+    :class:`vold_pl.rl.rollout_types.RolloutEngine`). A decode loop that stops when its own rows are done does
+    not, and would leave the other ranks waiting; an engine that declares nothing is taken for one of those.
+    """
+    return bool(getattr(engine, "keeps_ranks_in_step", False))
+
+
+def rollout_engine_for(engine, model: torch.nn.Module, tokenizer, world_size: int,
+                       sharding: ShardingConfig | None = None):
+    """``engine``, or, when ``model`` is sharded across ranks and ``engine`` cannot keep them in step (see
+    :func:`keeps_ranks_in_step`): ``engine`` run on weights gathered once per rollout
+    (:class:`UnshardedRollouts`, ``sharding.rollout: unshard``, the default) or an
+    :class:`~vold_pl.rl.hf_engine.HFGenerateEngine` (``synced``)."""
+    if world_size <= 1 or not is_fsdp2(model) or keeps_ranks_in_step(engine):
+        return engine
+    sharding = sharding or ShardingConfig()
+    if sharding.rollout == "unshard":
+        return UnshardedRollouts(engine, sharding.reshard_after_forward)
+    return HFGenerateEngine(tokenizer)

@@ -1,207 +1,34 @@
-"""Sampling G completions per prompt, behind a small engine interface.
+"""The cached sampler: G completions per prompt from a lean batched sampling loop over the HF model.
 
-The loss code only sees a :class:`Rollout`; how it was produced is the engine's business. Engines:
+:class:`CachedSamplingEngine` (the trainers' engine, :func:`default_engine`) prefills each prompt ONCE (for
+Qwen2.5-VL: the vision encoder runs once per image, not once per sample) and expands the KV cache G times; rows
+that emitted EOS are dropped from the batch and the cache, so finished sequences stop costing compute. Greedy
+output equals ``model.generate`` token for token; sampling uses HF's own temperature / top-k / top-p warpers.
 
-- :class:`CachedSamplingEngine` (the fast one, :func:`default_engine`): a lean batched sampling loop over the
-  HF model and its ``DynamicCache``. The prompt is prefilled ONCE per prompt (for Qwen2.5-VL: the vision
-  encoder runs once per image, not once per sample) and the KV cache is then expanded G times; rows that
-  emitted EOS are dropped from the batch and the cache, so finished sequences stop costing compute. Greedy
-  output equals ``model.generate`` token for token; sampling uses HF's own temperature / top-k / top-p warpers.
-  Its decode steps run through a lean re-implementation of the decoder step (:class:`_LeanDecoder`) for the
-  architectures in :data:`LEAN_ARCHITECTURES`, and only after a self-check against ``model.generate`` on the
-  model at hand; anything else decodes through the HF forward.
-- :class:`HFGenerateEngine`: ``model.generate`` with the KV cache, on the G-times repeated batch (reference).
-- :class:`ScriptedEngine`: fixed completions, for tests of everything after the rollout.
-
-A vLLM engine on GPU would implement the same ``generate(model, batch, num_samples, sampling)`` and return the
-same fields. Rows are laid out group-contiguous: rows ``i*G .. i*G+G-1`` are the G samples of prompt ``i``.
+In this module with it, the two pieces only it uses: the KV cache layer that appends into preallocated buffers
+(:func:`_growing_cache`), and the lean decode step (:class:`_LeanDecoder`) for the architectures in
+:data:`LEAN_ARCHITECTURES`, used only after a self-check against ``model.generate`` on the model at hand; anything
+else decodes through the HF forward.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-from vold_pl.models.inputs import IMAGE_INPUT_KEYS, base_model, cache_kwarg, prompt_positions, select_model_inputs
-
-
-@dataclass
-class SamplingConfig:
-    """How completions are sampled.
-
-    Args:
-        max_new_tokens: completion length cap; longer completions are cut (counted as ``clipped``).
-        temperature: sampling temperature; log-probs in the loss use the same temperature.
-        top_p: nucleus sampling mass (1.0 = off). Not applied when the loss scores the samples (as TRL and
-            verl): the truncated support moves with the weights. Below 1.0 the samples are slightly off the
-            scored distribution; keep it off for RL.
-        top_k: top-k sampling (0 = off); like ``top_p``, not applied in scoring.
-        do_sample: ``false`` gives greedy decoding (benchmarks).
-    """
-
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    do_sample: bool = True
-
-
-@dataclass
-class Rollout:
-    """What an engine returns for B prompts x G samples (N = B*G rows)."""
-
-    prompt_ids: torch.Tensor  # [N, P] left-padded prompts, repeated G times
-    prompt_mask: torch.Tensor  # [N, P]
-    completion_ids: torch.Tensor  # [N, L] right-padded with pad_id after EOS
-    completion_mask: torch.Tensor  # [N, L] 1 up to and including EOS
-    texts: list[str]  # [N] decoded completions (special tokens dropped, reasoning tags kept)
-    group_size: int
-    clipped: torch.Tensor  # [N] bool: hit max_new_tokens without EOS
-    extra: dict[str, Any] = field(default_factory=dict)  # model inputs beyond ids (pixel_values, ...), repeated
-    # [N, L] float32 log pi(o_t | q, o_<t) of each sampled token under the sampling-time weights, from the
-    # distribution the loss scores: temperature-scaled, ``blocked_ids`` removed, before top-k/top-p; 0 outside
-    # ``completion_mask``. Only ``CachedSamplingEngine(track_logprobs=True)`` fills it (the lean decoder's self-check
-    # reads it); the loss scores rollouts with :mod:`vold_pl.rl.logprobs` instead.
-    logprobs: torch.Tensor | None = None
-    # The B distinct prompts as the model takes them, NOT repeated (``input_ids``, ``attention_mask`` and, for a
-    # VLM, ``pixel_values`` / ``image_grid_thw`` / ``mm_token_type_ids``): lets scoring run each prompt (and
-    # its images) once per group, :func:`vold_pl.rl.logprobs.rollout_token_logprobs`.
-    prompts: dict[str, Any] | None = None
-    # Token ids the sampler could never emit (logits set to -inf before sampling): the vision placeholders,
-    # :func:`blocked_token_ids`. Every scorer of this rollout (policy, reference, teacher, full-vocabulary KL)
-    # removes the same ids, so the loss scores exactly the distribution the samples came from.
-    blocked_ids: tuple[int, ...] = ()
-
-    @property
-    def num_rows(self) -> int:
-        return self.completion_ids.size(0)
-
-
-class RolloutEngine(Protocol):
-    def generate(self, model: torch.nn.Module, batch: dict, num_samples: int, sampling: SamplingConfig) -> Rollout:
-        ...
-
-
-def prompt_inputs(model: torch.nn.Module, batch: dict) -> dict[str, Any]:
-    """The model inputs of the B prompts, unrepeated: ids and mask, plus the image tensors for a VLM."""
-    return select_model_inputs(batch, getattr(base_model(model).config, "vision_config", None) is not None)
-
-
-def repeat_images(batch: dict, num_samples: int) -> dict[str, torch.Tensor]:
-    """Repeat each row's images G times, keeping ``pixel_values`` rows aligned with ``image_grid_thw``.
-
-    ``pixel_values`` stacks the patches of every image of the batch; row i owns the images whose placeholder
-    tokens it contains, in order, and each image owns ``prod(grid_thw)`` patch rows.
-    """
-    if "pixel_values" not in batch:
-        return {}
-    thw = batch["image_grid_thw"]  # [n_img, 3]
-    patches = thw.prod(-1).tolist()
-    pix = torch.split(batch["pixel_values"], patches)  # n_img x [p_k, C]
-    counts = _images_per_row(thw, batch["mm_token_type_ids"])
-    out_pix, out_thw, k = [], [], 0
-    for c in counts:
-        rows_pix, rows_thw = pix[k : k + c], thw[k : k + c]
-        for _ in range(num_samples):
-            out_pix.extend(rows_pix)
-            out_thw.append(rows_thw)
-        k += c
-    return {"pixel_values": torch.cat(out_pix), "image_grid_thw": torch.cat(out_thw)}
-
-
-def _images_per_row(thw: torch.Tensor, mm_types: torch.Tensor) -> list[int]:
-    # Each image contributes prod(thw)/4 placeholder tokens (2x2 merge); count them per row.
-    per_image = (thw.prod(-1) // 4).tolist()
-    placeholders = (mm_types == 1).sum(-1).tolist()
-    counts, k = [], 0
-    for n in placeholders:
-        c = 0
-        while n > 0:
-            n -= per_image[k + c]
-            c += 1
-        counts.append(c)
-        k += c
-    return counts
-
-
-def completion_mask_from_ids(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask up to and including the first EOS; ``clipped`` rows never emitted one. ``[N, L]`` → ``[N, L], [N]``."""
-    is_eos = torch.zeros_like(completion_ids, dtype=torch.bool)
-    for e in eos_ids:
-        is_eos |= completion_ids == e
-    has_eos = is_eos.any(-1)  # [N]
-    first = torch.where(has_eos, is_eos.int().argmax(-1),
-                        torch.full_like(has_eos, completion_ids.size(1), dtype=torch.long))
-    pos = torch.arange(completion_ids.size(1), device=completion_ids.device)  # [L]
-    mask = (pos.unsqueeze(0) <= first.unsqueeze(1)).long()  # [N, L]
-    return mask, ~has_eos
-
-
-# A sampled vision placeholder would desynchronise image tokens and image features in the next forward.
-BLOCKED_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
-
-
-def blocked_token_ids(tokenizer) -> tuple[int, ...]:
-    """The ids of :data:`BLOCKED_TOKENS` that ``tokenizer`` knows: never sampled, and removed from the
-    distribution every scorer of a rollout uses (:attr:`Rollout.blocked_ids`)."""
-    unk = getattr(tokenizer, "unk_token_id", None)
-    ids = [tokenizer.convert_tokens_to_ids(t) for t in BLOCKED_TOKENS]
-    return tuple(sorted({i for i in ids if i is not None and i != unk}))
-
-
-class HFGenerateEngine:
-    """Rollouts with ``model.generate`` (KV cache, batched; it stops once every row has emitted EOS).
-
-    On a model sharded by FSDP2 across ranks it runs with ``synced_gpus`` (a rank whose rows ended keeps
-    stepping with the others), as :func:`vold_pl.distributed.generation_needs_sync` decides.
-
-    Args:
-        tokenizer: decodes completions and gives pad/EOS ids.
-    """
-
-    SUPPRESSED = BLOCKED_TOKENS
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.suppress_ids = list(blocked_token_ids(tokenizer))
-        eos = tokenizer.eos_token_id
-        self.eos_ids = [eos] if isinstance(eos, int) else list(eos)
-
-    @torch.no_grad()
-    def generate(self, model: torch.nn.Module, batch: dict, num_samples: int, sampling: SamplingConfig) -> Rollout:
-        G = num_samples
-        ids = batch["input_ids"].repeat_interleave(G, 0)  # [N, P]
-        mask = batch["attention_mask"].repeat_interleave(G, 0)  # [N, P]
-        inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
-        extra: dict[str, Any] = {}
-        if getattr(model.config, "vision_config", None) is not None:  # text-only LLMs take ids only
-            extra["mm_token_type_ids"] = batch["mm_token_type_ids"].repeat_interleave(G, 0)
-            extra.update(repeat_images(batch, G))
-        inputs.update(extra)
-        from vold_pl.distributed import generation_needs_sync
-
-        gen_kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample,
-                          pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_ids,
-                          suppress_tokens=self.suppress_ids or None, synced_gpus=generation_needs_sync(model))
-        if sampling.do_sample:
-            gen_kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
-        else:
-            gen_kwargs.update(temperature=None, top_p=None, top_k=None)
-        was_training = model.training
-        model.eval()
-        out = model.generate(**inputs, **gen_kwargs)  # [N, P + L']
-        model.train(was_training)
-        comp = out[:, ids.size(1):]  # [N, L']
-        if comp.size(1) == 0:
-            comp = torch.full((ids.size(0), 1), self.tokenizer.pad_token_id, dtype=torch.long, device=ids.device)
-        cmask, clipped = completion_mask_from_ids(comp, self.eos_ids)
-        comp = comp.masked_fill(cmask == 0, self.tokenizer.pad_token_id)
-        texts = self.tokenizer.batch_decode(comp, skip_special_tokens=True)
-        return Rollout(ids, mask, comp, cmask, texts, G, clipped, extra, prompts=prompt_inputs(model, batch),
-                       blocked_ids=tuple(self.suppress_ids))
+from vold_pl.models.inputs import IMAGE_INPUT_KEYS, base_model, cache_kwarg, prompt_positions
+from vold_pl.rl.hf_engine import HFGenerateEngine
+from vold_pl.rl.rollout_types import (
+    Rollout,
+    RolloutEngine,
+    SamplingConfig,
+    completion_mask_from_ids,
+    prompt_inputs,
+    repeat_images,
+)
+from vold_pl.sharding import fsdp_modules, is_fsdp2, rank_local_forwards
 
 
 def _full_attention_only(model: torch.nn.Module) -> bool:
@@ -415,8 +242,6 @@ def _lean_key(model: torch.nn.Module, text: torch.nn.Module) -> tuple:
 def _is_sharded(model: torch.nn.Module) -> bool:
     """FSDP2 units or DTensor parameters: their parameters are gathered by hooks on the wrapped modules'
     ``forward``, which the lean decoder's direct submodule calls would bypass."""
-    from vold_pl.distributed import fsdp_modules, is_fsdp2
-
     return bool(fsdp_modules(model)) or is_fsdp2(model)
 
 
@@ -464,8 +289,8 @@ class CachedSamplingEngine(HFGenerateEngine):
     LEAN_CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}
     LEAN_CHECK_TOLERANCE_HALF = 5e-2
 
-    # It stops when ITS rows are done: under FSDP2 across ranks the trainer swaps in HFGenerateEngine
-    # (``vold_pl.distributed.keeps_ranks_in_step``), whose synced generate keeps every rank stepping.
+    # It stops when ITS rows are done: under FSDP2 across ranks the trainer wraps it in UnshardedRollouts or swaps
+    # in HFGenerateEngine (:func:`vold_pl.rl.unsharded.rollout_engine_for`).
     keeps_ranks_in_step = False
 
     def __init__(self, tokenizer, compact: bool = True, share_prefill: bool = True, lean_decode: bool = True,
@@ -598,8 +423,6 @@ class CachedSamplingEngine(HFGenerateEngine):
         key = _lean_key(model, getattr(inner, "language_model", inner))
         before = _LEAN_VERDICTS.get(key)
         _LEAN_VERDICTS[key] = True  # the probe itself decodes through the lean path
-        from vold_pl.distributed import rank_local_forwards
-
         try:
             with rank_local_forwards(model):  # this rank's own check: no dummy vision forward for other ranks
                 mine = self._sample(model, batch, 1, greedy, logprobs=True)
@@ -722,75 +545,8 @@ class CachedSamplingEngine(HFGenerateEngine):
             del out
         return out_tok[:, :steps], out_lp[:, :steps] if logprobs else None
 
-def _image_rows(inputs: dict[str, Any], start: int, end: int) -> dict[str, Any]:
-    """Rows ``start:end`` of a batch of model inputs, images included: ``pixel_values`` stacks every image's
-    patches row after row, so a contiguous row range owns a contiguous run of images and patches."""
-    out = {k: v[start:end] for k, v in inputs.items() if k not in ("pixel_values", "image_grid_thw")}
-    if "pixel_values" in inputs:
-        thw = inputs["image_grid_thw"]  # [n_img, 3]
-        counts = _images_per_row(thw, inputs["mm_token_type_ids"])
-        i0, i1 = sum(counts[:start]), sum(counts[:end])
-        patches = thw.prod(-1)
-        p0, p1 = int(patches[:i0].sum()), int(patches[:i1].sum())
-        if i1 > i0:  # rows without images take no pixel inputs at all (text-only model inputs)
-            out.update(pixel_values=inputs["pixel_values"][p0:p1], image_grid_thw=thw[i0:i1])
-    return out
-
-
-def rollout_rows(rollout: Rollout, start: int, end: int) -> Rollout:
-    """Rows ``start:end`` of a rollout (a micro-batch), completions cut to their longest length in the slice.
-
-    A slice of whole groups keeps the shared-prefix scoring (its prompts run once per group); any other slice
-    scores each row with its own prompt (group size 1). Scores are the same numbers either way: the columns
-    cut are padding after every row's EOS, which a causal model never attends to from earlier positions."""
-    G = rollout.group_size
-    width = max(int(rollout.completion_mask[start:end].sum(-1).max()), 1) if end > start else 1
-    cut = lambda t: t[start:end, :width]  # noqa: E731
-    extra = _image_rows(dict(rollout.extra), start, end) if rollout.extra else {}
-    if start % G == 0 and end % G == 0 and rollout.prompts is not None:
-        prompts, group = _image_rows(dict(rollout.prompts), start // G, end // G), G
-    else:
-        prompts = {"input_ids": rollout.prompt_ids[start:end], "attention_mask": rollout.prompt_mask[start:end],
-                   **{k: v for k, v in extra.items()}}
-        group = 1
-    return Rollout(rollout.prompt_ids[start:end], rollout.prompt_mask[start:end], cut(rollout.completion_ids),
-                   cut(rollout.completion_mask), rollout.texts[start:end], group, rollout.clipped[start:end], extra,
-                   logprobs=cut(rollout.logprobs) if rollout.logprobs is not None else None, prompts=prompts,
-                   blocked_ids=rollout.blocked_ids)
-
 
 def default_engine(tokenizer) -> RolloutEngine:
     """The rollout engine trainers use unless told otherwise: :class:`CachedSamplingEngine`."""
     return CachedSamplingEngine(tokenizer)
 
-
-class ScriptedEngine:
-    """Returns fixed completions per record id: a stub policy for tests of everything after the rollout."""
-
-    def __init__(self, tokenizer, completions: dict[str, list[str]]):
-        self.tokenizer, self.completions = tokenizer, completions
-        self.eos_ids = [tokenizer.eos_token_id]
-        self.suppress_ids = list(blocked_token_ids(tokenizer))  # scored like the real sampler's rollouts
-
-    def generate(self, model, batch: dict, num_samples: int, sampling: SamplingConfig) -> Rollout:
-        G = num_samples
-        texts = [self.completions[r["id"]][g % len(self.completions[r["id"]])]
-                 for r in batch["records"] for g in range(G)]
-        seqs = [self.tokenizer(t, add_special_tokens=False)["input_ids"][: sampling.max_new_tokens - 1] + self.eos_ids
-                for t in texts]
-        width = max(len(s) for s in seqs)
-        comp = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            comp[i, : len(s)] = torch.tensor(s)
-        ids = batch["input_ids"].repeat_interleave(G, 0)
-        comp = comp.to(ids.device)
-        cmask, clipped = completion_mask_from_ids(comp, self.eos_ids)
-        # The same model inputs as HFGenerateEngine, so image prompts stay scorable (pixels per row, repeated).
-        extra: dict[str, Any] = {}
-        if "mm_token_type_ids" in batch:
-            extra["mm_token_type_ids"] = batch["mm_token_type_ids"].repeat_interleave(G, 0)
-        extra.update(repeat_images(batch, G))
-        prompts = select_model_inputs(batch, vision=True)
-        return Rollout(ids, batch["attention_mask"].repeat_interleave(G, 0), comp, cmask,
-                       self.tokenizer.batch_decode(comp, skip_special_tokens=True), G, clipped, extra,
-                       prompts=prompts, blocked_ids=tuple(self.suppress_ids))

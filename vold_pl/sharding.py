@@ -30,10 +30,9 @@ Lightning's ``FSDPStrategy`` (FSDP1) is refused with a message naming ``ModelPar
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout as _DEFAULT_PG_TIMEOUT
@@ -45,10 +44,8 @@ from vold_pl.models.inputs import base_model
 
 __all__ = [
     "ShardingConfig", "FSDP2Strategy", "check_strategy", "prepare_model", "prepare_frozen", "shard_model",
-    "shard_blocks", "mixed_precision_policy", "BackboneHooks", "install_backbone_hooks", "keeps_ranks_in_step",
-    "rollout_engine_for", "fsdp_modules", "generation_needs_sync", "make_adamw8bit", "EvenShardSampler",
-    "uses_distributed_sampler", "is_fsdp2", "is_quantized", "full_state_dict", "local_param_bytes",
-    "optimizer_state_bytes",
+    "shard_blocks", "mixed_precision_policy", "BackboneHooks", "install_backbone_hooks", "fsdp_modules",
+    "generation_needs_sync", "is_fsdp2", "is_fsdp2_params", "is_quantized", "full_state_dict",
 ]
 
 
@@ -145,7 +142,7 @@ def sharding_config(trainer) -> ShardingConfig:
 FSDP1_MESSAGE = (
     "vold-pl does not run under Lightning's FSDPStrategy (FSDP1). Use "
     "lightning.pytorch.strategies.ModelParallelStrategy (FSDP2; set data_parallel_size to the number of ranks and "
-    "tensor_parallel_size: 1) or vold_pl.distributed.FSDP2Strategy, which does that for you. Why: rollouts call "
+    "tensor_parallel_size: 1) or vold_pl.sharding.FSDP2Strategy, which does that for you. Why: rollouts call "
     "model.generate every step, which under FSDP1 needs summon_full_params - the whole model gathered on every rank "
     "for the whole rollout, which undoes the sharding - while FSDP2 gathers layer by layer inside generate. "
     "See docs/distributed.md."
@@ -252,7 +249,7 @@ def generation_needs_sync(model: nn.Module) -> bool:
 
     Every forward of a sharded model all-gathers weights (a collective), so a rank whose rows all ended must keep
     stepping until every rank is done, or the others would wait forever. The one place that decides it: HF
-    generation in vold-pl (:class:`~vold_pl.rl.rollout.HFGenerateEngine`, which the trainers and the benchmark
+    generation in vold-pl (:class:`~vold_pl.rl.hf_engine.HFGenerateEngine`, which the trainers and the benchmark
     callback use on sharded models) passes its answer explicitly, so transformers' own guess is never relied on.
     """
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -404,7 +401,7 @@ def fsdp_mesh(trainer):
             f"vold-pl shards with FSDP2 over data parallelism only, but the ModelParallelStrategy mesh has "
             f"tensor_parallel_size={tp} (its default 'auto' is the number of devices). Set "
             f"data_parallel_size={trainer.world_size} and tensor_parallel_size=1, or use "
-            f"vold_pl.distributed.FSDP2Strategy.")
+            f"vold_pl.sharding.FSDP2Strategy.")
     return mesh["data_parallel"]
 
 
@@ -432,37 +429,6 @@ def prepare_model(model: nn.Module, trainer, activation_checkpointing: bool = Fa
     return model
 
 
-def keeps_ranks_in_step(engine) -> bool:
-    """Whether a rollout engine is safe on a model sharded across ranks.
-
-    Under FSDP2 every forward is a collective, so every rank must run the same number of forwards per
-    rollout: HF ``generate`` does (``synced_gpus``: a finished rank keeps stepping), a scripted engine never
-    calls the model, and an engine may declare ``keeps_ranks_in_step = True``. A custom decode loop that stops
-    when its own rows are done does not, and would leave the other ranks waiting.
-    """
-    from vold_pl.rl.rollout import HFGenerateEngine, ScriptedEngine
-
-    if getattr(engine, "keeps_ranks_in_step", None) is not None:
-        return bool(engine.keeps_ranks_in_step)
-    return type(engine) is HFGenerateEngine or isinstance(engine, ScriptedEngine)
-
-
-def rollout_engine_for(engine, model: nn.Module, tokenizer, world_size: int, sharding: ShardingConfig | None = None):
-    """``engine``, or, when ``model`` is sharded across ranks and ``engine`` cannot keep them in step (see
-    :func:`keeps_ranks_in_step`): ``engine`` run on weights gathered once per rollout
-    (:class:`~vold_pl.rl.unsharded.UnshardedRollouts`, ``sharding.rollout: unshard``, the default) or an
-    :class:`~vold_pl.rl.rollout.HFGenerateEngine` (``synced``)."""
-    if world_size <= 1 or not is_fsdp2(model) or keeps_ranks_in_step(engine):
-        return engine
-    sharding = sharding or ShardingConfig()
-    if sharding.rollout == "unshard":
-        from vold_pl.rl.unsharded import UnshardedRollouts
-
-        return UnshardedRollouts(engine, sharding.reshard_after_forward)
-    from vold_pl.rl.rollout import HFGenerateEngine
-
-    return HFGenerateEngine(tokenizer)
-
 
 def is_quantized(model: nn.Module) -> bool:
     return getattr(model, "quantization_method", None) is not None or bool(getattr(model, "is_quantized", False))
@@ -488,150 +454,10 @@ def prepare_frozen(model: nn.Module, trainer, device: torch.device) -> nn.Module
     return model
 
 
-# ------------------------------------------------------------------------------------------------- optimizer
-
-def _adamw8bit_base():
-    import bitsandbytes as bnb
-
-    return bnb.optim.AdamW8bit
-
-
-def make_adamw8bit(params, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0, **kwargs):
-    """bitsandbytes ``AdamW8bit`` that also steps FSDP2 (DTensor) parameters; see :class:`ShardedAdamW8bit`."""
-    return _sharded_adamw8bit_class()(params, lr=lr, betas=betas, weight_decay=weight_decay, **kwargs)
-
-
-_SHARDED_ADAMW8BIT = None
-
-
-def _sharded_adamw8bit_class():
-    global _SHARDED_ADAMW8BIT
-    if _SHARDED_ADAMW8BIT is not None:
-        return _SHARDED_ADAMW8BIT
-    base = _adamw8bit_base()
-
-    class ShardedAdamW8bit(base):
-        """bitsandbytes ``AdamW8bit`` on each rank's local shard when parameters are FSDP2 DTensors.
-
-        bitsandbytes' fused update is a custom op that DTensor cannot dispatch ("mixed torch.Tensor and
-        DTensor"). Adam is element-wise and the 8-bit block quantization of its moments is per block of the
-        tensor it is given, so each rank updates its own shard (``p.to_local()``, ``p.grad.to_local()``) with
-        8-bit states of the shard's size: optimizer memory is sharded like the parameters. Plain tensors
-        (single process, DDP) take bitsandbytes' path unchanged.
-
-        Checkpoints: the moments are plain per-rank tensors, which a distributed checkpoint would take for
-        replicated values and save once; so ``state_dict()`` refuses on more than one rank instead of writing
-        a checkpoint that resumes wrong (use ``optim.name: adamw`` or ``enable_checkpointing: false``).
-        """
-
-        def _local_view(self, p):
-            local = p.to_local().detach()  # aliases the shard's storage: updates land in the parameter
-            if p.grad is not None:
-                local.grad = p.grad.to_local()
-            return local
-
-        def init_state(self, group, p, gindex, pindex):
-            if not _is_dtensor(p):
-                return super().init_state(group, p, gindex, pindex)
-            local = self._local_view(p)
-            super().init_state(group, local, gindex, pindex)
-            self.state[p] = self.state.pop(local)
-            self.state[p]["_vold_local_shard"] = True
-
-        @torch.no_grad()
-        def update_step(self, group, p, gindex, pindex):
-            if not _is_dtensor(p):
-                return super().update_step(group, p, gindex, pindex)
-            local = self._local_view(p)
-            self.state[local] = self.state[p]
-            try:
-                super().update_step(group, local, gindex, pindex)
-            finally:
-                del self.state[local]
-            if local.data_ptr() != p.to_local().data_ptr():  # contiguous() copied: write the result back
-                p.to_local().copy_(local)
-
-        def state_dict(self):
-            sharded = any(isinstance(st, dict) and st.get("_vold_local_shard") for st in self.state.values())
-            if sharded and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-                raise RuntimeError(
-                    "AdamW8bit on FSDP2-sharded parameters keeps per-rank 8-bit moments that a distributed "
-                    "checkpoint cannot tell apart, so vold-pl does not save them (a resume would be wrong). Use "
-                    "optim.name: adamw with checkpointing, or trainer.enable_checkpointing: false.")
-            return super().state_dict()
-
-    _SHARDED_ADAMW8BIT = ShardedAdamW8bit
-    return ShardedAdamW8bit
-
-
-def _is_dtensor(t) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
-# ------------------------------------------------------------------------------------------------ evaluation
-
-def uses_distributed_sampler(trainer) -> bool:
-    """Whether Lightning will wrap the data loaders' samplers in a ``DistributedSampler`` (the Trainer's
-    ``use_distributed_sampler``). Lightning 2.6 keeps that constructor argument only on its private accelerator
-    connector and has no public accessor; this is the one place that reads it (see docs/architecture.md)."""
-    connector = getattr(trainer, "_accelerator_connector", None)
-    return bool(getattr(connector, "use_distributed_sampler", False))
-
-
-
-class EvenShardSampler(torch.utils.data.Sampler[int]):
-    """Sequential evaluation indices split across ranks, padded so every rank gets the same count.
-
-    Rank ``r`` takes items ``r, r + W, r + 2W, ...``; when ``len(dataset)`` is not a multiple of ``W`` the
-    short ranks repeat their first item(s), so every rank runs the same number of batches and no rank waits
-    in a collective (``generate`` under FSDP2, ``sync_dist`` logging) for a batch another rank never has.
-    The few repeated items are counted twice in rank-averaged metrics, as with ``DistributedSampler``.
-    """
-
-    def __init__(self, n: int, rank: int = 0, world_size: int = 1):
-        self.n, self.rank, self.world_size = n, rank, world_size
-        self.per_rank = math.ceil(n / world_size) if n else 0
-
-    def __iter__(self) -> Iterator[int]:
-        mine = list(range(self.rank, self.n, self.world_size))
-        while mine and len(mine) < self.per_rank:
-            mine.append(mine[len(mine) % max(1, len(mine))])
-        if not mine and self.per_rank:  # more ranks than items
-            mine = [self.rank % self.n] * self.per_rank
-        return iter(mine)
-
-    def __len__(self) -> int:
-        return self.per_rank
-
-
-# ------------------------------------------------------------------------------------------------ accounting
 
 def is_fsdp2(model: torch.nn.Module) -> bool:
     return is_fsdp2_params(model.parameters())
 
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def local_param_bytes(model: nn.Module) -> int:
-    """Bytes of parameters this rank holds (its shards under FSDP2)."""
-    return sum(_local(p).numel() * _local(p).element_size() for p in model.parameters())
-
-
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of optimizer state tensors this rank holds (Adam moments, 8-bit states and their scales)."""
-    total = 0
-    for state in optimizer.state.values():
-        for v in state.values():
-            if isinstance(v, torch.Tensor):
-                loc = _local(v)
-                total += loc.numel() * loc.element_size()
-    return total
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
