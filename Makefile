@@ -23,8 +23,8 @@ venv: $(VENV)/.installed
 $(ART)/data/teacher_text.jsonl: $(VENV)/.installed vold_pl/data/synthetic.py
 	$(PY) -m vold_pl.data.synthetic --out $(ART)/data --seed 0 --n-train 2000 --n-val 200 --n-test 200 --n-teacher-text 30000
 
-$(ART)/tiny/student/config.json: $(ART)/data/teacher_text.jsonl vold_pl/models/tiny.py
-	$(PY) -m vold_pl.models.tiny --out $(ART)/tiny --seed 0
+$(ART)/tiny/student/config.json: $(ART)/data/teacher_text.jsonl vold_pl/toy/tiny.py
+	$(PY) -m vold_pl.toy.tiny --out $(ART)/tiny --seed 0
 
 artifacts: $(ART)/tiny/student/config.json
 

@@ -1,8 +1,8 @@
 """Shared pieces of the benchmark scripts: offline tiny models and data, step timers, tables and JSON output.
 
 Nothing here touches a model hub: the text policy is a Qwen2 built from a config with the project's own BPE
-tokenizer (``vold_pl.models.tiny.train_tokenizer``), the VLM student and the text teacher come from
-``vold_pl.models.tiny.save_tiny_models``, and prompts from the synthetic generator.
+tokenizer (``vold_pl.toy.tiny.train_tokenizer``), the VLM student and the text teacher come from
+``vold_pl.toy.tiny.save_tiny_models``, and prompts from the synthetic generator.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def build_text_policy(out: Path, hidden: int = 128, layers: int = 2, vocab: int 
     from transformers import Qwen2ForCausalLM
 
     from vold_pl.data.synthetic import corpus_texts
-    from vold_pl.models.tiny import train_tokenizer
+    from vold_pl.toy.tiny import train_tokenizer
 
     out = Path(out)
     if (out / "config.json").is_file():
@@ -62,9 +62,9 @@ def build_text_policy(out: Path, hidden: int = 128, layers: int = 2, vocab: int 
 
 
 def build_vlm(out: Path, seed: int = 0) -> dict[str, Path]:
-    """The tiny Qwen2.5-VL student and Qwen3 teacher of ``vold_pl.models.tiny`` (default sizes); built once."""
+    """The tiny Qwen2.5-VL student and Qwen3 teacher of ``vold_pl.toy.tiny`` (default sizes); built once."""
     from vold_pl.data.synthetic import corpus_texts
-    from vold_pl.models.tiny import save_tiny_models
+    from vold_pl.toy.tiny import save_tiny_models
 
     out = Path(out)
     paths = {"student": out / "student", "teacher": out / "teacher"}

