@@ -449,7 +449,8 @@ def test_option_errors_name_the_field_and_the_choices():
     for e, m in (("k1", "loss"), ("k1", "advantage"), ("full", "loss")):
         for g in ("all", "failed"):
             check_opd_options(e, m, g)  # every supported combination passes
-    with pytest.raises(ValueError, match=r"aggregation 'mean' is not one of \['dr_grpo', 'sequence', 'token'\]"):
+    with pytest.raises(ValueError, match=r"^grpo\.loss_aggregation: 'mean' is not registered; choose one of "
+                                         r"\['dr_grpo', 'seq_mean_token_sum', 'sequence', 'token'\]"):
         LossSettings(aggregation="mean")
     with pytest.raises(ValueError, match=r"opd\.gate: 'none'"):
         LossSettings(gate="none")

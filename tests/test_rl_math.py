@@ -431,7 +431,7 @@ def test_defaults_are_the_documented_ones():
 
 
 def test_errors_name_the_bad_value():
-    with pytest.raises(ValueError, match=r"unknown aggregation 'mean'; choose from \['dr_grpo', 'sequence', 'token'\]"):
+    with pytest.raises(ValueError, match=r"unknown aggregation 'mean'; choose from \['dr_grpo', 'seq_mean_token_sum', 'sequence', 'token'\]"):
         aggregate(t([[1.0]]), torch.ones(1, 1, dtype=torch.bool), "mean")
     with pytest.raises(ValueError, match="unknown OPD gate 'succeeded'"):
         opd_gate(t([1.0]), "succeeded")

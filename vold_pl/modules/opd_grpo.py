@@ -62,10 +62,19 @@ class GRPOConfig:
         scale: advantage normalisation: ``group`` (÷ group std), ``batch`` (÷ batch std), ``none`` (Dr. GRPO).
         epsilon_low: lower clip range ε_low of the ratio.
         epsilon_high: upper clip range ε_high; above ε_low gives DAPO's clip-higher.
-        loss_aggregation: ``sequence`` (GRPO), ``token`` (DAPO) or ``dr_grpo`` (÷ N·``sampling.max_new_tokens``,
-            the fixed generation budget, as TRL and Dr. GRPO).
+        loss_aggregation: a registered aggregation (``vold_pl.rl.losses.AGGREGATIONS``): ``sequence`` (GRPO),
+            ``token`` (DAPO), ``dr_grpo`` (÷ N·``sampling.max_new_tokens``, the fixed generation budget, as TRL
+            and Dr. GRPO) or ``seq_mean_token_sum`` (verl: each completion's token sum, mean over completions).
+        policy_loss: a registered policy loss (``vold_pl.rl.losses.POLICY_LOSSES``): ``ppo_clip`` (the clipped
+            surrogate of PPO / GRPO), ``dual_clip`` (also bounds the loss of negative-advantage tokens at
+            ``clip_ratio_c``·|A|, arXiv 1912.09729) or ``gspo`` (one clipped ratio per sequence, arXiv
+            2507.18071; its paper clips at ε ≈ 3e-4 / 4e-4 with ``loss_aggregation: sequence``).
+        clip_ratio_c: ``dual_clip``'s bound c (> 1; verl's ``clip_ratio_c``); ignored by the other losses.
         num_iterations: μ, optimizer steps per rollout batch; μ > 1 stores π_old log-probs at rollout time.
-        beta_ref: weight of the k3 KL to a frozen reference model; 0 builds no reference model at all.
+        beta_ref: weight of the KL to a frozen reference model; 0 builds no reference model at all.
+        ref_kl_estimator: the estimator of that KL per sampled token (``vold_pl.rl.losses.REF_KL_ESTIMATORS``):
+            ``k3`` (GRPO's, unbiased and >= 0), ``k3_clamped`` (k3 with verl's ``low_var_kl`` clamps), ``k2``
+            (½(log-ratio)², verl's ``mse``) or ``k1`` (the log-ratio, verl's ``kl``).
         micro_batch_size: at most this many completions per forward/backward; the step accumulates the
             gradients of its micro-batches before its one optimizer step, and the policy, π_old, reference and
             teacher scoring run per micro-batch too. 0 = the whole batch (B·G rows) at once. The update does
@@ -80,13 +89,19 @@ class GRPOConfig:
     scale: Literal["group", "batch", "none"] = "group"
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
-    loss_aggregation: Literal["sequence", "token", "dr_grpo"] = "sequence"
+    loss_aggregation: str = "sequence"
+    policy_loss: str = "ppo_clip"
+    clip_ratio_c: float = 3.0
     num_iterations: int = 1
     beta_ref: float = 0.0
+    ref_kl_estimator: str = "k3"
     micro_batch_size: int = 0
     max_tokens_per_micro_batch: int = 0
 
     def __post_init__(self):
+        # Names are checked against the registries here, at config time, with the registered names listed.
+        LossSettings(aggregation=self.loss_aggregation, policy_loss=self.policy_loss,
+                     clip_ratio_c=self.clip_ratio_c, ref_kl=self.ref_kl_estimator)
         for name in ("micro_batch_size", "max_tokens_per_micro_batch"):
             if getattr(self, name) < 0:
                 raise UserError(f"grpo.{name}: {getattr(self, name)} is negative; use 0 (the whole batch) or a "
@@ -211,7 +226,8 @@ class OPDGRPOModule(PolicyModule):
         """The options of :func:`~vold_pl.rl.objective.opd_grpo_loss`, from the GRPO, OPD and sampling configs."""
         g, o = self.grpo, self.opd
         return LossSettings(aggregation=g.loss_aggregation, max_len=self.sampling.max_new_tokens,
-                            epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high, beta_ref=g.beta_ref, lam=o.lam,
+                            epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high, policy_loss=g.policy_loss,
+                            clip_ratio_c=g.clip_ratio_c, beta_ref=g.beta_ref, ref_kl=g.ref_kl_estimator, lam=o.lam,
                             gate=o.gate, estimator=o.estimator, mode=o.mode, top_k=o.top_k)
 
     # -- setup ---------------------------------------------------------------------------------------------
@@ -474,7 +490,8 @@ class OPDGRPOModule(PolicyModule):
         if rw.n_errors:
             m["rewards/errors"] = torch.tensor(float(rw.n_errors))
         renames = {"clip_low": "clip_ratio/low_mean", "clip_high": "clip_ratio/high_mean",
-                   "clip_region": "clip_ratio/region_mean", "ratio_mean": "ratio/mean"}
+                   "clip_region": "clip_ratio/region_mean", "ratio_mean": "ratio/mean",
+                   "clip_dual": "clip_ratio/dual_mean"}
         m.update({renames.get(k, k): v for k, v in stats.items()})
         bs = rollout.num_rows // rollout.group_size
         self.log_dict({f"train/{k}": v.float() for k, v in m.items()}, batch_size=bs, prog_bar=False)

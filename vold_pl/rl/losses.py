@@ -4,32 +4,56 @@ Every function is pure and works on padded ``[N, L]`` completion tensors (``N`` 
 tokens); padding is removed only by :func:`aggregate`, which takes the completion mask. The LightningModule
 assembles, in "loss" mode (VOLD, arXiv 2510.23497, eq. L_VOLD)::
 
-    pg, stats = clipped_surrogate(logp, old_logp, adv, eps_low, eps_high)         # [N, L]
+    pg, stats = POLICY_LOSSES[policy_loss](logp, old_logp, adv, mask, clip)        # [N, L]
     loss = aggregate(pg, mask, agg)
-    loss += beta_ref * aggregate(k3_kl(logp, ref_logp), mask, agg)                  # if beta_ref > 0
+    loss += beta_ref * aggregate(REF_KL_ESTIMATORS[ref_kl](logp, ref_logp), mask, agg)   # if beta_ref > 0
     kl = OPD_ESTIMATORS[name](student, teacher)                                     # [N, L]
     loss += opd_loss(kl, mask, opd_gate(acc_reward, gate, has_teacher), lam, agg)
 
 or, in "advantage" mode (Thinking Machines "On-Policy Distillation" note; verl's distillation recipe)::
 
     adv_t = opd_token_advantages(adv, sampled_reverse_kl(logp, teacher_logp), lam, gate_w)   # [N, L]
-    pg, stats = clipped_surrogate(logp, old_logp, adv_t, eps_low, eps_high)
+    pg, stats = POLICY_LOSSES[policy_loss](logp, old_logp, adv_t, mask, clip)
 
 The teacher is always treated as a constant (detached): it is frozen and never receives gradients.
+
+Three registries name the choices a config makes, as verl's ``register_policy_loss`` / ``register_adv_est``:
+:data:`POLICY_LOSSES` (``grpo.policy_loss``), :data:`REF_KL_ESTIMATORS` (``grpo.ref_kl_estimator``) and
+:data:`AGGREGATIONS` (``grpo.loss_aggregation``). Adding one is one function with its decorator in this file
+(docs/architecture.md, "Adding a policy loss"); the config accepts its name and the error for an unknown name
+lists the registered ones.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "SurrogateStats", "masked_mean", "clipped_surrogate", "k3_kl", "aggregate", "AGGREGATIONS", "Totals",
-    "sampled_reverse_kl", "full_reverse_kl", "OPD_ESTIMATORS", "opd_gate", "OPD_GATES",
-    "opd_token_advantages", "opd_loss",
+    "SurrogateStats", "masked_mean", "clipped_surrogate", "ClipRange", "POLICY_LOSSES", "register_policy_loss",
+    "ppo_clip", "dual_clip", "gspo", "REF_KL_ESTIMATORS", "register_ref_kl", "k1_kl", "k2_kl", "k3_kl",
+    "k3_clamped_kl", "aggregate", "AGGREGATIONS", "register_aggregation", "Totals", "sampled_reverse_kl",
+    "full_reverse_kl", "OPD_ESTIMATORS", "opd_gate", "OPD_GATES", "opd_token_advantages", "opd_loss",
 ]
+
+_F = TypeVar("_F", bound=Callable)
+
+
+def _registrar(registry: dict[str, Callable], kind: str) -> Callable[[str], Callable[[_F], _F]]:
+    """A decorator factory that files a function under a name in ``registry`` (a name is taken once)."""
+
+    def register(name: str) -> Callable[[_F], _F]:
+        def add(fn: _F) -> _F:
+            if name in registry:
+                raise ValueError(f"{kind} {name!r} is already registered ({registry[name].__qualname__})")
+            registry[name] = fn
+            return fn
+
+        return add
+
+    return register
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -50,15 +74,19 @@ class SurrogateStats(NamedTuple):
     ratio: torch.Tensor  # [N, L]
     low_clipped: torch.Tensor  # [N, L] bool
     high_clipped: torch.Tensor  # [N, L] bool
+    dual_clipped: torch.Tensor | None = None  # [N, L] bool: dual-clip's bound active (A < 0, rho > c)
 
     def fractions(self, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Clip fractions over the completion tokens selected by ``mask [N, L]``."""
-        return {
+        """Clip fractions over the completion tokens selected by ``mask [N, L]`` (``clip_dual`` with dual-clip)."""
+        out = {
             "clip_low": masked_mean(self.low_clipped.float(), mask),
             "clip_high": masked_mean(self.high_clipped.float(), mask),
             "clip_region": masked_mean((self.low_clipped | self.high_clipped).float(), mask),
             "ratio_mean": masked_mean(self.ratio.detach(), mask),
         }
+        if self.dual_clipped is not None:
+            out["clip_dual"] = masked_mean(self.dual_clipped.float(), mask)
+        return out
 
 
 def clipped_surrogate(
@@ -94,6 +122,112 @@ def clipped_surrogate(
     return loss, SurrogateStats(ratio.detach(), low, high)
 
 
+# ------------------------------------------------------------------------------------------- policy losses
+class ClipRange(NamedTuple):
+    """The ratio bounds a policy loss reads.
+
+    Args:
+        low, high: the clip range ``[1 - low, 1 + high]`` of the ratio (``high > low``: DAPO's clip-higher).
+        dual: dual-clip's bound ``c`` (> 1) on the loss of negative-advantage tokens (verl's ``clip_ratio_c``).
+    """
+
+    low: float = 0.2
+    high: float = 0.2
+    dual: float = 3.0
+
+
+# A policy loss: (logp [N, L], old_logp [N, L], advantages [N] or [N, L], mask [N, L], ClipRange)
+#   -> (per-token loss [N, L], SurrogateStats). Reduced afterwards by :func:`aggregate`.
+PolicyLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, ClipRange],
+                      tuple[torch.Tensor, SurrogateStats]]
+POLICY_LOSSES: dict[str, PolicyLoss] = {}
+register_policy_loss = _registrar(POLICY_LOSSES, "policy loss")
+
+
+def _token_advantages(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages  # [N, 1] or [N, L]
+    return adv.detach().to(like.dtype)
+
+
+@register_policy_loss("ppo_clip")
+def ppo_clip(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+             clip: ClipRange) -> tuple[torch.Tensor, SurrogateStats]:
+    """PPO's clipped surrogate per token (Schulman et al. 2017, arXiv 1707.06347; GRPO, arXiv 2402.03300):
+    :func:`clipped_surrogate` with ``clip.low`` / ``clip.high``. ``mask`` is unused (the ratio is per token)."""
+    return clipped_surrogate(logp, old_logp, advantages, clip.low, clip.high)
+
+
+@register_policy_loss("dual_clip")
+def dual_clip(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+              clip: ClipRange) -> tuple[torch.Tensor, SurrogateStats]:
+    """Dual-clip PPO (Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep RL", arXiv 1912.09729).
+
+    For ``A < 0`` the clipped surrogate ``-min(rho A, clip(rho) A) = |A| max(rho, clip(rho))`` grows without
+    bound with the ratio; dual-clip caps it at ``c |A|`` (``c = clip.dual > 1``, verl's ``clip_ratio_c``):
+    ``l = min(l_clip, -c A)`` where ``A < 0``, ``l_clip`` elsewhere. Tokens at the cap get no gradient
+    (``SurrogateStats.dual_clipped``). Shapes: ``[N, L], [N, L], [N] | [N, L], [N, L] -> [N, L]``.
+    """
+    loss, stats = clipped_surrogate(logp, old_logp, advantages, clip.low, clip.high)  # [N, L]
+    adv = _token_advantages(advantages, logp)  # [N, 1] or [N, L]
+    bound = -clip.dual * adv  # [N, 1] or [N, L]: c |A| where A < 0
+    negative = (adv < 0).expand_as(loss)  # [N, L]
+    with torch.no_grad():
+        capped = negative & (loss > bound)  # [N, L] bool
+    return torch.where(negative, torch.minimum(loss, bound), loss), stats._replace(dual_clipped=capped)
+
+
+@register_policy_loss("gspo")
+def gspo(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+         clip: ClipRange) -> tuple[torch.Tensor, SurrogateStats]:
+    """GSPO, Group Sequence Policy Optimization (Zheng et al. 2025, arXiv 2507.18071): one importance ratio per
+    sequence, the geometric mean of its token ratios, clipped per sequence.
+
+    ``s_i = exp(1/|o_i| sum_t (logp_t - old_logp_t))`` over the completion tokens of row ``i``; each token carries
+    ``s_{i,t} = sg(s_i) · pi_theta(o_t) / sg(pi_theta(o_t))`` (value ``s_i``; the paper's GSPO-token form, as
+    verl), and ``l_t = -min(s_{i,t} A, clip(s_{i,t}, 1 - low, 1 + high) A)``. With ``grpo.loss_aggregation:
+    sequence`` (the per-row token mean, the paper's and verl's choice) the gradient is the paper's
+    ``-A s_i · 1/|o_i| sum_t grad log pi_theta(o_t)``. The log ratio is capped at 10 before ``exp`` (as verl)
+    so one wild sequence cannot overflow. The paper's clip ranges are far narrower than PPO's (3e-4 / 4e-4).
+    Shapes: ``[N, L], [N, L], [N] | [N, L], [N, L] -> [N, L]``.
+    """
+    m = mask.bool()  # [N, L]
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    diff = torch.where(m, logp.detach() - old_logp.detach(), zero)  # [N, L]
+    log_s = diff.sum(-1) / m.sum(-1).clamp(min=1)  # [N]
+    log_ratio = (log_s.unsqueeze(-1) + logp - logp.detach()).clamp(max=10.0)  # [N, L]
+    ratio = torch.exp(log_ratio)  # [N, L]: value s_i on every token of row i
+    adv = _token_advantages(advantages, logp)  # [N, 1] or [N, L]
+    clipped = torch.clamp(ratio, 1.0 - clip.low, 1.0 + clip.high)  # [N, L]
+    loss = -torch.min(ratio * adv, clipped * adv)  # [N, L]
+    with torch.no_grad():
+        low = (ratio < 1.0 - clip.low) & (adv < 0)  # [N, L] bool
+        high = (ratio > 1.0 + clip.high) & (adv > 0)  # [N, L] bool
+    return loss, SurrogateStats(ratio.detach(), low, high)
+
+
+# ------------------------------------------------------------------------------------ reference-KL estimators
+# KL(pi_theta || pi_ref) per sampled token from the two log-probs (Schulman, "Approximating KL divergence",
+# 2020): (logp [N, L], ref_logp [N, L]) -> [N, L]; the reference is a constant.
+REF_KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+register_ref_kl = _registrar(REF_KL_ESTIMATORS, "reference-KL estimator")
+
+
+@register_ref_kl("k1")
+def k1_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k1 ``= logp - ref``: unbiased for the KL, but can be negative, and as a loss its pathwise gradient
+    ``grad logp`` has zero expectation under the sampler (verl's ``kl``). Shapes: ``[N, L] -> [N, L]``."""
+    return logp - ref_logp.detach()  # [N, L]
+
+
+@register_ref_kl("k2")
+def k2_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k2 ``= (logp - ref)^2 / 2``: >= 0, the KL only to second order in the log ratio (biased), low variance;
+    as a loss its gradient ``(logp - ref) grad logp`` is in expectation the gradient of KL(pi_theta || pi_ref)
+    (verl's ``mse``). Shapes: ``[N, L] -> [N, L]``."""
+    return 0.5 * (logp - ref_logp.detach()).square()  # [N, L]
+
+
+@register_ref_kl("k3")
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """k3 estimator of KL(pi_theta || pi_ref) per token (Schulman, "Approximating KL divergence", 2020).
 
@@ -104,10 +238,25 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1.0
 
 
+@register_ref_kl("k3_clamped")
+def k3_clamped_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k3 with verl's low-variance clamps (``low_var_kl``): the log ratio ``ref - logp`` clamped to
+    ``[-20, 20]`` before ``exp`` and the estimate capped at 10, so a token the reference finds very unlikely
+    cannot blow the loss up (no gradient where a clamp is active). Shapes: ``[N, L] -> [N, L]``."""
+    d = (ref_logp.detach() - logp).clamp(-20.0, 20.0)  # [N, L]
+    return (torch.exp(d) - d - 1.0).clamp(max=10.0)  # [N, L]
+
+
 # ---------------------------------------------------------------------------------------------- aggregation
 # Each aggregation is a numerator (a sum over the rows/tokens at hand) over a denominator. The denominator is
 # taken from ``totals`` when given: the step's counts over every micro-batch and rank (``Totals``), so that
-# the per-micro-batch, per-rank losses add up to the loss of the whole step's batch.
+# the per-micro-batch, per-rank losses add up to the loss of the whole step's batch. Signature:
+# (x [N, L] with padding zeroed, mask [N, L] float, max_len, totals) -> scalar.
+AGGREGATIONS: dict[str, Callable[..., torch.Tensor]] = {}
+register_aggregation = _registrar(AGGREGATIONS, "aggregation")
+
+
+@register_aggregation("sequence")
 def _agg_sequence(x: torch.Tensor, m: torch.Tensor, max_len: int | None, totals=None) -> torch.Tensor:
     # Original GRPO: 1/N sum_i 1/|o_i| sum_t. Rows with no tokens contribute 0 but still count in 1/N, so a
     # gate or a missing teacher view shrinks the term instead of re-weighting the remaining rows (as TRL).
@@ -116,12 +265,14 @@ def _agg_sequence(x: torch.Tensor, m: torch.Tensor, max_len: int | None, totals=
     return per_row.sum() / max(rows, 1)
 
 
+@register_aggregation("token")
 def _agg_token(x: torch.Tensor, m: torch.Tensor, max_len: int | None, totals=None) -> torch.Tensor:
     # DAPO token-level mean: long completions weigh in proportion to their length.
     tokens = m.sum().clamp(min=1) if totals is None else max(totals.tokens, 1)
     return (x * m).sum() / tokens
 
 
+@register_aggregation("dr_grpo")
 def _agg_dr_grpo(x: torch.Tensor, m: torch.Tensor, max_len: int | None, totals=None) -> torch.Tensor:
     # Dr. GRPO: a constant normaliser removes the length bias of 1/|o_i|.
     rows = x.shape[0] if totals is None else totals.rows
@@ -129,11 +280,13 @@ def _agg_dr_grpo(x: torch.Tensor, m: torch.Tensor, max_len: int | None, totals=N
     return (x * m).sum() / max(denom, 1)
 
 
-AGGREGATIONS: dict[str, Callable[..., torch.Tensor]] = {
-    "sequence": _agg_sequence,
-    "token": _agg_token,
-    "dr_grpo": _agg_dr_grpo,
-}
+@register_aggregation("seq_mean_token_sum")
+def _agg_seq_mean_token_sum(x: torch.Tensor, m: torch.Tensor, max_len: int | None, totals=None) -> torch.Tensor:
+    # verl's seq-mean-token-sum: each row's token SUM, averaged over rows (1/N sum_i sum_t): long completions
+    # weigh in proportion to their length, and the scale does not depend on how many tokens the batch has.
+    per_row = (x * m).sum(-1)  # [N]
+    rows = x.shape[0] if totals is None else totals.rows
+    return per_row.sum() / max(rows, 1)
 
 
 class Totals(NamedTuple):
@@ -152,8 +305,9 @@ def aggregate(
 
     ``sequence``: GRPO (arXiv 2402.03300); ``token``: DAPO (arXiv 2503.14476); ``dr_grpo``: sum over
     ``N * max_len`` (arXiv 2503.20783), ``max_len`` defaulting to ``L`` (pass the generation limit to keep
-    the normaliser constant across batches). Masked-out entries are replaced by 0 before summing, so
-    NaN/inf in padding never leaks; rows with zero tokens are guarded.
+    the normaliser constant across batches); ``seq_mean_token_sum``: each row's token sum, mean over rows
+    (verl's ``seq-mean-token-sum``); any other :data:`AGGREGATIONS` entry. Masked-out entries are replaced by 0
+    before summing, so NaN/inf in padding never leaks; rows with zero tokens are guarded.
 
     ``totals``: the global counts of the step (:class:`Totals`). Given, ``N`` and the token count are
     those of the whole step instead of this tensor's, so the aggregates of disjoint row slices (micro-batches,

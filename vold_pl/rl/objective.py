@@ -11,8 +11,10 @@ golden tests (``tests/test_loss_golden.py``) pin it against formulas written out
     KL_t  = k1: log π_θ(o_t) − log π_T(o_t)        full: Σ_v π_θ(v)(log π_θ(v) − log π_T(v))
     A_t   = A_i                       (loss mode)
           = A_i − λ·g_i·sg(log π_old(o_t) − log π_T(o_t))   (advantage mode: k1 at sampling time)
-    loss  = agg(−min(ρ_t A_t, clip(ρ_t, 1−ε_low, 1+ε_high) A_t))
-          + β_ref · agg(k3(log π_θ, log π_ref))                                 if β_ref > 0
+    loss  = agg(−min(ρ_t A_t, clip(ρ_t, 1−ε_low, 1+ε_high) A_t))            policy_loss: ppo_clip (dual_clip,
+                                                                            gspo: losses.POLICY_LOSSES)
+          + β_ref · agg(k3(log π_θ, log π_ref))                                 if β_ref > 0 (ref_kl: k1, k2,
+                                                                            k3_clamped: losses.REF_KL_ESTIMATORS)
           + λ · agg(g_i · KL_t)                                                 loss mode
 
 Decisions the papers leave open, made here (docs/opd.md):
@@ -46,24 +48,33 @@ from vold_pl.rl.losses import (
     AGGREGATIONS,
     OPD_ESTIMATORS,
     OPD_GATES,
+    POLICY_LOSSES,
+    REF_KL_ESTIMATORS,
+    ClipRange,
     Totals,
     aggregate,
-    clipped_surrogate,
-    k3_kl,
     masked_mean,
     opd_gate,
     opd_loss,
     opd_token_advantages,
 )
 
-__all__ = ["LossSettings", "Experience", "Totals", "opd_grpo_loss", "check_opd_options", "metric_weights",
-           "combine_metrics", "TEACHER_SCORES", "plan_micro_batches"]
+__all__ = ["LossSettings", "Experience", "Totals", "opd_grpo_loss", "check_opd_options", "check_registered",
+           "metric_weights", "combine_metrics", "TEACHER_SCORES", "plan_micro_batches"]
 
 OPD_MODES = ("loss", "advantage")
 OPD_ESTIMATOR_NAMES = tuple(OPD_ESTIMATORS)
 # What each estimator needs from the teacher: its log-prob of the sampled token (``Experience.teacher_logp``)
 # or its full next-token logits (``Experience.teacher_logits``, with the student's ``student_logits``).
 TEACHER_SCORES = {"k1": "logp", "full": "logits"}
+
+
+def check_registered(name: str, registry: dict, field: str) -> None:
+    """Raise :class:`UserError` when ``name`` is not in ``registry``, naming the config ``field`` and listing the
+    registered names (a registry of :mod:`vold_pl.rl.losses`)."""
+    if name not in registry:
+        raise UserError(f"{field}: {name!r} is not registered; choose one of {sorted(registry)} (or register "
+                        f"yours in vold_pl/rl/losses.py, docs/architecture.md 'Adding a policy loss').")
 
 
 def check_opd_options(estimator: str, mode: str, gate: str, where: str = "opd") -> None:
@@ -87,11 +98,15 @@ class LossSettings:
     """The options of :func:`opd_grpo_loss` (the trainer builds them from its GRPO, OPD and sampling configs).
 
     Args:
-        aggregation: ``sequence`` (GRPO), ``token`` (DAPO) or ``dr_grpo`` (÷ N·``max_len``).
+        aggregation: an :data:`~vold_pl.rl.losses.AGGREGATIONS` name: ``sequence`` (GRPO), ``token`` (DAPO),
+            ``dr_grpo`` (÷ N·``max_len``) or ``seq_mean_token_sum`` (verl: each row's token sum, mean over rows).
         max_len: the generation budget (``sampling.max_new_tokens``), ``dr_grpo``'s constant normaliser;
             ``None`` falls back to the batch's padded length (only for callers without a budget).
         epsilon_low, epsilon_high: the ratio's clip range.
-        beta_ref: weight of the k3 KL to the reference; 0 ignores ``Experience.ref_logp``.
+        policy_loss: a :data:`~vold_pl.rl.losses.POLICY_LOSSES` name: ``ppo_clip``, ``dual_clip`` or ``gspo``.
+        clip_ratio_c: ``dual_clip``'s bound c (> 1) on the loss of negative-advantage tokens, as a ratio.
+        beta_ref: weight of the KL to the reference; 0 ignores ``Experience.ref_logp``.
+        ref_kl: a :data:`~vold_pl.rl.losses.REF_KL_ESTIMATORS` name: ``k1``, ``k2``, ``k3`` or ``k3_clamped``.
         lam: λ, weight of the OPD term; 0 turns OPD off (the teacher fields are then ignored).
         gate: ``failed`` (g = 1 − success) or ``all`` (g = 1).
         estimator: ``k1`` (needs ``teacher_logp``) or ``full`` (needs ``student_logits`` and ``teacher_logits``).
@@ -103,7 +118,10 @@ class LossSettings:
     max_len: int | None = None
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
+    policy_loss: str = "ppo_clip"
+    clip_ratio_c: float = 3.0
     beta_ref: float = 0.0
+    ref_kl: str = "k3"
     lam: float = 0.0
     gate: str = "failed"
     estimator: str = "k1"
@@ -111,9 +129,18 @@ class LossSettings:
     top_k: int = 0
 
     def __post_init__(self):
-        if self.aggregation not in AGGREGATIONS:
-            raise UserError(f"aggregation {self.aggregation!r} is not one of {sorted(AGGREGATIONS)}")
+        check_registered(self.aggregation, AGGREGATIONS, "grpo.loss_aggregation")
+        check_registered(self.policy_loss, POLICY_LOSSES, "grpo.policy_loss")
+        check_registered(self.ref_kl, REF_KL_ESTIMATORS, "grpo.ref_kl_estimator")
+        if not self.clip_ratio_c > 1.0:
+            raise UserError(f"grpo.clip_ratio_c: {self.clip_ratio_c} must be above 1 (dual-clip bounds the loss of "
+                            f"a negative-advantage token at c·|A|; at or below 1 it would cut into the PPO clip).")
         check_opd_options(self.estimator, self.mode, self.gate)
+
+    @property
+    def clip(self) -> ClipRange:
+        """The ratio bounds the policy loss reads."""
+        return ClipRange(self.epsilon_low, self.epsilon_high, self.clip_ratio_c)
 
 
 @dataclass
@@ -199,10 +226,11 @@ def opd_grpo_loss(exp: Experience, cfg: LossSettings,
     when ``exp`` is one slice of the step; the slices' losses then sum to the whole step's loss. ``None``:
     ``exp`` is the whole step.
 
-    Returns ``(loss, metrics)``; metrics: ``clip_low``, ``clip_high``, ``clip_region``, ``ratio_mean``; ``kl``
-    (k3 to the reference, when beta_ref > 0); ``opd/reverse_kl`` (mean KL of the distilled tokens: the KL of
-    the sampler's distribution to the teacher's on the same support), ``opd/frac_tokens`` (share of completion
-    tokens distilled) and ``opd/frac_masked_no_text_view`` (share of rows without a teacher view), when lam > 0.
+    Returns ``(loss, metrics)``; metrics: ``clip_low``, ``clip_high``, ``clip_region``, ``ratio_mean``;
+    ``clip_dual`` (dual-clip only); ``kl`` (the ``ref_kl`` estimate to the reference, when beta_ref > 0);
+    ``opd/reverse_kl`` (mean KL of the distilled tokens: the KL of the sampler's distribution to the teacher's
+    on the same support), ``opd/frac_tokens`` (share of completion tokens distilled) and
+    ``opd/frac_masked_no_text_view`` (share of rows without a teacher view), when lam > 0.
     """
     exp = _frozen_scores_outside_mask_finite(exp)
     mask = exp.mask.float()  # [N, L]
@@ -227,12 +255,12 @@ def opd_grpo_loss(exp: Experience, cfg: LossSettings,
         if cfg.mode == "advantage":
             k1_old = old_logp.detach() - exp.teacher_logp.detach()  # [N, L]: k1 at sampling time
             adv = opd_token_advantages(adv, k1_old, cfg.lam, gate_w, mask)  # [N, L]
-    pg, stats = clipped_surrogate(exp.logp, old_logp, adv, cfg.epsilon_low, cfg.epsilon_high)  # [N, L]
+    pg, stats = POLICY_LOSSES[cfg.policy_loss](exp.logp, old_logp, adv, mask, cfg.clip)  # [N, L]
     loss = aggregate(pg, mask, agg, cfg.max_len, totals)
     if cfg.beta_ref > 0:
         if exp.ref_logp is None:
             raise ValueError("beta_ref > 0 needs Experience.ref_logp")
-        kl_ref = k3_kl(exp.logp, exp.ref_logp)  # [N, L]
+        kl_ref = REF_KL_ESTIMATORS[cfg.ref_kl](exp.logp, exp.ref_logp)  # [N, L]
         loss = loss + cfg.beta_ref * aggregate(kl_ref, mask, agg, cfg.max_len, totals)
         metrics["kl"] = masked_mean(kl_ref.detach(), mask)
     if cfg.lam > 0 and cfg.mode == "loss":
@@ -247,6 +275,8 @@ def metric_weights(exp: Experience, cfg: LossSettings) -> dict[str, float]:
     tokens = float(exp.mask.float().sum())
     w = {"clip_low": tokens, "clip_high": tokens, "clip_region": tokens, "ratio_mean": tokens, "kl": tokens,
          "opd/frac_tokens": tokens, "opd/frac_masked_no_text_view": float(exp.mask.shape[0])}
+    if cfg.policy_loss == "dual_clip":
+        w["clip_dual"] = tokens
     if cfg.lam > 0:
         success = exp.success if exp.success is not None else torch.zeros_like(exp.advantages)
         gate_w = opd_gate(success, cfg.gate, exp.teacher_available)  # [N]
