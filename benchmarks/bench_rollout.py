@@ -135,7 +135,7 @@ def instrument(module, clock: Clock) -> None:
     for part, name in (("reward", "compute_rewards"), ("reward", "group_advantages"), ("loss", "opd_grpo_loss")):
         setattr(M, name, clock.wrap(part, getattr(M, name)))
     for part, name in (("teacher", "_teacher_scores"), ("policy_forward", "_logprobs"),
-                       ("backward", "manual_backward"), ("optimizer_total", "_optimizer_step")):
+                       ("backward", "manual_backward"), ("optimizer", "_clip_step_and_schedule")):
         setattr(module, name, clock.wrap(part, getattr(module, name)))
     orig_step = module.training_step
 
@@ -147,7 +147,6 @@ def instrument(module, clock: Clock) -> None:
         finally:
             total = time.perf_counter() - t0
             c = dict(clock.cur)
-            c["optimizer"] = c.pop("optimizer_total", 0.0) - c.get("backward", 0.0)
             c["rest"] = total - sum(c.get(p, 0.0) for p in PARTS if p != "rest")
             c["total"] = total
             clock.steps.append(c)

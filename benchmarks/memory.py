@@ -237,7 +237,8 @@ def worker(cfg: dict) -> None:
         return run
 
     for name, attr in (("teacher", "_teacher_scores"), ("student log-probs", "_logprobs"),
-                       ("backward + optimizer", "_optimizer_step")):
+                       ("backward + optimizer", "manual_backward"),
+                       ("backward + optimizer", "_clip_step_and_schedule")):
         setattr(module, attr, _wrap(name, getattr(module, attr)))
 
     class Probe(L.Callback):

@@ -51,7 +51,7 @@ class PoisonedSFT(SFTModule):
             self._hook = p.register_hook(lambda g: g * NAN)
         if kind == "loss":
             loss = self._step(batch, "train") * NAN
-            return loss if self.loss_is_finite(loss) else None
+            return loss if self.skip_step_unless_finite(loss) else None
         return super().training_step(batch, batch_idx)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
@@ -65,10 +65,9 @@ class PoisonedOPD(OPDGRPOModule):
 
     poison: set[int] = set()
 
-    def _optimizer_step(self, opt, sched, loss):
-        if self.trainer.global_step in self.poison:
-            loss = loss * NAN
-        super()._optimizer_step(opt, sched, loss)
+    def _micro_batch_loss(self, step, mb, totals, world, entropy):
+        loss, parts = super()._micro_batch_loss(step, mb, totals, world, entropy)
+        return (loss * NAN if self.trainer.global_step in self.poison else loss), parts
 
 
 class Snapshots(L.Callback):

@@ -502,7 +502,9 @@ def test_module_counts_and_plan_on_one_process(tiny_models):
                  texts=[""] * N, group_size=2, clipped=torch.zeros(N, dtype=torch.bool))
     # lengths 5, 3, 4, 2 with a 1-token prompt: the first group costs 2·6 = 12 > 9, so rows: (0,1) 6, (0,2) 12 > 9,
     # (1,2) 4, (1,3) 10 > 9, (2,3) 5, (2,4) 10 > 9, (3,4) 3
-    assert module._plan(ro) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    plan = module._plan(ro)
+    assert [(mb.start, mb.end) for mb in plan] == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert [mb.width for mb in plan] == LENGTHS and not any(mb.padding for mb in plan)  # each knows its width
 
 
 def test_module_experience_carries_the_teacher_view_flags(tiny_models, synth_data):

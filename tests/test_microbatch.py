@@ -60,12 +60,11 @@ def _module(tiny_models, agg: str, estimator: str, mode: str, gate: str, beta_re
 
 
 def _step_grads(module, batch):
-    """Build the step's experience, accumulate its micro-batches, backpropagate the last: the gradient."""
+    """Build the step's experience and backpropagate its micro-batches: the gradient."""
     module.model.zero_grad(set_to_none=True)
     step = module.build_experience(batch)
     totals, world = module._totals(step.experience)
-    loss, metrics, _ = module.accumulate_gradients(step, totals, world, backward=torch.Tensor.backward)
-    loss.backward()
+    loss, metrics, _ = module.backward_micro_batches(step, totals, world, backward=torch.Tensor.backward)
     grads = {n: p.grad.detach().clone() for n, p in module.model.named_parameters() if p.grad is not None}
     return step, float(loss.detach()), metrics, grads
 
@@ -108,7 +107,7 @@ def test_micro_batched_step_has_the_whole_batch_gradient(case, loaded):
     assert "pixel_values" in batch  # the image rows' pixels are cut with their rows
 
     whole, loss0, metrics0, g0 = _step_grads(module, batch)
-    assert whole.plan == [(0, 8)]
+    assert [(mb.start, mb.end, mb.padding) for mb in whole.plan] == [(0, 8, False)]
     assert max(float(g.abs().max()) for g in g0.values()) > 0
     lengths = whole.rollout.completion_mask.sum(-1)
     assert len(set(lengths.tolist())) > 4  # the aggregations differ on these rows

@@ -1,8 +1,8 @@
 """The OPD-GRPO module's step helpers on the paths only several ranks take, checked on one process.
 
 ``_plan`` pads a rank's micro-batch plan to the longest plan of all ranks, ``_totals`` sums the counts over
-ranks, and ``accumulate_gradients`` undoes the ranks' gradient average (``world``) and runs the padding entries
-``(0, 0)`` as weightless dummies. A two-rank strategy stand-in supplies the other rank's numbers to the
+ranks, and ``backward_micro_batches`` undoes the ranks' gradient average (``world``) and runs the padding entries
+(``MicroBatch.pad()``) as weightless dummies. A two-rank strategy stand-in supplies the other rank's numbers to the
 collective (``reduce``); the expected values are worked out by hand below.
 """
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from vold_pl.models.factory import ModelSpec
-from vold_pl.modules.opd_grpo import GRPOConfig, OPDGRPOModule, StepData
+from vold_pl.modules.opd_grpo import GRPOConfig, MicroBatch, OPDGRPOModule, StepData, micro_batch_plan
 from vold_pl.rl.objective import Experience, Totals
 from vold_pl.rl.rollout_types import Rollout
 
@@ -57,13 +57,14 @@ def _module(tiny_models, **grpo) -> OPDGRPOModule:
 
 
 def test_plan_is_padded_to_the_longest_plan_of_the_ranks(tiny_models):
-    """One row per micro-batch here (4 entries); the other rank has 6: two empty (0, 0) entries pad this plan,
-    so every rank runs 6 forwards (the max over ranks, not their mean 5)."""
+    """One row per micro-batch here (4 entries); the other rank has 6: two padding entries pad this plan,
+    so every rank runs 6 forwards (the max over ranks, not their mean 5). Each entry knows its rows and width."""
     module = _module(tiny_models, micro_batch_size=1)
     module._trainer = SimpleNamespace(world_size=2, strategy=_OtherRank(torch.tensor(6.0)))
-    assert module._plan(_rollout()) == [(0, 1), (1, 2), (2, 3), (3, 4), (0, 0), (0, 0)]
+    rows = [MicroBatch(i, i + 1, n) for i, n in enumerate(LENGTHS)]
+    assert module._plan(_rollout()) == rows + [MicroBatch(0, 1, 1, padding=True)] * 2
     module._trainer = SimpleNamespace(world_size=2, strategy=_OtherRank(torch.tensor(2.0)))
-    assert module._plan(_rollout()) == [(0, 1), (1, 2), (2, 3), (3, 4)]  # the longest plan: nothing to pad
+    assert module._plan(_rollout()) == rows  # the longest plan: nothing to pad
 
 
 def test_totals_are_summed_over_the_ranks(tiny_models):
@@ -94,20 +95,19 @@ def test_totals_hand_the_collective_counts_on_the_mask_device(tiny_models):
 def test_step_loss_undoes_the_rank_average_and_pads_with_weightless_dummies(tiny_models):
     """μ = 1, no KL terms, sequence aggregation over the totals' 4 rows: at ratio 1 the loss is
     -Σ_i A_i · (1/|o_i|) Σ_t 1 / 4 = -1.25 / 4 on this rank, times world = 2 (DDP then averages over the ranks).
-    The plan's two (0, 0) padding entries add nothing to the value (their dummy forward has weight 0), and
+    The plan's two padding entries add nothing to the value (their dummy forward has weight 0), and
     the gradient of the log-probs is the one of the plan without them."""
     module = _module(tiny_models, micro_batch_size=2)
     rollout = _rollout()
     exp = Experience(logp=None, old_logp=None, advantages=torch.tensor(ADV), mask=_mask().float())
     totals = Totals(rows=4.0, tokens=float(sum(LENGTHS)))
     grads = []
-    for plan in ([(0, 2), (2, 4)], [(0, 2), (2, 4), (0, 0), (0, 0)]):
+    for length in (2, 4):
         module.model.zero_grad(set_to_none=True)
-        step = StepData(rollout, exp, plan, None, None, None, 0.0)
-        loss, _, _ = module.accumulate_gradients(step, totals, world=2, backward=torch.Tensor.backward)
+        step = StepData(rollout, exp, micro_batch_plan(rollout, [(0, 2), (2, 4)], length), None, None, None, 0.0)
+        loss, _, _ = module.backward_micro_batches(step, totals, world=2, backward=torch.Tensor.backward)
         assert math.isfinite(float(loss.detach()))
         assert float(loss.detach()) == pytest.approx(2 * -sum(ADV) / N, rel=1e-5)
-        loss.backward()
         grads.append({n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for k in grads[0]:
@@ -115,14 +115,14 @@ def test_step_loss_undoes_the_rank_average_and_pads_with_weightless_dummies(tiny
 
 
 def test_scores_ignore_the_padding_dummy_on_a_one_row_rollout(tiny_models):
-    """A one-row rollout with a (0, 0) padding entry: the dummy scores one row and writes nothing; the scores
+    """A one-row rollout with a padding entry: the dummy scores one row and writes nothing; the scores
     are the row's log-softmax of a plain forward over prompt + completion, position by position."""
     module = _module(tiny_models)
     full = _rollout()
     one = Rollout(full.prompt_ids[:1], full.prompt_mask[:1], full.completion_ids[:1], full.completion_mask[:1],
                   [""], 1, full.clipped[:1])
     with torch.no_grad():
-        got = module._score(module.model, one, [(0, 1), (0, 0)])
+        got = module._score(module.model, one, micro_batch_plan(one, [(0, 1)], 2))
         ids = torch.cat([one.prompt_ids, one.completion_ids], 1)
         logits = module.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].double()
     P = one.prompt_ids.size(1)
@@ -146,5 +146,5 @@ def test_policy_scores_recompute_their_slabs_in_backward(tiny_models):
     assert len(calls) == 10
     calls.clear()
     with torch.no_grad():
-        module._score(module.model, _rollout(), [(0, 4)])
+        module._score(module.model, _rollout(), micro_batch_plan(_rollout(), [(0, 4)]))
     assert len(calls) == 5

@@ -309,12 +309,19 @@ class PolicyModule(L.LightningModule):
             return bad
         return bool(self.trainer.strategy.reduce_boolean_decision(bad, all=False))
 
-    def loss_is_finite(self, loss: torch.Tensor, what: str = "loss") -> bool:
-        """Check a loss before backward; a non-finite one (on any rank) marks this optimizer step skipped."""
+    def skip_step_unless_finite(self, loss: torch.Tensor, what: str = "loss") -> bool:
+        """Whether ``loss`` is finite on every rank (a collective: call it on every rank). When it is not, the
+        optimizer step is marked skipped (counted and reported; ``on_before_optimizer_step`` then drops every
+        gradient) and the caller must not backpropagate it. Call it before backward."""
         bad = self._agree(not bool(torch.isfinite(loss.detach()).all()))
         if bad:
             self._skip(f"non-finite {what} ({float(loss.detach().float().mean())})")
         return not bad
+
+    @property
+    def step_skipped(self) -> bool:
+        """Whether the running optimizer step has been marked skipped (a non-finite loss or gradient)."""
+        return self._step_skipped
 
     def _skip(self, reason: str) -> None:
         if not self._step_skipped:

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
@@ -49,7 +49,13 @@ from vold_pl.rl.objective import (
     plan_micro_batches,
 )
 from vold_pl.rl.rollout_types import Rollout, SamplingConfig, rollout_rows
-from vold_pl.rl.teacher import build_teacher_inputs, teacher_completion_logits, teacher_rows, teacher_token_logprobs
+from vold_pl.rl.teacher import (
+    TeacherInputs,
+    build_teacher_inputs,
+    teacher_completion_logits,
+    teacher_rows,
+    teacher_token_logprobs,
+)
 from vold_pl.sharding import fsdp_modules
 
 
@@ -140,12 +146,65 @@ allow_in_checkpoints(GRPOConfig, OPDConfig)
 
 
 @dataclass
+class MicroBatch:
+    """One entry of a step's micro-batch plan, and the one slicer of the step's tensors by it.
+
+    Scoring (:meth:`OPDGRPOModule._score`), teacher scoring (:meth:`OPDGRPOModule._teacher_scores`) and the
+    gradient loop (:meth:`OPDGRPOModule.backward_micro_batches`) all cut the rollout, the experience and the
+    teacher's inputs with these methods, so the rows and the completion width of a micro-batch are decided once.
+
+    Args:
+        start, end: the rows ``start:end`` of the step's ``N`` rows.
+        width: the completion columns of the slice: its longest completion (at least 1); the columns cut are
+            padding after every row's EOS, which a causal model never attends to from earlier positions.
+        padding: the entry exists only to keep the ranks' collectives in step (a sharded model all-gathers in
+            every forward, so every rank runs as many micro-batches as the rank with the most): it runs one row
+            with weight 0, and nothing it computes is kept.
+    """
+
+    start: int
+    end: int
+    width: int
+    padding: bool = False
+
+    @classmethod
+    def pad(cls) -> MicroBatch:
+        """A padding entry: row 0, one column (the cheapest forward that still touches every weight)."""
+        return cls(0, 1, 1, padding=True)
+
+    def rollout(self, rollout: Rollout) -> Rollout:
+        """The micro-batch's rows of ``rollout`` (the rollout itself when the entry is all of it)."""
+        whole = (self.start, self.end) == (0, rollout.num_rows) and rollout.completion_ids.size(1) == self.width
+        return rollout if whole else rollout_rows(rollout, self.start, self.end, self.width)
+
+    def experience(self, exp: Experience) -> Experience:
+        return exp.rows(self.start, self.end, self.width)
+
+    def teacher_inputs(self, inputs: TeacherInputs) -> TeacherInputs:
+        return teacher_rows(inputs, self.start, self.end, self.width)
+
+    def write(self, out: torch.Tensor, values: torch.Tensor) -> None:
+        """Put this micro-batch's ``values [n, l, ...]`` into the step's ``out [N, L, ...]``; a padding entry
+        writes nothing."""
+        if not self.padding:
+            out[self.start:self.end, : values.size(1)] = values
+
+
+def micro_batch_plan(rollout: Rollout, spans: list[tuple[int, int]], length: int | None = None) -> list[MicroBatch]:
+    """The plan of ``spans`` (rows ``[(start, end)]`` of ``rollout``), padded with :meth:`MicroBatch.pad` entries
+    to ``length`` entries."""
+    lengths = rollout.completion_mask.sum(-1)  # [N]
+    plan = [MicroBatch(s, e, max(int(lengths[s:e].max()), 1)) for s, e in spans]
+    return plan + [MicroBatch.pad() for _ in range((length or len(plan)) - len(plan))]
+
+
+@dataclass
 class StepData:
     """What :meth:`OPDGRPOModule.build_experience` makes once per rollout batch."""
 
     rollout: Rollout
     experience: Experience  # the constant part; ``logp`` is filled per micro-batch
-    plan: list  # the micro-batches [(start, end)]
+    plan: list[MicroBatch]  # the step's micro-batches
     rewards: object  # the reward functions' output (``total [N]``, ``named``)
     total_reward: torch.Tensor  # [N] r_i
     zero_std: torch.Tensor  # [B] groups whose rewards are all equal
@@ -279,49 +338,54 @@ class OPDGRPOModule(PolicyModule):
         sched = self.lr_schedulers()
         for _ in range(self.grpo.num_iterations):
             opt.zero_grad()
-            loss, stats, entropy = self.accumulate_gradients(step, totals, world)
-            self._optimizer_step(opt, sched, loss)
+            loss, stats, entropy = self.backward_micro_batches(step, totals, world)
+            self._clip_step_and_schedule(opt, sched)
         self._log_step(step.rewards, exp.advantages, step.zero_std, rollout, mask, entropy, stats,
                        loss.detach() / world, step.t_roll, time.perf_counter() - t0)
         if self.log_completions_every and self.global_step % self.log_completions_every < self.grpo.num_iterations:
             self._write_completions(batch["records"], rollout, step.total_reward)
 
-    def accumulate_gradients(self, step: StepData, totals: Totals, world: int = 1, backward=None):
-        """The loss of ``step`` micro-batch by micro-batch: every micro-batch but the last is backpropagated here
-        (gradients accumulate, without the ranks' gradient sync); the last one's loss is returned for the
-        optimizer step to backpropagate (its backward syncs the sum).
+    def backward_micro_batches(self, step: StepData, totals: Totals, world: int = 1, backward=None):
+        """The step's loss and its gradient, micro-batch by micro-batch: every micro-batch's forward and backward
+        (the one place the step backpropagates). Gradients accumulate without the ranks' gradient sync; the last
+        micro-batch's backward syncs the sum. A micro-batch whose loss is not finite on this rank is not
+        backpropagated; the last one is backpropagated only when the step's loss is finite on every rank (else
+        the step is skipped, :meth:`skip_step_unless_finite`), since its backward is a collective.
 
         ``totals``: the step's global counts; ``world``: the data-parallel ranks DDP / FSDP average gradients
         over, undone here so the update is the gradient of the global loss. ``backward``: default
-        ``manual_backward``. Returns ``(loss, metrics, entropy [N, L])``: ``loss`` has the whole step's (local)
-        value, non-finite if any micro-batch was, and the last micro-batch's graph.
+        ``manual_backward``. Returns ``(loss, metrics, entropy [N, L])``: the whole step's (local) loss value,
+        non-finite if any micro-batch's was.
         """
         backward = backward or self.manual_backward
-        rollout, exp, plan, cfg = step.rollout, step.experience, step.plan, self.loss_settings
-        entropy = exp.mask.new_zeros(exp.mask.shape)  # [N, L]
-        parts, earlier, loss = [], exp.mask.new_zeros(()), None
-        for k, (s, e) in enumerate(plan):
-            e1 = max(e, s + 1)  # (s, s): a rank with fewer micro-batches runs one row, weight 0
-            sub = rollout_rows(rollout, s, e1) if (s, e1) != (0, rollout.num_rows) else rollout
-            logp, ent = self._logprobs(sub)  # [n, l], [n, l]
-            width = logp.size(1)
-            mb = replace(exp.rows(s, e1, width), logp=logp,
-                         student_logits=self._student_logits(sub) if exp.teacher_logits is not None else None)
-            if e > s:
-                entropy[s:e, :width] = ent.detach()
-                mb_loss, mb_stats = opd_grpo_loss(mb, cfg, totals)
-                mb_loss = mb_loss * world  # DDP / FSDP average gradients over ranks: undo it (a sum of slices)
-                parts.append((mb_stats, metric_weights(mb, cfg)))
-            else:  # the dummy keeps every sharded model's collectives in step across ranks
-                mb_loss = logp.sum() * 0.0
-            if k < len(plan) - 1:  # accumulate locally; the last micro-batch's backward syncs the gradients
-                if bool(torch.isfinite(mb_loss.detach()).all()):  # this rank only: ranks differ in count
-                    with self._no_grad_sync():
-                        backward(mb_loss)
-                earlier = earlier + mb_loss.detach()  # a non-finite value reaches the step's agreed check
-            else:
-                loss = mb_loss + earlier
+        plan = step.plan
+        entropy = step.experience.mask.new_zeros(step.experience.mask.shape)  # [N, L]
+        parts, loss = [], step.experience.mask.new_zeros(())
+        for k, mb in enumerate(plan):
+            mb_loss, mb_parts = self._micro_batch_loss(step, mb, totals, world, entropy)
+            parts += mb_parts
+            loss = loss + mb_loss.detach()  # a non-finite value reaches the step's agreed check
+            last = k == len(plan) - 1
+            run = self.skip_step_unless_finite(loss) if last else bool(torch.isfinite(mb_loss.detach()).all())
+            if run:
+                with nullcontext() if last else self._without_gradient_sync():
+                    backward(mb_loss)
         return loss, combine_metrics(parts), entropy
+
+    def _micro_batch_loss(self, step: StepData, mb: MicroBatch, totals: Totals, world: int,
+                          entropy: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """The forward of one micro-batch: its loss times ``world`` (DDP / FSDP average gradients over ranks:
+        undone, so the slices sum), its ``(metrics, weights)``, and its entropy written into ``entropy [N, L]``.
+        A padding entry's loss is its log-probs times 0: a graph through every weight, no value."""
+        sub = mb.rollout(step.rollout)
+        logp, ent = self._logprobs(sub)  # [n, l], [n, l]
+        if mb.padding:
+            return logp.sum() * 0.0, []
+        mb.write(entropy, ent.detach())
+        exp = replace(mb.experience(step.experience), logp=logp,
+                      student_logits=self._student_logits(sub) if step.experience.teacher_logits is not None else None)
+        mb_loss, mb_stats = opd_grpo_loss(exp, self.loss_settings, totals)
+        return mb_loss * world, [(mb_stats, metric_weights(exp, self.loss_settings))]
 
     def build_experience(self, batch: dict) -> StepData:
         """The step's data, built once per rollout batch: the rollout (o_1..o_G ~ π_old per prompt), rewards,
@@ -356,17 +420,18 @@ class OPDGRPOModule(PolicyModule):
                          teacher_logits=teacher.get("logits"), teacher_available=teacher.get("available"))
         return StepData(rollout, exp, plan, rw, rewards, zero_std, t_roll)
 
-    def _plan(self, rollout: Rollout) -> list:
-        """The step's micro-batches ``[(start, end)]``. Across ranks their number is made equal (empty ``(s, s)``
-        entries pad the shorter plans): a sharded model all-gathers in every forward, on every rank."""
+    def _plan(self, rollout: Rollout) -> list[MicroBatch]:
+        """The step's micro-batches. Across ranks their number is made equal (padding entries,
+        :meth:`MicroBatch.pad`, lengthen the shorter plans): a sharded model all-gathers in every forward, on
+        every rank."""
         g = self.grpo
-        plan = plan_micro_batches(rollout.completion_mask.sum(-1), rollout.prompt_ids.size(1), rollout.group_size,
-                                  g.micro_batch_size, g.max_tokens_per_micro_batch)
+        spans = plan_micro_batches(rollout.completion_mask.sum(-1), rollout.prompt_ids.size(1), rollout.group_size,
+                                   g.micro_batch_size, g.max_tokens_per_micro_batch)
+        most = len(spans)
         if self._trainer is not None and self.trainer.world_size > 1:
-            n = torch.tensor(float(len(plan)), device=self.device)
+            n = torch.tensor(float(len(spans)), device=self.device)
             most = int(self.trainer.strategy.reduce(n, reduce_op="max"))
-            plan = plan + [(0, 0)] * (most - len(plan))
-        return plan
+        return micro_batch_plan(rollout, spans, most)
 
     def _totals(self, exp: Experience) -> tuple[Totals, int]:
         """The aggregations' global counts (completions, completion tokens) summed over ranks, and the number
@@ -378,18 +443,27 @@ class OPDGRPOModule(PolicyModule):
             world = self.trainer.world_size
         return Totals(rows=float(counts[0]), tokens=float(counts[1])), world
 
-    def _score(self, model: torch.nn.Module, rollout: Rollout, plan: list) -> torch.Tensor:
-        """Constant log-probs ``[N, L]`` of the rollout under ``model``, micro-batch by micro-batch."""
-        out = torch.zeros(rollout.completion_mask.shape, dtype=torch.float32, device=rollout.completion_ids.device)
-        for s, e in plan:
-            sub = rollout_rows(rollout, s, e if e > s else s + 1)  # (s, s): a forward only for the collectives
-            logp = rollout_token_logprobs(model, sub, temperature=self.sampling.temperature, chunk_size=self.chunk)
-            if e > s:
-                out[s:e, : logp.size(1)] = logp
+    @staticmethod
+    def _scores_by_micro_batch(plan: list[MicroBatch], shape: tuple[int, int],
+                               score: Callable[[MicroBatch], torch.Tensor],
+                               dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``score(mb)`` (``[n, l, ...]``) of every micro-batch, put together into one ``[N, L, ...]`` tensor."""
+        out = None
+        for mb in plan:
+            values = score(mb)
+            if out is None:
+                out = values.new_zeros(shape + tuple(values.shape[2:]), dtype=dtype or values.dtype)
+            mb.write(out, values)
         return out
 
+    def _score(self, model: torch.nn.Module, rollout: Rollout, plan: list[MicroBatch]) -> torch.Tensor:
+        """Constant log-probs ``[N, L]`` (float32) of the rollout under ``model``, micro-batch by micro-batch."""
+        T, shape = self.sampling.temperature, tuple(rollout.completion_mask.shape)
+        return self._scores_by_micro_batch(plan, shape, lambda mb: rollout_token_logprobs(
+            model, mb.rollout(rollout), temperature=T, chunk_size=self.chunk), torch.float32)
+
     @contextmanager
-    def _no_grad_sync(self):
+    def _without_gradient_sync(self):
         """Backward without the gradient all-reduce (DDP) / reduce-scatter (FSDP2): the accumulating micro-batches;
         the last one syncs the sum. Public hooks: the strategy's ``block_backward_sync``, FSDP2's
         ``set_requires_gradient_sync``."""
@@ -425,7 +499,7 @@ class OPDGRPOModule(PolicyModule):
         logits = self.model(input_ids=ids, attention_mask=attn, use_cache=False, **extra).logits
         return mask_blocked(logits[:, start - 1 : -1].float() / self.sampling.temperature, rollout.blocked_ids)
 
-    def _teacher_scores(self, records: list[dict], rollout: Rollout, plan: list) -> dict:
+    def _teacher_scores(self, records: list[dict], rollout: Rollout, plan: list[MicroBatch]) -> dict:
         """The teacher's scores of the student's tokens on the same support as the sampler (blocked ids
         removed and renormalised), micro-batch by micro-batch: ``logp [N, L]`` (k1) or ``logits [N, L, V]``
         (full), as :data:`~vold_pl.rl.objective.TEACHER_SCORES` says, and ``available [N]``."""
@@ -434,35 +508,23 @@ class OPDGRPOModule(PolicyModule):
         teacher = self._frozen["teacher"]
         kind = TEACHER_SCORES[self.opd.estimator]
         T, blocked = self.sampling.temperature, rollout.blocked_ids
-        lengths = rollout.completion_mask.sum(-1)  # [N]
-        out, parts = {"available": tin.available}, []
-        for s, e in plan:
-            width = max(int(lengths[s:e].max()), 1) if e > s else 1
-            sub = teacher_rows(tin, s, e if e > s else s + 1, width)
-            if kind == "logits":
-                parts.append((s, e, teacher_completion_logits(teacher, sub, T, blocked)))  # [n, l, V]
-            else:
-                parts.append((s, e, teacher_token_logprobs(teacher, sub, T, self.chunk, blocked)))  # [n, l]
-        N, L = rollout.completion_mask.shape
-        full = None
-        for s, e, v in parts:
-            if full is None:
-                full = v.new_zeros((N, L) + tuple(v.shape[2:]))
-            if e > s:
-                full[s:e, : v.size(1)] = v
-        out[kind] = full
-        return out
 
-    def _optimizer_step(self, opt, sched, loss: torch.Tensor) -> None:
-        # ``loss`` is the step's last micro-batch (its graph) carrying the whole step's value; the earlier
-        # micro-batches' gradients are already accumulated (``training_step`` zeroes them before the first).
-        # A non-finite loss skips backward on every rank; a non-finite gradient is caught in
-        # ``on_before_optimizer_step``, which ``opt.step()`` runs first. Either way ``opt.step()`` then finds no
-        # gradient and changes nothing, and the step still counts (global_step, LR schedule).
-        if self.loss_is_finite(loss):
-            self.manual_backward(loss)
-            if self.max_grad_norm > 0:
-                self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+        def score(mb: MicroBatch) -> torch.Tensor:
+            sub = mb.teacher_inputs(tin)
+            if kind == "logits":
+                return teacher_completion_logits(teacher, sub, T, blocked)  # [n, l, V]
+            return teacher_token_logprobs(teacher, sub, T, self.chunk, blocked)  # [n, l]
+
+        return {"available": tin.available,
+                kind: self._scores_by_micro_batch(plan, tuple(rollout.completion_mask.shape), score)}
+
+    def _clip_step_and_schedule(self, opt, sched) -> None:
+        """After :meth:`backward_micro_batches`: clip the gradients (``max_grad_norm``), step the optimizer and
+        the LR schedule. A skipped step (non-finite loss, or a non-finite gradient caught by
+        ``on_before_optimizer_step``, which ``opt.step()`` runs first) has no gradient left, so ``opt.step()``
+        changes nothing; the step still counts (global_step, LR schedule)."""
+        if not self.step_skipped and self.max_grad_norm > 0:
+            self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
         opt.step()
         sched.step()
 

@@ -67,7 +67,7 @@ class SFTModule(PolicyModule):
         loss = self._step(batch, "train")
         # None skips backward and the update (every rank agrees); a non-finite gradient is caught later, in
         # ``on_before_optimizer_step``. Trainer's gradient_clip_val still applies to the steps that go through.
-        return loss if self.loss_is_finite(loss) else None
+        return loss if self.skip_step_unless_finite(loss) else None
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "val")

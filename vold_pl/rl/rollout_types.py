@@ -171,14 +171,16 @@ def _image_rows(inputs: dict[str, Any], start: int, end: int) -> dict[str, Any]:
     return out
 
 
-def rollout_rows(rollout: Rollout, start: int, end: int) -> Rollout:
-    """Rows ``start:end`` of a rollout (a micro-batch), completions cut to their longest length in the slice.
+def rollout_rows(rollout: Rollout, start: int, end: int, width: int | None = None) -> Rollout:
+    """Rows ``start:end`` of a rollout (a micro-batch), completions cut to ``width`` columns (default: their
+    longest length in the slice).
 
     A slice of whole groups keeps the shared-prefix scoring (its prompts run once per group); any other slice
     scores each row with its own prompt (group size 1). Scores are the same numbers either way: the columns
     cut are padding after every row's EOS, which a causal model never attends to from earlier positions."""
     G = rollout.group_size
-    width = max(int(rollout.completion_mask[start:end].sum(-1).max()), 1) if end > start else 1
+    if width is None:
+        width = max(int(rollout.completion_mask[start:end].sum(-1).max()), 1) if end > start else 1
     cut = lambda t: t[start:end, :width]  # noqa: E731
     extra = _image_rows(dict(rollout.extra), start, end) if rollout.extra else {}
     if start % G == 0 and end % G == 0 and rollout.prompts is not None:
