@@ -18,7 +18,6 @@ from vold_pl.data.schema import RecordError
 from vold_pl.data.sources import DataSource, read_records
 from vold_pl.errors import UserError
 from vold_pl.models.factory import ModelSpec, load_processor
-from vold_pl.rl.rollout_types import SamplingConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -187,9 +186,9 @@ def test_trace_lengths_are_checked_against_max_length_and_max_new_tokens(tmp_pat
     def setup(collate: str, max_length: int, max_new_tokens: int = 0) -> str:
         dm = ReasoningDataModule(train=[DataSource(str(path))], processor=student, collate=collate,
                                  max_length=max_length)
-        if max_new_tokens:  # what an OPD-GRPO module attached by the trainer exposes
+        if max_new_tokens:  # what an OPD-GRPO module attached by the trainer exposes (the DataConsumer contract)
             dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(
-                sampling=SamplingConfig(max_new_tokens=max_new_tokens)), log_dir=str(tmp_path))
+                processor=None, collate_mode="prompt", completion_budget=max_new_tokens), log_dir=str(tmp_path))
         dm.setup("fit")
         return capsys.readouterr().err
 

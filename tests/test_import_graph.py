@@ -110,13 +110,15 @@ def _imports_of(prefix: str, graph: dict[str, set[str]]) -> set[str]:
 
 def test_rooms_import_downward():
     """The layers of docs/architecture.md: models/ and sharding/optimizers/memory know nothing of rl/, modules/
-    or callbacks/; rl/ knows nothing of modules/ or callbacks/; no production module imports the tests."""
+    or callbacks/; rl/ knows nothing of modules/ or callbacks/; callbacks/ talk to the module through its
+    interface, never its class; no production module imports the tests."""
     graph = import_graph()
     upper = ("vold_pl.rl", "vold_pl.modules", "vold_pl.callbacks", "vold_pl.cli")
     for low in ("vold_pl.models", "vold_pl.sharding", "vold_pl.optimizers", "vold_pl.memory"):
         assert not {t for t in _imports_of(low, graph) if t.startswith(upper)}, low
     assert not {t for t in _imports_of("vold_pl.rl", graph)
                 if t.startswith(("vold_pl.modules", "vold_pl.callbacks", "vold_pl.cli"))}
+    assert not {t for t in _imports_of("vold_pl.callbacks", graph) if t.startswith(("vold_pl.modules", "vold_pl.cli"))}
     for path in PACKAGE.rglob("*.py"):
         tree = ast.parse(path.read_text())
         names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]

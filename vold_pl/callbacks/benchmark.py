@@ -379,7 +379,7 @@ def _model_name(pl_module) -> str | None:
     if spec is not None and getattr(spec, "name_or_path", None):
         return spec.name_or_path
     cfg = getattr(getattr(pl_module, "model", None), "config", None)
-    return getattr(cfg, "_name_or_path", None) or type(getattr(pl_module, "model", pl_module)).__name__
+    return getattr(cfg, "name_or_path", None) or type(getattr(pl_module, "model", pl_module)).__name__
 
 
 __all__ = ["BenchmarkCallback", "BenchmarkSpec", "group_keys", "prompt_text"]

@@ -31,8 +31,7 @@ made at that batch end.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
 
@@ -40,30 +39,37 @@ from vold_pl.data.curriculum import CurriculumStage
 from vold_pl.errors import UserError
 from vold_pl.rewards.functions import validate_weights
 
-
-@dataclass(frozen=True)
-class ModuleSetting:
-    """How a stage field reads and sets the LightningModule; ``owner`` is the attribute the module must have."""
-
-    owner: str
-    get: Callable[[Any], Any]
-    set: Callable[[Any, Any], None]
+# The stage fields that set the module (the rest filter the records or end the stage).
+STAGE_SETTINGS = ("num_generations", "rewards", "max_new_tokens", "temperature")
 
 
-def _replacing(owner: str, field: str) -> ModuleSetting:
-    """A setting held in a config dataclass of the module (replaced, never mutated: hparams keep the original)."""
-    return ModuleSetting(owner, lambda m: getattr(getattr(m, owner), field),
-                         lambda m, v: setattr(m, owner, replace(getattr(m, owner), **{field: v})))
+@runtime_checkable
+class CurriculumModule(Protocol):
+    """What the curriculum asks of the LightningModule (vold-pl's ``PolicyModule``s provide it):
+
+    - ``curriculum_settings()``: the :data:`STAGE_SETTINGS` it has, with their current values (read once at
+      setup: a stage that leaves a setting unset restores this value);
+    - ``apply_curriculum_settings(**settings)``: set them (each stage change);
+    - ``end_epoch_early(end)``: end the running epoch before its next batch (a stage that ended mid-epoch).
+    """
+
+    def curriculum_settings(self) -> dict[str, Any]: ...
+
+    def apply_curriculum_settings(self, **settings: Any) -> None: ...
+
+    def end_epoch_early(self, end: bool = True) -> None: ...
 
 
-# Stage field -> the OPDGRPOModule knob it sets. A module without the owner attribute (SFT) gets the filter only.
-MODULE_SETTINGS: dict[str, ModuleSetting] = {
-    "num_generations": _replacing("grpo", "num_generations"),
-    "rewards": ModuleSetting("reward_weights", lambda m: dict(m.reward_weights),
-                             lambda m, v: setattr(m, "reward_weights", validate_weights(v))),
-    "max_new_tokens": _replacing("sampling", "max_new_tokens"),
-    "temperature": _replacing("sampling", "temperature"),
-}
+@runtime_checkable
+class CurriculumData(Protocol):
+    """What the curriculum asks of the data module (``ReasoningDataModule`` provides it): the pools a stage
+    draws from (checked at setup), the stage filter, and the epoch Lightning gave the train sampler."""
+
+    train_epoch: int
+
+    def curriculum_pools(self, stage: CurriculumStage) -> Any: ...
+
+    def set_curriculum_stage(self, index: int, **record_filter: Any) -> None: ...
 
 
 class Curriculum(L.Callback):
@@ -106,7 +112,7 @@ class Curriculum(L.Callback):
         if stage != "fit":
             return
         dm = trainer.datamodule
-        if dm is None or not hasattr(dm, "set_curriculum_stage"):
+        if not isinstance(dm, CurriculumData):
             raise UserError("the Curriculum callback filters the training data through the data module: use it "
                             "with vold_pl.data.datamodule.ReasoningDataModule (data: in the config).")
         for s in self.stages:  # a stage that selects nothing fails now, not hours into training
@@ -117,13 +123,14 @@ class Curriculum(L.Callback):
                              f"epoch's train loader is built for the stage it trains), got {reload}.")
         # A public Trainer setting, read by the fit loop after setup: every epoch gets a loader built for its stage.
         trainer.reload_dataloaders_every_n_epochs = 1
-        if not callable(getattr(pl_module, "end_epoch_early", None)):
-            raise UserError(f"the Curriculum callback ends an epoch through the module's end_epoch_early(); "
-                            f"{type(pl_module).__name__} has none (use a vold_pl PolicyModule).")
+        if not isinstance(pl_module, CurriculumModule):
+            raise UserError(f"the Curriculum callback sets the module through curriculum_settings(), "
+                            f"apply_curriculum_settings() and end_epoch_early(); {type(pl_module).__name__} lacks "
+                            f"them (use a vold_pl PolicyModule).")
         self._check_limits(trainer)
         self._dm, self._module = dm, pl_module
-        self._base = {k: st.get(pl_module) for k, st in MODULE_SETTINGS.items() if hasattr(pl_module, st.owner)}
-        ignored = sorted({k for s in self.stages for k in MODULE_SETTINGS if getattr(s, k) is not None}
+        self._base = {k: v for k, v in pl_module.curriculum_settings().items() if k in STAGE_SETTINGS}
+        ignored = sorted({k for s in self.stages for k in STAGE_SETTINGS if getattr(s, k) is not None}
                          - set(self._base))
         if ignored:
             warnings.warn(f"{type(pl_module).__name__} has no {', '.join(ignored)}: the curriculum applies its stages' "
@@ -157,9 +164,8 @@ class Curriculum(L.Callback):
         """Push the current stage into the data module (record filter) and the module (RL settings, flag)."""
         s = self.current
         self._dm.set_curriculum_stage(self.stage, **s.record_filter())
-        for k, base in self._base.items():
-            v = getattr(s, k)
-            MODULE_SETTINGS[k].set(self._module, base if v is None else v)
+        self._module.apply_curriculum_settings(
+            **{k: base if getattr(s, k) is None else getattr(s, k) for k, base in self._base.items()})
         self._module.end_epoch_early(self.end_epoch)
 
     # -- the rules ----------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import math
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import lightning as L
 import torch
@@ -88,6 +88,26 @@ class CheckedConcatDataset(ConcatDataset):
         raise RecordError(f"{self._bad[idx]} No other record of this source can be loaded either.")
 
 
+@runtime_checkable
+class DataConsumer(Protocol):
+    """What :class:`ReasoningDataModule` reads from the LightningModule it feeds (vold-pl's ``PolicyModule``s
+    provide it; with another module, set ``data.processor`` and ``data.collate``).
+
+    Attributes:
+        processor: the processor (or tokenizer) the module's model reads; prompts are encoded with it.
+        collate_mode: ``sft`` (prompt + target, with labels) or ``prompt`` (prompts only, for RL and sampling),
+            used when ``data.collate: auto``.
+        completion_budget: the cap on sampled completion tokens in training, which the training traces are
+            checked against (``None``: the module trains on given targets).
+    """
+
+    processor: Any
+    collate_mode: str
+
+    @property
+    def completion_budget(self) -> int | None: ...
+
+
 class ReasoningDataModule(L.LightningDataModule):
     """Mixed text-only and image-text reasoning data for SFT, RL rollouts and evaluation.
 
@@ -164,8 +184,8 @@ class ReasoningDataModule(L.LightningDataModule):
             from vold_pl.models.factory import ModelSpec, load_processor
 
             return load_processor(ModelSpec(self.processor_name))
-        module = getattr(self.trainer, "lightning_module", None) if self._trainer_attached() else None
-        if module is None or getattr(module, "processor", None) is None:
+        module = self._consumer()
+        if module is None or module.processor is None:
             raise UserError("ReasoningDataModule needs a processor: set data.processor to a model folder or use it "
                              "with a vold-pl LightningModule that has one.")
         return module.processor
@@ -175,6 +195,11 @@ class ReasoningDataModule(L.LightningDataModule):
             return self.trainer is not None
         except RuntimeError:
             return False
+
+    def _consumer(self) -> DataConsumer | None:
+        """The LightningModule this data module feeds, when it keeps the :class:`DataConsumer` contract."""
+        module = self.trainer.lightning_module if self._trainer_attached() else None
+        return module if isinstance(module, DataConsumer) else None
 
     def _load(self, sources: list[DataSource], split: str) -> CheckedConcatDataset:
         processor = self._processor_or_none()
@@ -215,8 +240,8 @@ class ReasoningDataModule(L.LightningDataModule):
     def _mode(self) -> str:
         mode = self.collate
         if mode == "auto":
-            module = self.trainer.lightning_module if self._trainer_attached() else None
-            mode = getattr(module, "collate_mode", "sft")
+            module = self._consumer()
+            mode = module.collate_mode if module is not None else "sft"
         return mode
 
     def _check_prompt_lengths(self, ds, src: DataSource, processor, mode: str):
@@ -266,11 +291,11 @@ class ReasoningDataModule(L.LightningDataModule):
         target, RL completions stop at the module's ``max_new_tokens``. Measured on a seeded sample of rows."""
         limit_name, limit = "data.max_length", self.max_length
         if mode != "sft":
-            module = self.trainer.lightning_module if self._trainer_attached() else None
-            sampling = getattr(module, "sampling", None)
-            if getattr(sampling, "max_new_tokens", None) is None:
+            module = self._consumer()
+            budget = module.completion_budget if module is not None else None
+            if budget is None:
                 return
-            limit_name, limit = "model.sampling.max_new_tokens", int(sampling.max_new_tokens)
+            limit_name, limit = "model.sampling.max_new_tokens", int(budget)
         with_trace = [i for i, r in enumerate(ds.select_columns(["trace"])) if r["trace"]]
         if not with_trace:
             return
@@ -331,10 +356,7 @@ class ReasoningDataModule(L.LightningDataModule):
         return batch
 
     def _collator(self, mode: str | None = None, train: bool = False):
-        mode = mode or self.collate
-        if mode == "auto":
-            module = self.trainer.lightning_module if self._trainer_attached() else None
-            mode = getattr(module, "collate_mode", "sft")
+        mode = mode if mode not in (None, "auto") else self._mode()
         processor = self._processor()
         if mode == "sft":
             return SFTCollator(processor, self.view, self.instruction, self.max_length, keep_batch_size=train)

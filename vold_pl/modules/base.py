@@ -9,7 +9,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -223,6 +223,30 @@ class PolicyModule(L.LightningModule):
             raise UserError(f"num_samples: {num_samples} is below 1; ask for at least one completion per prompt.")
         self.predict_num_samples, self.predict_sampling = int(num_samples), sampling
 
+    def curriculum_settings(self) -> dict[str, Any]:
+        """The settings a curriculum stage may set on this module (names among ``num_generations``, ``rewards``,
+        ``max_new_tokens``, ``temperature``), with their current values. None here: a module without RL
+        settings (SFT) takes the stages' record filters only."""
+        return {}
+
+    def apply_curriculum_settings(self, **settings: Any) -> None:
+        """Set settings named by :meth:`curriculum_settings` (the ``Curriculum`` callback at each stage)."""
+        if settings:
+            raise ValueError(f"{type(self).__name__} has no curriculum settings; got {sorted(settings)}")
+
+    @property
+    def completion_budget(self) -> int | None:
+        """The cap on sampled completion tokens of training (``sampling.max_new_tokens``), which the data module
+        checks the training traces against; ``None`` for a module that trains on given targets (SFT)."""
+        return None
+
+    def attached_trainer(self) -> L.Trainer | None:
+        """The Trainer this module is attached to, or ``None`` (a module used on its own, e.g. in tests)."""
+        try:
+            return self.trainer
+        except RuntimeError:  # Lightning: "... is not attached to a `Trainer`"
+            return None
+
     # -- model ---------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
         """Load the model; under ModelParallelStrategy shard it with FSDP2 (``vold_pl.sharding``).
@@ -235,7 +259,7 @@ class PolicyModule(L.LightningModule):
         from vold_pl.rl.unsharded import rollout_engine_for
         from vold_pl.sharding import check_strategy, prepare_model, sharding_config
 
-        trainer = self._trainer
+        trainer = self.attached_trainer()
         check_strategy(getattr(trainer, "strategy", None))  # before loading weights: FSDP1 is refused
         self.model, _ = load_model(self.model_spec, with_processor=False)  # the processor is loaded in __init__
         self.model = apply_lora(self.model, self.model_spec.lora)  # model.lora.r > 0: only adapters train
@@ -261,7 +285,8 @@ class PolicyModule(L.LightningModule):
 
             rank_zero_warn(lost)
         opt = build_optimizer(self.model.parameters(), self.optim_cfg)
-        total = self.trainer.estimated_stepping_batches if self._trainer else 1
+        trainer = self.attached_trainer()
+        total = trainer.estimated_stepping_batches if trainer is not None else 1
         total = int(total) if math.isfinite(total) else 10_000
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.optim_cfg, self._optimizer_steps(total)))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -305,9 +330,10 @@ class PolicyModule(L.LightningModule):
     # -- numerical faults: a non-finite loss or gradient skips the update ---------------------------------------
     def _agree(self, bad: bool) -> bool:
         """True on every rank when ``bad`` is true on any: all ranks skip the same steps (no hang, no drift)."""
-        if self._trainer is None:
+        trainer = self.attached_trainer()
+        if trainer is None:
             return bad
-        return bool(self.trainer.strategy.reduce_boolean_decision(bad, all=False))
+        return bool(trainer.strategy.reduce_boolean_decision(bad, all=False))
 
     def skip_step_unless_finite(self, loss: torch.Tensor, what: str = "loss") -> bool:
         """Whether ``loss`` is finite on every rank (a collective: call it on every rank). When it is not, the
@@ -328,8 +354,9 @@ class PolicyModule(L.LightningModule):
             self.skipped_steps += 1
             self.consecutive_skips += 1
         self._step_skipped, self._last_skip = True, reason
-        step = self.trainer.global_step if self._trainer is not None else 0
-        if self._trainer is None or self.trainer.is_global_zero:
+        trainer = self.attached_trainer()
+        step = trainer.global_step if trainer is not None else 0
+        if trainer is None or trainer.is_global_zero:
             print(f"[vold-pl] step {step}: {reason}; update skipped, no weight changed "
                   f"({self.consecutive_skips} in a row, {self.skipped_steps} in total).")
 
@@ -392,7 +419,8 @@ class PolicyModule(L.LightningModule):
             saved = info["fingerprint"]
         else:
             saved = fingerprint_from_state_dict(checkpoint.get("state_dict", {}))
-        ckpt_path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        trainer = self.attached_trainer()
+        ckpt_path = getattr(trainer, "ckpt_path", None)
         check_fingerprint(saved, current, ckpt_path)
         if info is None:
             return
@@ -400,8 +428,8 @@ class PolicyModule(L.LightningModule):
         self.skipped_steps = int(counters.get("skipped_steps", 0))
         self.consecutive_skips = int(counters.get("consecutive_skips", 0))
         states = info.get("rng") or []
-        rank = self.trainer.global_rank if self._trainer is not None else 0
-        world = self.trainer.world_size if self._trainer is not None else 1
+        rank = trainer.global_rank if trainer is not None else 0
+        world = trainer.world_size if trainer is not None else 1
         if len(states) != world:
             warnings.warn(f"the checkpoint holds RNG states of {len(states)} process(es) and this run has {world}: "
                           "sampling will not continue exactly as the original run would have.", stacklevel=2)
@@ -423,6 +451,7 @@ class PolicyModule(L.LightningModule):
             print(f"[vold-pl] exported model to {out_path}")
             from vold_pl.export import finish_export
 
-            finish_export(out_path, self, self._trainer)  # model card; Hub push when a PushToHub callback is set
+            # the model card; a Hub push when a PushToHub callback is set
+            finish_export(out_path, self, self.attached_trainer())
         self.trainer.strategy.barrier("vold_pl_export")  # no rank tears down while rank 0 still writes
         return out_path

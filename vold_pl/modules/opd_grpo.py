@@ -25,7 +25,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -280,6 +280,30 @@ class OPDGRPOModule(PolicyModule):
         # Frozen models live outside the module tree: not trained, not checkpointed, not sharded by Lightning.
         self._frozen: dict[str, torch.nn.Module] = {}
 
+    # -- the curriculum's and the data module's view of the module -----------------------------------------
+    def curriculum_settings(self) -> dict[str, Any]:
+        """The RL settings a curriculum stage may set: G, the reward weights, the completion cap and the
+        sampling temperature, with their current values."""
+        return {"num_generations": self.grpo.num_generations, "rewards": dict(self.reward_weights),
+                "max_new_tokens": self.sampling.max_new_tokens, "temperature": self.sampling.temperature}
+
+    def apply_curriculum_settings(self, num_generations: int | None = None, rewards: dict[str, float] | None = None,
+                                  max_new_tokens: int | None = None, temperature: float | None = None) -> None:
+        """Set the settings given (``None`` keeps one). The config dataclasses are replaced, never mutated, so
+        the saved hyper-parameters keep the configured values."""
+        if num_generations is not None:
+            self.grpo = replace(self.grpo, num_generations=num_generations)
+        if rewards is not None:
+            self.reward_weights = validate_weights(rewards)
+        if max_new_tokens is not None:
+            self.sampling = replace(self.sampling, max_new_tokens=max_new_tokens)
+        if temperature is not None:
+            self.sampling = replace(self.sampling, temperature=temperature)
+
+    @property
+    def completion_budget(self) -> int | None:
+        return self.sampling.max_new_tokens
+
     @property
     def loss_settings(self) -> LossSettings:
         """The options of :func:`~vold_pl.rl.objective.opd_grpo_loss`, from the GRPO, OPD and sampling configs."""
@@ -308,7 +332,7 @@ class OPDGRPOModule(PolicyModule):
 
         model, _ = load_model(spec, with_processor=False)
         model = freeze(model)
-        return prepare_frozen(model, self._trainer, self.device)
+        return prepare_frozen(model, self.attached_trainer(), self.device)
 
     def on_fit_start(self) -> None:
         from vold_pl.sharding import is_fsdp2, is_quantized
@@ -322,7 +346,8 @@ class OPDGRPOModule(PolicyModule):
         # ``estimated_stepping_batches`` is min(batches, max_steps), and max_steps already counts optimizer
         # steps (μ per batch under manual optimization): scale batches by μ, never max_steps.
         steps = batches * self.grpo.num_iterations
-        max_steps = self.trainer.max_steps if self._trainer is not None else -1
+        trainer = self.attached_trainer()
+        max_steps = trainer.max_steps if trainer is not None else -1
         return min(steps, max_steps) if max_steps > 0 else steps
 
     # -- the step ------------------------------------------------------------------------------------------
@@ -427,20 +452,20 @@ class OPDGRPOModule(PolicyModule):
         g = self.grpo
         spans = plan_micro_batches(rollout.completion_mask.sum(-1), rollout.prompt_ids.size(1), rollout.group_size,
                                    g.micro_batch_size, g.max_tokens_per_micro_batch)
-        most = len(spans)
-        if self._trainer is not None and self.trainer.world_size > 1:
+        most, trainer = len(spans), self.attached_trainer()
+        if trainer is not None and trainer.world_size > 1:
             n = torch.tensor(float(len(spans)), device=self.device)
-            most = int(self.trainer.strategy.reduce(n, reduce_op="max"))
+            most = int(trainer.strategy.reduce(n, reduce_op="max"))
         return micro_batch_plan(rollout, spans, most)
 
     def _totals(self, exp: Experience) -> tuple[Totals, int]:
         """The aggregations' global counts (completions, completion tokens) summed over ranks, and the number
         of data-parallel ranks the gradients are averaged over."""
         counts = torch.stack([torch.tensor(float(exp.mask.shape[0]), device=exp.mask.device), exp.mask.sum().float()])
-        world = 1
-        if self._trainer is not None and self.trainer.world_size > 1:
-            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
-            world = self.trainer.world_size
+        world, trainer = 1, self.attached_trainer()
+        if trainer is not None and trainer.world_size > 1:
+            counts = trainer.strategy.reduce(counts, reduce_op="sum")
+            world = trainer.world_size
         return Totals(rows=float(counts[0]), tokens=float(counts[1])), world
 
     @staticmethod
@@ -470,7 +495,8 @@ class OPDGRPOModule(PolicyModule):
         fsdp = fsdp_modules(self.model)
         for m in fsdp:
             m.set_requires_gradient_sync(False, recurse=False)
-        block = getattr(self.trainer.strategy, "block_backward_sync", None) if self._trainer is not None else None
+        trainer = self.attached_trainer()
+        block = getattr(trainer.strategy, "block_backward_sync", None) if trainer is not None else None
         try:
             if block is not None:
                 with block():
