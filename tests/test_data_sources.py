@@ -188,7 +188,8 @@ def test_trace_lengths_are_checked_against_max_length_and_max_new_tokens(tmp_pat
                                  max_length=max_length)
         if max_new_tokens:  # what an OPD-GRPO module attached by the trainer exposes (the DataConsumer contract)
             dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(
-                processor=None, collate_mode="prompt", completion_budget=max_new_tokens), log_dir=str(tmp_path))
+                processor=None, collate_mode="prompt", completion_budget=max_new_tokens, teacher_tokenizer=None),
+                log_dir=str(tmp_path))
         dm.setup("fit")
         return capsys.readouterr().err
 

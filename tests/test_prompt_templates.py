@@ -1,6 +1,6 @@
 """Prompts under the real chat templates: Qwen2.5-VL-Instruct's, Qwen3's and Qwen2.5-7B-Instruct's (text only).
 
-The first two are the templates ``vold_pl/models/qwen_shapes.py`` builds the real tokenizers with; the third is
+The first two are the templates ``vold_pl/toy/qwen_shapes.py`` builds the real tokenizers with; the third is
 the published ``chat_template`` of Qwen2.5-7B-Instruct, kept as data in ``tests/data/`` with its source. Every
 prompt is checked on the ids the collators (student, SFT and generation), and the teacher's input builder give
 the model, decoded: the problem (or the teacher's text view), each option and the instruction exactly once, one
@@ -46,16 +46,17 @@ def models():
     """``qwen2.5-vl``: the Qwen2.5-VL processor (image processor + real tokenizer and template); ``qwen3`` and
     ``qwen2.5-instruct``: text-only tokenizers with Qwen3's and Qwen2.5-7B-Instruct's templates."""
     from vold_pl.models.processor import Qwen2_5_VLImageTextProcessor
-    from vold_pl.models.qwen_shapes import (
+    from vold_pl.toy.qwen_shapes import (
         QWEN2_5_VL_CHAT_TEMPLATE,
+        extend_to_qwen3,
         make_image_processor,
         qwen2_5_vl_tokenizer,
-        qwen3_tokenizer,
     )
 
     vl_tok = qwen2_5_vl_tokenizer()
     vl_tok.name_or_path = "Qwen/Qwen2.5-VL-3B-Instruct"
-    qwen3 = qwen3_tokenizer()
+    qwen3 = qwen2_5_vl_tokenizer()
+    extend_to_qwen3(qwen3)  # Qwen3's added tokens and template
     qwen3.name_or_path = "Qwen/Qwen3-8B"
     instruct = qwen2_5_vl_tokenizer()  # Qwen2.5's text models share the added-token table up to 151664
     instruct.chat_template = QWEN2_5_INSTRUCT["chat_template"]
@@ -169,7 +170,7 @@ BAD_TEMPLATES = {
 
 @pytest.mark.parametrize("case", sorted(BAD_TEMPLATES))
 def test_setup_check_refuses_templates_that_lose_the_prompt(models, case):
-    from vold_pl.models.qwen_shapes import QWEN3_CHAT_TEMPLATE
+    from vold_pl.toy.qwen_shapes import QWEN3_CHAT_TEMPLATE
 
     kind, template, behaviour = BAD_TEMPLATES[case]
     template = template or {"qwen3 on parts": QWEN3_CHAT_TEMPLATE,
@@ -212,7 +213,7 @@ def test_data_module_setup_checks_student_and_teacher_templates(tiny_models, syn
     bad_teacher = AutoTokenizer.from_pretrained(str(bad))
     dm = ReasoningDataModule(train=src, val=src)
     dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(processor=good, teacher_tokenizer=bad_teacher,
-                                                                  collate_mode="prompt"))
+                                                                  collate_mode="prompt", completion_budget=None))
     with pytest.raises(UserError, match="teacher view") as e:
         dm.setup("fit")
     assert f"chat template of {bad}" in str(e.value)

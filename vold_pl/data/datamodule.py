@@ -99,10 +99,13 @@ class DataConsumer(Protocol):
             used when ``data.collate: auto``.
         completion_budget: the cap on sampled completion tokens in training, which the training traces are
             checked against (``None``: the module trains on given targets).
+        teacher_tokenizer: the teacher's tokenizer (OPD), whose chat template must render the teacher view;
+            ``None`` without a teacher.
     """
 
     processor: Any
     collate_mode: str
+    teacher_tokenizer: Any
 
     @property
     def completion_budget(self) -> int | None: ...
@@ -220,9 +223,9 @@ class ReasoningDataModule(L.LightningDataModule):
         """Render prompts of ``src`` with the model's own chat template, in the data module's view, and with the
         teacher's (OPD: the LightningModule's ``teacher_tokenizer``) in the teacher view; a template that drops or
         garbles them is a :class:`UserError` before any step (:func:`check_prompts_render`). Once per source."""
-        module = self.trainer.lightning_module if self._trainer_attached() else None
+        module = self._consumer()
         renderers = [(processor, self.view)]
-        teacher_tok = getattr(module, "teacher_tokenizer", None)
+        teacher_tok = module.teacher_tokenizer if module is not None else None
         if teacher_tok is not None:
             renderers.append((teacher_tok, "teacher"))
         for proc, view in renderers:

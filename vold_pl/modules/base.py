@@ -194,6 +194,7 @@ class PolicyModule(L.LightningModule):
             check_align_option(model, None)  # ``align_tokens_with: teacher`` needs a module with a teacher
         self.processor = load_processor(model)  # applies model.align_tokens_with when it names a tokenizer
         self.tokenizer = get_tokenizer(self.processor)
+        self.teacher_tokenizer = None  # a module with a teacher (OPD) sets the teacher's (DataConsumer contract)
         self.model: torch.nn.Module | None = None
         self._t_last: float | None = None
         # Sampling for ``vold-pl predict``; a writer callback (TraceWriter) sets both through
