@@ -1,0 +1,125 @@
+"""The Curriculum callback's rules on its own, through its hooks, with stand-ins for the trainer, the module
+(``CurriculumModule``) and the data module (``CurriculumData``): which validation or batch ends a stage, what the
+module is told (its settings, whether the running epoch ends), what a checkpoint holds. The tiny fits of
+``tests/test_curriculum.py`` run the same rules inside Lightning."""
+
+from __future__ import annotations
+
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vold_pl.callbacks.curriculum import Curriculum
+from vold_pl.data.curriculum import CurriculumStage
+
+
+class _Data:
+    def __init__(self):
+        self.train_epoch, self.stages = 0, []
+
+    def curriculum_pools(self, stage):
+        return [[0]]
+
+    def set_curriculum_stage(self, index, **record_filter):
+        self.stages.append((index, record_filter.get("answer_types")))
+
+
+class _Policy:
+    """A module with two curriculum settings; it records what it is told."""
+
+    def __init__(self):
+        self.settings = {"num_generations": 4, "temperature": 1.0}
+        self.applied, self.ended, self.logged = [], [], []
+
+    def curriculum_settings(self):
+        return dict(self.settings)
+
+    def apply_curriculum_settings(self, **settings):
+        self.applied.append(settings)
+        self.settings.update(settings)
+
+    def end_epoch_early(self, end=True):
+        self.ended.append(end)
+
+    def log(self, name, value, **kw):
+        self.logged.append((name, value))
+
+
+def _setup(stages, metric=None, step=0, batches=4):
+    cb, dm, module = Curriculum(stages), _Data(), _Policy()
+    trainer = SimpleNamespace(datamodule=dm, reload_dataloaders_every_n_epochs=0, max_epochs=-1, max_steps=-1,
+                              sanity_checking=False, state=SimpleNamespace(fn="fit"), global_step=step,
+                              callback_metrics={} if metric is None else {"val/acc": torch.tensor(metric)},
+                              is_global_zero=False, num_training_batches=batches)
+    cb.setup(trainer, module, "fit")
+    return cb, trainer, module, dm
+
+
+def _by_val(threshold=0.5):
+    return [CurriculumStage("easy", answer_types=["yesno"], val_threshold=threshold, val_metric="val/acc",
+                            num_generations=2),
+            CurriculumStage("hard", answer_types=["math"], temperature=0.7)]
+
+
+def test_setup_applies_the_first_stage_and_the_module_keeps_its_other_settings():
+    cb, trainer, module, dm = _setup(_by_val())
+    assert dm.stages == [(0, ["yesno"])] and module.ended == [False]
+    assert module.applied == [{"num_generations": 2, "temperature": 1.0}]  # unset: the module's own value
+    assert trainer.reload_dataloaders_every_n_epochs == 1
+
+
+def test_a_validation_before_the_stage_trained_does_not_count():
+    cb, trainer, module, _ = _setup(_by_val(), metric=0.9, step=0)
+    cb.on_validation_end(trainer, None)  # step 0 = the stage's start: its predecessor's score
+    assert cb.stage == 0
+    trainer.global_step = 1
+    cb.on_validation_end(trainer, None)
+    assert cb.stage == 1 and cb.start_step == 1
+
+
+def test_stage_change_tells_the_module_its_settings_and_whether_the_epoch_ends():
+    # mid-epoch (batch 1 of 4): the running epoch drew with the old filter, it ends
+    cb, trainer, module, dm = _setup(_by_val(), metric=0.5, step=2)
+    cb.on_train_batch_end(trainer, module, None, None, 1)
+    cb.on_validation_end(trainer, None)
+    assert cb.stage == 1 and dm.stages[-1] == (1, ["math"])
+    assert module.applied[-1] == {"num_generations": 4, "temperature": 0.7} and module.ended[-1] is True
+    assert cb.state_dict() == {"stage": 1, "start_step": 2, "start_epoch": 1, "end_epoch": True,
+                               "names": ["easy", "hard"]}
+    # at the epoch's last batch: nothing to end
+    cb, trainer, module, _ = _setup(_by_val(), metric=0.5, step=2)
+    cb.on_train_batch_end(trainer, module, None, None, 3)
+    cb.on_validation_end(trainer, None)
+    assert cb.stage == 1 and module.ended[-1] is False
+
+
+def test_a_missing_metric_warns_once():
+    cb, trainer, module, _ = _setup(_by_val(), metric=None, step=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cb.on_validation_end(trainer, None)
+        cb.on_validation_end(trainer, None)
+    assert [str(w.message)[:45] for w in caught] == ["curriculum stage 'easy' waits for 'val/acc', "]
+    assert cb.stage == 0
+
+
+def test_epochs_rule_counts_the_epochs_drawn_in_the_stage():
+    stages = [CurriculumStage("a", epochs=1), CurriculumStage("b", epochs=2), CurriculumStage("c")]
+    cb, trainer, module, dm = _setup(stages, step=1)
+    cb.on_train_batch_end(trainer, module, None, None, 2)  # not the epoch's last batch
+    assert cb.stage == 0
+    cb.on_train_batch_end(trainer, module, None, None, 3)  # epoch 0's last batch: one epoch in stage a
+    assert cb.stage == 1 and cb.start_epoch == 1 and module.ended[-1] is False
+    dm.train_epoch = 1
+    cb.on_train_batch_end(trainer, module, None, None, 3)  # one epoch of stage b: not yet two
+    assert cb.stage == 1
+    dm.train_epoch = 2
+    cb.on_train_batch_end(trainer, module, None, None, 3)
+    assert cb.stage == 2 and cb.start_epoch == 3
+
+
+def test_no_stage_is_refused():
+    with pytest.raises(ValueError, match="^Curriculum needs at least one stage.$"):
+        Curriculum([])
