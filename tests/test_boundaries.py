@@ -95,8 +95,13 @@ def test_tokenizers_whose_probe_has_the_same_length_but_other_ids_are_refused():
     assert len(theirs) == len(ids) and theirs != ids  # the boundary: as many tokens, other ids
     assert {k: v.content for k, v in swapped.added_tokens_decoder.items()} == \
         {k: v.content for k, v in tok.added_tokens_decoder.items()}  # added tokens agree: only the probe differs
-    with pytest.raises(TokenizerMismatchError, match=rf"a probe rollout tokenises differently from token {at} on"):
+    with pytest.raises(TokenizerMismatchError) as e:
         check_tokenizers_aligned(tok, swapped)
+    assert str(e.value) == (
+        "teacher and student tokenizers do not line up, so the teacher cannot score the student's tokens: "
+        f"a probe rollout tokenises differently from token {at} on (student {ids[at:at + 6]}…, "
+        f"teacher {theirs[at:at + 6]}…). Use a teacher from the same tokenizer family (e.g. Qwen3 for a "
+        "Qwen2.5-VL student) or set opd.lam: 0.")
     check_tokenizers_aligned(tok, _swapped_tokenizer(tok, ids[at], ids[at]))  # the unchanged copy passes
 
 
