@@ -44,12 +44,12 @@ class _Policy:
         self.ended.append(end)
 
     def log(self, name, value, **kw):
-        self.logged.append((name, value))
+        self.logged.append((name, value, kw.get("batch_size"), kw.get("on_step")))
 
 
-def _setup(stages, metric=None, step=0, batches=4):
+def _setup(stages, metric=None, step=0, batches=4, max_steps=-1):
     cb, dm, module = Curriculum(stages), _Data(), _Policy()
-    trainer = SimpleNamespace(datamodule=dm, reload_dataloaders_every_n_epochs=0, max_epochs=-1, max_steps=-1,
+    trainer = SimpleNamespace(datamodule=dm, reload_dataloaders_every_n_epochs=0, max_epochs=-1, max_steps=max_steps,
                               sanity_checking=False, state=SimpleNamespace(fn="fit"), global_step=step,
                               callback_metrics={} if metric is None else {"val/acc": torch.tensor(metric)},
                               is_global_zero=False, num_training_batches=batches)
@@ -118,6 +118,26 @@ def test_epochs_rule_counts_the_epochs_drawn_in_the_stage():
     dm.train_epoch = 2
     cb.on_train_batch_end(trainer, module, None, None, 3)
     assert cb.stage == 2 and cb.start_epoch == 3
+
+
+def test_steps_rule_ends_the_stage_at_exactly_its_steps():
+    cb, trainer, module, _ = _setup([CurriculumStage("a", steps=2), CurriculumStage("b")])
+    trainer.global_step = 1
+    cb.on_train_batch_end(trainer, module, None, None, 0)
+    assert cb.stage == 0
+    trainer.global_step = 2
+    cb.on_train_batch_end(trainer, module, None, None, 1)  # two optimizer steps in the stage, mid-epoch
+    assert cb.stage == 1 and cb.start_step == 2 and module.ended[-1] is True
+    cb.on_train_batch_end(trainer, module, None, None, 2)
+    # the stage index is logged per step, one value per batch
+    assert module.logged == [("curriculum/stage", 0.0, 1, True)] * 2 + [("curriculum/stage", 1.0, 1, True)]
+
+
+def test_max_steps_that_leave_every_stage_a_step_are_enough():
+    stages = [CurriculumStage("a", steps=2), CurriculumStage("b", steps=1)]
+    _setup(stages, max_steps=3)  # 2 + 1: exactly enough
+    with pytest.raises(ValueError, match=r"needs at least 3 steps .* trainer\.max_steps=2 ends training first"):
+        _setup(stages, max_steps=2)
 
 
 def test_no_stage_is_refused():
