@@ -50,6 +50,7 @@ from vold_pl.rl.objective import (
     plan_micro_batches,
 )
 from vold_pl.rl.rollout import Rollout, SamplingConfig, rollout_rows
+from vold_pl.rl.static_decode import DecodeConfig, make_engine
 from vold_pl.rl.teacher import build_teacher_inputs, teacher_completion_logits, teacher_rows, teacher_token_logprobs
 
 
@@ -158,6 +159,9 @@ class OPDGRPOModule(PolicyModule):
         seed: run seed.
         max_consecutive_skips: an optimizer step whose loss or gradient is not finite is skipped (no weight
             changes) and counted in ``train/skipped_steps``; this many in a row stop the run (0 = never).
+        decode: the rollout decode loop (:class:`~vold_pl.rl.static_decode.DecodeConfig`): ``engine: eager``
+            (default, the reference) or ``engine: static`` (static KV cache, compiled step, EOS checked on device
+            every ``eos_check_every`` steps; ``compile: reduce-overhead`` adds CUDA graphs on CUDA).
     """
 
     collate_mode = "prompt"
@@ -180,9 +184,12 @@ class OPDGRPOModule(PolicyModule):
         export: bool = True,
         seed: int = 0,
         max_consecutive_skips: int = 10,
+        decode: DecodeConfig | None = DecodeConfig(),
     ):
         super().__init__(model, optim, gradient_checkpointing, export_dir, export, seed, max_consecutive_skips)
         self.save_hyperparameters()
+        self.decode = decode or DecodeConfig()
+        self.rollout_engine = make_engine(self.tokenizer, self.decode)
         self.automatic_optimization = False
         self.grpo, self.opd, self.sampling = grpo or GRPOConfig(), opd or OPDConfig(), sampling or SamplingConfig()
         self.reward_weights = validate_weights(rewards if rewards is not None else {"accuracy": 1.0, "format": 0.1})

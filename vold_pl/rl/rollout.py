@@ -413,11 +413,12 @@ def _lean_key(model: torch.nn.Module, text: torch.nn.Module) -> tuple:
 
 
 def _is_sharded(model: torch.nn.Module) -> bool:
-    """FSDP2 units or DTensor parameters: their parameters are gathered by hooks on the wrapped modules'
-    ``forward``, which the lean decoder's direct submodule calls would bypass."""
-    from vold_pl.distributed import fsdp_modules, is_fsdp2
+    """Parameters that are FSDP2 shards (DTensors) right now: FSDP2's hooks gather them on the wrapped modules'
+    ``forward``, which the lean decoder's direct submodule calls would bypass. Inside ``rollout: unshard``
+    (:func:`vold_pl.rl.unsharded.unsharded`) the modules hold the gathered, whole weights: not sharded."""
+    from vold_pl.distributed import is_fsdp2
 
-    return bool(fsdp_modules(model)) or is_fsdp2(model)
+    return is_fsdp2(model)
 
 
 class CachedSamplingEngine(HFGenerateEngine):
