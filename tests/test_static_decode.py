@@ -97,7 +97,7 @@ def test_compiled_step_equals_eager_and_generate(processor, text_batch, capsys):
     assert engine.last_decode_path == "static"
     err = capsys.readouterr().err
     assert sum("reduce-overhead needs CUDA" in line for line in err.splitlines()) == 1, err
-    assert engine._decoder[0][3] == "default"
+    assert [d.mode for d in engine._decoders.values()] == ["default"]
     sampling = SamplingConfig(max_new_tokens=GREEDY.max_new_tokens)  # same cache length: the same compiled step
     torch.manual_seed(5)
     ref = CachedSamplingEngine(tok, compact=False).generate(model, text_batch, 2, sampling)
@@ -119,6 +119,27 @@ def test_real_shape_qwen2_5_vl_greedy_equals_generate(real_shape_models, synth_d
     out = engine.generate(model, batch, 2, sampling)
     assert engine.last_decode_path == "static"
     _assert_same_rollout(ref, out)
+
+
+def test_buffers_reused_grown_and_rebuilt_for_a_new_head(processor, text_batch):  # noqa: F811
+    tok = processor.tokenizer
+    model = _text_llm(processor, bias=3.0)
+    engine = StaticDecodeEngine(tok, compile="none", cache_bucket=8)
+    short, long = SamplingConfig(max_new_tokens=4, do_sample=False), SamplingConfig(max_new_tokens=20, do_sample=False)
+    engine.generate(model, text_batch, 2, long)
+    (first,) = engine._decoders.values()
+    engine.generate(model, text_batch, 2, short)  # fits: the same buffers
+    assert list(engine._decoders.values()) == [first]
+    cap = first.capacity
+    engine.generate(model, text_batch, 2, SamplingConfig(max_new_tokens=40, do_sample=False))  # grows
+    (grown,) = engine._decoders.values()
+    assert grown is not first and grown.capacity > cap
+    from tests.test_rollout import _eos_prone
+
+    _eos_prone(model, tok.eos_token_id, 1.0, 2.0, seed=3)  # a new LM head: a step built on the old one is stale
+    out = engine.generate(model, text_batch, 2, GREEDY)
+    _assert_same_rollout(HFGenerateEngine(tok).generate(model, text_batch, 2, GREEDY), out)
+    assert len(engine._decoders) == 2
 
 
 def test_falls_back_to_eager_loop_when_not_lean(processor, text_batch):  # noqa: F811

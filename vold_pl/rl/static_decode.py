@@ -57,13 +57,14 @@ class DecodeConfig:
             steps (1 = every step, as the eager engine; larger = fewer syncs, up to this many - 1 wasted steps
             at the end).
         cache_bucket: ``static`` only: the cache length (prompt + ``max_new_tokens``) is rounded up to a multiple
-            of this, so batches whose prompts differ by a few tokens reuse one compiled step.
+            of this, and the buffers only grow: batches whose prompts differ in length reuse one compiled step
+            (each new length recompiles; masked slots cost a little attention).
     """
 
     engine: Literal["eager", "static"] = "eager"
     compile: CompileMode = "default"
     eos_check_every: int = 8
-    cache_bucket: int = 64
+    cache_bucket: int = 256
 
     def __post_init__(self):
         from vold_pl.errors import UserError
@@ -126,7 +127,7 @@ class _StaticDecoder:
                 torch._dynamo.mark_static_address(v)
             self.layers.append(_StaticLayer(k, v, self.at))
         self.lean = _LeanDecoder(_text_model(model), model.get_output_embeddings(), self.layers)
-        self.model_ref = model
+        self.model_ref, self.capacity, self.mode = model, capacity, mode
         self.step = self._step if mode == "none" else torch.compile(self._step, mode=mode, dynamic=False)
 
     def load(self, prefill_cache, prompt_mask: torch.Tensor) -> None:
@@ -161,12 +162,14 @@ class StaticDecodeEngine(CachedSamplingEngine):
         cache_bucket: the cache length is rounded up to a multiple of this.
     """
 
-    def __init__(self, tokenizer, compile: CompileMode = "default", eos_check_every: int = 8, cache_bucket: int = 64):
+    MAX_SHAPES = 3  # static buffer sets kept (e.g. the training and the validation row counts)
+
+    def __init__(self, tokenizer, compile: CompileMode = "default", eos_check_every: int = 8, cache_bucket: int = 256):
         super().__init__(tokenizer, compact=False)
         self.compile_mode = compile
         self.eos_check_every, self.cache_bucket = int(eos_check_every), int(cache_bucket)
         self._probing = False
-        self._decoder: tuple[tuple, _StaticDecoder] | None = None  # one set of buffers, for the last shape
+        self._decoders: dict[tuple, _StaticDecoder] = {}  # static buffers + step per (model, head, rows, mode)
         self.host_syncs = 0  # host reads of the EOS state in the last decode loop (a test counts them)
 
     def _mode(self, device: torch.device) -> CompileMode:
@@ -186,17 +189,25 @@ class StaticDecodeEngine(CachedSamplingEngine):
             self._probing = False
 
     def _static_decoder(self, model, cache, n_rows: int, capacity: int) -> _StaticDecoder | None:
-        device = next(model.parameters()).device
-        mode = self._mode(device)
-        key = (id(model), n_rows, capacity, mode, str(next(model.parameters()).dtype), device.type)
-        if self._decoder is not None and self._decoder[0] == key and self._decoder[1].model_ref is model:
-            return self._decoder[1]
-        self._decoder = None  # free the old buffers before allocating new ones
+        """The buffers and compiled step for ``n_rows`` rows and at least ``capacity`` slots. Kept per (model,
+        head, rows, mode) for the engine's life (at most :attr:`MAX_SHAPES`), their capacity only growing: a run
+        compiles a handful of steps (train and validation row counts, a few growths), never one per batch."""
+        p = next(model.parameters())
+        mode = self._mode(p.device)
+        key = (id(model), id(model.get_output_embeddings()), n_rows, mode, str(p.dtype), p.device.type)
+        dec = self._decoders.get(key)
+        if dec is not None and dec.capacity >= capacity and dec.model_ref is model:
+            return dec
+        if dec is not None:
+            capacity = max(capacity, dec.capacity)
+        self._decoders.pop(key, None)  # free the old buffers before allocating new ones
+        while len(self._decoders) >= self.MAX_SHAPES:
+            self._decoders.pop(next(iter(self._decoders)))
         try:
             dec = _StaticDecoder(model, cache, n_rows, capacity, mode)
         except (ValueError, AttributeError):
             return None
-        self._decoder = (key, dec)
+        self._decoders[key] = dec
         return dec
 
     def _decode(self, model, cache, cache_key: str, logits: torch.Tensor, mask: torch.Tensor, last_pos: torch.Tensor,
