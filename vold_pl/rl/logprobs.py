@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from vold_pl.models.inputs import IMAGE_INPUT_KEYS, base_model, cache_kwarg, prompt_positions
+from vold_pl.rl.prefix_cache import cache_kept_under_checkpointing, completion_cache, prompt_cache
 from vold_pl.rl.rollout import Rollout, repeat_images
 
 __all__ = [
@@ -321,8 +322,9 @@ def shared_prefix_token_logprobs(
             ``mm_token_type_ids``); ignored for a text-only model.
 
     Returns ``logp [N, L]`` float32 (and ``entropy [N, L]``), unmasked like ``model_token_logprobs`` with an int
-    ``completion_start``. Falls back to ``model_token_logprobs`` under gradient checkpointing (HF drops the cache
-    there) and for VLMs without Qwen2-VL-style ``get_rope_index``.
+    ``completion_start``. Under activation checkpointing the prompt pass is checkpointed too and its cache kept
+    (:mod:`vold_pl.rl.prefix_cache`). Falls back to ``model_token_logprobs`` for VLMs without Qwen2-VL-style
+    ``get_rope_index``.
     """
     G = group_size
     base = base_model(model)
@@ -335,7 +337,7 @@ def shared_prefix_token_logprobs(
     positions = prompt_positions(base, prompt_ids, prompt_mask, mm, vision)
     backbone, head = _backbone_and_head(model)
     grad_ckpt = torch.is_grad_enabled() and base.training and _checkpointing(base)
-    if positions is None or backbone is None or grad_ckpt or L == 0:
+    if positions is None or backbone is None or L == 0:
         mm_types = mm["mm_token_type_ids"].repeat_interleave(G, 0) if "mm_token_type_ids" in mm else None
         ids, attn, mm_types = concat_prompt_completion(prompt_ids.repeat_interleave(G, 0),
                                                        prompt_mask.repeat_interleave(G, 0), completion_ids,
@@ -350,17 +352,22 @@ def shared_prefix_token_logprobs(
                                     blocked_ids=blocked_ids, **extra)
     cache_key = cache_kwarg(backbone)
     pre = {k: mm[k] for k in IMAGE_INPUT_KEYS if k in mm} if "pixel_values" in mm else {}
-    out = backbone(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, **pre)
-    cache = out[cache_key] if cache_key in out else out.past_key_values
-    h_last = out.last_hidden_state[:, -1]  # [B, H]: left padding puts every prompt's last token in the last column
-    del out
-    cache.batch_repeat_interleave(G)  # [B, ...] -> [N, ...], differentiable
-    bdim = positions.dim() - 2
-    steps = torch.arange(1, L + 1, device=prompt_ids.device)  # [L]
-    comp_pos = positions[..., -1:].repeat_interleave(G, dim=bdim) + steps  # [N, L] or [4, N, L]
-    attn = torch.cat([prompt_mask.repeat_interleave(G, 0), completion_mask.to(prompt_mask.dtype)], 1)  # [N, P+L]
-    out = backbone(input_ids=completion_ids, attention_mask=attn, position_ids=comp_pos, use_cache=True,
-                   **{cache_key: cache})
+    # Recompute-safe caches (vold_pl.rl.prefix_cache): under activation checkpointing too, the prompt (and its
+    # images) runs once per group, checkpointed layer by layer like the rest of the forward.
+    n_layers = base.config.get_text_config(decoder=True).num_hidden_layers
+    with cache_kept_under_checkpointing(base, enabled=grad_ckpt):
+        cache = prompt_cache(n_layers)
+        out = backbone(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
+                       **pre, **{cache_key: cache})
+        h_last = out.last_hidden_state[:, -1]  # [B, H]: left padding puts every prompt's last token last
+        del out
+        cache = completion_cache(cache, G)  # [B, ...] -> [N, ...], differentiable
+        bdim = positions.dim() - 2
+        steps = torch.arange(1, L + 1, device=prompt_ids.device)  # [L]
+        comp_pos = positions[..., -1:].repeat_interleave(G, dim=bdim) + steps  # [N, L] or [4, N, L]
+        attn = torch.cat([prompt_mask.repeat_interleave(G, 0), completion_mask.to(prompt_mask.dtype)], 1)  # [N, P+L]
+        out = backbone(input_ids=completion_ids, attention_mask=attn, position_ids=comp_pos, use_cache=True,
+                       **{cache_key: cache})
     # hidden[t] predicts token t: the prompt's last state for t = 0, the completion's state t - 1 after that.
     hidden = torch.cat([h_last.repeat_interleave(G, 0).unsqueeze(1), out.last_hidden_state[:, :-1]], 1)  # [N, L, H]
     del out, cache

@@ -64,7 +64,7 @@ class DecodeConfig:
     engine: Literal["eager", "static"] = "eager"
     compile: CompileMode = "default"
     eos_check_every: int = 8
-    cache_bucket: int = 256
+    cache_bucket: int = 128
 
     def __post_init__(self):
         from vold_pl.errors import UserError
@@ -164,7 +164,7 @@ class StaticDecodeEngine(CachedSamplingEngine):
 
     MAX_SHAPES = 3  # static buffer sets kept (e.g. the training and the validation row counts)
 
-    def __init__(self, tokenizer, compile: CompileMode = "default", eos_check_every: int = 8, cache_bucket: int = 256):
+    def __init__(self, tokenizer, compile: CompileMode = "default", eos_check_every: int = 8, cache_bucket: int = 128):
         super().__init__(tokenizer, compact=False)
         self.compile_mode = compile
         self.eos_check_every, self.cache_bucket = int(eos_check_every), int(cache_bucket)
