@@ -89,3 +89,41 @@ def test_checkpointed_step_encodes_each_image_once_per_group(tiny_models, proces
         counts[shared] = (calls, sum(rows))
     assert counts[True] == ([n_patches], 2 * depth * n_patches)  # one tower call; blocks: forward + recompute
     assert counts[False] == ([G * n_patches], 2 * depth * G * n_patches)
+
+
+def test_opd_grpo_step_with_checkpointing_encodes_each_image_once(tiny_models, synth_data):
+    """One OPD-GRPO training step (``gradient_checkpointing: true``): the policy's vision tower sees each
+    prompt's image once per step (forward), its blocks twice (forward + recompute), not G times."""
+    from tests.test_microbatch import SCRIPT_IMAGE, SCRIPT_TEXT, _records
+    from vold_pl.data.collate import PromptCollator
+    from vold_pl.data.sources import to_dataset
+    from vold_pl.models.factory import ModelSpec
+    from vold_pl.modules.base import OptimConfig
+    from vold_pl.modules.opd_grpo import GRPOConfig, OPDConfig, OPDGRPOModule
+    from vold_pl.rl.rollout import ScriptedEngine
+
+    records = _records(synth_data)
+    module = OPDGRPOModule(ModelSpec(str(tiny_models["student"])), optim=OptimConfig(lr=1e-3),
+                           grpo=GRPOConfig(num_generations=4, loss_aggregation="token", beta_ref=0.0),
+                           opd=OPDConfig(lam=0.0), sampling=SamplingConfig(max_new_tokens=48), export=False,
+                           log_completions_every_n_steps=0, gradient_checkpointing=True)
+    module.configure_model()
+    module.model.train()
+    assert any(getattr(m, "gradient_checkpointing", False) for m in module.model.modules())
+    module.rollout_engine = ScriptedEngine(module.tokenizer, {records[0].id: SCRIPT_TEXT, records[1].id: SCRIPT_IMAGE})
+    batch = PromptCollator(module.processor)([to_dataset(records)[i] for i in range(2)])
+    n_patches = batch["pixel_values"].shape[0]  # one image prompt, one text prompt
+    rows, hooks = _vision_rows(module.model)
+    calls: list[int] = []
+    hooks.append(module.model.model.visual.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0])))
+    try:
+        step = module.build_experience(batch)
+        totals, world = module._totals(step.experience)
+        loss, _, _ = module.accumulate_gradients(step, totals, world, backward=torch.Tensor.backward)
+        loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    assert sum(calls) == n_patches  # 2 prompts x G = 8 rows, the image encoded once
+    assert sum(rows) == 2 * len(module.model.model.visual.blocks) * n_patches
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.model.model.visual.parameters())
