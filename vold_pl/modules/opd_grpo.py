@@ -37,7 +37,8 @@ from vold_pl.models.lora import adapters_off, is_lora_model
 from vold_pl.modules.base import OptimConfig, PolicyModule
 from vold_pl.rewards.functions import compute_rewards, validate_weights
 from vold_pl.rl.advantages import group_advantages
-from vold_pl.rl.logprobs import mask_blocked, rollout_model_inputs, rollout_token_logprobs
+from vold_pl.rl.full_kl import policy_scores_and_full_kl, teacher_hidden
+from vold_pl.rl.logprobs import rollout_token_logprobs
 from vold_pl.rl.losses import Totals, masked_mean
 from vold_pl.rl.objective import (
     TEACHER_SCORES,
@@ -51,7 +52,7 @@ from vold_pl.rl.objective import (
 )
 from vold_pl.rl.rollout import Rollout, SamplingConfig, rollout_rows
 from vold_pl.rl.static_decode import DecodeConfig, make_engine
-from vold_pl.rl.teacher import build_teacher_inputs, teacher_completion_logits, teacher_rows, teacher_token_logprobs
+from vold_pl.rl.teacher import build_teacher_inputs, teacher_rows, teacher_token_logprobs
 
 
 @dataclass
@@ -136,6 +137,8 @@ class StepData:
     total_reward: torch.Tensor  # [N] r_i
     zero_std: torch.Tensor  # [B] groups whose rewards are all equal
     t_roll: float  # seconds spent generating
+    # ``estimator: full``: the teacher's inputs, scored inside the micro-batch loop (vold_pl.rl.full_kl)
+    teacher_inputs: object = None
 
 
 class OPDGRPOModule(PolicyModule):
@@ -294,10 +297,13 @@ class OPDGRPOModule(PolicyModule):
         for k, (s, e) in enumerate(plan):
             e1 = max(e, s + 1)  # (s, s): a rank with fewer micro-batches runs one row, weight 0
             sub = rollout_rows(rollout, s, e1) if (s, e1) != (0, rollout.num_rows) else rollout
-            logp, ent = self._logprobs(sub)  # [n, l], [n, l]
+            if step.teacher_inputs is not None:  # full KL: teacher and KL per micro-batch, slab by slab
+                logp, ent, kl = self._logprobs_and_full_kl(sub, step.teacher_inputs, s, e1)  # [n, l] each
+                mb = replace(exp.rows(s, e1, logp.size(1)), logp=logp, opd_kl=kl)
+            else:
+                logp, ent = self._logprobs(sub)  # [n, l], [n, l]
+                mb = replace(exp.rows(s, e1, logp.size(1)), logp=logp)
             width = logp.size(1)
-            mb = replace(exp.rows(s, e1, width), logp=logp,
-                         student_logits=self._student_logits(sub) if exp.teacher_logits is not None else None)
             if e > s:
                 entropy[s:e, :width] = ent.detach()
                 mb_loss, mb_stats = opd_grpo_loss(mb, cfg, totals)
@@ -345,7 +351,7 @@ class OPDGRPOModule(PolicyModule):
         exp = Experience(logp=None, old_logp=old_logp, advantages=adv, mask=rollout.completion_mask.float(),
                          ref_logp=ref_logp, success=success, teacher_logp=teacher.get("logp"),
                          teacher_logits=teacher.get("logits"), teacher_available=teacher.get("available"))
-        return StepData(rollout, exp, plan, rw, rewards, zero_std, t_roll)
+        return StepData(rollout, exp, plan, rw, rewards, zero_std, t_roll, teacher.get("inputs"))
 
     def _plan(self, rollout: Rollout) -> list:
         """The step's micro-batches ``[(start, end)]``. Across ranks their number is made equal (empty ``(s, s)``
@@ -398,10 +404,6 @@ class OPDGRPOModule(PolicyModule):
             for m in fsdp:
                 m.set_requires_gradient_sync(True, recurse=False)
 
-    def _policy_inputs(self, rollout: Rollout):
-        ids, attn, extra = rollout_model_inputs(rollout, self.is_vision)
-        return ids, attn, rollout.prompt_ids.size(1), extra
-
     def _logprobs(self, rollout: Rollout):
         # Each prompt (and its images) runs once per group; completions are scored on its expanded KV cache.
         # Chunks are recomputed in backward so the [N, L, V] logits never live whole. The sampler's
@@ -409,17 +411,23 @@ class OPDGRPOModule(PolicyModule):
         return rollout_token_logprobs(self.model, rollout, temperature=self.sampling.temperature,
                                       chunk_size=self.chunk, return_entropy=True, checkpoint_chunks=True)
 
-    def _student_logits(self, rollout: Rollout) -> torch.Tensor:
-        """The policy's full next-token logits at the completion positions, ``[N, L, V]``, for the full KL:
-        temperature-scaled, ``-inf`` at the rollout's blocked ids (the sampler's distribution)."""
-        ids, attn, start, extra = self._policy_inputs(rollout)
-        logits = self.model(input_ids=ids, attention_mask=attn, use_cache=False, **extra).logits
-        return mask_blocked(logits[:, start - 1 : -1].float() / self.sampling.temperature, rollout.blocked_ids)
+    def _logprobs_and_full_kl(self, rollout: Rollout, tin, start: int, end: int):
+        """Micro-batch rows ``start:end``: the policy's ``logp``, ``entropy`` and full KL to the teacher, ``[n, l]``
+        each, from one policy forward; the teacher runs here (each prompt once per group), so only this
+        micro-batch's hidden states and one ``[chunk, V]`` logits slab per model are alive (vold_pl.rl.full_kl)."""
+        width = max(int(rollout.completion_mask.sum(-1).max()), 1)
+        sub = teacher_rows(tin, start, end, width)
+        group = rollout.group_size if start % rollout.group_size == 0 else 1
+        t_hidden, t_head = teacher_hidden(self._frozen["teacher"], sub.input_ids, sub.attention_mask,
+                                          sub.completion_start, group)  # [n, l, H_T]
+        return policy_scores_and_full_kl(self.model, rollout, t_hidden, t_head, self.sampling.temperature,
+                                         self.chunk, self.opd.top_k or None)
 
     def _teacher_scores(self, records: list[dict], rollout: Rollout, plan: list) -> dict:
         """The teacher's scores of the student's tokens on the same support as the sampler (blocked ids
-        removed and renormalised), micro-batch by micro-batch: ``logp [N, L]`` (k1) or ``logits [N, L, V]``
-        (full), as :data:`~vold_pl.rl.objective.TEACHER_SCORES` says, and ``available [N]``."""
+        removed and renormalised), micro-batch by micro-batch: ``logp [N, L]`` (k1), and ``available [N]``. For
+        the full estimator (``logits`` in :data:`~vold_pl.rl.objective.TEACHER_SCORES`) only its ``inputs``: it is
+        scored inside the micro-batch loop (:meth:`_logprobs_and_full_kl`)."""
         tin = build_teacher_inputs(self.teacher_tokenizer, records, rollout.completion_ids, rollout.completion_mask,
                                    rollout.group_size)
         teacher = self._frozen["teacher"]
@@ -427,18 +435,14 @@ class OPDGRPOModule(PolicyModule):
         T, blocked = self.sampling.temperature, rollout.blocked_ids
         lengths = rollout.completion_mask.sum(-1)  # [N]
         out, parts = {"available": tin.available}, []
+        if kind == "logits":  # scored inside the micro-batch loop, never kept whole (_logprobs_and_full_kl)
+            return {**out, "inputs": tin}
         for s, e in plan:
             width = max(int(lengths[s:e].max()), 1) if e > s else 1
             sub = teacher_rows(tin, s, e if e > s else s + 1, width)
-            if kind == "logits":
-                parts.append((s, e, teacher_completion_logits(teacher, sub, T, blocked)))  # [n, l, V]
-            else:
-                parts.append((s, e, teacher_token_logprobs(teacher, sub, T, self.chunk, blocked)))  # [n, l]
-        N, L = rollout.completion_mask.shape
-        full = None
+            parts.append((s, e, teacher_token_logprobs(teacher, sub, T, self.chunk, blocked)))  # [n, l]
+        full = torch.zeros(rollout.completion_mask.shape, dtype=torch.float32, device=lengths.device)  # [N, L]
         for s, e, v in parts:
-            if full is None:
-                full = v.new_zeros((N, L) + tuple(v.shape[2:]))
             if e > s:
                 full[s:e, : v.size(1)] = v
         out[kind] = full
