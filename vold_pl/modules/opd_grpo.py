@@ -76,6 +76,12 @@ class GRPOConfig:
         max_tokens_per_micro_batch: at most this many padded tokens per micro-batch, counted as rows ×
             (prompt width + the micro-batch's longest completion); whole groups stay together when each fits.
             0 = no token budget. With both set, both caps hold.
+        ppo_mini_batch_size: prompts per optimizer step on each rank. The rollout batch (``data.batch_size``
+            prompts x G, sampled once per Lightning batch) is split into PPO mini-batches of whole groups, one
+            optimizer step each (micro-batches inside each), with π_old stored at rollout time so the clipped
+            ratio bounds every step after the first; the global normalisation (``Totals``) is per optimizer step.
+            0 (default) = one optimizer step on the whole rollout batch. ``max_steps`` and the LR schedule count
+            optimizer steps (μ x mini-batches per batch).
     """
 
     num_generations: int = 4
@@ -87,9 +93,10 @@ class GRPOConfig:
     beta_ref: float = 0.0
     micro_batch_size: int = 0
     max_tokens_per_micro_batch: int = 0
+    ppo_mini_batch_size: int = 0
 
     def __post_init__(self):
-        for name in ("micro_batch_size", "max_tokens_per_micro_batch"):
+        for name in ("micro_batch_size", "max_tokens_per_micro_batch", "ppo_mini_batch_size"):
             if getattr(self, name) < 0:
                 raise UserError(f"grpo.{name}: {getattr(self, name)} is negative; use 0 (the whole batch) or a "
                                  f"positive cap.")
@@ -253,10 +260,29 @@ class OPDGRPOModule(PolicyModule):
             if not is_quantized(m) and not is_fsdp2(m):
                 self._frozen[name] = m.to(self.device)
 
+    def _mini_batches(self, rollout: Rollout) -> list[tuple[int, int]]:
+        """The PPO mini-batches of a rollout batch, ``[(start, end)]`` rows of whole groups."""
+        G, m = rollout.group_size, self.grpo.ppo_mini_batch_size
+        N = rollout.num_rows
+        if m <= 0 or m * G >= N:
+            return [(0, N)]
+        return [(s, min(s + m * G, N)) for s in range(0, N, m * G)]
+
+    def _step_rows(self, step: StepData, start: int, end: int) -> StepData:
+        """Rows ``start:end`` (whole groups) of the step's data: a PPO mini-batch, with its own micro-batch plan."""
+        ro = rollout_rows(step.rollout, start, end)
+        width = ro.completion_ids.size(1)
+        tin = step.teacher_inputs
+        return replace(step, rollout=ro, experience=step.experience.rows(start, end, width), plan=self._plan(ro),
+                       teacher_inputs=teacher_rows(tin, start, end, width) if tin is not None else None)
+
     def _optimizer_steps(self, batches: int) -> int:
         # ``estimated_stepping_batches`` is min(batches, max_steps), and max_steps already counts optimizer
-        # steps (μ per batch under manual optimization): scale batches by μ, never max_steps.
-        steps = batches * self.grpo.num_iterations
+        # steps (μ x mini-batches per batch under manual optimization): scale batches, never max_steps.
+        rows = getattr(getattr(self._trainer, "datamodule", None), "batch_size", 0) if self._trainer else 0
+        m = self.grpo.ppo_mini_batch_size
+        minis = -(-rows // m) if m > 0 and rows else 1
+        steps = batches * self.grpo.num_iterations * minis
         max_steps = self.trainer.max_steps if self._trainer is not None else -1
         return min(steps, max_steps) if max_steps > 0 else steps
 
@@ -268,13 +294,21 @@ class OPDGRPOModule(PolicyModule):
         mask = rollout.completion_mask.float()  # [N, L]
         totals, world = self._totals(exp)
 
-        # repeat μ times: the loss of the step's experience, micro-batch by micro-batch, one optimizer step
+        # repeat μ times: each PPO mini-batch of the step's experience (whole groups), micro-batch by micro-batch,
+        # one optimizer step each; a single mini-batch (the default) is the whole rollout batch
         opt = self.optimizers()
         sched = self.lr_schedulers()
+        minis = self._mini_batches(rollout)
+        entropy = mask.new_zeros(mask.shape)  # [N, L]
         for _ in range(self.grpo.num_iterations):
-            opt.zero_grad()
-            loss, stats, entropy = self.accumulate_gradients(step, totals, world)
-            self._optimizer_step(opt, sched, loss)
+            for s, e in minis:
+                sub = step if len(minis) == 1 else self._step_rows(step, s, e)
+                if len(minis) > 1:
+                    totals, world = self._totals(sub.experience)  # the global counts of this optimizer step
+                opt.zero_grad()
+                loss, stats, ent = self.accumulate_gradients(sub, totals, world)
+                entropy[s:e, : ent.size(1)] = ent
+                self._optimizer_step(opt, sched, loss)
         self._log_step(step.rewards, exp.advantages, step.zero_std, rollout, mask, entropy, stats,
                        loss.detach() / world, step.t_roll, time.perf_counter() - t0)
         if self.log_completions_every and self.global_step % self.log_completions_every < self.grpo.num_iterations:
@@ -344,7 +378,7 @@ class OPDGRPOModule(PolicyModule):
             reference = self._frozen.get("reference", self.model)  # LoRA: the policy, adapters off below
             with torch.no_grad(), adapters_off(reference):
                 ref_logp = self._score(reference, rollout, plan)  # [N, L]
-        if self.grpo.num_iterations > 1:
+        if self.grpo.num_iterations > 1 or len(self._mini_batches(rollout)) > 1:
             with torch.no_grad():  # π_old at rollout time: the weights the samples came from
                 old_logp = self._score(self.model, rollout, plan)  # [N, L]
         success = rw.named[self.opd.gate_reward].to(self.device) if self.opd.gate_reward in rw.named else None  # [N]
