@@ -41,8 +41,8 @@ WORKER = textwrap.dedent('''
         fully_shard(model, mesh=mesh)
 
     spec = ModelSpec(folder)
-    from vold_pl.models.rank0_load import _meta_model
-    _meta_model(spec)  # import the modeling code (~100 MB of RSS) before measuring, in both modes
+    from vold_pl.models.rank0_load import meta_model
+    meta_model(spec)  # import the modeling code (~100 MB of RSS) before measuring, in both modes
     dist.barrier()
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS from here
     before = rss("VmRSS")

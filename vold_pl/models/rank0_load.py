@@ -22,10 +22,10 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-__all__ = ["load_sharded_from_rank0"]
+__all__ = ["load_sharded_from_rank0", "meta_model"]
 
 
-def _meta_model(spec):
+def meta_model(spec):
     """The architecture of ``spec`` with every parameter and buffer on the meta device (no weights read)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -62,7 +62,7 @@ def load_sharded_from_rank0(spec, shard: Callable[[torch.nn.Module], object],
         full = {k: v for k, v in model.state_dict().items()}  # the reference tensors sent to every shard
         buffers = {n: b.clone() for n, b in model.named_buffers()}  # rank 0's values, before any resharding
     else:
-        model, full, buffers = _meta_model(spec), {}, None
+        model, full, buffers = meta_model(spec), {}, None
     shard(model)
     if rank != 0:
         model.to_empty(device=device)  # this rank's shards, uninitialised until the broadcast below

@@ -244,13 +244,21 @@ class OPDGRPOModule(PolicyModule):
     def _load_frozen(self, spec: ModelSpec) -> torch.nn.Module:
         """Load a frozen model; under FSDP2 shard it like the student or replicate it (``vold_pl.distributed``).
 
-        Quantized models (bitsandbytes 4/8-bit) are placed by ``load_model`` and always replicated.
+        Quantized models (bitsandbytes 4/8-bit) are placed by ``load_model`` and always replicated. A model that is
+        sharded is read on rank 0 only (:mod:`vold_pl.models.rank0_load`).
         """
-        from vold_pl.distributed import prepare_frozen
+        from vold_pl.distributed import prepare_frozen, shards_frozen
 
+        trainer = self._trainer
+        if spec.quantization == "none" and trainer is not None and trainer.world_size > 1:
+            from vold_pl.models.rank0_load import load_sharded_from_rank0, meta_model
+
+            if shards_frozen(meta_model(spec), trainer):  # weights read on rank 0 only, sent to the shards
+                return freeze(load_sharded_from_rank0(spec, lambda m: prepare_frozen(freeze(m), trainer, self.device),
+                                                      device=trainer.strategy.root_device))
         model, _ = load_model(spec, with_processor=False)
         model = freeze(model)
-        return prepare_frozen(model, self._trainer, self.device)
+        return prepare_frozen(model, trainer, self.device)
 
     def on_fit_start(self) -> None:
         from vold_pl.distributed import is_fsdp2, is_quantized
