@@ -38,21 +38,26 @@ import torch  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ 1. rollouts
 
-def rollout_throughput(args) -> dict:
+def _models(args):
+    """``(name, model, tokenizer, prompt batch)`` of each of ``args.models``: the tiny text policy and VLM."""
     from vold_pl.data.collate import PromptCollator
     from vold_pl.models.factory import ModelSpec, load_model
-    from vold_pl.rl.rollout import CachedSamplingEngine, HFGenerateEngine, SamplingConfig
 
     data = build_data(args.workdir / "data", n=64, seed=args.seed)
     models = {"text": (build_text_policy(args.workdir / "text_policy", seed=args.seed), data["train_text"]),
               "vlm": (build_vlm(args.workdir / "vlm", seed=args.seed)["student"], data["train"])}
-    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=1.0)
-    out, rows = {}, []
     for name in args.models:
         path, jsonl = models[name]
         model, proc = load_model(ModelSpec(str(path)))
-        tok = getattr(proc, "tokenizer", proc)
-        batch = PromptCollator(proc)(read_rows(jsonl, args.prompts))
+        yield name, model, getattr(proc, "tokenizer", proc), PromptCollator(proc)(read_rows(jsonl, args.prompts))
+
+
+def rollout_throughput(args) -> dict:
+    from vold_pl.rl.rollout import CachedSamplingEngine, HFGenerateEngine, SamplingConfig
+
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=1.0)
+    out, rows = {}, []
+    for name, model, tok, batch in _models(args):
         engines = {"generate": HFGenerateEngine(tok), "vold-pl": CachedSamplingEngine(tok)}
         for case, bias in (("equal", -1e4), ("unequal", args.eos_bias)):
             eos_biased(model, tok.eos_token_id, bias)
@@ -94,14 +99,9 @@ def rollout_throughput(args) -> dict:
 # ------------------------------------------------------------------------------------- static vs eager decode
 
 def static_vs_eager(args) -> dict:
-    from vold_pl.data.collate import PromptCollator
-    from vold_pl.models.factory import ModelSpec, load_model
     from vold_pl.rl.rollout import CachedSamplingEngine, SamplingConfig
     from vold_pl.rl.static_decode import StaticDecodeEngine
 
-    data = build_data(args.workdir / "data", n=64, seed=args.seed)
-    models = {"text": (build_text_policy(args.workdir / "text_policy", seed=args.seed), data["train_text"]),
-              "vlm": (build_vlm(args.workdir / "vlm", seed=args.seed)["student"], data["train"])}
     # equal: greedy, EOS never emitted, every row runs to the cap; outputs equal the eager engine's.
     # unequal: sampled (T = 1) with an EOS bias (geometric lengths); outputs equal, for the same seed, the eager
     # loop's without compaction ("eager/no-compact"), which draws the same random numbers; the eager engine with
@@ -109,11 +109,7 @@ def static_vs_eager(args) -> dict:
     cases = {"equal": (-1e4, SamplingConfig(max_new_tokens=args.max_new_tokens, do_sample=False)),
              "unequal": (args.eos_bias, SamplingConfig(max_new_tokens=args.max_new_tokens))}
     out, rows = {}, []
-    for name in args.models:
-        path, jsonl = models[name]
-        model, proc = load_model(ModelSpec(str(path)))
-        tok = getattr(proc, "tokenizer", proc)
-        batch = PromptCollator(proc)(read_rows(jsonl, args.prompts))
+    for name, model, tok, batch in _models(args):
         engines = {"eager": CachedSamplingEngine(tok), "eager/no-compact": CachedSamplingEngine(tok, compact=False),
                    "static": StaticDecodeEngine(tok, compile="none", eos_check_every=args.eos_check_every),
                    "static+compile": StaticDecodeEngine(tok, compile="default", eos_check_every=args.eos_check_every)}

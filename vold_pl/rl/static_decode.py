@@ -232,26 +232,14 @@ class StaticDecodeEngine(CachedSamplingEngine):
         if last_pos.size(bdim) != N:
             last_pos = last_pos.repeat_interleave(G, dim=bdim)
         pos = (last_pos[1] if last_pos.dim() == 3 else last_pos).reshape(N).clone()  # [N] rope position
-        out_tok = torch.full((N, L), pad, dtype=torch.long, device=device)
-        out_lp = torch.zeros((N, L), dtype=torch.float32, device=device) if logprobs else None
-        eos = torch.tensor(self.eos_ids, device=device)
-        suppress = torch.tensor(self.suppress_ids, dtype=torch.long, device=device) if self.suppress_ids else None
-        warpers = self._warpers(sampling)
-        inv_t = 1.0 / sampling.temperature if sampling.do_sample and sampling.temperature else 1.0
+        out_tok, out_lp, eos, suppress, warpers, inv_t = self._loop_state(N, sampling, device, logprobs)
         alive = torch.ones(N, dtype=torch.bool, device=device)  # rows without EOS yet
         live = torch.zeros((), dtype=torch.long, device=device)  # steps begun with a row still running
         steps, self.host_syncs = 0, 0
         for t in range(L):
             live += alive.any()
-            # The eager engine's sampling, op for op (compact=False branch): same logits, same random draws.
-            scores = logits if suppress is None else logits.index_fill(1, suppress, float("-inf"))
-            logp_all = torch.log_softmax(scores * inv_t if inv_t != 1.0 else scores, -1) if logprobs else None
-            if sampling.do_sample:
-                for w in warpers:
-                    scores = w(None, scores)
-                tok = torch.multinomial(torch.softmax(scores, -1), 1).squeeze(1)  # [N]
-            else:
-                tok = scores.argmax(-1)  # [N]
+            # The eager engine's sampling step (compact=False branch): same logits, same random draws.
+            tok, logp_all = self._pick(logits, suppress, warpers, inv_t, sampling, logprobs)  # [N], [N, V]
             tok = torch.where(alive, tok, pad)
             out_tok[:, t] = tok
             if logprobs:
