@@ -122,3 +122,30 @@ def test_teacher_prompt_runs_once_per_group(full_module):
         h.remove()
     # Per micro-batch (one group of G = 4): the teacher prompt on 1 row, then the 4 completions on its cache.
     assert [r[0] for r in rows] == [1, 4, 1, 4], rows
+
+
+def test_k1_teacher_scores_run_each_teacher_prompt_once(full_module):
+    """k1: the step's teacher log-probs equal ``teacher_token_logprobs`` on the G-times repeated teacher prompts,
+    and the teacher embeds each prompt once per group (1 row, then the G completions)."""
+    from dataclasses import replace as dc_replace
+
+    from vold_pl.rl.teacher import teacher_token_logprobs
+
+    module, batch = full_module
+    saved = module.opd
+    module.opd = dc_replace(saved, estimator="k1")
+    rows: list[int] = []
+    emb = module._frozen["teacher"].model.embed_tokens
+    h = emb.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0]))
+    try:
+        step = module.build_experience(batch)
+    finally:
+        h.remove()
+        module.opd = saved
+    assert rows == [1, 4, 1, 4], rows
+    ro = step.rollout
+    tin = build_teacher_inputs(module.teacher_tokenizer, batch["records"], ro.completion_ids, ro.completion_mask, 4)
+    ref = teacher_token_logprobs(module._frozen["teacher"], tin, module.sampling.temperature,
+                                 blocked_ids=ro.blocked_ids)  # [N, L]
+    m = ro.completion_mask.bool()
+    torch.testing.assert_close(step.experience.teacher_logp[m], ref[m], atol=1e-5, rtol=0)

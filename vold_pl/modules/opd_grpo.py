@@ -37,7 +37,7 @@ from vold_pl.models.lora import adapters_off, is_lora_model
 from vold_pl.modules.base import OptimConfig, PolicyModule
 from vold_pl.rewards.functions import compute_rewards, validate_weights
 from vold_pl.rl.advantages import group_advantages
-from vold_pl.rl.full_kl import policy_scores_and_full_kl, teacher_hidden
+from vold_pl.rl.full_kl import policy_scores_and_full_kl, teacher_hidden, teacher_token_logprobs_shared
 from vold_pl.rl.logprobs import rollout_token_logprobs
 from vold_pl.rl.losses import Totals, masked_mean
 from vold_pl.rl.objective import (
@@ -52,7 +52,7 @@ from vold_pl.rl.objective import (
 )
 from vold_pl.rl.rollout import Rollout, SamplingConfig, rollout_rows
 from vold_pl.rl.static_decode import DecodeConfig, make_engine
-from vold_pl.rl.teacher import build_teacher_inputs, teacher_rows, teacher_token_logprobs
+from vold_pl.rl.teacher import build_teacher_inputs, teacher_rows
 
 
 @dataclass
@@ -482,7 +482,10 @@ class OPDGRPOModule(PolicyModule):
         for s, e in plan:
             width = max(int(lengths[s:e].max()), 1) if e > s else 1
             sub = teacher_rows(tin, s, e if e > s else s + 1, width)
-            parts.append((s, e, teacher_token_logprobs(teacher, sub, T, self.chunk, blocked)))  # [n, l]
+            group = rollout.group_size if s % rollout.group_size == 0 else 1  # whole groups: prompts once each
+            parts.append((s, e, teacher_token_logprobs_shared(teacher, sub.input_ids, sub.attention_mask,
+                                                              sub.completion_start, group, T, self.chunk,
+                                                              blocked)))  # [n, l]
         full = torch.zeros(rollout.completion_mask.shape, dtype=torch.float32, device=lengths.device)  # [N, L]
         for s, e, v in parts:
             if e > s:

@@ -24,7 +24,7 @@ from vold_pl.rl.logprobs import _as_head_fn, mask_blocked, rollout_hidden, share
 from vold_pl.rl.losses import full_reverse_kl
 from vold_pl.rl.rollout import Rollout
 
-__all__ = ["sliced_full_kl", "teacher_hidden", "policy_scores_and_full_kl"]
+__all__ = ["sliced_full_kl", "teacher_hidden", "teacher_token_logprobs_shared", "policy_scores_and_full_kl"]
 
 
 def sliced_full_kl(student_hidden: torch.Tensor, student_head, teacher_hidden: torch.Tensor, teacher_head,
@@ -78,6 +78,20 @@ def teacher_hidden(teacher: torch.nn.Module, input_ids: torch.Tensor, attention_
                       logits_to_keep=1)
         return out.hidden_states[-1][:, S - 1 : -1], head
     return shared_prefix_hidden(teacher, backbone, p_ids, p_mask, c_ids, c_mask, G, text_positions(p_mask), {}), head
+
+
+@torch.no_grad()
+def teacher_token_logprobs_shared(teacher: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                  completion_start: int, group_size: int, temperature: float = 1.0,
+                                  chunk_size: int = 1024, blocked_ids: tuple[int, ...] = ()) -> torch.Tensor:
+    """``log pi_T(o_t | q_T, o_<t)`` ``[n, l]`` for the k1 estimator, each teacher prompt run once per group
+    (:func:`teacher_hidden`); the numbers of :func:`~vold_pl.rl.teacher.teacher_token_logprobs` on the G-times
+    repeated prompts."""
+    from vold_pl.rl.logprobs import token_logprobs_from_hidden
+
+    hidden, head = teacher_hidden(teacher, input_ids, attention_mask, completion_start, group_size)  # [n, l, H_T]
+    return token_logprobs_from_hidden(hidden, head, input_ids[:, completion_start:], chunk_size=chunk_size,
+                                      temperature=temperature, blocked_ids=blocked_ids)
 
 
 def policy_scores_and_full_kl(model: torch.nn.Module, rollout: Rollout, t_hidden: torch.Tensor, t_head,
