@@ -55,6 +55,21 @@ def test_sliced_kl_equals_whole_logits_formula(top_k):
     assert head_t.weight.grad is None  # the teacher is a constant
 
 
+def test_non_finite_teacher_outside_the_mask_never_reaches_the_gradient():
+    g = torch.Generator().manual_seed(1)
+    hs = torch.randn(2, 5, 8, generator=g, requires_grad=True)
+    ht = torch.randn(2, 5, 8, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    ht[0, 3:] = float("nan")  # the teacher scoring padding badly
+    head_s, head_t = torch.nn.Linear(8, 30, bias=False), torch.nn.Linear(8, 30, bias=False)
+    kl = sliced_full_kl(hs, head_s, ht, head_t, chunk_size=3, mask=mask)
+    assert torch.isfinite(kl).all() and (kl[0, 3:] == 0).all() and (kl[mask.bool()] > 0).all()
+    (kl * mask).sum().backward()
+    assert torch.isfinite(hs.grad).all() and torch.isfinite(head_s.weight.grad).all()
+    ref = sliced_full_kl(hs.detach()[1:], head_s, ht[1:], head_t, chunk_size=3)  # the unpadded row, alone
+    torch.testing.assert_close(kl[1:].detach(), ref.detach())
+
+
 @pytest.fixture(scope="module")
 def full_module(tiny_models, synth_data):
     records = _records(synth_data)

@@ -29,10 +29,14 @@ __all__ = ["sliced_full_kl", "teacher_hidden", "teacher_token_logprobs_shared", 
 
 def sliced_full_kl(student_hidden: torch.Tensor, student_head, teacher_hidden: torch.Tensor, teacher_head,
                    temperature: float = 1.0, blocked_ids: tuple[int, ...] = (), top_k: int | None = None,
-                   chunk_size: int = 1024) -> torch.Tensor:
+                   chunk_size: int = 1024, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-position reverse KL ``[n, l]`` from the two models' final hidden states ``[n, l, H]`` / ``[n, l, H_T]``
     (aligned: position t predicts completion token t), one ``[chunk_size, V]`` slab of logits at a time.
-    Differentiable w.r.t. the student (hidden states and head); the teacher is a constant."""
+    Differentiable w.r.t. the student (hidden states and head); the teacher is a constant.
+
+    ``mask [n, l]``: the completion tokens. Outside it the teacher's logits are replaced by the student's own
+    (a KL of exactly 0 in value and gradient), so a teacher scoring padding with ``-inf``/NaN never puts
+    ``0 * NaN`` into the gradient (as :func:`vold_pl.rl.objective.opd_grpo_loss` does for the whole logits)."""
     n, l, _ = student_hidden.shape
     if teacher_hidden.shape[:2] != (n, l):
         raise ValueError(f"student hidden {tuple(student_hidden.shape)} and teacher hidden "
@@ -41,17 +45,23 @@ def sliced_full_kl(student_hidden: torch.Tensor, student_head, teacher_hidden: t
     flat_s = student_hidden.reshape(n * l, -1)  # [M, H]
     flat_t = teacher_hidden.detach().reshape(n * l, -1)  # [M, H_T]
 
-    def slab(h_s: torch.Tensor, h_t: torch.Tensor) -> torch.Tensor:
-        # [c, H], [c, H_T] -> [c]: the sampler's distribution (temperature, blocked ids) for both models
+    flat_pad = (~mask.bool()).reshape(n * l) if mask is not None else None  # [M]
+
+    def slab(h_s: torch.Tensor, h_t: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+        # [c, H], [c, H_T], [c] -> [c]: the sampler's distribution (temperature, blocked ids) for both models
         s_logits = mask_blocked(s_head(h_s).float() / temperature, blocked_ids)  # [c, V]
         with torch.no_grad():
             t_logits = mask_blocked(t_head(h_t).float() / temperature, blocked_ids)  # [c, V]
+            if pad is not None:
+                t_logits = torch.where(pad.unsqueeze(-1), s_logits.detach(), t_logits)  # [c, V]
         return full_reverse_kl(s_logits, t_logits, top_k=top_k)
 
     use_ckpt = torch.is_grad_enabled() and student_hidden.requires_grad
-    parts = [checkpoint(slab, flat_s[i : i + chunk_size], flat_t[i : i + chunk_size], use_reentrant=False)
-             if use_ckpt else slab(flat_s[i : i + chunk_size], flat_t[i : i + chunk_size])
-             for i in range(0, n * l, chunk_size)]
+    parts = []
+    for i in range(0, n * l, chunk_size):
+        args = (flat_s[i : i + chunk_size], flat_t[i : i + chunk_size],
+                flat_pad[i : i + chunk_size] if flat_pad is not None else None)
+        parts.append(checkpoint(slab, *args, use_reentrant=False) if use_ckpt else slab(*args))
     if not parts:
         return student_hidden.new_zeros((n, l), dtype=torch.float32)
     return torch.cat(parts).view(n, l)  # [n, l]
@@ -105,5 +115,6 @@ def policy_scores_and_full_kl(model: torch.nn.Module, rollout: Rollout, t_hidden
     logp, ent = token_logprobs_from_hidden(hidden, head, rollout.completion_ids, chunk_size=chunk_size,
                                            temperature=temperature, return_entropy=True, checkpoint_chunks=True,
                                            blocked_ids=blocked)
-    kl = sliced_full_kl(hidden, head, t_hidden[:, : hidden.size(1)], t_head, temperature, blocked, top_k, chunk_size)
+    kl = sliced_full_kl(hidden, head, t_hidden[:, : hidden.size(1)], t_head, temperature, blocked, top_k, chunk_size,
+                        mask=rollout.completion_mask)
     return logp, ent, kl
