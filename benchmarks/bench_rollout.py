@@ -6,13 +6,20 @@
    prompts), for *equal* completion lengths (EOS suppressed by a -1e4 logit bias: every row runs to
    ``--max-new-tokens``) and *very unequal* ones (an EOS bias giving geometric lengths, most rows short, a few
    long). Runs alternate engine A, engine B, A, B...; medians of ``--reps``; tokens = completion tokens kept.
-2. Breakdown of one OPD-GRPO step (VLM student + text teacher, OPD on, a k3 reference): rollout, reward,
+2. Static decode vs the eager engine (``--parts static``): completion tokens per CPU-second of
+   ``StaticDecodeEngine`` (static KV cache, EOS read every ``--eos-check-every`` steps; its step eager and
+   ``torch.compile``d) against ``CachedSamplingEngine`` (the eager reference, with and without compaction) in
+   the same run: equal lengths (greedy, outputs checked equal to the eager engine's) and unequal ones (sampled,
+   outputs checked equal to the eager loop's without compaction for the same seed). The compilation is paid in
+   a warm-up (reported apart). Written to ``benchmarks/results/bench_rollout_static.json``.
+3. Breakdown of one OPD-GRPO step (VLM student + text teacher, OPD on, a k3 reference): rollout, reward,
    teacher scoring, reference, policy forward, loss, backward, optimizer, rest (logging, inputs), in seconds
    and percent, timed by wrapping the module's pieces (``perf_counter``) over ``--steps`` Lightning steps.
 
     python benchmarks/bench_rollout.py                     # both parts, tables + benchmarks/results/bench_rollout.json
     python benchmarks/bench_rollout.py --parts rollout --reps 5
     python benchmarks/bench_rollout.py --parts breakdown --profile         # + PyTorch profiler table / trace
+    python benchmarks/bench_rollout.py --parts static                       # static/compiled vs eager decode
 """
 
 from __future__ import annotations
@@ -31,23 +38,28 @@ import torch  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ 1. rollouts
 
-def rollout_throughput(args) -> dict:
+def _models(args):
+    """``(name, model, tokenizer, prompt batch)`` of each of ``args.models``: the tiny text policy and VLM."""
     from vold_pl.data.collate import PromptCollator
     from vold_pl.models.factory import ModelSpec, load_model
-    from vold_pl.rl.cached_sampler import CachedSamplingEngine
-    from vold_pl.rl.hf_engine import HFGenerateEngine
-    from vold_pl.rl.rollout_types import SamplingConfig
 
     data = build_data(args.workdir / "data", n=64, seed=args.seed)
     models = {"text": (build_text_policy(args.workdir / "text_policy", seed=args.seed), data["train_text"]),
               "vlm": (build_vlm(args.workdir / "vlm", seed=args.seed)["student"], data["train"])}
-    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=1.0)
-    out, rows = {}, []
     for name in args.models:
         path, jsonl = models[name]
         model, proc = load_model(ModelSpec(str(path)))
-        tok = getattr(proc, "tokenizer", proc)
-        batch = PromptCollator(proc)(read_rows(jsonl, args.prompts))
+        yield name, model, getattr(proc, "tokenizer", proc), PromptCollator(proc)(read_rows(jsonl, args.prompts))
+
+
+def rollout_throughput(args) -> dict:
+    from vold_pl.rl.cached_sampler import CachedSamplingEngine
+    from vold_pl.rl.hf_engine import HFGenerateEngine
+    from vold_pl.rl.rollout_types import SamplingConfig
+
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=1.0)
+    out, rows = {}, []
+    for name, model, tok, batch in _models(args):
         engines = {"generate": HFGenerateEngine(tok), "vold-pl": CachedSamplingEngine(tok)}
         for case, bias in (("equal", -1e4), ("unequal", args.eos_bias)):
             eos_biased(model, tok.eos_token_id, bias)
@@ -83,6 +95,76 @@ def rollout_throughput(args) -> dict:
           f"(completion tokens / s, median of {args.reps}, interleaved)\n")
     print(table(["model", "lengths", "mean / max len", "model.generate tok/s", "vold-pl engine tok/s", "speedup"],
                 [[r[0], r[1], r[2], r[3], r[4], r[5]] for r in rows]))
+    return out
+
+
+# ------------------------------------------------------------------------------------- static vs eager decode
+
+def static_vs_eager(args) -> dict:
+    from vold_pl.rl.cached_sampler import CachedSamplingEngine
+    from vold_pl.rl.rollout_types import SamplingConfig
+    from vold_pl.rl.static_decode import StaticDecodeEngine
+
+    # equal: greedy, EOS never emitted, every row runs to the cap; outputs equal the eager engine's.
+    # unequal: sampled (T = 1) with an EOS bias (geometric lengths); outputs equal, for the same seed, the eager
+    # loop's without compaction ("eager/no-compact"), which draws the same random numbers; the eager engine with
+    # compaction ("eager", the default) is timed as the reference (same distribution, other draws).
+    cases = {"equal": (-1e4, SamplingConfig(max_new_tokens=args.max_new_tokens, do_sample=False)),
+             "unequal": (args.eos_bias, SamplingConfig(max_new_tokens=args.max_new_tokens))}
+    out, rows = {}, []
+    for name, model, tok, batch in _models(args):
+        engines = {"eager": CachedSamplingEngine(tok), "eager/no-compact": CachedSamplingEngine(tok, compact=False),
+                   "static": StaticDecodeEngine(tok, compile="none", eos_check_every=args.eos_check_every),
+                   "static+compile": StaticDecodeEngine(tok, compile="default", eos_check_every=args.eos_check_every)}
+        warm = {}
+        for case, (bias, sampling) in cases.items():
+            eos_biased(model, tok.eos_token_id, bias)  # a new head: the static step is rebuilt (and recompiled)
+            model.eval()
+            equal_to = "eager" if not sampling.do_sample else "eager/no-compact"
+            for ename, e in engines.items():  # compilation (and the lean self-check) paid here, timed apart
+                t0 = time.perf_counter()
+                e.generate(model, batch, args.G, sampling)
+                warm[f"{case}/{ename}"] = time.perf_counter() - t0
+            res = defaultdict(lambda: {"s": [], "cpu_s": [], "tokens": []})
+            for r in range(args.reps):
+                order = list(engines) if r % 2 == 0 else list(engines)[::-1]
+                outs = {}
+                for ename in order:
+                    torch.manual_seed(args.seed + r)
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    outs[ename] = ro = engines[ename].generate(model, batch, args.G, sampling)
+                    res[ename]["s"].append(time.perf_counter() - t0)
+                    res[ename]["cpu_s"].append(time.process_time() - c0)
+                    res[ename]["tokens"].append(int(ro.completion_mask.sum()))
+                for ename in ("static", "static+compile"):  # token for token the eager loop's
+                    assert engines[ename].last_decode_path == "static", engines[ename].last_decode_path
+                    assert torch.equal(outs[ename].completion_ids, outs[equal_to].completion_ids), (name, case, ename)
+            # Tokens per CPU-second of this process (the primary figure: it does not count time the shared
+            # cores spent on other processes) and per wall-second.
+            summ = {e: {"median_s": median(v["s"]), "median_cpu_s": median(v["cpu_s"]),
+                        "median_tokens_per_s": median(t / s for t, s in zip(v["tokens"], v["cpu_s"])),
+                        "median_tokens_per_wall_s": median(t / s for t, s in zip(v["tokens"], v["s"])),
+                        "mean_len": median(t / (args.prompts * args.G) for t in v["tokens"]),
+                        "raw_s": v["s"], "raw_cpu_s": v["cpu_s"], "tokens": v["tokens"]} for e, v in res.items()}
+            base = summ["eager"]["median_tokens_per_s"]
+            ratios = {e: summ[e]["median_tokens_per_s"] / base for e in engines if e != "eager"}
+            wall = {e: summ[e]["median_tokens_per_wall_s"] / summ["eager"]["median_tokens_per_wall_s"]
+                    for e in engines if e != "eager"}
+            out[f"{name}/{case}"] = {**summ, "ratio_vs_eager": ratios, "wall_ratio_vs_eager": wall,
+                                     "outputs_equal_to": equal_to}
+            rows.append([name, case, f"{summ['eager']['mean_len']:.0f}", base,
+                         summ["eager/no-compact"]["median_tokens_per_s"], summ["static"]["median_tokens_per_s"],
+                         summ["static+compile"]["median_tokens_per_s"], f"{ratios['static']:.2f}x",
+                         f"{ratios['static+compile']:.2f}x"])
+            print(f"  decode {name}/{case}: eager {base:.0f} tok/s, static {summ['static']['median_tokens_per_s']:.0f} "
+                  f"({ratios['static']:.2f}x), compiled {summ['static+compile']['median_tokens_per_s']:.0f} "
+                  f"({ratios['static+compile']:.2f}x); outputs equal to {equal_to}'s", flush=True)
+        out[f"{name}/warmup_s"] = warm
+    print(f"\nDecode throughput, {args.prompts} prompts x G={args.G}, max {args.max_new_tokens} new tokens "
+          f"(completion tokens per CPU-second of the process, median of {args.reps}, interleaved; static outputs "
+          f"equal to the eager loop's: greedy for 'equal', same seed without compaction for 'unequal')\n")
+    print(table(["model", "lengths", "mean len", "eager tok/s", "eager no-compact tok/s", "static tok/s",
+                 "static+compile tok/s", "static / eager", "compiled / eager"], rows))
     return out
 
 
@@ -220,7 +302,7 @@ def step_breakdown(args) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--parts", nargs="+", default=["rollout", "breakdown"], choices=["rollout", "breakdown"])
+    p.add_argument("--parts", nargs="+", default=["rollout", "breakdown"], choices=["rollout", "static", "breakdown"])
     p.add_argument("--models", nargs="+", default=["text", "vlm"], choices=["text", "vlm"],
                    help="models for the rollout throughput part")
     p.add_argument("--G", type=int, default=8, help="group size")
@@ -228,6 +310,7 @@ def main(argv=None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, help="completion length cap")
     p.add_argument("--eos-bias", type=float, default=3.5,
                    help="EOS logit bias of the unequal-length case (3.5: p(EOS) ~ 3%% per token, mean ~ 1/4 of 128)")
+    p.add_argument("--eos-check-every", type=int, default=8, help="static decode: host EOS check every k steps")
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions per engine and case")
     p.add_argument("--steps", type=int, default=4, help="measured OPD-GRPO steps of the breakdown (+1 warm-up)")
     p.add_argument("--engine", choices=["cached", "hf"], default="cached", help="rollout engine of the breakdown")
@@ -248,9 +331,12 @@ def main(argv=None) -> None:
     results: dict = {"threads": threads, "args": {k: str(v) for k, v in vars(args).items()}}
     if "rollout" in args.parts:
         results["rollout"] = rollout_throughput(args)
+    if "static" in args.parts:
+        write_json("bench_rollout_static", {**results, "static": static_vs_eager(args)}, args.out)
     if "breakdown" in args.parts:
         results["breakdown"] = step_breakdown(args)
-    write_json("bench_rollout", results, args.out)
+    if "rollout" in args.parts or "breakdown" in args.parts:
+        write_json("bench_rollout", results, args.out)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,14 @@ backward, optimizer step.
     python benchmarks/memory.py                        # CPU; table + benchmarks/results/memory.json
     python benchmarks/memory.py --device cuda --dtype bfloat16
     python benchmarks/memory.py --only teacher-4bit,whole
+    python benchmarks/memory.py --estimators      # k1 vs full at V = 151936, two lengths, extrapolated to real size
+
+``--estimators``: the step's peak for ``opd.estimator: k1`` and ``full`` (teacher scored per micro-batch, KL in
+slabs: ``vold_pl.rl.full_kl``) with the bench models padded to the real vocabulary (151936), measured at two
+completion lengths (``--lengths``); the per-position growth of each is fitted from the two and extrapolated to
+the real per-GPU shape (``--real-rows`` x ``--real-length``), where the ratio full / k1 is reported beside the
+size the whole-batch ``[N, L, V]`` float32 teacher logits alone would take. Written to
+``benchmarks/results/memory_estimators.json``.
 """
 
 from __future__ import annotations
@@ -197,7 +205,8 @@ def worker(cfg: dict) -> None:
         teacher=ModelSpec(str(models["teacher"]), dtype=cfg["dtype"], quantization=cfg["teacher"]),
         optim=OptimConfig(name=cfg["optim"], lr=1e-5, schedule="constant"),
         grpo=GRPOConfig(num_generations=cfg["G"], loss_aggregation="token", micro_batch_size=cfg["micro"]),
-        opd=OPDConfig(lam=1.0, gate="all"), sampling=SamplingConfig(max_new_tokens=cfg["length"]),
+        opd=OPDConfig(lam=1.0, gate="all", estimator=cfg.get("estimator", "k1")),
+        sampling=SamplingConfig(max_new_tokens=cfg["length"]),
         logprob_chunk_size=chunk, export=False, log_completions_every_n_steps=0)
     module.rollout_engine = RandomEngine(module.tokenizer, cfg["length"])
     from vold_pl.rl.logprobs import rollout_token_logprobs
@@ -237,6 +246,7 @@ def worker(cfg: dict) -> None:
         return run
 
     for name, attr in (("teacher", "_teacher_scores"), ("student log-probs", "_logprobs"),
+                       ("student log-probs", "_logprobs_and_full_kl"),  # full: teacher + student + KL per micro-batch
                        ("backward + optimizer", "manual_backward"),
                        ("backward + optimizer", "_clip_step_and_schedule")):
         setattr(module, attr, _wrap(name, getattr(module, attr)))
@@ -296,10 +306,11 @@ def worker(cfg: dict) -> None:
 # ---------------------------------------------------------------------------------------------------- driver
 
 def run_config(name: str, teacher: str, chunk: int, recompute: bool, ranks: int, optim: str, micro: int, args,
-               paths: dict[str, Path], tmp: Path) -> list[dict]:
+               paths: dict[str, Path], tmp: Path, estimator: str = "k1", length: int | None = None) -> list[dict]:
     cfg = dict(name=name, teacher=teacher, chunk=chunk, recompute=recompute, ranks=ranks, optim=optim, micro=micro,
-               device=args.device, dtype=args.dtype, G=args.G, B=args.B, length=args.length, threads=args.threads,
-               models={k: str(v) for k, v in paths.items()}, out=str(tmp / name))
+               device=args.device, dtype=args.dtype, G=args.G, B=args.B, length=length or args.length,
+               threads=args.threads, models={k: str(v) for k, v in paths.items()}, out=str(tmp / name),
+               estimator=estimator)
     env = {k: v for k, v in os.environ.items()
            if k not in ("MASTER_PORT", "MASTER_ADDR", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")}
     env["OMP_NUM_THREADS"] = str(args.threads)
@@ -379,6 +390,50 @@ def table(results: dict[str, list[dict]], device: str) -> str:
     return "\n".join(lines)
 
 
+REAL_VOCAB = 151936  # Qwen2.5-VL-3B / Qwen3-8B embedding rows
+
+
+def estimator_sweep(args, argv) -> None:
+    """k1 vs full at the real vocabulary, two lengths, a linear fit per estimator, extrapolated to real size."""
+    import tempfile
+
+    paths = build_models(Path(args.models + f"_v{REAL_VOCAB}"), REAL_VOCAB)
+    results: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for est in ("k1", "full"):
+            for length in args.lengths:
+                name = f"{est}-L{length}"
+                results[name] = run_config(name, "none", 64, True, 1, "adamw", 0, args, paths, Path(tmp),
+                                           estimator=est, length=length)
+    rows_per_step = args.B * args.G
+    fit, lines = {}, []
+    for est in ("k1", "full"):
+        (l0, l1) = args.lengths[:2]
+        s0 = results[f"{est}-L{l0}"][0]
+        s1 = results[f"{est}-L{l1}"][0]
+        step0, step1 = s0["peak"] - s0["before"], s1["peak"] - s1["before"]
+        per_pos = (step1 - step0) / (rows_per_step * (l1 - l0))  # bytes per completion position
+        fixed = step0 - per_pos * rows_per_step * l0
+        real = fixed + per_pos * args.real_rows * args.real_length
+        fit[est] = {"step_plus_bytes": {l0: step0, l1: step1}, "bytes_per_position": per_pos, "fixed_bytes": fixed,
+                    "real_step_plus_bytes": real}
+        lines.append(f"| {est} | {_mb(step0)} | {_mb(step1)} | {per_pos / 1024:.1f} | {_mb(real)} |")
+    ratio = fit["full"]["real_step_plus_bytes"] / fit["k1"]["real_step_plus_bytes"]
+    whole_teacher = args.real_rows * args.real_length * REAL_VOCAB * 4
+    l0, l1 = args.lengths[:2]
+    tab = "\n".join([f"| estimator | step + MB (L={l0}) | step + MB (L={l1}) | KiB / position | extrapolated step + "
+                     f"MB ({args.real_rows} rows x {args.real_length}) |", "|---|---|---|---|---|"] + lines)
+    tab += (f"\n\nfull / k1 at {args.real_rows} x {args.real_length} x V={REAL_VOCAB} (bench hidden sizes): "
+            f"{ratio:.2f}x; the whole-batch float32 teacher logits alone would be {whole_teacher / 2**30:.1f} GiB.")
+    cmd = "python benchmarks/memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print("\n" + cmd.strip() + f"\nB={args.B} G={args.G} V={REAL_VOCAB} device={args.device}\n\n" + tab)
+    out = Path(args.out).with_name("memory_estimators.json")
+    out.write_text(json.dumps({"command": cmd.strip(), "args": {k: v for k, v in vars(args).items() if k != "worker"},
+                               "torch": torch.__version__, "results": results, "fit": fit, "ratio_full_k1": ratio,
+                               "whole_batch_teacher_logits_bytes": whole_teacher, "table": tab}, indent=1))
+    print(f"\nwrote {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -393,9 +448,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", default="", help="comma-separated configuration names (default: all)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
     p.add_argument("--out", default=str(RESULTS / "memory.json"))
+    p.add_argument("--estimators", action="store_true", help="k1 vs full at V=151936 (module docstring)")
+    p.add_argument("--lengths", type=int, nargs=2, default=[32, 96], help="--estimators: the two measured lengths")
+    p.add_argument("--real-rows", type=int, default=16, help="--estimators: rows per GPU per step at real size")
+    p.add_argument("--real-length", type=int, default=1024, help="--estimators: completion length at real size")
     args = p.parse_args(argv)
     if args.worker:
         worker(json.loads(args.worker))
+        return
+    if args.estimators:
+        estimator_sweep(args, argv)
         return
 
     import tempfile

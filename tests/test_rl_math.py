@@ -913,12 +913,12 @@ def test_shared_prefix_defaults_values_and_errors():
 @pytest.mark.parametrize("train, grad, ckpt, L, cached", [
     (False, False, False, 4, True),  # scoring under no_grad: prompts once
     (True, True, False, 4, True),  # training forward without checkpointing: prompts once
-    (True, True, True, 4, False),  # gradient checkpointing in training: HF drops the cache, G-times path
+    (True, True, True, 4, True),  # gradient checkpointing in training: recompute-safe cache, prompts once
     (True, False, True, 4, True),  # checkpointing on but no autograd: prompts once
     (False, True, True, 4, True),  # checkpointing configured, eval mode: prompts once
     (False, False, False, 1, True),  # one completion token: still prompts once
 ])
-def test_shared_prefix_runs_prompts_once_unless_checkpointing_trains(train, grad, ckpt, L, cached):
+def test_shared_prefix_runs_prompts_once(train, grad, ckpt, L, cached):
     from vold_pl.rl.logprobs import shared_prefix_token_logprobs
 
     model, G = _tiny_qwen2(), 2

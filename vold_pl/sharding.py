@@ -434,17 +434,22 @@ def is_quantized(model: nn.Module) -> bool:
     return getattr(model, "quantization_method", None) is not None or bool(getattr(model, "is_quantized", False))
 
 
+def shards_frozen(model: nn.Module, trainer) -> bool:
+    """Whether :func:`prepare_frozen` shards ``model`` (else it replicates it); ``model`` may be on the meta device."""
+    if trainer is None or fsdp_mesh(trainer) is None or is_quantized(model):
+        return False
+    cfg = sharding_config(trainer)
+    mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    return cfg.frozen == "shard" or (cfg.frozen == "auto" and mb >= cfg.replicate_frozen_below_mb)
+
+
 def prepare_frozen(model: nn.Module, trainer, device: torch.device) -> nn.Module:
     """Shard a frozen model like the student, or replicate it on ``device`` (see :class:`ShardingConfig`)."""
     if trainer is None:
         return model if is_quantized(model) else model.to(device)
     cfg = sharding_config(trainer)
     mesh = fsdp_mesh(trainer)
-    shard = False
-    if mesh is not None and not is_quantized(model):
-        mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-        shard = cfg.frozen == "shard" or (cfg.frozen == "auto" and mb >= cfg.replicate_frozen_below_mb)
-    if shard:
+    if shards_frozen(model, trainer):
         shard_model(model, mesh, mixed_precision_policy(cfg.mixed_precision, mesh.device_type),
                     reshard_after_forward=True)
         install_backbone_hooks(model, fsdp_root=model, dummy_visual=cfg.dummy_visual and trainer.world_size > 1)

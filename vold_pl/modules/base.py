@@ -262,13 +262,30 @@ class PolicyModule(L.LightningModule):
 
         trainer = self.attached_trainer()
         check_strategy(getattr(trainer, "strategy", None))  # before loading weights: FSDP1 is refused
-        self.model, _ = load_model(self.model_spec, with_processor=False)  # the processor is loaded in __init__
-        self.model = apply_lora(self.model, self.model_spec.lora)  # model.lora.r > 0: only adapters train
-        self.model.train()
-        prepare_model(self.model, trainer, activation_checkpointing=self.gradient_checkpointing)
+        if self._loads_on_rank0(trainer):  # FSDP2 over ranks: the full weights in host memory on rank 0 only
+            from vold_pl.models.rank0_load import load_sharded_from_rank0
+
+            ac = self.gradient_checkpointing
+            self.model = load_sharded_from_rank0(
+                self.model_spec, lambda m: prepare_model(m, trainer, activation_checkpointing=ac),
+                device=trainer.strategy.root_device)
+            self.model.train()
+        else:
+            self.model, _ = load_model(self.model_spec, with_processor=False)  # the processor is loaded in __init__
+            self.model = apply_lora(self.model, self.model_spec.lora)  # model.lora.r > 0: only adapters train
+            self.model.train()
+            prepare_model(self.model, trainer, activation_checkpointing=self.gradient_checkpointing)
         if trainer is not None:  # sharded across ranks: rollouts must keep every rank stepping (synced generate)
             self.rollout_engine = rollout_engine_for(self.rollout_engine, self.model, self.tokenizer,
                                                      trainer.world_size, sharding_config(trainer))
+
+    def _loads_on_rank0(self, trainer) -> bool:
+        """Shard the trained model with its weights read on rank 0 only (:mod:`vold_pl.models.rank0_load`): FSDP2
+        over more than one rank, no LoRA (adapters are added to a loaded model), no quantization."""
+        from vold_pl.sharding import fsdp_mesh
+
+        return (trainer is not None and trainer.world_size > 1 and fsdp_mesh(trainer) is not None
+                and not self.model_spec.lora.r and self.model_spec.quantization == "none")
 
     @property
     def is_vision(self) -> bool:

@@ -36,7 +36,8 @@ from vold_pl.models.lora import adapters_off, is_lora_model
 from vold_pl.modules.base import OptimConfig, PolicyModule
 from vold_pl.rewards.functions import compute_rewards, validate_weights
 from vold_pl.rl.advantages import group_advantages
-from vold_pl.rl.logprobs import mask_blocked, rollout_model_inputs, rollout_token_logprobs
+from vold_pl.rl.full_kl import policy_scores_and_full_kl, teacher_hidden, teacher_token_logprobs_shared
+from vold_pl.rl.logprobs import rollout_token_logprobs
 from vold_pl.rl.losses import Totals, masked_mean
 from vold_pl.rl.objective import (
     TEACHER_SCORES,
@@ -49,13 +50,8 @@ from vold_pl.rl.objective import (
     plan_micro_batches,
 )
 from vold_pl.rl.rollout_types import Rollout, SamplingConfig, rollout_rows
-from vold_pl.rl.teacher import (
-    TeacherInputs,
-    build_teacher_inputs,
-    teacher_completion_logits,
-    teacher_rows,
-    teacher_token_logprobs,
-)
+from vold_pl.rl.static_decode import DecodeConfig, make_engine
+from vold_pl.rl.teacher import TeacherInputs, build_teacher_inputs, teacher_rows
 from vold_pl.sharding import fsdp_modules
 
 
@@ -89,6 +85,12 @@ class GRPOConfig:
         max_tokens_per_micro_batch: at most this many padded tokens per micro-batch, counted as rows ×
             (prompt width + the micro-batch's longest completion); whole groups stay together when each fits.
             0 = no token budget. With both set, both caps hold.
+        ppo_mini_batch_size: prompts per optimizer step on each rank. The rollout batch (``data.batch_size``
+            prompts x G, sampled once per Lightning batch) is split into PPO mini-batches of whole groups, one
+            optimizer step each (micro-batches inside each), with π_old stored at rollout time so the clipped
+            ratio bounds every step after the first; the global normalisation (``Totals``) is per optimizer step.
+            0 (default) = one optimizer step on the whole rollout batch. ``max_steps`` and the LR schedule count
+            optimizer steps (μ x mini-batches per batch).
     """
 
     num_generations: int = 4
@@ -103,12 +105,13 @@ class GRPOConfig:
     ref_kl_estimator: str = "k3"
     micro_batch_size: int = 0
     max_tokens_per_micro_batch: int = 0
+    ppo_mini_batch_size: int = 0
 
     def __post_init__(self):
         # Names are checked against the registries here, at config time, with the registered names listed.
         LossSettings(aggregation=self.loss_aggregation, policy_loss=self.policy_loss,
                      clip_ratio_c=self.clip_ratio_c, ref_kl=self.ref_kl_estimator)
-        for name in ("micro_batch_size", "max_tokens_per_micro_batch"):
+        for name in ("micro_batch_size", "max_tokens_per_micro_batch", "ppo_mini_batch_size"):
             if getattr(self, name) < 0:
                 raise UserError(f"grpo.{name}: {getattr(self, name)} is negative; use 0 (the whole batch) or a "
                                  f"positive cap.")
@@ -209,6 +212,8 @@ class StepData:
     total_reward: torch.Tensor  # [N] r_i
     zero_std: torch.Tensor  # [B] groups whose rewards are all equal
     t_roll: float  # seconds spent generating
+    # ``estimator: full``: the teacher's inputs, scored inside the micro-batch loop (vold_pl.rl.full_kl)
+    teacher_inputs: object = None
 
 
 class OPDGRPOModule(PolicyModule):
@@ -232,6 +237,9 @@ class OPDGRPOModule(PolicyModule):
         seed: run seed.
         max_consecutive_skips: an optimizer step whose loss or gradient is not finite is skipped (no weight
             changes) and counted in ``train/skipped_steps``; this many in a row stop the run (0 = never).
+        decode: the rollout decode loop (:class:`~vold_pl.rl.static_decode.DecodeConfig`): ``engine: eager``
+            (default, the reference) or ``engine: static`` (static KV cache, compiled step, EOS checked on device
+            every ``eos_check_every`` steps; ``compile: reduce-overhead`` adds CUDA graphs on CUDA).
     """
 
     collate_mode = "prompt"
@@ -254,9 +262,12 @@ class OPDGRPOModule(PolicyModule):
         export: bool = True,
         seed: int = 0,
         max_consecutive_skips: int = 10,
+        decode: DecodeConfig | None = DecodeConfig(),
     ):
         super().__init__(model, optim, gradient_checkpointing, export_dir, export, seed, max_consecutive_skips)
         self.save_hyperparameters()
+        self.decode = decode or DecodeConfig()
+        self.rollout_engine = make_engine(self.tokenizer, self.decode)
         self.automatic_optimization = False
         self.grpo, self.opd, self.sampling = grpo or GRPOConfig(), opd or OPDConfig(), sampling or SamplingConfig()
         self.reward_weights = validate_weights(rewards if rewards is not None else {"accuracy": 1.0, "format": 0.1})
@@ -326,13 +337,21 @@ class OPDGRPOModule(PolicyModule):
     def _load_frozen(self, spec: ModelSpec) -> torch.nn.Module:
         """Load a frozen model; under FSDP2 shard it like the student or replicate it (``vold_pl.sharding``).
 
-        Quantized models (bitsandbytes 4/8-bit) are placed by ``load_model`` and always replicated.
+        Quantized models (bitsandbytes 4/8-bit) are placed by ``load_model`` and always replicated. A model that is
+        sharded is read on rank 0 only (:mod:`vold_pl.models.rank0_load`).
         """
-        from vold_pl.sharding import prepare_frozen
+        from vold_pl.sharding import prepare_frozen, shards_frozen
 
+        trainer = self.attached_trainer()
+        if spec.quantization == "none" and trainer is not None and trainer.world_size > 1:
+            from vold_pl.models.rank0_load import load_sharded_from_rank0, meta_model
+
+            if shards_frozen(meta_model(spec), trainer):  # weights read on rank 0 only, sent to the shards
+                return freeze(load_sharded_from_rank0(spec, lambda m: prepare_frozen(freeze(m), trainer, self.device),
+                                                      device=trainer.strategy.root_device))
         model, _ = load_model(spec, with_processor=False)
         model = freeze(model)
-        return prepare_frozen(model, self.attached_trainer(), self.device)
+        return prepare_frozen(model, trainer, self.device)
 
     def on_fit_start(self) -> None:
         from vold_pl.sharding import is_fsdp2, is_quantized
@@ -342,11 +361,30 @@ class OPDGRPOModule(PolicyModule):
             if not is_quantized(m) and not is_fsdp2(m):
                 self._frozen[name] = m.to(self.device)
 
+    def _mini_batches(self, rollout: Rollout) -> list[tuple[int, int]]:
+        """The PPO mini-batches of a rollout batch, ``[(start, end)]`` rows of whole groups."""
+        G, m = rollout.group_size, self.grpo.ppo_mini_batch_size
+        N = rollout.num_rows
+        if m <= 0 or m * G >= N:
+            return [(0, N)]
+        return [(s, min(s + m * G, N)) for s in range(0, N, m * G)]
+
+    def _step_rows(self, step: StepData, start: int, end: int) -> StepData:
+        """Rows ``start:end`` (whole groups) of the step's data: a PPO mini-batch, with its own micro-batch plan."""
+        ro = rollout_rows(step.rollout, start, end)
+        width = ro.completion_ids.size(1)
+        tin = step.teacher_inputs
+        return replace(step, rollout=ro, experience=step.experience.rows(start, end, width), plan=self._plan(ro),
+                       teacher_inputs=teacher_rows(tin, start, end, width) if tin is not None else None)
+
     def _optimizer_steps(self, batches: int) -> int:
         # ``estimated_stepping_batches`` is min(batches, max_steps), and max_steps already counts optimizer
-        # steps (μ per batch under manual optimization): scale batches by μ, never max_steps.
-        steps = batches * self.grpo.num_iterations
+        # steps (μ x mini-batches per batch under manual optimization): scale batches, never max_steps.
         trainer = self.attached_trainer()
+        rows = getattr(getattr(trainer, "datamodule", None), "batch_size", 0) if trainer is not None else 0
+        m = self.grpo.ppo_mini_batch_size
+        minis = -(-rows // m) if m > 0 and rows else 1
+        steps = batches * self.grpo.num_iterations * minis
         max_steps = trainer.max_steps if trainer is not None else -1
         return min(steps, max_steps) if max_steps > 0 else steps
 
@@ -358,13 +396,21 @@ class OPDGRPOModule(PolicyModule):
         mask = rollout.completion_mask.float()  # [N, L]
         totals, world = self._totals(exp)
 
-        # repeat μ times: the loss of the step's experience, micro-batch by micro-batch, one optimizer step
+        # repeat μ times: each PPO mini-batch of the step's experience (whole groups), micro-batch by micro-batch,
+        # one optimizer step each; a single mini-batch (the default) is the whole rollout batch
         opt = self.optimizers()
         sched = self.lr_schedulers()
+        minis = self._mini_batches(rollout)
+        entropy = mask.new_zeros(mask.shape)  # [N, L]
         for _ in range(self.grpo.num_iterations):
-            opt.zero_grad()
-            loss, stats, entropy = self.backward_micro_batches(step, totals, world)
-            self._clip_step_and_schedule(opt, sched)
+            for s, e in minis:
+                sub = step if len(minis) == 1 else self._step_rows(step, s, e)
+                if len(minis) > 1:
+                    totals, world = self._totals(sub.experience)  # the global counts of this optimizer step
+                opt.zero_grad()
+                loss, stats, ent = self.backward_micro_batches(sub, totals, world)
+                entropy[s:e, : ent.size(1)] = ent
+                self._clip_step_and_schedule(opt, sched)
         self._log_step(step.rewards, exp.advantages, step.zero_std, rollout, mask, entropy, stats,
                        loss.detach() / world, step.t_roll, time.perf_counter() - t0)
         if self.log_completions_every and self.global_step % self.log_completions_every < self.grpo.num_iterations:
@@ -403,12 +449,15 @@ class OPDGRPOModule(PolicyModule):
         undone, so the slices sum), its ``(metrics, weights)``, and its entropy written into ``entropy [N, L]``.
         A padding entry's loss is its log-probs times 0: a graph through every weight, no value."""
         sub = mb.rollout(step.rollout)
-        logp, ent = self._logprobs(sub)  # [n, l], [n, l]
-        if mb.padding:
+        kl = None
+        if step.teacher_inputs is not None:  # full KL: teacher and KL per micro-batch, slab by slab
+            logp, ent, kl = self._logprobs_and_full_kl(sub, mb.teacher_inputs(step.teacher_inputs), mb.start)
+        else:
+            logp, ent = self._logprobs(sub)  # [n, l], [n, l]
+        if mb.padding:  # the forward keeps every sharded model's collectives in step; nothing of it is kept
             return logp.sum() * 0.0, []
         mb.write(entropy, ent.detach())
-        exp = replace(mb.experience(step.experience), logp=logp,
-                      student_logits=self._student_logits(sub) if step.experience.teacher_logits is not None else None)
+        exp = replace(mb.experience(step.experience), logp=logp, opd_kl=kl)
         mb_loss, mb_stats = opd_grpo_loss(exp, self.loss_settings, totals)
         return mb_loss * world, [(mb_stats, metric_weights(exp, self.loss_settings))]
 
@@ -436,14 +485,14 @@ class OPDGRPOModule(PolicyModule):
             reference = self._frozen.get("reference", self.model)  # LoRA: the policy, adapters off below
             with torch.no_grad(), adapters_off(reference):
                 ref_logp = self._score(reference, rollout, plan)  # [N, L]
-        if self.grpo.num_iterations > 1:
+        if self.grpo.num_iterations > 1 or len(self._mini_batches(rollout)) > 1:
             with torch.no_grad():  # π_old at rollout time: the weights the samples came from
                 old_logp = self._score(self.model, rollout, plan)  # [N, L]
         success = rw.named[self.opd.gate_reward].to(self.device) if self.opd.gate_reward in rw.named else None  # [N]
         exp = Experience(logp=None, old_logp=old_logp, advantages=adv, mask=rollout.completion_mask.float(),
                          ref_logp=ref_logp, success=success, teacher_logp=teacher.get("logp"),
                          teacher_logits=teacher.get("logits"), teacher_available=teacher.get("available"))
-        return StepData(rollout, exp, plan, rw, rewards, zero_std, t_roll)
+        return StepData(rollout, exp, plan, rw, rewards, zero_std, t_roll, teacher.get("inputs"))
 
     def _plan(self, rollout: Rollout) -> list[MicroBatch]:
         """The step's micro-batches. Across ranks their number is made equal (padding entries,
@@ -507,10 +556,6 @@ class OPDGRPOModule(PolicyModule):
             for m in fsdp:
                 m.set_requires_gradient_sync(True, recurse=False)
 
-    def _policy_inputs(self, rollout: Rollout):
-        ids, attn, extra = rollout_model_inputs(rollout, self.is_vision)
-        return ids, attn, rollout.prompt_ids.size(1), extra
-
     def _logprobs(self, rollout: Rollout):
         # Each prompt (and its images) runs once per group; completions are scored on its expanded KV cache.
         # Chunks are recomputed in backward so the [N, L, V] logits never live whole. The sampler's
@@ -518,31 +563,38 @@ class OPDGRPOModule(PolicyModule):
         return rollout_token_logprobs(self.model, rollout, temperature=self.sampling.temperature,
                                       chunk_size=self.chunk, return_entropy=True, checkpoint_chunks=True)
 
-    def _student_logits(self, rollout: Rollout) -> torch.Tensor:
-        """The policy's full next-token logits at the completion positions, ``[N, L, V]``, for the full KL:
-        temperature-scaled, ``-inf`` at the rollout's blocked ids (the sampler's distribution)."""
-        ids, attn, start, extra = self._policy_inputs(rollout)
-        logits = self.model(input_ids=ids, attention_mask=attn, use_cache=False, **extra).logits
-        return mask_blocked(logits[:, start - 1 : -1].float() / self.sampling.temperature, rollout.blocked_ids)
+    def _logprobs_and_full_kl(self, rollout: Rollout, sub: TeacherInputs, start: int):
+        """A micro-batch (``rollout``: its rows, from row ``start`` of the step; ``sub``: the teacher's inputs of the
+        same rows): the policy's ``logp``, ``entropy`` and full KL to the teacher, ``[n, l]`` each, from one policy
+        forward; the teacher runs here (each prompt once per group), so only this micro-batch's hidden states and
+        one ``[chunk, V]`` logits slab per model are alive (vold_pl.rl.full_kl)."""
+        group = rollout.group_size if start % rollout.group_size == 0 else 1
+        t_hidden, t_head = teacher_hidden(self._frozen["teacher"], sub.input_ids, sub.attention_mask,
+                                          sub.completion_start, group)  # [n, l, H_T]
+        return policy_scores_and_full_kl(self.model, rollout, t_hidden, t_head, self.sampling.temperature,
+                                         self.chunk, self.opd.top_k or None)
 
     def _teacher_scores(self, records: list[dict], rollout: Rollout, plan: list[MicroBatch]) -> dict:
         """The teacher's scores of the student's tokens on the same support as the sampler (blocked ids
-        removed and renormalised), micro-batch by micro-batch: ``logp [N, L]`` (k1) or ``logits [N, L, V]``
-        (full), as :data:`~vold_pl.rl.objective.TEACHER_SCORES` says, and ``available [N]``."""
+        removed and renormalised), micro-batch by micro-batch: ``logp [N, L]`` (k1), and ``available [N]``. For
+        the full estimator (``logits`` in :data:`~vold_pl.rl.objective.TEACHER_SCORES`) only its ``inputs``: it is
+        scored inside the micro-batch loop (:meth:`_logprobs_and_full_kl`)."""
         tin = build_teacher_inputs(self.teacher_tokenizer, records, rollout.completion_ids, rollout.completion_mask,
                                    rollout.group_size)
         teacher = self._frozen["teacher"]
         kind = TEACHER_SCORES[self.opd.estimator]
         T, blocked = self.sampling.temperature, rollout.blocked_ids
+        out = {"available": tin.available}
+        if kind == "logits":  # scored inside the micro-batch loop, never kept whole (_logprobs_and_full_kl)
+            return {**out, "inputs": tin}
 
-        def score(mb: MicroBatch) -> torch.Tensor:
+        def score(mb: MicroBatch) -> torch.Tensor:  # [n, l]
             sub = mb.teacher_inputs(tin)
-            if kind == "logits":
-                return teacher_completion_logits(teacher, sub, T, blocked)  # [n, l, V]
-            return teacher_token_logprobs(teacher, sub, T, self.chunk, blocked)  # [n, l]
+            group = rollout.group_size if mb.start % rollout.group_size == 0 else 1  # whole groups: prompts once
+            return teacher_token_logprobs_shared(teacher, sub.input_ids, sub.attention_mask, sub.completion_start,
+                                                 group, T, self.chunk, blocked)
 
-        return {"available": tin.available,
-                kind: self._scores_by_micro_batch(plan, tuple(rollout.completion_mask.shape), score)}
+        return {**out, kind: self._scores_by_micro_batch(plan, tuple(rollout.completion_mask.shape), score)}
 
     def _clip_step_and_schedule(self, opt, sched) -> None:
         """After :meth:`backward_micro_batches`: clip the gradients (``max_grad_norm``), step the optimizer and

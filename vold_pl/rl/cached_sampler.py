@@ -28,7 +28,7 @@ from vold_pl.rl.rollout_types import (
     prompt_inputs,
     repeat_images,
 )
-from vold_pl.sharding import fsdp_modules, is_fsdp2, rank_local_forwards
+from vold_pl.sharding import is_fsdp2, rank_local_forwards
 
 
 def _full_attention_only(model: torch.nn.Module) -> bool:
@@ -240,9 +240,10 @@ def _lean_key(model: torch.nn.Module, text: torch.nn.Module) -> tuple:
 
 
 def _is_sharded(model: torch.nn.Module) -> bool:
-    """FSDP2 units or DTensor parameters: their parameters are gathered by hooks on the wrapped modules'
-    ``forward``, which the lean decoder's direct submodule calls would bypass."""
-    return bool(fsdp_modules(model)) or is_fsdp2(model)
+    """Parameters that are FSDP2 shards (DTensors) right now: FSDP2's hooks gather them on the wrapped modules'
+    ``forward``, which the lean decoder's direct submodule calls would bypass. Inside ``rollout: unshard``
+    (:func:`vold_pl.rl.unsharded.unsharded`) the modules hold the gathered, whole weights: not sharded."""
+    return is_fsdp2(model)
 
 
 class CachedSamplingEngine(HFGenerateEngine):
@@ -459,6 +460,32 @@ class CachedSamplingEngine(HFGenerateEngine):
             return f"token log-probs differ by {diff:.3g} (tolerance {tol:g} for {dtype})"
         return None
 
+    def _loop_state(self, N: int, sampling: SamplingConfig, device, logprobs: bool):
+        """What a decode loop of ``N`` rows starts from: ``out_tok [N, L]`` (pad), ``out_lp [N, L]`` (zeros, or
+        ``None``), the EOS ids, the blocked ids (or ``None``), HF's warpers and ``1 / temperature``."""
+        L = sampling.max_new_tokens
+        out_tok = torch.full((N, L), self.tokenizer.pad_token_id, dtype=torch.long, device=device)
+        out_lp = torch.zeros((N, L), dtype=torch.float32, device=device) if logprobs else None
+        eos = torch.tensor(self.eos_ids, device=device)
+        suppress = torch.tensor(self.suppress_ids, dtype=torch.long, device=device) if self.suppress_ids else None
+        inv_t = 1.0 / sampling.temperature if sampling.do_sample and sampling.temperature else 1.0
+        return out_tok, out_lp, eos, suppress, self._warpers(sampling), inv_t
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, suppress: torch.Tensor | None, warpers: list, inv_t: float,
+              sampling: SamplingConfig, logprobs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One position: ``logits [n, V]`` -> the next tokens ``[n]`` and, with ``logprobs``, ``log pi [n, V]``.
+
+        HF's processing of the scores with the blocked ids removed; ``log pi`` is the distribution the loss scores
+        (the same suppressed scores, temperature-scaled, before top-k/top-p)."""
+        scores = logits if suppress is None else logits.index_fill(1, suppress, float("-inf"))
+        logp_all = torch.log_softmax(scores * inv_t if inv_t != 1.0 else scores, -1) if logprobs else None
+        if sampling.do_sample:
+            for w in warpers:
+                scores = w(None, scores)
+            return torch.multinomial(torch.softmax(scores, -1), 1).squeeze(1), logp_all  # [n]
+        return scores.argmax(-1), logp_all  # [n]
+
     def _decode(self, model, cache, cache_key: str, logits: torch.Tensor, mask: torch.Tensor, last_pos: torch.Tensor,
                 G: int, sampling: SamplingConfig, device, logprobs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The decode loop. ``logits [N, V]`` of the next token, ``mask [N, P]``, ``last_pos [B|N, 1]`` or
@@ -472,12 +499,7 @@ class CachedSamplingEngine(HFGenerateEngine):
         bdim = last_pos.dim() - 2  # batch dim of the position ids
         if last_pos.size(bdim) != N:  # positions of the shared prefill: one row per prompt
             last_pos = last_pos.repeat_interleave(G, dim=bdim)
-        out_tok = torch.full((N, L), pad, dtype=torch.long, device=device)
-        out_lp = torch.zeros((N, L), dtype=torch.float32, device=device) if logprobs else None
-        eos = torch.tensor(self.eos_ids, device=device)
-        suppress = torch.tensor(self.suppress_ids, dtype=torch.long, device=device) if self.suppress_ids else None
-        warpers = self._warpers(sampling)
-        inv_t = 1.0 / sampling.temperature if sampling.do_sample and sampling.temperature else 1.0
+        out_tok, out_lp, eos, suppress, warpers, inv_t = self._loop_state(N, sampling, device, logprobs)
         # The attention mask over prompt + generated tokens, preallocated. With SDPA and full attention it goes
         # in as the 4-D boolean key mask the model would build from the 2-D one (``None`` without padding,
         # as ``create_causal_mask`` returns then), skipping the per-step mask construction.
@@ -493,16 +515,7 @@ class CachedSamplingEngine(HFGenerateEngine):
         alive = torch.ones(N, dtype=torch.bool, device=device)  # no compaction: rows without EOS yet
         steps = 0
         for t in range(L):
-            # HF's processing of the scores with the blocked ids removed; with ``logprobs``, log pi of the
-            # distribution the loss scores (the same suppressed scores, temperature-scaled, before top-k/top-p).
-            scores = logits if suppress is None else logits.index_fill(1, suppress, float("-inf"))
-            logp_all = torch.log_softmax(scores * inv_t if inv_t != 1.0 else scores, -1) if logprobs else None
-            if sampling.do_sample:
-                for w in warpers:
-                    scores = w(None, scores)
-                tok = torch.multinomial(torch.softmax(scores, -1), 1).squeeze(1)  # [n]
-            else:
-                tok = scores.argmax(-1)  # [n]
+            tok, logp_all = self._pick(logits, suppress, warpers, inv_t, sampling, logprobs)  # [n], [n, V]
             lp = logp_all.gather(1, tok.unsqueeze(1)).squeeze(1) if logprobs else None  # [n]
             done = torch.isin(tok, eos)  # [n]
             steps = t + 1

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from vold_pl.models.inputs import IMAGE_INPUT_KEYS, base_model, cache_kwarg, prompt_positions
+from vold_pl.rl.prefix_cache import cache_kept_under_checkpointing, completion_cache, prompt_cache
 from vold_pl.rl.rollout_types import Rollout, repeat_images
 
 __all__ = [
@@ -37,6 +38,8 @@ __all__ = [
     "shared_prefix_token_logprobs",
     "rollout_token_logprobs",
     "rollout_model_inputs",
+    "rollout_hidden",
+    "shared_prefix_hidden",
 ]
 
 LMHead = Union[nn.Module, torch.Tensor]
@@ -288,6 +291,41 @@ def _checkpointing(model: nn.Module) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
+def shared_prefix_hidden(model: torch.nn.Module, backbone: torch.nn.Module, prompt_ids: torch.Tensor,
+                         prompt_mask: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                         group_size: int, positions: torch.Tensor, mm: dict[str, Any]) -> torch.Tensor:
+    """The final hidden states that predict each completion token, ``[N, L, H]`` (``hidden[:, t]`` scores
+    ``completion_ids[:, t]``), with each of the B prompts (and its images) run once and its KV cache expanded G
+    times. ``positions``: the prompts' position ids (:func:`~vold_pl.models.inputs.prompt_positions`); ``mm``:
+    the prompts' image inputs (empty for a text model). Used by :func:`shared_prefix_token_logprobs` and the
+    full-vocabulary KL (:mod:`vold_pl.rl.full_kl`)."""
+    G, base = group_size, base_model(model)
+    L = completion_ids.size(1)
+    grad_ckpt = torch.is_grad_enabled() and base.training and _checkpointing(base)
+    cache_key = cache_kwarg(backbone)
+    pre = {k: mm[k] for k in IMAGE_INPUT_KEYS if k in mm} if "pixel_values" in mm else {}
+    # Recompute-safe caches (vold_pl.rl.prefix_cache): under activation checkpointing too, the prompt (and its
+    # images) runs once per group, checkpointed layer by layer like the rest of the forward.
+    n_layers = base.config.get_text_config(decoder=True).num_hidden_layers
+    with cache_kept_under_checkpointing(base, enabled=grad_ckpt):
+        cache = prompt_cache(n_layers)
+        out = backbone(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
+                       **pre, **{cache_key: cache})
+        h_last = out.last_hidden_state[:, -1]  # [B, H]: left padding puts every prompt's last token last
+        del out
+        cache = completion_cache(cache, G)  # [B, ...] -> [N, ...], differentiable
+        bdim = positions.dim() - 2
+        steps = torch.arange(1, L + 1, device=prompt_ids.device)  # [L]
+        comp_pos = positions[..., -1:].repeat_interleave(G, dim=bdim) + steps  # [N, L] or [4, N, L]
+        attn = torch.cat([prompt_mask.repeat_interleave(G, 0), completion_mask.to(prompt_mask.dtype)], 1)  # [N, P+L]
+        out = backbone(input_ids=completion_ids, attention_mask=attn, position_ids=comp_pos, use_cache=True,
+                       **{cache_key: cache})
+    # hidden[t] predicts token t: the prompt's last state for t = 0, the completion's state t - 1 after that.
+    hidden = torch.cat([h_last.repeat_interleave(G, 0).unsqueeze(1), out.last_hidden_state[:, :-1]], 1)  # [N, L, H]
+    del out, cache
+    return hidden
+
+
 def shared_prefix_token_logprobs(
     model: torch.nn.Module,
     prompt_ids: torch.Tensor,
@@ -322,8 +360,9 @@ def shared_prefix_token_logprobs(
             ``mm_token_type_ids``); ignored for a text-only model.
 
     Returns ``logp [N, L]`` float32 (and ``entropy [N, L]``), unmasked like ``model_token_logprobs`` with an int
-    ``completion_start``. Falls back to ``model_token_logprobs`` under gradient checkpointing (HF drops the cache
-    there) and for VLMs without Qwen2-VL-style ``get_rope_index``.
+    ``completion_start``. Under activation checkpointing the prompt pass is checkpointed too and its cache kept
+    (:mod:`vold_pl.rl.prefix_cache`). Falls back to ``model_token_logprobs`` for VLMs without Qwen2-VL-style
+    ``get_rope_index``.
     """
     G = group_size
     base = base_model(model)
@@ -335,8 +374,7 @@ def shared_prefix_token_logprobs(
     mm = {k: v for k, v in prompt_model_inputs.items() if v is not None} if vision else {}
     positions = prompt_positions(base, prompt_ids, prompt_mask, mm, vision)
     backbone, head = _backbone_and_head(model)
-    grad_ckpt = torch.is_grad_enabled() and base.training and _checkpointing(base)
-    if positions is None or backbone is None or grad_ckpt or L == 0:
+    if positions is None or backbone is None or L == 0:
         mm_types = mm["mm_token_type_ids"].repeat_interleave(G, 0) if "mm_token_type_ids" in mm else None
         ids, attn, mm_types = concat_prompt_completion(prompt_ids.repeat_interleave(G, 0),
                                                        prompt_mask.repeat_interleave(G, 0), completion_ids,
@@ -349,22 +387,8 @@ def shared_prefix_token_logprobs(
         return model_token_logprobs(model, ids, attn, P, temperature=temperature, chunk_size=chunk_size,
                                     return_entropy=return_entropy, checkpoint_chunks=checkpoint_chunks,
                                     blocked_ids=blocked_ids, **extra)
-    cache_key = cache_kwarg(backbone)
-    pre = {k: mm[k] for k in IMAGE_INPUT_KEYS if k in mm} if "pixel_values" in mm else {}
-    out = backbone(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, **pre)
-    cache = out[cache_key] if cache_key in out else out.past_key_values
-    h_last = out.last_hidden_state[:, -1]  # [B, H]: left padding puts every prompt's last token in the last column
-    del out
-    cache.batch_repeat_interleave(G)  # [B, ...] -> [N, ...], differentiable
-    bdim = positions.dim() - 2
-    steps = torch.arange(1, L + 1, device=prompt_ids.device)  # [L]
-    comp_pos = positions[..., -1:].repeat_interleave(G, dim=bdim) + steps  # [N, L] or [4, N, L]
-    attn = torch.cat([prompt_mask.repeat_interleave(G, 0), completion_mask.to(prompt_mask.dtype)], 1)  # [N, P+L]
-    out = backbone(input_ids=completion_ids, attention_mask=attn, position_ids=comp_pos, use_cache=True,
-                   **{cache_key: cache})
-    # hidden[t] predicts token t: the prompt's last state for t = 0, the completion's state t - 1 after that.
-    hidden = torch.cat([h_last.repeat_interleave(G, 0).unsqueeze(1), out.last_hidden_state[:, :-1]], 1)  # [N, L, H]
-    del out, cache
+    hidden = shared_prefix_hidden(model, backbone, prompt_ids, prompt_mask, completion_ids, completion_mask, G,
+                                  positions, mm)  # [N, L, H]
     return token_logprobs_from_hidden(hidden, head, completion_ids, chunk_size=chunk_size, temperature=temperature,
                                       return_entropy=return_entropy, checkpoint_chunks=checkpoint_chunks,
                                       blocked_ids=blocked_ids)
@@ -388,6 +412,35 @@ def rollout_token_logprobs(model: torch.nn.Module, rollout: Rollout, *, temperat
     vision = getattr(base_model(model).config, "vision_config", None) is not None
     ids, attn, extra = rollout_model_inputs(rollout, vision)
     return model_token_logprobs(model, ids, attn, rollout.prompt_ids.size(1), **kw, **extra)
+
+
+def rollout_hidden(model: torch.nn.Module, rollout: Rollout) -> tuple[torch.Tensor, nn.Module]:
+    """The final hidden states that predict a rollout's completion tokens, ``[N, L, H]``, and the model's LM
+    head: each prompt run once per group where :func:`shared_prefix_hidden` applies, else the G-times repeated
+    forward (the same numbers). For scores that need the whole next-token distribution (the full-vocabulary
+    KL, :mod:`vold_pl.rl.full_kl`), projected slab by slab by the caller."""
+    base = base_model(model)
+    vision = getattr(base.config, "vision_config", None) is not None
+    backbone, head = _backbone_and_head(model)
+    N, L = rollout.completion_ids.shape
+    if rollout.prompts is not None and backbone is not None and L > 0:
+        pr = dict(rollout.prompts)
+        ids, mask = pr.pop("input_ids"), pr.pop("attention_mask")
+        mm = {k: v for k, v in pr.items() if v is not None} if vision else {}
+        positions = prompt_positions(base, ids, mask, mm, vision)
+        if positions is not None:
+            return shared_prefix_hidden(model, backbone, ids, mask, rollout.completion_ids, rollout.completion_mask,
+                                        rollout.group_size, positions, mm), head
+    ids, attn, extra = rollout_model_inputs(rollout, vision)
+    start = rollout.prompt_ids.size(1)
+    if backbone is not None:
+        out = backbone(input_ids=ids, attention_mask=attn, use_cache=False, **extra)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # [N, P + L, H]
+    else:
+        out = model(input_ids=ids, attention_mask=attn, use_cache=False, output_hidden_states=True, logits_to_keep=1,
+                    **extra)
+        hidden = out.hidden_states[-1]
+    return hidden[:, start - 1 : -1], head  # [N, L, H]
 
 
 def rollout_model_inputs(rollout: Rollout, vision: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:

@@ -161,6 +161,9 @@ class Experience:
     teacher_logp: torch.Tensor | None = None  # [N, L] log π_T(o_t | q_T, o_<t), k1 estimator
     student_logits: torch.Tensor | None = None  # [N, L, V] π_θ logits (temperature-scaled, blocked -inf), full
     teacher_logits: torch.Tensor | None = None  # [N, L, V] π_T logits, the same scaling and blocked ids, full
+    # [N, L] the full estimator's per-token KL already computed slab by slab (vold_pl.rl.full_kl), differentiable;
+    # when set, the logits above are not needed
+    opd_kl: torch.Tensor | None = None
     success: torch.Tensor | None = None  # [N] the {0, 1} success (accuracy) reward the ``failed`` gate reads
     teacher_available: torch.Tensor | None = None  # [N] bool: the teacher has a view of the prompt
 
@@ -191,6 +194,8 @@ def _estimator_inputs(exp: Experience, cfg: LossSettings, old_logp: torch.Tensor
 
 def _opd_kl(exp: Experience, cfg: LossSettings, old_logp: torch.Tensor) -> torch.Tensor:
     """The per-token reverse KL of the configured estimator, ``[N, L]`` (k1's gradient: score function)."""
+    if exp.opd_kl is not None:  # computed in slabs by the trainer (full estimator in bounded memory)
+        return exp.opd_kl
     args, kwargs = _estimator_inputs(exp, cfg, old_logp)
     return OPD_ESTIMATORS[cfg.estimator](*args, **kwargs)
 
