@@ -39,14 +39,13 @@ REWARD_WEIGHTS = {"accuracy": 1.0, "format": 0.1}
 # ------------------------------------------------------------------------------------------------ shared work
 
 def make_prompts(rows: list[dict], vision: bool) -> list[dict]:
-    """The same chat prompt for both trainers: vold-pl's ``student_messages`` (images first, then text)."""
+    """The same chat prompt for both trainers: vold-pl's ``student_messages`` (images first, then text; a plain
+    string turn for the text policy, as vold-pl renders it for a model without an image processor)."""
     from vold_pl.prompts import student_messages
 
     out = []
     for r in rows:
-        msgs = student_messages(r)
-        if not vision:  # a text model's template takes a plain string just the same
-            msgs = [{"role": "user", "content": msgs[0]["content"][-1]["text"]}]
+        msgs = student_messages(r, with_images=vision)
         rec = {"prompt": msgs, "answer": r["answer"], "answer_type": r["answer_type"],
                "choices": json.dumps(r.get("choices")), "id": r["id"]}
         if vision:

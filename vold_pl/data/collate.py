@@ -119,7 +119,8 @@ def meta(rows: list[dict]) -> list[dict]:
 
 @dataclass
 class PromptCollator:
-    """Rows → left-padded prompts for generation, with each row's metadata under ``records``."""
+    """Rows → left-padded prompts for generation, with each row's metadata under ``records`` and the output-format
+    instruction the prompts end with under ``instruction`` (the teacher's prompts of OPD end with the same one)."""
 
     processor: Any
     view: str = "student"
@@ -132,7 +133,7 @@ class PromptCollator:
         ids, mask = pad_left(enc.pop("input_ids"), get_tokenizer(self.processor).pad_token_id)
         out = {"input_ids": ids, "attention_mask": mask,
                "mm_token_type_ids": mm_token_type_ids(ids, image_token_id(self.processor)),
-               **enc, "records": meta(rows)}
+               **enc, "records": meta(rows), "instruction": self.instruction}
         return out | ({SKIPPED_KEY: bad} if bad else {})
 
 

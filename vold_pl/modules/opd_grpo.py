@@ -34,6 +34,7 @@ from vold_pl.errors import UserError
 from vold_pl.models.factory import ModelSpec, check_align_option, freeze, load_model, prepare_teacher_tokenizer
 from vold_pl.models.lora import adapters_off, is_lora_model
 from vold_pl.modules.base import OptimConfig, PolicyModule
+from vold_pl.prompts import DEFAULT_INSTRUCTION
 from vold_pl.rewards.functions import compute_rewards, validate_weights
 from vold_pl.rl.advantages import group_advantages
 from vold_pl.rl.full_kl import policy_scores_and_full_kl, teacher_hidden, teacher_token_logprobs_shared
@@ -479,7 +480,9 @@ class OPDGRPOModule(PolicyModule):
         adv, zero_std = group_advantages(rewards, G, self.grpo.scale)  # [N], [B]
 
         # frozen scores, once per rollout batch: teacher log π_T(o_t | q_T, o_<t), reference, π_old
-        teacher = self._teacher_scores(records, rollout, plan) if self.opd.lam > 0 else {}
+        # the teacher's prompt ends with the instruction the student's did (the data module's ``instruction``)
+        instruction = batch.get("instruction", DEFAULT_INSTRUCTION)
+        teacher = self._teacher_scores(records, rollout, plan, instruction) if self.opd.lam > 0 else {}
         ref_logp = old_logp = None
         if self.grpo.beta_ref > 0:
             reference = self._frozen.get("reference", self.model)  # LoRA: the policy, adapters off below
@@ -574,13 +577,14 @@ class OPDGRPOModule(PolicyModule):
         return policy_scores_and_full_kl(self.model, rollout, t_hidden, t_head, self.sampling.temperature,
                                          self.chunk, self.opd.top_k or None)
 
-    def _teacher_scores(self, records: list[dict], rollout: Rollout, plan: list[MicroBatch]) -> dict:
+    def _teacher_scores(self, records: list[dict], rollout: Rollout, plan: list[MicroBatch],
+                        instruction: str = DEFAULT_INSTRUCTION) -> dict:
         """The teacher's scores of the student's tokens on the same support as the sampler (blocked ids
         removed and renormalised), micro-batch by micro-batch: ``logp [N, L]`` (k1), and ``available [N]``. For
         the full estimator (``logits`` in :data:`~vold_pl.rl.objective.TEACHER_SCORES`) only its ``inputs``: it is
         scored inside the micro-batch loop (:meth:`_logprobs_and_full_kl`)."""
         tin = build_teacher_inputs(self.teacher_tokenizer, records, rollout.completion_ids, rollout.completion_mask,
-                                   rollout.group_size)
+                                   rollout.group_size, instruction)
         teacher = self._frozen["teacher"]
         kind = TEACHER_SCORES[self.opd.estimator]
         T, blocked = self.sampling.temperature, rollout.blocked_ids
