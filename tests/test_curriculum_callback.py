@@ -143,3 +143,32 @@ def test_max_steps_that_leave_every_stage_a_step_are_enough():
 def test_no_stage_is_refused():
     with pytest.raises(ValueError, match="^Curriculum needs at least one stage.$"):
         Curriculum([])
+
+
+def test_too_few_epochs_are_refused_with_the_reason_and_the_remedy():
+    stages = [CurriculumStage("a", steps=2), CurriculumStage("b", steps=1)]
+    cb, dm, module = Curriculum(stages), _Data(), _Policy()
+    trainer = SimpleNamespace(datamodule=dm, reload_dataloaders_every_n_epochs=0, max_epochs=1, max_steps=-1)
+    with pytest.raises(ValueError) as err:
+        cb.setup(trainer, module, "fit")  # each stage spends at least one epoch: two are needed
+    msg = str(err.value)
+    assert "needs at least 2 epochs to run all its 2 stages, but trainer.max_epochs=1" in msg
+    assert msg.endswith("Set trainer.max_epochs: -1 and bound the run with trainer.max_steps (or raise "
+                        "trainer.max_epochs); a stage that ends mid-epoch ends that epoch, so a step-based curriculum "
+                        "uses more epochs than the data alone suggests.")
+
+
+def test_a_checkpoint_restores_the_stage_and_names_changed_stages(capsys):
+    cb, trainer, module, _ = _setup([CurriculumStage("a", steps=2), CurriculumStage("b")])
+    trainer.global_step = 2
+    cb.on_train_batch_end(trainer, module, None, None, 1)
+    state = cb.state_dict()
+    fresh = Curriculum([CurriculumStage("a", steps=2), CurriculumStage("b")])
+    fresh.load_state_dict(state)  # before setup, as Lightning restores a callback
+    assert fresh.state_dict() == state and capsys.readouterr().out == ""
+    renamed = Curriculum([CurriculumStage("a", steps=2), CurriculumStage("c")])
+    renamed.load_state_dict(state)
+    assert (renamed.stage, renamed.start_step, renamed.start_epoch, renamed.end_epoch) == (
+        state["stage"], state["start_step"], state["start_epoch"], state["end_epoch"])
+    assert "stages changed since the checkpoint (['a', 'b'] -> ['a', 'c']); continuing in stage 1" in (
+        capsys.readouterr().out)
