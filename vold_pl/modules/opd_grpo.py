@@ -371,12 +371,12 @@ class OPDGRPOModule(PolicyModule):
         return [(s, min(s + m * G, N)) for s in range(0, N, m * G)]
 
     def _step_rows(self, step: StepData, start: int, end: int) -> StepData:
-        """Rows ``start:end`` (whole groups) of the step's data: a PPO mini-batch, with its own micro-batch plan."""
-        ro = rollout_rows(step.rollout, start, end)
-        width = ro.completion_ids.size(1)
-        tin = step.teacher_inputs
-        return replace(step, rollout=ro, experience=step.experience.rows(start, end, width), plan=self._plan(ro),
-                       teacher_inputs=teacher_rows(tin, start, end, width) if tin is not None else None)
+        """Rows ``start:end`` (whole groups) of the step's data: a PPO mini-batch, cut by the step's one slicer
+        (:class:`MicroBatch`), with its own micro-batch plan."""
+        rows = micro_batch_plan(step.rollout, [(start, end)])[0]
+        ro, tin = rows.rollout(step.rollout), step.teacher_inputs
+        return replace(step, rollout=ro, experience=rows.experience(step.experience), plan=self._plan(ro),
+                       teacher_inputs=rows.teacher_inputs(tin) if tin is not None else None)
 
     def _optimizer_steps(self, batches: int) -> int:
         # ``estimated_stepping_batches`` is min(batches, max_steps), and max_steps already counts optimizer
