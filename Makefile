@@ -18,12 +18,13 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 venv: $(VENV)/.installed
 
 # The data and the tiny models (whose tokenizer is trained on the generator's text) are rebuilt when their
-# generator changes, e.g. a new trace format; teacher_text.jsonl is the target, so data from before it existed
-# is rebuilt too. The same generator and seed give the same bytes.
-$(ART)/data/teacher_text.jsonl: $(VENV)/.installed vold_pl/data/synthetic.py
-	$(PY) -m vold_pl.data.synthetic --out $(ART)/data --seed 0 --n-train 2000 --n-val 200 --n-test 200 --n-teacher-text 30000
+# generator changes, e.g. a new trace format; perception_train.jsonl is the target, so data from before it
+# existed is rebuilt too. The same generator and seed give the same bytes.
+$(ART)/data/perception_train.jsonl: $(VENV)/.installed vold_pl/data/synthetic.py
+	$(PY) -m vold_pl.data.synthetic --out $(ART)/data --seed 0 --n-train 2000 --n-val 200 --n-test 400 --n-teacher-text 30000 \
+	    --n-perception 20000 --n-rl 4000
 
-$(ART)/tiny/student/config.json: $(ART)/data/teacher_text.jsonl vold_pl/toy/tiny.py
+$(ART)/tiny/student/config.json: $(ART)/data/perception_train.jsonl vold_pl/toy/tiny.py
 	$(PY) -m vold_pl.toy.tiny --out $(ART)/tiny --seed 0
 
 artifacts: $(ART)/tiny/student/config.json

@@ -37,3 +37,60 @@ def test_outputs_without_a_fingerprint_count_as_stale(tmp_path):
     (runs / "teacher_sft" / "export").mkdir(parents=True)  # made before fingerprints existed
     assert artifacts_changed(art, runs) is True
     assert (runs / "artifacts.sha256").is_file() and artifacts_changed(art, runs) is False
+
+
+# ---- the quickstart's figures, checked against independent computations on hand-made predictions ----
+
+import json  # noqa: E402
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from vold_pl.quickstart import accuracy_figures, perception_figures, stated_facts  # noqa: E402
+
+
+def _write_predictions(folder: Path, rows: list[dict]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "benchmark_report.json").write_text("{}")
+    (folder / "benchmark_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_accuracy_figures_interval_and_difficulty(tmp_path):
+    rng = np.random.default_rng(3)
+    correct = rng.random(300) < 0.6  # [300]
+    diff = {f"p{i}": 1 + i % 3 for i in range(300)}
+    rows = [{"benchmark": "synthetic", "id": f"p{i}", "sample": 0, "score": float(c), "official_score": float(c)}
+            for i, c in enumerate(correct)]
+    fig = accuracy_figures(_write_predictions(tmp_path / "b", rows), diff)
+    p = correct.mean()
+    assert fig["n"] == 300 and fig["accuracy"] == pytest.approx(p)
+    half = 1.96 * math.sqrt(p * (1 - p) / 300)  # the normal approximation the bootstrap should be close to
+    assert fig["ci95"][0] == pytest.approx(p - half, abs=0.012) and fig["ci95"][1] == pytest.approx(p + half, abs=0.012)
+    for d in (1, 2, 3):
+        sel = [c for i, c in enumerate(correct) if i % 3 == d - 1]
+        assert fig["by_difficulty"][str(d)] == {"accuracy": pytest.approx(np.mean(sel)), "n": 100}
+
+
+def test_perception_and_stated_facts(tmp_path):
+    """A scene read exactly counts once; kind counts are scored over all 8 kinds (a left-out kind is a 0); the facts
+    a student states in its reasoning are compared as counts, whatever their order."""
+    rows = [
+        {"benchmark": "perception", "id": "s0", "score": 1.0, "gold": "1 red square, 2 red circles",
+         "extracted": "1 red square, 2 red circles"},
+        {"benchmark": "perception", "id": "s1", "score": 0.0, "gold": "1 red square, 2 red circles",
+         "extracted": "2 red circles"},  # red square missed: 7 of 8 kinds right
+        {"benchmark": "perception", "id": "s2", "score": 0.0, "gold": "3 blue circles", "extracted": "garbled"},
+        {"benchmark": "synthetic", "id": "t0", "score": 1.0,
+         "completion": "<think> I see 2 red circles, 1 red square. Red shapes: ... </think><answer> 3 </answer>"},
+        {"benchmark": "synthetic", "id": "t1", "score": 0.0, "completion": "<think> I see 1 red circle. </think>"},
+        {"benchmark": "synthetic", "id": "t2", "score": 0.0, "completion": "<answer> 3 </answer>"},
+    ]
+    folder = _write_predictions(tmp_path / "b", rows)
+    fig = perception_figures(folder)
+    assert fig["n"] == 3 and fig["scenes_exact"] == pytest.approx(1 / 3)
+    assert fig["kind_counts"] == pytest.approx((8 + 7 + 7) / 24)  # s2: every kind but blue circle is right (0)
+    view = "The image shows 3 shapes on a white background: 1 red square, 2 red circles.\nQ?"
+    records = {t: {"text_view": view} for t in ("t0", "t1", "t2")}
+    assert stated_facts(folder, records) == pytest.approx(1 / 3)

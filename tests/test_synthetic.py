@@ -38,24 +38,22 @@ def _load(d: Path, name: str):
 
 # ---- an independent reader of the text view ----
 
-def parse_caption(text_view: str) -> tuple[str, dict[tuple[int, int], tuple[str, str]], str]:
-    """(background, {(row, col): (colour, shape)}, question) from a text view."""
+def parse_caption(text_view: str) -> tuple[str, dict[tuple[str, str], int], str]:
+    """(background, {(colour, shape): count}, question) from a text view."""
     caption, question = text_view.split("\n", 1)
-    bg = re.search(r"on a (\w+) background", caption).group(1)
-    cells = {}
-    for row, body in re.findall(r"Row (\d): ([^.]*)\.", caption):
-        for color, shape, col in re.findall(r"a (\w+) (square|circle) in column (\d)", body):
-            cells[int(row), int(col)] = (color, shape)
-    n = int(re.search(r"with (\d+) shapes?\.", caption).group(1))
-    assert n == len(cells)
-    totals = dict((f"{c} {s}", int(k)) for k, c, s in re.findall(r"(\d+) (\w+) (square|circle)s?", caption.split("In total:")[1]))
-    assert sum(totals.values()) == n and all(sum(v == tuple(k.split()) for v in cells.values()) == m for k, m in totals.items())
-    return bg, cells, question
+    m = re.fullmatch(r"The image shows (\d+) shapes? on a (\w+) background: (.*)\.", caption)
+    n, bg, facts = int(m.group(1)), m.group(2), m.group(3)
+    kinds = {}
+    for part in facts.split(", "):
+        k, color, shape = re.fullmatch(r"(\d+) (\w+) (square|circle)s?", part).groups()
+        kinds[color, shape] = int(k)
+    assert sum(kinds.values()) == n and all(v > 0 for v in kinds.values())
+    return bg, kinds, question
 
 
-def solve(cells: dict, question: str) -> str:
-    """Answer any generated question from the parsed scene (raises on an unknown template)."""
-    objs = list(cells.values())
+def solve(kinds: dict, question: str) -> str:
+    """Answer any generated question from the parsed facts (raises on an unknown template)."""
+    objs = [k for k, m in kinds.items() for _ in range(m)]
 
     def count(phrase: str) -> int:  # "red squares", "circles", "blue shapes"
         words = phrase.split()
@@ -69,8 +67,8 @@ def solve(cells: dict, question: str) -> str:
         return str(count(m.group(1)))
     if m := re.fullmatch(r"How many shapes are (\w+) or (\w+)\?", q):
         return str(count(f"{m.group(1)} shapes") + count(f"{m.group(2)} shapes"))
-    if m := re.fullmatch(r"How many shapes are in row (\d)\?", q):
-        return str(sum(r == int(m.group(1)) for r, _ in cells))
+    if q == "How many shapes are there in total?":
+        return str(len(objs))
     if m := re.fullmatch(r"What is the number of (.+) times the number of (.+) plus (\d)\?", q):
         return str(count(m.group(1)) * count(m.group(2)) + int(m.group(3)))
     if m := re.fullmatch(r"What is the total number of shapes minus the number of (\w+ shapes)\?", q):
@@ -81,8 +79,8 @@ def solve(cells: dict, question: str) -> str:
         return yn(count(m.group(1)) > count(m.group(2)))
     if m := re.fullmatch(r"Is the number of (\w+ shapes) plus the number of (\w+ shapes) greater than the number of (\w+)\?", q):
         return yn(count(m.group(1)) + count(m.group(2)) > count(m.group(3)))
-    if m := re.fullmatch(r"What colour is the shape in row (\d), column (\d)\?", q):
-        return cells[int(m.group(1)), int(m.group(2))][0]
+    if m := re.fullmatch(r"Is the number of ((?:\w+ )?\w+) even or odd\?", q):
+        return "odd" if count(m.group(1)) % 2 else "even"
     if q == "Which are there more of, squares or circles?":
         a, b = count("squares"), count("circles")
         assert a != b
@@ -134,7 +132,7 @@ def test_splits_disjoint(data_dir):
 def test_every_answer_type_and_difficulty_appears(data_dir):
     recs = _load(data_dir, "train")
     assert {(r.answer_type, r.difficulty) for r in recs} == {(t, d) for t in syn.ANSWER_TYPES for d in (1, 2, 3)}
-    assert {r.category for r in recs} >= {"count", "compare", "arith", "position", "exist"}
+    assert {r.category for r in recs} >= {"count", "compare", "arith", "parity", "exist"}
     for r in recs:
         assert r.source == "synthetic" and r.trace and r.trace.endswith(f"The answer is {r.answer}.")
     yes = sum(r.answer == "yes" for r in recs if r.answer_type == "yesno")
@@ -145,9 +143,9 @@ def test_every_answer_type_and_difficulty_appears(data_dir):
 def test_text_view_determines_answer(data_dir):
     for split in syn.SPLITS:
         for r in _load(data_dir, split) + _load(data_dir, f"{split}_text"):
-            _, cells, question = parse_caption(r.text_view)
+            _, kinds, question = parse_caption(r.text_view)
             assert r.problem in (question, r.text_view)  # image record: the question; text twin: the text view
-            gold = solve(cells, question)
+            gold = solve(kinds, question)
             if r.answer_type == "choice":
                 assert len(r.choices) == 4 and r.choices[ord(r.answer) - ord("A")] == gold
                 assert "Options: " + " ".join(f"{L}. {c}" for L, c in zip("ABCD", r.choices)) in r.problem
@@ -155,14 +153,18 @@ def test_text_view_determines_answer(data_dir):
                 assert r.answer == gold, (r.id, question)
 
 
-def test_traces_copy_the_caption(data_dir):
-    """Traces are short and copyable: every per-kind count they state is an entry of the caption's "In total:"
-    list (and a kind the caption does not list is never claimed), every count sentence's number is the sum of
-    its entries, and every row they quote is the caption's sentence for that row, word for word."""
+def test_traces_state_the_facts_then_reason_over_them(data_dir):
+    """Every trace starts with the caption's facts list, word for word ("I see 1 red square, 2 red circles."): the
+    perception step. Every per-kind count it states later is an entry of that list (a kind the list does not
+    name is never claimed), each count sentence lists exactly the kinds its phrase covers and ends with their
+    sum, and a total sums the whole list."""
     for r in _load(data_dir, "train_text") + _load(data_dir, "test_text"):
         caption = r.text_view.split("\n", 1)[0]
-        totals = caption.split("In total: ", 1)[1].rstrip(".").split(", ")
-        for name, body, tail in re.findall(r"(\w+ ?\w*): ((?:\d+ \w+ \w+(?:, )?)+|none)\. ([^.]*)\.", r.trace):
+        facts = caption.split("background: ", 1)[1].rstrip(".")
+        assert r.trace.startswith(f"I see {facts}. "), (r.id, r.trace)
+        totals = facts.split(", ")
+        rest = r.trace[len(f"I see {facts}. "):]
+        for name, body, tail in re.findall(r"(\w+ ?\w*): ((?:\d+ \w+ \w+(?:, )?)+|none)\. ([^.]*)\.", rest):
             entries = [] if body == "none" else body.split(", ")
             assert all(e in totals for e in entries), (r.id, body, totals)
             n = sum(int(e.split()[0]) for e in entries)
@@ -172,8 +174,12 @@ def test_traces_copy_the_caption(data_dir):
             shape = want[-1].rstrip("s") if want[-1] != "shapes" else None
             listed = [t for t in totals if (colour in (None, t.split()[1])) and (shape in (None, t.split()[2].rstrip("s")))]
             assert entries == listed, (r.id, name, entries, listed)
-        for row in re.findall(r"Row \d: [^.]*\.", r.trace):
-            assert row in caption, (r.id, row)
+        if m := re.search(r"Shapes in total: (?:that makes (\d+)|([\d + ]+) = (\d+))\.", rest):
+            counts = [int(t.split()[0]) for t in totals]
+            if m.group(1):
+                assert counts == [int(m.group(1))], (r.id, rest)
+            else:
+                assert [int(x) for x in m.group(2).split(" + ")] == counts and int(m.group(3)) == sum(counts)
 
 
 def test_choice_traces_check_the_options_in_order(data_dir):
@@ -191,24 +197,51 @@ def test_choice_traces_check_the_options_in_order(data_dir):
         assert steps[-1][0] == r.answer and r.choices[ord(r.answer) - ord("A")] == value
 
 
+def _read_pixels(im: Image.Image, bg: str) -> dict[tuple[str, str], int]:
+    """{(colour, shape): count} read off the image: a cell's centre pixel gives the colour, its corner probe the
+    shape (a square fills it, a circle leaves it background); an empty cell is background at both."""
+    px, kinds = im.load(), {}
+    for row in range(4):
+        for col in range(4):
+            x0, y0 = col * 28, row * 28
+            centre, corner = px[x0 + 14, y0 + 14], px[x0 + 5, y0 + 5]
+            if centre == corner == syn.BACKGROUNDS[bg]:
+                continue
+            color = next(c for c, v in syn.COLORS.items() if v == centre)
+            shape = "square" if corner == centre else "circle"
+            assert shape == "square" or corner == syn.BACKGROUNDS[bg]
+            kinds[color, shape] = kinds.get((color, shape), 0) + 1
+    return kinds
+
+
 def test_pixels_match_caption(data_dir):
     for split in syn.SPLITS:
         for r in _load(data_dir, split):
-            bg, cells, _ = parse_caption(r.text_view)
+            bg, kinds, _ = parse_caption(r.text_view)
             with Image.open(r.images[0]) as im:
                 assert im.size == (112, 112) and im.mode == "RGB"
-                px = im.load()
-                for row in range(1, 5):
-                    for col in range(1, 5):
-                        x0, y0 = (col - 1) * 28, (row - 1) * 28
-                        centre, corner = px[x0 + 14, y0 + 14], px[x0 + 5, y0 + 5]
-                        if (row, col) in cells:
-                            color, shape = cells[row, col]
-                            assert centre == syn.COLORS[color], (r.id, row, col)
-                            # a square fills its corner probe, a circle leaves it background
-                            assert corner == (syn.COLORS[color] if shape == "square" else syn.BACKGROUNDS[bg])
-                        else:
-                            assert centre == corner == syn.BACKGROUNDS[bg], (r.id, row, col)
+                assert _read_pixels(im, bg) == kinds, r.id
+
+
+def test_perception_split_reads_as_its_answer(tmp_path):
+    """The perception files: held-out scenes none of which is a scene of the other files, every answer the facts
+    list that the pixels show, stated in the trace as the reasoning traces state it."""
+    paths = syn.generate_dataset(tmp_path, seed=0, n_train=24, n_val=8, n_test=8, n_perception=40,
+                                 n_perception_test=12)
+    train, test = _load(tmp_path, "perception_train"), _load(tmp_path, "perception_test")
+    assert (len(train), len(test)) == (40, 12) and paths["perception_test"].name == "perception_test.jsonl"
+    for r in train + test:
+        bg, kinds, question = parse_caption(r.text_view)
+        assert question == r.problem == syn.PERCEPTION_QUESTION and r.answer_type == "open"
+        with Image.open(r.images[0]) as im:
+            assert _read_pixels(im, bg) == kinds, r.id
+        assert r.answer == r.text_view.split("background: ", 1)[1].split(".\n")[0] and r.trace == f"I see {r.answer}."
+    scenes = lambda recs: {open(x.images[0], "rb").read() for x in recs}  # noqa: E731
+    others = scenes(_load(tmp_path, "train") + _load(tmp_path, "val") + _load(tmp_path, "test"))
+    assert not scenes(test) & scenes(train) and not scenes(test) & others
+    again = syn.generate_dataset(tmp_path / "more", seed=0, n_train=24, n_val=8, n_test=8, n_perception=80,
+                                 n_perception_test=12)
+    assert again["perception_test"].read_text().replace("/more/", "/") == paths["perception_test"].read_text()
 
 
 def test_text_twins(data_dir):
@@ -230,7 +263,7 @@ def test_filters_and_errors():
 
 def test_corpus_texts_deterministic():
     a, b = list(syn.corpus_texts(seed=0, n=24)), list(syn.corpus_texts(seed=0, n=24))
-    assert a == b and len(a) == 4 * 24 and all(isinstance(s, str) and s for s in a)
+    assert a == b and len(a) == 1 + 4 * 24 and all(isinstance(s, str) and s for s in a)
     assert a != list(syn.corpus_texts(seed=1, n=24))
 
 

@@ -10,6 +10,8 @@ and ``vold-pl fit --config configs/quickstart/sft_student.yaml --print_config`` 
   ``<default_root_dir>/checkpoints``, written atomically) when checkpointing is enabled and the config names no
   ``ModelCheckpoint``;
 - a :class:`~vold_pl.callbacks.preemption.PreemptionCallback` (SIGTERM/SIGUSR1: checkpoint, then a clean exit);
+- a :class:`~vold_pl.callbacks.step_progress.StepProgressBar` (the bar states the run's step budget, not
+  "Epoch 0/-2") when the config names no progress bar and ``rich`` is installed;
 - the :class:`~vold_pl.checkpointing.AtomicCheckpointIO` plugin when no ``CheckpointIO`` plugin is configured.
 
 Resume with ``vold-pl fit <same options> --ckpt_path last`` (or a checkpoint file).
@@ -32,10 +34,11 @@ traceback too.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
@@ -166,6 +169,11 @@ class VoldCLI(LightningCLI):
                 extra.append(ResumableCheckpoint())
             if not any(isinstance(c, PreemptionCallback) for c in given):
                 extra.append(PreemptionCallback())
+            if config.get("enable_progress_bar", True) is not False and not any(
+                    isinstance(c, ProgressBar) for c in given) and importlib.util.find_spec("rich") is not None:
+                from vold_pl.callbacks.step_progress import StepProgressBar
+
+                extra.append(StepProgressBar())
             callbacks = list(callbacks) + extra
             plugins = config.get("plugins")
             plugins = [] if plugins is None else (list(plugins) if isinstance(plugins, (list, tuple)) else [plugins])

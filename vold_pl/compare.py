@@ -65,6 +65,12 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int, rng: np.random.G
     return float(lo), float(hi)
 
 
+def bootstrap_mean_ci(scores: np.ndarray, n_boot: int = 5000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of ``mean(scores)`` over items resampled with replacement (``scores``: [n])."""
+    return paired_bootstrap(np.zeros_like(scores, dtype=float), np.asarray(scores, dtype=float), n_boot,
+                            np.random.default_rng(seed))
+
+
 def compare(runs: dict[str, dict], n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
     """The comparison of ``runs`` (label -> :func:`read_run`), the first being the baseline."""
     labels = list(runs)

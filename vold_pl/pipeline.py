@@ -36,6 +36,49 @@ def run(args: list[str], log: Path, in_process: bool = False) -> None:
         raise SystemExit(f"stage failed (exit {rc}): {command_line(args)}\nlast lines of {log}:\n" + "\n".join(tail))
 
 
+def run_parallel(jobs: list[tuple[list[str], Path]], in_process: bool = False) -> list[float]:
+    """Run independent ``vold-pl`` commands side by side, one subprocess each with ``cpu_count // len(jobs)``
+    threads (at least 1), and return each one's seconds. Tiny models use one core poorly, so two stages on two
+    cores take about the time of one. Each command's output goes to its own log only (interleaved lines would be
+    unreadable); a failing command stops the recipe with the last lines of its log once all have ended.
+    ``in_process=True`` (tests) runs them one after the other in this process."""
+    if in_process or len(jobs) == 1:
+        seconds = []
+        for args, log in jobs:
+            t0 = time.perf_counter()
+            run(args, log, in_process=in_process)
+            seconds.append(time.perf_counter() - t0)
+        return seconds
+    threads = str(max(1, (os.cpu_count() or 1) // len(jobs)))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    started, t0 = [], time.perf_counter()
+    for args, log in jobs:
+        print(f"\n$ {command_line(args)}   (side by side, {threads} thread(s), log: {log})", flush=True)
+        log = Path(log)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        fh = log.open("w")
+        started.append((args, log, fh, subprocess.Popen([sys.executable, "-m", "vold_pl.cli", *args], stdout=fh,
+                                                        stderr=subprocess.STDOUT, env=env)))
+    seconds, failed = [0.0] * len(jobs), []
+    pending = dict(enumerate(started))
+    while pending:
+        for i, (args, log, fh, proc) in list(pending.items()):
+            if proc.poll() is None:
+                continue
+            fh.close()
+            seconds[i] = time.perf_counter() - t0
+            del pending[i]
+            print(f"  ({seconds[i]:.0f} s, exit {proc.returncode}, log: {log})", flush=True)
+            if proc.returncode != 0:
+                failed.append((proc.returncode, args, log))
+        time.sleep(0.5)
+    if failed:
+        rc, args, log = failed[0]
+        tail = log.read_text(errors="replace").splitlines()[-25:]
+        raise SystemExit(f"stage failed (exit {rc}): {command_line(args)}\nlast lines of {log}:\n" + "\n".join(tail))
+    return seconds
+
+
 def _run_subprocess(args: list[str], log: Path) -> int:
     cmd = [sys.executable, "-m", "vold_pl.cli", *args]
     with log.open("w") as fh:

@@ -1,20 +1,29 @@
 """The whole VOLD recipe offline on tiny models: ``make quickstart`` (``python -m vold_pl.quickstart``).
 
-Stages, each a plain ``vold-pl`` command printed before it runs (so every step can be rerun by hand):
+The toy world holds VOLD's premise: a student that perceives well (as a pretrained VLM does) and reasons worse
+than a text-only teacher that reads an exact description of the same image. Stages, each a plain ``vold-pl``
+command printed before it runs (so every step can be rerun by hand); stages joined by ``‖`` run side by side,
+one core each:
 
-1. teacher SFT      the tiny text-only teacher learns the text twins of the synthetic problems and the
-                    extra text-only problems of ``teacher_text.jsonl``;
-2. teacher traces   ``vold-pl predict`` + TraceWriter: the teacher answers the *text views* of the image
-                    problems; only verified traces are kept (VOLD's cold-start data);
-3. cold start       SFT of the tiny Qwen2.5-VL student on those traces, with the images (it never sees the
-                    text view);
-4. VOLD             GRPO + on-policy distillation from the teacher on the student's own rollouts;
-5. benchmarks       ``vold-pl validate`` with the benchmark callback on the held-out split: the teacher on the
-                    text views (greedy, and at temperature 1 as when it wrote the traces), then the base
-                    student, the cold-start student and the VOLD student on the images; a final table.
+1. teacher SFT ‖ perception    the tiny text-only teacher learns the text views of the synthetic problems;
+                               the tiny Qwen2.5-VL student learns to read the scene's facts off images (what a
+                               real VLM brings from pretraining);
+2. teacher traces              ``vold-pl predict`` + TraceWriter: the teacher answers the *text views* of the
+                               image problems; only verified traces are kept (VOLD's cold-start data);
+3. cold start                  SFT of the perceiving student on those traces, with the images (it never sees
+                               the text view);
+4. GRPO only ‖ VOLD            RL from the cold start on problems it has not seen (``rl.jsonl``): accuracy
+                               reward alone, and GRPO + on-policy distillation from the teacher on the
+                               student's own rollouts (VOLD);
+5. benchmarks                  ``vold-pl validate`` with the benchmark callback: the teacher on the test text
+                               views (greedy, and at T = 1 as when it wrote the traces), every student stage on
+                               the test images and on the held-out perception scenes; a final table with
+                               bootstrap 95% intervals over problems and accuracy by difficulty.
 
-A stage whose output already exists is skipped, so an interrupted quickstart resumes where it stopped; when
-the artifacts have changed since (``make artifacts`` after a change of the generator), every stage reruns.
+``--seeds 0 1 2`` runs the recipe once per training seed (the data stay the same) and adds a table of mean and
+spread over seeds. A stage whose output already exists is skipped, so an interrupted quickstart resumes where it
+stopped; when the artifacts have changed since (``make artifacts`` after a change of the generator), every stage
+reruns. Each seed's figures and stage times are written to ``<runs>/seed<N>/summary.json``.
 """
 
 from __future__ import annotations
@@ -22,89 +31,132 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
+import statistics
 import time
 from pathlib import Path
 
-from vold_pl.pipeline import run, sources  # noqa: F401  (importable from here too: benchmarks use it)
+import numpy as np
+
+from vold_pl.compare import bootstrap_mean_ci, read_run
+from vold_pl.pipeline import run_parallel, sources
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "quickstart"
+BENCH = "synthetic"  # the benchmark name of the reasoning problems in every report
+STUDENT_STAGES = ("base", "perception", "cold_start", "grpo_only", "vold")
+STAGE_LABELS = {"base": "base student (random init)", "perception": "after perception",
+                "cold_start": "after cold start", "grpo_only": "GRPO only", "vold": "VOLD (GRPO + OPD)"}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run the offline VOLD quickstart on tiny models.")
     parser.add_argument("--artifacts", default="artifacts", help="folder with tiny/ models and data/ (make artifacts)")
-    parser.add_argument("--runs", default="runs/quickstart", help="folder for every stage's outputs")
+    parser.add_argument("--runs", default="runs/quickstart", help="folder for every stage's outputs (one per seed)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="training seeds (seed_everything of every stage); several give a mean-and-spread table")
     parser.add_argument("--fresh", action="store_true", help="rerun every stage even if its output exists")
     args = parser.parse_args(argv)
     art, runs = Path(args.artifacts), Path(args.runs)
     data, tiny = art / "data", art / "tiny"
     if not (tiny / "student" / "config.json").exists() or not (data / "train.jsonl").exists():
         raise SystemExit(f"no tiny models or data under {art}: run `make artifacts` first.")
-    if not (data / "teacher_text.jsonl").exists():
-        raise SystemExit(f"{data} has no teacher_text.jsonl (the teacher's extra text problems): run `make artifacts` "
-                         f"again, which adds it and leaves the other files as they are.")
+    missing = [f for f in ("teacher_text.jsonl", "perception_train.jsonl", "perception_test.jsonl", "rl.jsonl")
+               if not (data / f).exists()]
+    if missing:
+        raise SystemExit(f"{data} has no {', '.join(missing)} (written by the current generator): run `make artifacts` "
+                         f"again.")
+    summaries = [run_seed(art, runs / f"seed{seed}", seed, args.fresh) for seed in args.seeds]
+    for s in summaries:
+        print_table(s)
+    if len(summaries) > 1:
+        print_seed_table(summaries)
+
+
+def run_seed(art: Path, runs: Path, seed: int, fresh: bool = False, in_process: bool = False) -> dict:
+    """Every stage of the recipe for one training seed under ``runs``; returns (and writes) the summary."""
+    data, tiny = art / "data", art / "tiny"
     t_start = time.perf_counter()
-    fresh = args.fresh or artifacts_changed(art, runs)
-    done = lambda p: p.exists() and not fresh  # noqa: E731
+    fresh = artifacts_changed(art, runs) or fresh
+    done = lambda p: Path(p).exists() and not fresh  # noqa: E731
+    seed_arg = ["--seed_everything", str(seed)]
+    times: dict[str, float] = {}
 
-    teacher = runs / "teacher_sft" / "export"
-    # The teacher reads the text twins of the training problems plus many extra text-only problems: with only
-    # 2000 scenes a tiny reader memorises them instead of learning to look the facts up in the caption, and a
-    # teacher weaker than its student has nothing to distil.
-    teacher_train = [data / "train_text.jsonl", data / "teacher_text.jsonl"]
-    if not done(teacher / "config.json"):
-        run(["fit", "--config", str(CONFIGS / "sft_teacher.yaml"),
-             "--model.init_args.model.name_or_path", str(tiny / "teacher"),
-             "--model.init_args.export_dir", str(teacher),
-             "--data.train", sources(*teacher_train), "--data.val", sources(data / "val_text.jsonl"),
-             "--trainer.default_root_dir", str(runs / "teacher_sft")], runs / "logs" / "1_teacher_sft.log")
+    def stages(name: str, jobs: list[tuple[list[str], Path, Path]]) -> None:
+        """Run the jobs whose output is missing, side by side; record the stage's wall time."""
+        todo = [(a + seed_arg, log) for a, log, out in jobs if not done(out)]
+        t0 = time.perf_counter()
+        if todo:
+            run_parallel(todo, in_process=in_process)
+        times[name] = time.perf_counter() - t0
+        print(f"[quickstart] stage {name}: {times[name]:.0f} s", flush=True)
 
-    bench = ["--trainer.callbacks.init_args.benchmarks",
-             json.dumps([{"name": "synthetic", "path": str(data / "test.jsonl"), "loader": "synthetic"}]),
-             "--data.val", json.dumps([{"path": str(data / "val.jsonl"), "limit": 8}])]
-    reports: dict[str, Path] = {}
-
-    def benchmark(name: str, path: Path, config: str, extra: list[str] = ()) -> None:
-        out = runs / "bench" / name
-        reports[name] = out / "benchmark_report.json"
-        if not done(reports[name]):
-            run(["validate", "--config", str(CONFIGS / config), "--model.init_args.model.name_or_path", str(path),
-                 *bench, *extra, "--trainer.callbacks.init_args.out_dir", str(out),
-                 "--trainer.default_root_dir", str(out)], runs / "logs" / f"bench_{name}.log")
-
-    # The teacher is measured before it writes traces: on the test split's text views, greedy and at T = 1
-    # (the temperature it samples its traces at; 4 samples per problem).
-    benchmark("teacher_text_greedy", teacher, "bench_teacher.yaml")
-    benchmark("teacher_text_t1", teacher, "bench_teacher.yaml",
-              ["--trainer.callbacks.init_args.do_sample", "true", "--trainer.callbacks.init_args.pass_k", "4"])
+    teacher, perceive = runs / "teacher_sft" / "export", runs / "perception" / "export"
+    stages("1 teacher SFT ‖ perception", [
+        (["fit", "--config", str(CONFIGS / "sft_teacher.yaml"),
+          "--model.init_args.model.name_or_path", str(tiny / "teacher"), "--model.init_args.export_dir", str(teacher),
+          "--data.train", sources(data / "train_text.jsonl", data / "teacher_text.jsonl"),
+          "--data.val", sources(data / "val_text.jsonl"), "--trainer.default_root_dir", str(runs / "teacher_sft")],
+         runs / "logs" / "1_teacher_sft.log", teacher / "config.json"),
+        (["fit", "--config", str(CONFIGS / "sft_perception.yaml"),
+          "--model.init_args.model.name_or_path", str(tiny / "student"), "--model.init_args.export_dir", str(perceive),
+          "--data.train", sources(data / "perception_train.jsonl"),
+          "--data.val", sources(data / "perception_test.jsonl"),
+          "--trainer.default_root_dir", str(runs / "perception")],
+         runs / "logs" / "1_perception.log", perceive / "config.json")])
 
     traces = runs / "traces" / "coldstart.jsonl"
-    if not done(traces):
-        run(["predict", "--config", str(CONFIGS / "traces_teacher.yaml"),
-             "--model.init_args.model.name_or_path", str(teacher),
-             "--data.predict", sources(data / "train.jsonl"),
-             "--trainer.callbacks.init_args.out_path", str(traces)], runs / "logs" / "2_traces.log")
+    stages("2 teacher traces", [
+        (["predict", "--config", str(CONFIGS / "traces_teacher.yaml"), "--model.init_args.model.name_or_path",
+          str(teacher), "--data.predict", sources(data / "train.jsonl"),
+          "--trainer.callbacks.init_args.out_path", str(traces)], runs / "logs" / "2_traces.log", traces)])
 
-    cold = runs / "student_sft" / "export"
-    if not done(cold / "config.json"):
-        run(["fit", "--config", str(CONFIGS / "sft_student.yaml"),
-             "--model.init_args.model.name_or_path", str(tiny / "student"),
-             "--model.init_args.export_dir", str(cold),
-             "--data.train", sources(traces), "--data.val", sources(data / "val.jsonl"),
-             "--trainer.default_root_dir", str(runs / "student_sft")], runs / "logs" / "3_student_sft.log")
+    # The cold start keeps a share of perception examples, as a VLM's SFT mixes its pretraining tasks in: the
+    # traces alone would let the student's reading of the image drift while it learns to reason.
+    cold = runs / "cold_start" / "export"
+    stages("3 cold start", [
+        (["fit", "--config", str(CONFIGS / "sft_student.yaml"),
+          "--model.init_args.model.name_or_path", str(perceive), "--model.init_args.export_dir", str(cold),
+          "--data.train", json.dumps([{"path": str(traces), "weight": 0.8},
+                                      {"path": str(data / "perception_train.jsonl"), "weight": 0.2}]),
+          "--data.val", sources(data / "val.jsonl"), "--trainer.default_root_dir", str(runs / "cold_start")],
+         runs / "logs" / "3_cold_start.log", cold / "config.json")])
 
-    vold = runs / "vold" / "export"
-    if not done(vold / "config.json"):
-        run(["fit", "--config", str(CONFIGS / "opd_grpo.yaml"),
-             "--model.init_args.model.name_or_path", str(cold),
-             "--model.init_args.teacher.name_or_path", str(teacher),
-             "--model.init_args.export_dir", str(vold),
-             "--data.train", sources(data / "train.jsonl"), "--data.val", sources(data / "val.jsonl"),
-             "--trainer.default_root_dir", str(runs / "vold")], runs / "logs" / "4_vold.log")
+    rl = {name: runs / name / "export" for name in ("grpo_only", "vold")}
+    stages("4 GRPO only ‖ VOLD", [
+        (["fit", "--config", str(CONFIGS / config), "--model.init_args.model.name_or_path", str(cold),
+          *(["--model.init_args.teacher.name_or_path", str(teacher)] if name == "vold" else []),
+          "--model.init_args.export_dir", str(rl[name]),
+          "--data.train", sources(data / "rl.jsonl"), "--data.val", sources(data / "val.jsonl"),
+          "--trainer.default_root_dir", str(runs / name)], runs / "logs" / f"4_{name}.log", rl[name] / "config.json")
+        for name, config in (("grpo_only", "grpo_only.yaml"), ("vold", "opd_grpo.yaml"))])
 
-    for name, path in (("base_student", tiny / "student"), ("after_cold_start", cold), ("after_VOLD", vold)):
-        benchmark(name, path, "bench.yaml")
-    print_table(table_rows(reports), time.perf_counter() - t_start, list(reports.values()))
+    models = {"base": tiny / "student", "perception": perceive, "cold_start": cold, **rl}
+    stages("5 benchmarks", [
+        *benchmark_jobs(runs, "teacher_greedy", teacher, "bench_teacher.yaml", data / "test.jsonl", data),
+        *benchmark_jobs(runs, "teacher_t1", teacher, "bench_teacher.yaml", data / "test.jsonl", data,
+                        ["--trainer.callbacks.init_args.do_sample", "true",
+                         "--trainer.callbacks.init_args.pass_k", "4"]),
+        *(job for stage, path in models.items()
+          for job in benchmark_jobs(runs, stage, path, "bench.yaml", data / "test.jsonl", data, perception=True))])
+
+    summary = summarize(runs, data, seed, times, time.perf_counter() - t_start)
+    (runs / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def benchmark_jobs(runs: Path, name: str, model: Path, config: str, test: Path, data: Path, extra: list[str] = (),
+                   perception: bool = False) -> list[tuple[list[str], Path, Path]]:
+    """``vold-pl validate`` of ``model`` on the test problems (and, for a student, on the held-out perception
+    scenes as a second benchmark of the same run); its report lands in ``<runs>/bench/<name>``."""
+    out = runs / "bench" / name
+    specs = [{"name": BENCH, "path": str(test), "loader": "synthetic"}]
+    if perception:
+        specs.append({"name": "perception", "path": str(data / "perception_test.jsonl"), "loader": "synthetic"})
+    return [(["validate", "--config", str(CONFIGS / config), "--model.init_args.model.name_or_path", str(model),
+              "--trainer.callbacks.init_args.benchmarks", json.dumps(specs),
+              "--data.val", json.dumps([{"path": str(data / "val.jsonl"), "limit": 8}]), *extra,
+              "--trainer.callbacks.init_args.out_dir", str(out), "--trainer.default_root_dir", str(out)],
+             runs / "logs" / f"bench_{name}.log", out / "benchmark_report.json")]
 
 
 def artifacts_changed(art: Path, runs: Path) -> bool:
@@ -126,25 +178,130 @@ def artifacts_changed(art: Path, runs: Path) -> bool:
     return changed
 
 
-def _accuracy(report: Path) -> float:
-    return json.loads(Path(report).read_text())["benchmarks"]["synthetic"]["accuracy"]
+def _test_records(test: Path) -> dict[str, dict]:
+    return {str(r["id"]): r for r in (json.loads(line) for line in test.read_text(encoding="utf-8").splitlines()
+                                      if line.strip())}
 
 
-def table_rows(reports: dict[str, Path]) -> list[tuple[str, str, float, float | None]]:
-    """``(model, input, greedy accuracy, accuracy at T = 1 or None)`` per row of the quickstart's table."""
-    return [("teacher", "text view", _accuracy(reports["teacher_text_greedy"]), _accuracy(reports["teacher_text_t1"])),
-            ("base student", "image", _accuracy(reports["base_student"]), None),
-            ("after cold start", "image", _accuracy(reports["after_cold_start"]), None),
-            ("after VOLD", "image", _accuracy(reports["after_VOLD"]), None)]
+def stated_facts(bench_dir: Path, records: dict[str, dict]) -> float:
+    """The share of a student's test answers whose first sentence ("I see ...") states the scene's facts as the
+    text view does: perception inside its reasoning, where the RL stages are trained (they never see the
+    perception question itself)."""
+    right = []
+    for line in (bench_dir / "benchmark_predictions.jsonl").read_text().splitlines():
+        p = json.loads(line) if line.strip() else {}
+        if p.get("benchmark") != BENCH:
+            continue
+        caption = records[str(p["id"])]["text_view"].split("\n", 1)[0]
+        gold = caption.split("background: ", 1)[-1].rstrip(".")
+        m = re.search(r"I see (.*?)\.", p.get("completion") or "")
+        right.append(float(bool(m) and _kind_counts(m.group(1)) == _kind_counts(gold)))
+    return float(np.mean(right)) if right else 0.0
 
 
-def print_table(rows, seconds: float, reports: list[Path]) -> None:
-    head = f"{'model':<20}{'reads':<12}{'greedy':>10}{'T=1':>10}"
-    print("\naccuracy on the held-out synthetic test split\n" + head + "\n" + "-" * len(head))
-    for label, reads, greedy, sampled in rows:
-        t1 = f"{100 * sampled:>9.1f}%" if sampled is not None else f"{'-':>10}"
-        print(f"{label:<20}{reads:<12}{100 * greedy:>9.1f}%{t1}")
-    print(f"\nreports: {', '.join(str(p.parent) for p in reports)}\nquickstart finished in {seconds / 60:.1f} min")
+def accuracy_figures(bench_dir: Path, difficulty: dict[str, int], bench: str = BENCH, seed: int = 0) -> dict:
+    """Greedy (or mean-over-samples) accuracy on ``bench`` with its bootstrap 95% interval over problems, and
+    accuracy by difficulty level; from the run's predictions file."""
+    items = read_run(bench_dir)[bench]
+    ids = sorted(items)
+    scores = np.array([items[i]["strict"] for i in ids])  # [n]
+    lo, hi = bootstrap_mean_ci(scores, seed=seed)
+    by = {}
+    for d in sorted({difficulty.get(i) for i in ids if difficulty.get(i) is not None}):
+        sel = [items[i]["strict"] for i in ids if difficulty.get(i) == d]
+        by[str(d)] = {"accuracy": float(np.mean(sel)), "n": len(sel)}
+    return {"accuracy": float(scores.mean()), "ci95": [lo, hi], "n": len(ids), "by_difficulty": by}
+
+
+def perception_figures(bench_dir: Path) -> dict:
+    """How well a student reads the held-out scenes: the share of scenes whose facts list it states exactly, and
+    the share of (scene, kind) counts it gets right over the 8 kinds (a kind it leaves out counts as 0)."""
+    from vold_pl.data.synthetic import KINDS
+
+    preds = [json.loads(line) for line in (bench_dir / "benchmark_predictions.jsonl").read_text().splitlines()
+             if line.strip()]
+    preds = [p for p in preds if p["benchmark"] == "perception"]
+    exact = [float(p["score"]) for p in preds]
+    kinds_right = [float(_kind_counts(p.get("extracted") or "") .get(k, 0) == _kind_counts(p["gold"]).get(k, 0))
+                   for p in preds for k in KINDS]
+    return {"scenes_exact": float(np.mean(exact)), "kind_counts": float(np.mean(kinds_right)), "n": len(preds)}
+
+
+def _kind_counts(facts: str) -> dict[tuple[str, str], int]:
+    """``"1 red square, 2 red circles"`` -> ``{("red", "square"): 1, ("red", "circle"): 2}``; unreadable parts
+    are ignored (so a garbled list scores as missing kinds)."""
+    out = {}
+    for part in facts.split(","):
+        words = part.strip().rstrip(".").split()
+        if len(words) == 3 and words[0].isdigit():
+            out[(words[1], words[2].rstrip("s"))] = int(words[0])
+    return out
+
+
+def summarize(runs: Path, data: Path, seed: int, times: dict[str, float], seconds: float) -> dict:
+    records = _test_records(data / "test.jsonl")
+    diff = {i: r.get("difficulty") for i, r in records.items()}
+    bench = runs / "bench"
+    rows = {"teacher_greedy": accuracy_figures(bench / "teacher_greedy", diff, seed=seed),
+            "teacher_t1": accuracy_figures(bench / "teacher_t1", diff, seed=seed)}
+    for stage in STUDENT_STAGES:
+        rows[stage] = {**accuracy_figures(bench / stage, diff, seed=seed),
+                       "perception": {**perception_figures(bench / stage),
+                                      "facts_stated_right": stated_facts(bench / stage, records)}}
+    return {"seed": seed, "rows": rows, "stage_seconds": times, "total_seconds": seconds}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def print_table(summary: dict) -> None:
+    rows = summary["rows"]
+    levels = sorted(rows["teacher_greedy"]["by_difficulty"])
+    head = (f"{'model':<28}{'reads':<11}{'accuracy [95% CI]':>22}"
+            + "".join(f"{'d' + d:>7}" for d in levels) + f"{'scenes read':>13}{'facts stated':>14}")
+    print(f"\nseed {summary['seed']}: accuracy (%) on the {rows['teacher_greedy']['n']} held-out test problems, greedy "
+          f"(teacher T = 1: mean of 4 samples); d1-d3 by difficulty; scenes read: the held-out perception scenes "
+          f"({rows['base']['perception']['n']}) whose facts it lists exactly; facts stated: its test answers whose "
+          f"'I see ...' states the facts right\n{head}\n{'-' * len(head)}")
+
+    def line(label, reads, r):
+        ci = f"{_pct(r['accuracy'])} [{_pct(r['ci95'][0])}, {_pct(r['ci95'][1])}]"
+        per = r.get("perception")
+        tail = (f"{_pct(per['scenes_exact']):>13}{_pct(per['facts_stated_right']):>14}" if per
+                else f"{'-':>13}{'-':>14}")
+        print(f"{label:<28}{reads:<11}{ci:>22}" + "".join(f"{_pct(r['by_difficulty'][d]['accuracy']):>7}"
+                                                       for d in levels) + tail)
+
+    line("teacher, greedy", "text view", rows["teacher_greedy"])
+    line("teacher, T = 1", "text view", rows["teacher_t1"])
+    for stage in STUDENT_STAGES:
+        line(STAGE_LABELS[stage], "image", rows[stage])
+    times = "; ".join(f"{k}: {v:.0f} s" for k, v in summary["stage_seconds"].items())
+    print(f"time per stage: {times}\nquickstart (seed {summary['seed']}) finished in "
+          f"{summary['total_seconds'] / 60:.1f} min")
+
+
+def print_seed_table(summaries: list[dict]) -> None:
+    """Mean, standard deviation and range over seeds of each row's accuracy and perception."""
+    seeds = [s["seed"] for s in summaries]
+    print(f"\nover seeds {seeds}: mean ± sd (min-max), %")
+
+    def stat(values):
+        v = [100 * x for x in values]
+        sd = statistics.stdev(v) if len(v) > 1 else 0.0
+        return f"{statistics.mean(v):5.1f} ± {sd:3.1f} ({min(v):.1f}-{max(v):.1f})"
+
+    print(f"{'model':<28}{'accuracy':>26}{'scenes read':>28}{'facts stated':>28}")
+    for key, label in (("teacher_greedy", "teacher, greedy"), ("teacher_t1", "teacher, T = 1"),
+                       *((s, STAGE_LABELS[s]) for s in STUDENT_STAGES)):
+        acc = stat([s["rows"][key]["accuracy"] for s in summaries])
+        per = summaries[0]["rows"][key].get("perception")
+        facts = stat([s["rows"][key]["perception"]["facts_stated_right"] for s in summaries]) if per else "-"
+        per = stat([s["rows"][key]["perception"]["scenes_exact"] for s in summaries]) if per else "-"
+        print(f"{label:<28}{acc:>26}{per:>28}{facts:>28}")
+    mins = [s["total_seconds"] / 60 for s in summaries]
+    print(f"wall time per seed: {', '.join(f'{m:.1f}' for m in mins)} min")
 
 
 if __name__ == "__main__":

@@ -79,16 +79,22 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'s' if n != 1 else ''}"
 
 
-def describe_scene(scene: Scene) -> str:
-    """The exact caption: every cell by row, then totals per kind, so the text alone determines every answer."""
-    parts = [f"The image is a {GRID}x{GRID} grid on a {scene.background} background "
-             f"with {_plural(len(scene.objects), 'shape')}."]
-    for r in range(1, GRID + 1):
-        row = [f"a {o.color} {o.shape} in column {o.col}" for o in scene.objects if o.row == r]
-        parts.append(f"Row {r}: {', '.join(row) if row else 'empty'}.")
+def scene_facts(scene: Scene) -> str:
+    """The scene's facts: how many of each kind, in the canonical order of KINDS ("1 red square, 2 red circles").
+
+    This list is what perception has to deliver. The text view states it, every trace starts by writing it
+    ("I see ..."), and the perception stage trains the student to read it off the image. Everything a question
+    asks is computed from it, so what comes after it in a trace is reasoning over facts, not perception.
+    """
     kinds = Counter((o.color, o.shape) for o in scene.objects)
-    parts.append("In total: " + ", ".join(_plural(kinds[k], f"{k[0]} {k[1]}") for k in KINDS if kinds[k]) + ".")
-    return " ".join(parts)
+    return ", ".join(_plural(kinds[k], f"{k[0]} {k[1]}") for k in KINDS if kinds[k])
+
+
+def describe_scene(scene: Scene) -> str:
+    """The exact caption a text-only teacher reads: the background and the facts, so the text determines every
+    answer."""
+    return (f"The image shows {_plural(len(scene.objects), 'shape')} on a {scene.background} background: "
+            f"{scene_facts(scene)}.")
 
 
 # ---- questions: each builder returns {stem, value, trace, category} or None when it does not fit the scene ----
@@ -116,10 +122,14 @@ def _count(scene: Scene, color: str | None = None, shape: str | None = None) -> 
     return n, f"{name}: {', '.join(e for _, e in parts)}. {' + '.join(str(m) for m, _ in parts)} = {n}."
 
 
-def _row(scene: Scene, r: int) -> tuple[list[Obj], str]:
-    """The objects of row ``r`` and the caption's sentence for that row, copied as it stands."""
-    objs = [o for o in scene.objects if o.row == r]
-    return objs, f"Row {r}: {', '.join(f'a {o.color} {o.shape} in column {o.col}' for o in objs) or 'empty'}."
+def _total(scene: Scene) -> tuple[int, str]:
+    """All shapes, summed over the facts list: "Shapes in total: 1 + 2 + 1 = 4." (or "That makes 1.")."""
+    kinds = Counter((o.color, o.shape) for o in scene.objects)
+    counts = [kinds[k] for k in KINDS if kinds[k]]  # in the order the facts list states them
+    n = sum(counts)
+    if len(counts) < 2:
+        return n, f"Shapes in total: that makes {n}."
+    return n, f"Shapes in total: {' + '.join(str(m) for m in counts)} = {n}."
 
 
 def _pair(rng: random.Random) -> list[tuple[str | None, str | None]]:
@@ -152,10 +162,8 @@ def _q_count2(scene, rng):
         c, s = rng.choice(list(COLORS)), rng.choice(SHAPES)
         n, t = _count(scene, c, s)
         return dict(stem=f"How many {c} {s}s are there?", value=n, trace=t, category="count")
-    r = rng.randint(1, GRID)
-    objs, t = _row(scene, r)
-    return dict(stem=f"How many shapes are in row {r}?", value=len(objs), trace=f"{t} That makes {len(objs)}.",
-                category="position")
+    n, t = _total(scene)
+    return dict(stem="How many shapes are there in total?", value=n, trace=t, category="count")
 
 
 def _q_arith3(scene, rng):
@@ -164,10 +172,10 @@ def _q_arith3(scene, rng):
         (a, ta), (b, tb) = _count(scene, *sa), _count(scene, *sb)
         return dict(stem=f"What is the number of {_phrase(*sa)} times the number of {_phrase(*sb)} plus {k}?",
                     value=a * b + k, trace=f"{ta} {tb} {a} * {b} + {k} = {a * b + k}.", category="arith")
-    c, total = rng.choice(list(COLORS)), len(scene.objects)  # total minus a part: never negative
+    c, (total, tt) = rng.choice(list(COLORS)), _total(scene)  # total minus a part: never negative
     a, ta = _count(scene, c)
     return dict(stem=f"What is the total number of shapes minus the number of {c} shapes?", value=total - a,
-                trace=f"Shapes in total: {total}. {ta} {total} - {a} = {total - a}.",
+                trace=f"{tt} {ta} {total} - {a} = {total - a}.",
                 category="arith")
 
 
@@ -202,11 +210,12 @@ def _q_sum_gt(scene, rng):
                 trace=f"{ta} {tb} {tm} {a} + {b} = {a + b}, which is {'' if gt else 'not '}greater than {m}.")
 
 
-def _q_cell_color(scene, rng):
-    o = rng.choice(scene.objects)
-    _, t = _row(scene, o.row)  # copy the row first: the cell is then a lookup in the trace's own last sentence
-    return dict(stem=f"What colour is the shape in row {o.row}, column {o.col}?", value=o.color,
-                trace=f"{t} Column {o.col} holds a {o.color} {o.shape}.", category="position")
+def _q_parity(scene, rng):
+    spec = (rng.choice(list(COLORS)), None) if rng.random() < 0.5 else (None, rng.choice(SHAPES))
+    n, t = _count(scene, *spec)
+    word = "even" if n % 2 == 0 else "odd"
+    return dict(stem=f"Is the number of {_phrase(*spec)} even or odd?", value=word, trace=f"{t} {n} is {word}.",
+                category="parity")
 
 
 def _q_more_shape(scene, rng):
@@ -244,7 +253,7 @@ BUILDERS = {
     ("choice", 2): lambda s, r: _as_choice(_q_count2(s, r), r),
     ("choice", 3): lambda s, r: _as_choice(_q_arith3(s, r), r),
     ("yesno", 1): _q_exists, ("yesno", 2): _q_compare, ("yesno", 3): _q_sum_gt,
-    ("open", 1): _q_cell_color, ("open", 2): _q_more_shape, ("open", 3): _q_most_color,
+    ("open", 1): _q_parity, ("open", 2): _q_more_shape, ("open", 3): _q_most_color,
 }
 
 
@@ -264,13 +273,18 @@ def make_question(scene: Scene, answer_type: str, difficulty: int, rng: random.R
         # 47% of those right); copying "B. 1" in order and comparing it with the value just stated is local.
         q["trace"] += f" Looking for {q['value']}:" + "".join(
             f" {L}. {c} {'yes' if i == k else 'no'}." for i, (L, c) in enumerate(zip(LETTERS, choices[:k + 1])))
+    # Every trace first states what the image shows (the perception step; the teacher copies it from its text
+    # view), then reasons over those facts.
     return dict(stem=q["stem"], problem=problem, answer=answer, answer_type=answer_type, choices=choices,
-                trace=q["trace"] + f" The answer is {answer}.", difficulty=difficulty, category=q["category"])
+                trace=f"I see {scene_facts(scene)}. " + q["trace"] + f" The answer is {answer}.", difficulty=difficulty,
+                category=q["category"])
 
 
 def _generate_split(seed: int, split: str, n: int, combos: list, seen: set) -> list[tuple[Scene, dict]]:
     """n (scene, question) items of one split; each split has its own RNG stream, and ``seen`` (shared across
-    splits) rejects any (scene, question stem) pair already used, so splits never share an item."""
+    splits) rejects any (caption, question stem) pair already used, so splits never share a problem. The caption
+    states the facts, not where the shapes are, so two scenes that differ only in positions pose the same problem
+    with the same answer: keyed by scene, a test problem could be a training problem in another layout."""
     rng = random.Random(f"vold-synthetic/{seed}/{split}")  # str seeds hash deterministically (sha512)
     out: list[tuple[Scene, dict]] = []
     for _ in range(200 * n + 1000):
@@ -279,9 +293,9 @@ def _generate_split(seed: int, split: str, n: int, combos: list, seen: set) -> l
         atype, diff = combos[len(out) % len(combos)]  # round-robin: every type x difficulty even for small n
         scene = make_scene(rng)
         q = make_question(scene, atype, diff, rng)
-        if q is None or (scene, q["stem"]) in seen:
+        if q is None or (describe_scene(scene), q["stem"]) in seen:
             continue
-        seen.add((scene, q["stem"]))
+        seen.add((describe_scene(scene), q["stem"]))
         out.append((scene, q))
     if len(out) < n:
         raise RuntimeError(f"could not draw {n} distinct {split} items for {combos}; ask for fewer")
@@ -298,13 +312,14 @@ def _combos(answer_types: Sequence[str] | None, difficulties: Sequence[int] | No
 
 def generate_items(seed: int = 0, n_train: int = 2000, n_val: int = 200, n_test: int = 200,
                    answer_types: Sequence[str] | None = None, difficulties: Sequence[int] | None = None,
-                   ) -> dict[str, list[tuple[Scene, dict]]]:
-    """All splits' (scene, question) items, without rendering. Test is drawn first, then val, then train, so the
-    evaluation splits stay the same when only n_train changes."""
+                   n_rl: int = 0) -> dict[str, list[tuple[Scene, dict]]]:
+    """All splits' (scene, question) items, without rendering. Test is drawn first, then val, then train, then
+    (``n_rl`` > 0) ``rl``, so the evaluation splits stay the same when only n_train or n_rl changes."""
     combos, seen = _combos(answer_types, difficulties), set()
-    counts = {"train": n_train, "val": n_val, "test": n_test}
-    items = {s: _generate_split(seed, s, counts[s], combos, seen) for s in ("test", "val", "train")}
-    return {s: items[s] for s in SPLITS}
+    counts = {"train": n_train, "val": n_val, "test": n_test, "rl": n_rl}
+    order = ("test", "val", "train", "rl") if n_rl > 0 else ("test", "val", "train")
+    items = {s: _generate_split(seed, s, counts[s], combos, seen) for s in order}
+    return {s: items[s] for s in (*SPLITS, "rl") if s in items}
 
 
 def _answer_fields(scene: Scene, q: dict) -> dict:
@@ -315,14 +330,47 @@ def _answer_fields(scene: Scene, q: dict) -> dict:
                 category=q["category"])
 
 
+PERCEPTION_QUESTION = "How many shapes of each kind are in the image? List each colour and shape with its count."
+
+
+def perception_scenes(seed: int, split: str, n: int, exclude: set) -> list[Scene]:
+    """``n`` distinct scenes of the perception split ``split`` (own RNG stream), none of them in ``exclude``."""
+    rng, out, seen = random.Random(f"vold-synthetic/{seed}/perception-{split}"), [], set(exclude)
+    for _ in range(50 * n + 1000):
+        if len(out) >= n:
+            return out
+        scene = make_scene(rng)
+        if scene not in seen:
+            seen.add(scene)
+            out.append(scene)
+    raise RuntimeError(f"could not draw {n} distinct perception scenes for {split}; ask for fewer")
+
+
+def perception_record(scene: Scene, rid: str, img_path: Path) -> Record:
+    """A perception example: the image, :data:`PERCEPTION_QUESTION`, and the facts list as the answer (open)."""
+    facts = scene_facts(scene)
+    return Record(id=rid, problem=PERCEPTION_QUESTION, images=[str(Path(img_path).resolve())], answer=facts,
+                  answer_type="open", trace=f"I see {facts}.", text_view=f"{describe_scene(scene)}\n"
+                  f"{PERCEPTION_QUESTION}", difficulty=None, source="synthetic-perception", category="perception")
+
+
 def generate_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_val: int = 200, n_test: int = 200,
                      answer_types: Sequence[str] | None = None, difficulties: Sequence[int] | None = None,
-                     n_teacher_text: int = 0) -> dict[str, Path]:
+                     n_teacher_text: int = 0, n_perception: int = 0, n_perception_test: int = 200,
+                     n_rl: int = 0) -> dict[str, Path]:
     """Write {split}.jsonl, {split}_text.jsonl, images/ and manifest.json; same args give byte-identical files.
 
     ``n_teacher_text`` > 0 also writes ``teacher_text.jsonl``: that many extra text-only problems (own RNG stream,
     disjoint from every split) for the text-only teacher's SFT. Text costs no rendering, and a reader that has
     seen many captions learns to look facts up in the caption instead of memorising the 2000 training scenes.
+
+    ``n_rl`` > 0 also writes ``rl.jsonl`` (+ ``rl_text.jsonl``): that many image problems for the RL stages,
+    none of them a problem of the other splits, so RL trains on problems the cold start has not memorised.
+
+    ``n_perception`` > 0 also writes ``perception_train.jsonl`` (that many scenes) and ``perception_test.jsonl``
+    (``n_perception_test`` other scenes, none of them a scene of any other file): the question
+    :data:`PERCEPTION_QUESTION` with the scene's facts (:func:`scene_facts`) as the answer. It stands in for what a
+    real VLM brings from pretraining: reading what is in an image (``perception_*`` images under ``images/``).
 
     Returns the paths keyed by ``train``, ``val``, ``test``, ``train_text``, ..., ``images``, ``manifest``.
     """
@@ -330,9 +378,9 @@ def generate_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_
     img_dir = out_dir / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
     for p in img_dir.glob("*.png"):  # drop our stale images from a larger earlier run (idempotence)
-        if p.name.split("-")[0] in SPLITS:
+        if p.name.split("-")[0] in (*SPLITS, "rl", *(f"perception_{s}" for s in SPLITS)):
             p.unlink()
-    items = generate_items(seed, n_train, n_val, n_test, answer_types, difficulties)
+    items = generate_items(seed, n_train, n_val, n_test, answer_types, difficulties, n_rl)
     paths: dict[str, Path] = {"images": img_dir}
     manifest = {"generator": "vold_pl.data.synthetic", "version": 1, "seed": seed, "image_size": IMAGE_SIZE,
                 "splits": {}}
@@ -353,13 +401,25 @@ def generate_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_
             **{k: dict(sorted(Counter(str(getattr(r, k)) for r in recs).items()))
                for k in ("answer_type", "difficulty", "category")}}
     if n_teacher_text > 0:
-        seen = {(scene, q["stem"]) for split_items in items.values() for scene, q in split_items}
+        seen = {(describe_scene(scene), q["stem"]) for split_items in items.values() for scene, q in split_items}
         extra = _generate_split(seed, "teacher", n_teacher_text, _combos(answer_types, difficulties), seen)
         fields = [_answer_fields(scene, q) for scene, q in extra]
         paths["teacher_text"] = write_jsonl(
             [Record(id=f"synthetic-teacher-{i:06d}-text", problem=f["text_view"], images=[], source="synthetic-text",
                     **f) for i, f in enumerate(fields)], out_dir / "teacher_text.jsonl")
         manifest["splits"]["teacher_text"] = {"n": n_teacher_text}
+    if n_perception > 0:
+        scenes = {scene for split_items in items.values() for scene, _ in split_items}
+        for split, n in (("test", n_perception_test), ("train", n_perception)):  # test first: fixed by its count
+            drawn = perception_scenes(seed, split, n, scenes)
+            scenes.update(drawn)
+            recs = []
+            for i, scene in enumerate(drawn):
+                img_path = img_dir / f"perception_{split}-{i:05d}.png"
+                render_scene(scene).save(img_path, format="PNG")
+                recs.append(perception_record(scene, f"synthetic-perception-{split}-{i:05d}", img_path))
+            paths[f"perception_{split}"] = write_jsonl(recs, out_dir / f"perception_{split}.jsonl")
+            manifest["splits"][f"perception_{split}"] = {"n": n}
     paths["manifest"] = out_dir / "manifest.json"
     paths["manifest"].write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return paths
@@ -368,6 +428,7 @@ def generate_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_
 def corpus_texts(seed: int = 0, n: int = 2000, answer_types: Sequence[str] | None = None,
                  difficulties: Sequence[int] | None = None) -> Iterator[str]:
     """Captions, problems, traces and answers of n train-like items (no images rendered), for tokenizer training."""
+    yield PERCEPTION_QUESTION
     for scene, q in _generate_split(seed, "corpus", n, _combos(answer_types, difficulties), set()):
         yield describe_scene(scene)
         yield q["problem"]
@@ -384,6 +445,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     ap.add_argument("--n-test", type=int, default=200, help="number of test image records")
     ap.add_argument("--n-teacher-text", type=int, default=0,
                     help="extra text-only problems for the teacher's SFT (teacher_text.jsonl); 0 writes none")
+    ap.add_argument("--n-rl", type=int, default=0, help="image problems for the RL stages (rl.jsonl); 0 writes none")
+    ap.add_argument("--n-perception", type=int, default=0,
+                    help="scenes of the perception stage (perception_train.jsonl); 0 writes no perception files")
+    ap.add_argument("--n-perception-test", type=int, default=200, help="held-out scenes of perception_test.jsonl")
     ap.add_argument("--answer-types", default=None, help=f"comma-separated subset of {','.join(ANSWER_TYPES)}")
     ap.add_argument("--difficulties", default=None, help="comma-separated subset of 1,2,3")
     a = ap.parse_args(argv)
@@ -391,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     paths = generate_dataset(a.out, a.seed, a.n_train, a.n_val, a.n_test,
                              a.answer_types.split(",") if a.answer_types else None,
                              [int(d) for d in a.difficulties.split(",")] if a.difficulties else None,
-                             a.n_teacher_text)
+                             a.n_teacher_text, a.n_perception, a.n_perception_test, a.n_rl)
     print(f"wrote {a.n_train}/{a.n_val}/{a.n_test} train/val/test image records (+ text twins) to {a.out} "
           f"(seed {a.seed}) in {time.perf_counter() - t0:.1f}s")
     return paths

@@ -226,12 +226,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teacher-hidden-size", type=int, default=TinySizes.teacher_hidden_size,
                         help="teacher hidden size")
     parser.add_argument("--teacher-layers", type=int, default=TinySizes.teacher_layers, help="teacher decoder layers")
+    parser.add_argument("--vision-hidden-size", type=int, default=TinySizes.vision_hidden_size,
+                        help="student vision tower hidden size")
+    parser.add_argument("--vision-depth", type=int, default=TinySizes.vision_depth, help="student vision tower blocks")
     parser.add_argument("--vocab-size", type=int, default=TinySizes.vocab_size, help="BPE vocabulary size")
     args = parser.parse_args(argv)
     from vold_pl.data.synthetic import corpus_texts
 
     sizes = TinySizes(vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_layers=args.layers,
-                      teacher_hidden_size=args.teacher_hidden_size, teacher_layers=args.teacher_layers)
+                      teacher_hidden_size=args.teacher_hidden_size, teacher_layers=args.teacher_layers,
+                      vision_hidden_size=args.vision_hidden_size, vision_depth=args.vision_depth)
     paths = save_tiny_models(args.out, corpus_texts(seed=args.seed), sizes, seed=args.seed)
     print(f"tiny student -> {paths['student']}\ntiny teacher -> {paths['teacher']}")
 
