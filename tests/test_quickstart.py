@@ -77,20 +77,20 @@ def test_perception_and_stated_facts(tmp_path):
     """A scene read exactly counts once; kind counts are scored over all 8 kinds (a left-out kind is a 0); the facts
     a student states in its reasoning are compared as counts, whatever their order."""
     rows = [
-        {"benchmark": "perception", "id": "s0", "score": 1.0, "gold": "1 red square, 2 red circles",
-         "extracted": "1 red square, 2 red circles"},
-        {"benchmark": "perception", "id": "s1", "score": 0.0, "gold": "1 red square, 2 red circles",
-         "extracted": "2 red circles"},  # red square missed: 7 of 8 kinds right
-        {"benchmark": "perception", "id": "s2", "score": 0.0, "gold": "3 blue circles", "extracted": "garbled"},
+        {"benchmark": "perception", "id": "s0", "score": 1.0, "gold": "red squares 1, red circles 2",
+         "extracted": "red squares 1, red circles 2"},
+        {"benchmark": "perception", "id": "s1", "score": 0.0, "gold": "red squares 1, red circles 2",
+         "extracted": "red circles 2"},  # red square missed: 7 of 8 kinds right
+        {"benchmark": "perception", "id": "s2", "score": 0.0, "gold": "blue circles 3", "extracted": "garbled"},
         {"benchmark": "synthetic", "id": "t0", "score": 1.0,
-         "completion": "<think> I see 2 red circles, 1 red square. Red shapes: ... </think><answer> 3 </answer>"},
-        {"benchmark": "synthetic", "id": "t1", "score": 0.0, "completion": "<think> I see 1 red circle. </think>"},
+         "completion": "<think> I see red circles 2, red squares 1. Red shapes: ... </think><answer> 3 </answer>"},
+        {"benchmark": "synthetic", "id": "t1", "score": 0.0, "completion": "<think> I see red circles 1. </think>"},
         {"benchmark": "synthetic", "id": "t2", "score": 0.0, "completion": "<answer> 3 </answer>"},
     ]
     folder = _write_predictions(tmp_path / "b", rows)
     fig = perception_figures(folder)
     assert fig["n"] == 3 and fig["scenes_exact"] == pytest.approx(1 / 3)
     assert fig["kind_counts"] == pytest.approx((8 + 7 + 7) / 24)  # s2: every kind but blue circle is right (0)
-    view = "The image shows 3 shapes on a white background: 1 red square, 2 red circles.\nQ?"
+    view = "The image shows 3 shapes on a white background: red squares 1, red circles 2.\nQ?"
     records = {t: {"text_view": view} for t in ("t0", "t1", "t2")}
     assert stated_facts(folder, records) == pytest.approx(1 / 3)

@@ -45,7 +45,7 @@ def parse_caption(text_view: str) -> tuple[str, dict[tuple[str, str], int], str]
     n, bg, facts = int(m.group(1)), m.group(2), m.group(3)
     kinds = {}
     for part in facts.split(", "):
-        k, color, shape = re.fullmatch(r"(\d+) (\w+) (square|circle)s?", part).groups()
+        color, shape, k = re.fullmatch(r"(\w+) (square|circle)s (\d+)", part).groups()
         kinds[color, shape] = int(k)
     assert sum(kinds.values()) == n and all(v > 0 for v in kinds.values())
     return bg, kinds, question
@@ -154,7 +154,7 @@ def test_text_view_determines_answer(data_dir):
 
 
 def test_traces_state_the_facts_then_reason_over_them(data_dir):
-    """Every trace starts with the caption's facts list, word for word ("I see 1 red square, 2 red circles."): the
+    """Every trace starts with the caption's facts list, word for word ("I see red squares 1, red circles 2."): the
     perception step. Every per-kind count it states later is an entry of that list (a kind the list does not
     name is never claimed), each count sentence lists exactly the kinds its phrase covers and ends with their
     sum, and a total sums the whole list."""
@@ -164,18 +164,20 @@ def test_traces_state_the_facts_then_reason_over_them(data_dir):
         assert r.trace.startswith(f"I see {facts}. "), (r.id, r.trace)
         totals = facts.split(", ")
         rest = r.trace[len(f"I see {facts}. "):]
-        for name, body, tail in re.findall(r"(\w+ ?\w*): ((?:\d+ \w+ \w+(?:, )?)+|none)\. ([^.]*)\.", rest):
+        for name, body, tail in re.findall(r"(\w+ ?\w*): ((?:\w+ \w+ \d+(?:, )?)+|none)\. ([^.]*)\.", rest):
+            if name == "in total":  # "Shapes in total: that makes 1." is checked below
+                continue
             entries = [] if body == "none" else body.split(", ")
             assert all(e in totals for e in entries), (r.id, body, totals)
-            n = sum(int(e.split()[0]) for e in entries)
+            n = sum(int(e.split()[2]) for e in entries)
             assert tail == f"That makes {n}" or tail.endswith(f"= {n}"), (r.id, name, body, tail)
             want = name.lower().split()  # "Red shapes" / "Squares" / "Green circles": the kinds it must list
             colour = want[0] if len(want) == 2 else None
             shape = want[-1].rstrip("s") if want[-1] != "shapes" else None
-            listed = [t for t in totals if (colour in (None, t.split()[1])) and (shape in (None, t.split()[2].rstrip("s")))]
+            listed = [t for t in totals if (colour in (None, t.split()[0])) and (shape in (None, t.split()[1][:-1]))]
             assert entries == listed, (r.id, name, entries, listed)
         if m := re.search(r"Shapes in total: (?:that makes (\d+)|([\d + ]+) = (\d+))\.", rest):
-            counts = [int(t.split()[0]) for t in totals]
+            counts = [int(t.split()[2]) for t in totals]
             if m.group(1):
                 assert counts == [int(m.group(1))], (r.id, rest)
             else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -37,11 +38,13 @@ def run(args: list[str], log: Path, in_process: bool = False) -> None:
 
 
 def run_parallel(jobs: list[tuple[list[str], Path]], in_process: bool = False) -> list[float]:
-    """Run independent ``vold-pl`` commands side by side, one subprocess each with ``cpu_count // len(jobs)``
-    threads (at least 1), and return each one's seconds. Tiny models use one core poorly, so two stages on two
-    cores take about the time of one. Each command's output goes to its own log only (interleaved lines would be
-    unreadable); a failing command stops the recipe with the last lines of its log once all have ended.
-    ``in_process=True`` (tests) runs them one after the other in this process."""
+    """Run independent ``vold-pl`` commands side by side and return each one's seconds (from the stage's start).
+
+    At most ``cpu_count`` run at once, each a subprocess with ``cpu_count // min(len(jobs), cpu_count)`` threads
+    (at least 1); the next waiting command starts when one ends. Tiny models use one core poorly, so two stages on
+    two cores take about the time of one. Each command's output goes to its own log only (interleaved lines would
+    be unreadable); a failing command stops the recipe with the last lines of its log once the running ones have
+    ended. ``in_process=True`` (tests) runs them one after the other in this process."""
     if in_process or len(jobs) == 1:
         seconds = []
         for args, log in jobs:
@@ -49,34 +52,60 @@ def run_parallel(jobs: list[tuple[list[str], Path]], in_process: bool = False) -
             run(args, log, in_process=in_process)
             seconds.append(time.perf_counter() - t0)
         return seconds
-    threads = str(max(1, (os.cpu_count() or 1) // len(jobs)))
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-    started, t0 = [], time.perf_counter()
-    for args, log in jobs:
-        print(f"\n$ {command_line(args)}   (side by side, {threads} thread(s), log: {log})", flush=True)
-        log = Path(log)
-        log.parent.mkdir(parents=True, exist_ok=True)
-        fh = log.open("w")
-        started.append((args, log, fh, subprocess.Popen([sys.executable, "-m", "vold_pl.cli", *args], stdout=fh,
-                                                        stderr=subprocess.STDOUT, env=env)))
-    seconds, failed = [0.0] * len(jobs), []
-    pending = dict(enumerate(started))
-    while pending:
-        for i, (args, log, fh, proc) in list(pending.items()):
+    cores = os.cpu_count() or 1
+    width = min(len(jobs), cores)
+    threads = str(max(1, cores // width))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
+               VOLD_NUM_THREADS=threads)  # the CLI's own thread setting wins over OMP's: set both
+    waiting, running, failed = list(enumerate(jobs)), {}, []
+    seconds, t0, shown = [0.0] * len(jobs), time.perf_counter(), time.perf_counter()
+    while waiting or running:
+        while waiting and len(running) < width and not failed:
+            i, (args, log) = waiting.pop(0)
+            log = Path(log)
+            log.parent.mkdir(parents=True, exist_ok=True)
+            print(f"\n$ {command_line(args)}   (side by side, {threads} thread(s), log: {log})", flush=True)
+            fh = log.open("w")
+            running[i] = (args, log, fh, subprocess.Popen([sys.executable, "-m", "vold_pl.cli", *args], stdout=fh,
+                                                          stderr=subprocess.STDOUT, env=env))
+        if failed and not running:
+            break
+        for i, (args, log, fh, proc) in list(running.items()):
             if proc.poll() is None:
                 continue
             fh.close()
             seconds[i] = time.perf_counter() - t0
-            del pending[i]
+            del running[i]
             print(f"  ({seconds[i]:.0f} s, exit {proc.returncode}, log: {log})", flush=True)
             if proc.returncode != 0:
                 failed.append((proc.returncode, args, log))
+        if running and time.perf_counter() - shown >= PROGRESS_EVERY_S:
+            shown = time.perf_counter()
+            print(f"  [{shown - t0:.0f} s] " + "; ".join(f"{log.stem}: {last_progress(log)}"
+                                                      for _, log, _, _ in running.values()), flush=True)
         time.sleep(0.5)
     if failed:
         rc, args, log = failed[0]
         tail = log.read_text(errors="replace").splitlines()[-25:]
         raise SystemExit(f"stage failed (exit {rc}): {command_line(args)}\nlast lines of {log}:\n" + "\n".join(tail))
     return seconds
+
+
+PROGRESS_EVERY_S = 60.0
+_COUNT = re.compile(r"\[vold-pl\] (?:step|traces:) (\d+)/(\d+)")
+
+
+def last_progress(log: Path) -> str:
+    """The newest ``done/total`` count a stage has logged ("[vold-pl] step 750/2000" from the training bar,
+    "[vold-pl] traces: 832/2000" from trace writing), or "running" before the first."""
+    try:
+        with log.open("rb") as fh:
+            fh.seek(max(0, log.stat().st_size - 4096))
+            tail = fh.read().decode(errors="replace")
+    except OSError:
+        return "running"
+    counts = _COUNT.findall(tail)
+    return f"{counts[-1][0]}/{counts[-1][1]}" if counts else "running"
 
 
 def _run_subprocess(args: list[str], log: Path) -> int:

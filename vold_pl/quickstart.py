@@ -228,13 +228,13 @@ def perception_figures(bench_dir: Path) -> dict:
 
 
 def _kind_counts(facts: str) -> dict[tuple[str, str], int]:
-    """``"1 red square, 2 red circles"`` -> ``{("red", "square"): 1, ("red", "circle"): 2}``; unreadable parts
+    """``"red squares 1, red circles 2"`` -> ``{("red", "square"): 1, ("red", "circle"): 2}``; unreadable parts
     are ignored (so a garbled list scores as missing kinds)."""
     out = {}
     for part in facts.split(","):
         words = part.strip().rstrip(".").split()
-        if len(words) == 3 and words[0].isdigit():
-            out[(words[1], words[2].rstrip("s"))] = int(words[0])
+        if len(words) == 3 and words[2].isdigit():
+            out[(words[0], words[1].removesuffix("s"))] = int(words[2])
     return out
 
 

@@ -7,7 +7,13 @@ question) from which a text-only teacher can answer perfectly: the premise of VO
 distillation from a text-only teacher. Every image record has a text-only twin (source ``synthetic-text``,
 id suffix ``-text``) for teacher SFT and for mixing text-only examples.
 
-CLI: ``python -m vold_pl.data.synthetic --out data/synthetic --seed 0 --n-train 2000 --n-val 200 --n-test 200``
+The caption states the scene's facts (how many of each colour and shape, :func:`scene_facts`); every trace
+starts by stating them ("I see ...") and then reasons over them, so a student that reads the image well is left
+with the reasoning, where the teacher's help lies. Perception files (``n_perception``) train and measure that
+reading on its own, as a real VLM's pretraining does.
+
+CLI: ``python -m vold_pl.data.synthetic --out data/synthetic --seed 0 --n-train 2000 --n-val 200 --n-test 400
+--n-perception 20000 --n-rl 4000``
 """
 
 from __future__ import annotations
@@ -79,15 +85,23 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'s' if n != 1 else ''}"
 
 
+def _entry(n: int, color: str, shape: str) -> str:
+    """One fact: the kind, then its count ("red squares 1"). Kind first, so that a reader who has just written
+    the kind finds the count right after the same words in the list and copies it; with the count first ("1 red
+    square") it must pick the number before it has written the kind, and the 1500-step toy teacher put a
+    neighbouring entry's count there in most of its errors."""
+    return f"{color} {shape}s {n}"
+
+
 def scene_facts(scene: Scene) -> str:
-    """The scene's facts: how many of each kind, in the canonical order of KINDS ("1 red square, 2 red circles").
+    """The scene's facts: how many of each kind, in the canonical order of KINDS ("red squares 1, red circles 2").
 
     This list is what perception has to deliver. The text view states it, every trace starts by writing it
     ("I see ..."), and the perception stage trains the student to read it off the image. Everything a question
     asks is computed from it, so what comes after it in a trace is reasoning over facts, not perception.
     """
     kinds = Counter((o.color, o.shape) for o in scene.objects)
-    return ", ".join(_plural(kinds[k], f"{k[0]} {k[1]}") for k in KINDS if kinds[k])
+    return ", ".join(_entry(kinds[k], *k) for k in KINDS if kinds[k])
 
 
 def describe_scene(scene: Scene) -> str:
@@ -105,16 +119,16 @@ def _phrase(color: str | None = None, shape: str | None = None) -> str:
 
 
 def _count(scene: Scene, color: str | None = None, shape: str | None = None) -> tuple[int, str]:
-    """Count matching objects, with a trace sentence that reads the count off the caption's totals.
+    """Count matching objects, with a trace sentence that reads the count off the facts list.
 
-    The sentence names every matching kind exactly as the caption's "In total:" list does ("2 red circles"),
-    in the same order, and ends with the count: "Red shapes: 1 red square, 2 red circles. 1 + 2 = 3.",
-    "Red shapes: 2 red circles. That makes 2.", "Red shapes: none. That makes 0.". Short and copyable, so a
+    The sentence names every matching kind exactly as the facts list does ("red circles 2"),
+    in the same order, and ends with the count: "Red shapes: red squares 1, red circles 2. 1 + 2 = 3.",
+    "Red shapes: red circles 2. That makes 2.", "Red shapes: none. That makes 0.". Short and copyable, so a
     small text-only reader can produce it nearly without error, while a student that sees only the image has
     to perceive the same per-kind counts; every count sentence ends with its number, which later steps reuse.
     """
     kinds = Counter((o.color, o.shape) for o in scene.objects)
-    parts = [(kinds[k], _plural(kinds[k], f"{k[0]} {k[1]}")) for k in KINDS
+    parts = [(kinds[k], _entry(kinds[k], *k)) for k in KINDS
              if kinds[k] and color in (None, k[0]) and shape in (None, k[1])]
     n, name = sum(m for m, _ in parts), _phrase(color, shape).capitalize()
     if len(parts) < 2:
