@@ -477,7 +477,8 @@ def test_fit_logs_metrics_and_updates_weights(combo, tiny_models, synth_data, tm
                                  ref_lp if opts.get("beta_ref", 0) > 0 else None, max_new_tokens=8)
             loss.backward()
             if mu == 1:
-                assert rows[b]["train/loss"] == pytest.approx(loss.item(), rel=1e-4, abs=1e-6)
+                # abs: a loss near 0 (advantages that nearly cancel) keeps float32 summation residue of ~1e-6
+                assert rows[b]["train/loss"] == pytest.approx(loss.item(), rel=1e-4, abs=1e-5)
             ref = _clipped({k: p.grad for k, p in student.named_parameters() if p.grad is not None})
             assert set(grads) == set(ref)
             assert all(torch.isfinite(g).all() for g in grads.values()), f"step {b * mu + j}: the module's gradient"

@@ -191,9 +191,10 @@ def test_choice_traces_check_the_options_in_order(data_dir):
     recs = [r for r in _load(data_dir, "train_text") + _load(data_dir, "test_text") if r.answer_type == "choice"]
     assert recs
     for r in recs:
-        value, checks = re.search(r"Looking for (\d+):((?: [A-D]\. \d+ (?:yes|no)\.)+) The answer is [A-D]\.$",
+        value, checks = re.search(r"Looking for (\d+):((?: [A-D]\. \d+ vs \d+ (?:yes|no)\.)+) The answer is [A-D]\.$",
                                   r.trace).groups()
-        steps = re.findall(r"([A-D])\. (\d+) (yes|no)\.", checks)
+        assert set(re.findall(r" vs (\d+) ", checks)) == {value}, (r.id, checks)  # every check restates the value
+        steps = re.findall(r"([A-D])\. (\d+) vs \d+ (yes|no)\.", checks)
         assert [(L, c) for L, c, _ in steps] == list(zip("ABCD", r.choices))[:len(steps)], (r.id, checks)
         assert [v for _, _, v in steps] == ["no"] * (len(steps) - 1) + ["yes"] and steps[-1][1] == value
         assert steps[-1][0] == r.answer and r.choices[ord(r.answer) - ord("A")] == value

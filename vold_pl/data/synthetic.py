@@ -284,9 +284,12 @@ def make_question(scene: Scene, answer_type: str, difficulty: int, rng: random.R
         problem += " Options: " + " ".join(f"{L}. {c}" for L, c in zip(LETTERS, choices))
         # Check the options in order and stop at the match. A bare "1 is option B." asks a small reader to
         # find "1" among the options and copy the letter before it in one step (the 3000-step toy teacher got
-        # 47% of those right); copying "B. 1" in order and comparing it with the value just stated is local.
+        # 47% of those right); copying "B. 1" in order is local. Each check then restates the value looked for
+        # ("B. 1 vs 1 yes."): yes/no compares two adjacent numbers, where a bare "B. 1 yes." had the 2000-step
+        # toy teacher compare with a number several tokens back, and most of its remaining errors were there.
         q["trace"] += f" Looking for {q['value']}:" + "".join(
-            f" {L}. {c} {'yes' if i == k else 'no'}." for i, (L, c) in enumerate(zip(LETTERS, choices[:k + 1])))
+            f" {L}. {c} vs {q['value']} {'yes' if i == k else 'no'}."
+            for i, (L, c) in enumerate(zip(LETTERS, choices[:k + 1])))
     # Every trace first states what the image shows (the perception step; the teacher copies it from its text
     # view), then reasons over those facts.
     return dict(stem=q["stem"], problem=problem, answer=answer, answer_type=answer_type, choices=choices,
