@@ -51,7 +51,7 @@ def test_short_names_for_sft_and_callbacks_and_partial_groups_in_files(capsys, m
     printed = _print_config(["fit", "--config", "configs/quickstart/grpo_only.yaml"], capsys)
     args = printed["model"]["init_args"]
     assert args["opd"]["lam"] == 0.0 and args["opd"]["gate"] == "failed" and args["opd"]["mode"] == "loss"
-    assert args["sampling"]["max_new_tokens"] == 96 and args["sampling"]["top_p"] == 1.0
+    assert args["sampling"]["max_new_tokens"] == 128 and args["sampling"]["top_p"] == 1.0
 
 
 def test_example_configs_parse_stacked(capsys, monkeypatch):
