@@ -75,7 +75,7 @@ class RoundsConfig:
     out_dir: str = "runs/openvlthinker"
     rounds: int = 2
     base_model: str = "artifacts/tiny/student"
-    initial_sft_data: str = "runs/quickstart/traces/coldstart.jsonl"
+    initial_sft_data: str = "runs/quickstart/seed0/traces/coldstart.jsonl"
     sft_config: str = "configs/openvlthinker/sft.yaml"
     grpo_config: str = "configs/openvlthinker/grpo.yaml"
     sample_config: str = "configs/openvlthinker/sample.yaml"
@@ -221,7 +221,7 @@ def run_rounds(cfg: RoundsConfig) -> dict:
     """Run (or resume) every round; returns the state written to ``rounds.json``."""
     if not Path(cfg.initial_sft_data).is_file() and not marker(cfg, 0, "sft").exists():
         raise SystemExit(f"initial_sft_data not found: {cfg.initial_sft_data}. Round 0 trains on it: give a JSONL "
-                         "of records with a 'trace' (e.g. `make quickstart` writes runs/quickstart/traces/"
+                         "of records with a 'trace' (e.g. `make quickstart` writes runs/quickstart/seed0/traces/"
                          "coldstart.jsonl).")
     out = Path(cfg.out_dir)
     state: dict = {"config": asdict(cfg), "stages": [], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
