@@ -33,8 +33,7 @@ def run(args: list[str], log: Path, in_process: bool = False) -> None:
     rc = _run_in_process(args, log) if in_process else _run_subprocess(args, log)
     print(f"  ({time.perf_counter() - t0:.0f} s, log: {log})", flush=True)
     if rc != 0:
-        tail = log.read_text(errors="replace").splitlines()[-25:]
-        raise SystemExit(f"stage failed (exit {rc}): {command_line(args)}\nlast lines of {log}:\n" + "\n".join(tail))
+        _stage_failed(rc, args, log)
 
 
 def run_parallel(jobs: list[tuple[list[str], Path]], in_process: bool = False) -> list[float]:
@@ -66,8 +65,8 @@ def run_parallel(jobs: list[tuple[list[str], Path]], in_process: bool = False) -
             log.parent.mkdir(parents=True, exist_ok=True)
             print(f"\n$ {command_line(args)}   (side by side, {threads} thread(s), log: {log})", flush=True)
             fh = log.open("w")
-            running[i] = (args, log, fh, subprocess.Popen([sys.executable, "-m", "vold_pl.cli", *args], stdout=fh,
-                                                          stderr=subprocess.STDOUT, env=env))
+            running[i] = (args, log, fh, subprocess.Popen(_cli_command(args), stdout=fh, stderr=subprocess.STDOUT,
+                                                          env=env))
         if failed and not running:
             break
         for i, (args, log, fh, proc) in list(running.items()):
@@ -85,10 +84,14 @@ def run_parallel(jobs: list[tuple[list[str], Path]], in_process: bool = False) -
                                                       for _, log, _, _ in running.values()), flush=True)
         time.sleep(0.5)
     if failed:
-        rc, args, log = failed[0]
-        tail = log.read_text(errors="replace").splitlines()[-25:]
-        raise SystemExit(f"stage failed (exit {rc}): {command_line(args)}\nlast lines of {log}:\n" + "\n".join(tail))
+        _stage_failed(*failed[0])
     return seconds
+
+
+def _stage_failed(rc: int, args: list[str], log: Path) -> None:
+    """Stop the recipe: the failing command and the last lines of its log."""
+    tail = Path(log).read_text(errors="replace").splitlines()[-25:]
+    raise SystemExit(f"stage failed (exit {rc}): {command_line(args)}\nlast lines of {log}:\n" + "\n".join(tail))
 
 
 PROGRESS_EVERY_S = 60.0
@@ -108,8 +111,12 @@ def last_progress(log: Path) -> str:
     return f"{counts[-1][0]}/{counts[-1][1]}" if counts else "running"
 
 
+def _cli_command(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "vold_pl.cli", *args]
+
+
 def _run_subprocess(args: list[str], log: Path) -> int:
-    cmd = [sys.executable, "-m", "vold_pl.cli", *args]
+    cmd = _cli_command(args)
     with log.open("w") as fh:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

@@ -222,7 +222,7 @@ def perception_figures(bench_dir: Path) -> dict:
              if line.strip()]
     preds = [p for p in preds if p["benchmark"] == "perception"]
     exact = [float(p["score"]) for p in preds]
-    kinds_right = [float(_kind_counts(p.get("extracted") or "") .get(k, 0) == _kind_counts(p["gold"]).get(k, 0))
+    kinds_right = [float(_kind_counts(p.get("extracted") or "").get(k, 0) == _kind_counts(p["gold"]).get(k, 0))
                    for p in preds for k in KINDS]
     return {"scenes_exact": float(np.mean(exact)), "kind_counts": float(np.mean(kinds_right)), "n": len(preds)}
 
