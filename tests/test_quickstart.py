@@ -94,3 +94,32 @@ def test_perception_and_stated_facts(tmp_path):
     view = "The image shows 3 shapes on a white background: red squares 1, red circles 2.\nQ?"
     records = {t: {"text_view": view} for t in ("t0", "t1", "t2")}
     assert stated_facts(folder, records) == pytest.approx(1 / 3)
+
+
+def test_each_seed_starts_from_its_own_weights(tiny_models, tmp_path):
+    """Seed 0 is the artifacts' draw; another seed redraws the weights and keeps configs and tokenizer."""
+    import torch
+    from safetensors.torch import load_file
+
+    from vold_pl.quickstart import initial_models
+
+    (tmp_path / "art").mkdir()
+    (tmp_path / "art" / "tiny").symlink_to(tiny_models["student"].parent)  # the layout `make artifacts` writes
+    art = tmp_path / "art" / "tiny"
+    assert initial_models(tmp_path / "art", tmp_path / "s0", 0) == art
+    redrawn = {seed: initial_models(tmp_path / "art", tmp_path / f"s{seed}", seed, fresh=True) for seed in (1, 2)}
+    for name in ("student", "teacher"):
+        saved = load_file(art / name / "model.safetensors")
+        ones, twos = (load_file(redrawn[s] / name / "model.safetensors") for s in (1, 2))
+        assert set(ones) == set(saved)
+        weights = [k for k, v in saved.items() if v.dim() == 2]
+        assert weights and not any(torch.equal(saved[k], ones[k]) for k in weights)
+        assert not any(torch.equal(ones[k], twos[k]) for k in weights)
+        assert all(ones[k].shape == saved[k].shape for k in saved)
+        assert (redrawn[1] / name / "tokenizer.json").read_bytes() == (art / name / "tokenizer.json").read_bytes()
+    from vold_pl.toy.tiny import reseed_tiny_models
+
+    again = reseed_tiny_models(art, tmp_path / "zero", 0)  # seed 0 redrawn is the saved draw, bit for bit
+    for name in ("student", "teacher"):
+        a, b = load_file(art / name / "model.safetensors"), load_file(again[name] / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a)

@@ -20,8 +20,9 @@ one core each:
                                the test images and on the held-out perception scenes; a final table with
                                bootstrap 95% intervals over problems and accuracy by difficulty.
 
-``--seeds 0 1 2`` runs the recipe once per training seed (the data stay the same) and adds a table of mean and
-spread over seeds. A stage whose output already exists is skipped, so an interrupted quickstart resumes where it
+``--seeds 0 1 2`` runs the recipe once per training seed and adds a table of mean and spread over seeds. The data
+files stay the same; the seed draws each stage's initial weights, the order an SFT stage reads its data in, and
+every sample. A stage whose output already exists is skipped, so an interrupted quickstart resumes where it
 stopped; when the artifacts have changed since (``make artifacts`` after a change of the generator), every stage
 reruns. Each seed's figures and stage times are written to ``<runs>/seed<N>/summary.json``.
 """
@@ -74,11 +75,14 @@ def main(argv: list[str] | None = None) -> None:
 
 def run_seed(art: Path, runs: Path, seed: int, fresh: bool = False, in_process: bool = False) -> dict:
     """Every stage of the recipe for one training seed under ``runs``; returns (and writes) the summary."""
-    data, tiny = art / "data", art / "tiny"
+    data = art / "data"
     t_start = time.perf_counter()
     fresh = artifacts_changed(art, runs) or fresh
     done = lambda p: Path(p).exists() and not fresh  # noqa: E731
-    seed_arg = ["--seed_everything", str(seed)]
+    tiny = initial_models(art, runs, seed, fresh)
+    # The seed drives every draw of a stage: sampling (seed_everything) and the order an SFT stage reads its
+    # data in (data.seed); initial_models gives each seed its own initial weights.
+    seed_arg = ["--seed_everything", str(seed), "--data.seed", str(seed)]
     times: dict[str, float] = {}
 
     def stages(name: str, jobs: list[tuple[list[str], Path, Path]]) -> None:
@@ -197,6 +201,22 @@ def stated_facts(bench_dir: Path, records: dict[str, dict]) -> float:
         m = re.search(r"I see (.*?)\.", p.get("completion") or "")
         right.append(float(bool(m) and _kind_counts(m.group(1)) == _kind_counts(gold)))
     return float(np.mean(right)) if right else 0.0
+
+
+def initial_models(art: Path, runs: Path, seed: int, fresh: bool = False) -> Path:
+    """The folder of the untrained tiny student and teacher for ``seed``.
+
+    ``make artifacts`` saves the seed-0 draw; another seed gets the same configs and tokenizer with its own
+    weights under ``<runs>/init``, so the spread over seeds covers every stage's training, the teacher's too.
+    """
+    if seed == 0:
+        return art / "tiny"
+    init = runs / "init"
+    if fresh or not (init / "teacher" / "model.safetensors").exists():
+        from vold_pl.toy.tiny import reseed_tiny_models
+
+        reseed_tiny_models(art / "tiny", init, seed)
+    return init
 
 
 def accuracy_figures(bench_dir: Path, difficulty: dict[str, int], bench: str = BENCH, seed: int = 0) -> dict:

@@ -217,6 +217,30 @@ def save_tiny_models(out: str | Path, texts: Iterable[str], sizes: TinySizes | N
     return paths
 
 
+def reseed_tiny_models(src: str | Path, out: str | Path, seed: int) -> dict[str, Path]:
+    """Copy the tiny models of ``src`` (a ``save_tiny_models`` folder) to ``out`` with fresh weights drawn from ``seed``.
+
+    Configs, tokenizer and processor are kept, so every seed reads the same data files; only the initial weights
+    change, drawn as ``build_tiny_models`` draws them (``seed`` for the student, ``seed + 1`` for the teacher):
+    ``seed=0`` gives back the weights ``make artifacts`` saved.
+    """
+    import shutil
+
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration, Qwen3ForCausalLM
+
+    src, out = Path(src), Path(out)
+    paths = {"student": out / "student", "teacher": out / "teacher"}
+    for offset, (name, cls) in enumerate((("student", Qwen2_5_VLForConditionalGeneration),
+                                          ("teacher", Qwen3ForCausalLM))):
+        torch.manual_seed(seed + offset)
+        model = cls(AutoConfig.from_pretrained(src / name))
+        # Everything but the weights (tokenizer, processor, generation config) is copied as saved.
+        shutil.copytree(src / name, paths[name], dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.index.json"))
+        model.save_pretrained(paths[name], safe_serialization=True)
+    return paths
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Build the offline tiny student (Qwen2.5-VL) and teacher (Qwen3).")
     parser.add_argument("--out", required=True, help="folder to write student/ and teacher/ into")
