@@ -218,7 +218,7 @@ def save_tiny_models(out: str | Path, texts: Iterable[str], sizes: TinySizes | N
 
 
 def reseed_tiny_models(src: str | Path, out: str | Path, seed: int) -> dict[str, Path]:
-    """Copy the tiny models of ``src`` (a ``save_tiny_models`` folder) to ``out`` with fresh weights drawn from ``seed``.
+    """Copy the tiny models of ``src`` (a ``save_tiny_models`` folder) to ``out`` with weights drawn from ``seed``.
 
     Configs, tokenizer and processor are kept, so every seed reads the same data files; only the initial weights
     change, drawn as ``build_tiny_models`` draws them (``seed`` for the student, ``seed + 1`` for the teacher):
