@@ -32,6 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from vold_pl.compare import read_run  # noqa: E402
 from vold_pl.pipeline import run, sources  # noqa: E402
 from vold_pl.quickstart import BENCH, CONFIGS, benchmark_jobs, run_seed  # noqa: E402
 
@@ -63,12 +64,7 @@ def run_arm_d(art: Path, runs: Path, seed: int) -> None:
 
 def correctness(runs: Path, stage: str) -> dict[str, float]:
     """Problem id -> greedy score (1 or 0) of one stage's benchmark on the test problems."""
-    out = {}
-    for line in (runs / "bench" / stage / "benchmark_predictions.jsonl").read_text().splitlines():
-        p = json.loads(line) if line.strip() else {}
-        if p.get("benchmark") == BENCH and p.get("sample", 0) == 0:
-            out[str(p["id"])] = float(p["score"])
-    return out
+    return {rid: item["strict"] for rid, item in read_run(runs / "bench" / stage)[BENCH].items()}
 
 
 def paired(x: np.ndarray, y: np.ndarray, n_boot: int = 5000, seed: int = 0) -> dict:
