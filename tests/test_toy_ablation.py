@@ -1,0 +1,50 @@
+"""The toy ablation's paired statistics (benchmarks/toy_vold_ablation.py) against formulas written out here."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "toy_vold_ablation.py"
+
+
+@pytest.fixture(scope="module")
+def ablation():
+    spec = importlib.util.spec_from_file_location("toy_vold_ablation", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paired_difference_intervals(ablation):
+    rng = np.random.default_rng(3)
+    x = (rng.random((3, 200)) < 0.6).astype(float)  # [seeds, problems] scores of arm x
+    y = (rng.random((3, 200)) < 0.5).astype(float)
+    out = ablation.paired(x, y, n_boot=2000, seed=1)
+    per_seed = [float(np.mean(x[s]) - np.mean(y[s])) for s in range(3)]
+    assert out["per_seed"] == pytest.approx(per_seed)
+    assert out["delta"] == pytest.approx(statistics.mean(per_seed))
+    assert out["rows_differ"] == pytest.approx(float(np.mean(x != y)))
+    # t interval over 3 seeds: mean ± t(0.975, df=2) · sd / sqrt(3), t = 4.303
+    half = 4.303 * statistics.stdev(per_seed) / math.sqrt(3)
+    assert out["t95_over_seeds"] == pytest.approx([statistics.mean(per_seed) - half, statistics.mean(per_seed) + half])
+    # Bootstrap over problems: near the normal interval of the mean of per-problem differences (pooled over seeds,
+    # a problem keeps its 3 rows), and centred on the difference.
+    by_problem = (x - y).mean(axis=0)  # [problems]
+    se = by_problem.std(ddof=1) / math.sqrt(by_problem.size)
+    lo, hi = out["bootstrap95"]
+    assert lo < out["delta"] < hi
+    assert lo == pytest.approx(out["delta"] - 1.96 * se, abs=0.25 * se + 0.005)
+    assert hi == pytest.approx(out["delta"] + 1.96 * se, abs=0.25 * se + 0.005)
+
+
+def test_identical_arms_differ_by_nothing(ablation):
+    x = (np.random.default_rng(0).random((2, 50)) < 0.5).astype(float)
+    out = ablation.paired(x, x.copy(), n_boot=500)
+    assert out["delta"] == 0 and out["bootstrap95"] == [0, 0] and out["t95_over_seeds"] == [0, 0]
+    assert out["rows_differ"] == 0
