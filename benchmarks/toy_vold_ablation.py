@@ -51,7 +51,8 @@ def run_arm_d(art: Path, runs: Path, seed: int) -> None:
     """GRPO + OPD with the VOLD stage's config, started from the perception export instead of the cold start."""
     out, data = runs / "no_cold_start", art / "data"
     if not (out / "export" / "config.json").exists():
-        run(["fit", "--config", str(CONFIGS / "opd_grpo.yaml"), "--seed_everything", str(seed),
+        run(["fit", "--config", str(CONFIGS / "opd_grpo.yaml"),
+             "--seed_everything", str(seed), "--data.seed", str(seed),
              "--model.init_args.model.name_or_path", str(runs / "perception" / "export"),
              "--model.init_args.teacher.name_or_path", str(runs / "teacher_sft" / "export"),
              "--model.init_args.export_dir", str(out / "export"), "--data.train", sources(data / "rl.jsonl"),
