@@ -108,21 +108,37 @@ def read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def gather(art: Path, runs_root: Path, seeds: list[int]) -> dict:
+    """Scores, paired differences and mean learning curves. An arm missing on some seeds (arm d is one more run
+    per seed) is compared over the seeds where it exists; ``arm_seeds`` says which."""
     test = [json.loads(line) for line in (art / "data" / "test.jsonl").read_text().splitlines() if line.strip()]
     splits = {"all": [str(r["id"]) for r in test],
               "hard": [str(r["id"]) for r in test if r.get("difficulty") == 3 and r["answer_type"] == "math"]}
-    scores = {arm: [correctness(runs_root / f"seed{s}", stage) for s in seeds] for arm, (stage, _) in ARMS.items()}
-    result = {"seeds": seeds, "arms": {k: label for k, (_, label) in ARMS.items()}, "splits": {}, "curves": {}}
+    scored = lambda s, stage: (runs_root / f"seed{s}" / "bench" / stage / "benchmark_report.json").exists()  # noqa: E731
+    arm_seeds = {arm: [s for s in seeds if scored(s, stage)] for arm, (stage, _) in ARMS.items()}
+    missing = [f"{arm} (seeds {sorted(set(seeds) - set(arm_seeds[arm]))})" for arm in "abc"
+               if arm_seeds[arm] != seeds]
+    if missing:
+        raise SystemExit(f"no benchmark of arm {', '.join(missing)} under {runs_root}: run the quickstart for those "
+                         "seeds (python -m vold_pl.quickstart --seeds ...) or drop them from --seeds.")
+    scores = {arm: {s: correctness(runs_root / f"seed{s}", stage) for s in arm_seeds[arm]}
+              for arm, (stage, _) in ARMS.items()}
+    result = {"seeds": seeds, "arm_seeds": arm_seeds, "arms": {k: label for k, (_, label) in ARMS.items()},
+              "splits": {}, "curves": {}}
+
+    def mat(arm: str, ids: list[str], over: list[int]) -> np.ndarray:  # [S, n]
+        return np.array([[scores[arm][s][i] for i in ids] for s in over])
+
     for split, ids in splits.items():
-        mats = {arm: np.array([[per_seed[i] for i in ids] for per_seed in scores[arm]]) for arm in ARMS}  # [S, n]
-        accs = {arm: [float(v) for v in m.mean(axis=1)] for arm, m in mats.items()}
+        accs = {arm: [float(v) for v in mat(arm, ids, arm_seeds[arm]).mean(axis=1)] for arm in ARMS if arm_seeds[arm]}
+        paired_seeds = {(x, y): [s for s in arm_seeds[x] if s in arm_seeds[y]] for x, y in PAIRS}
         result["splits"][split] = {
             "n": len(ids),
             "accuracy": {arm: {"per_seed": a, "mean": statistics.mean(a),
                                "sd": statistics.stdev(a) if len(a) > 1 else 0.0} for arm, a in accs.items()},
-            "paired": {f"{x}-{y}": paired(mats[x], mats[y]) for x, y in PAIRS}}
+            "paired": {f"{x}-{y}": {**paired(mat(x, ids, over), mat(y, ids, over)), "seeds": over}
+                       for (x, y), over in paired_seeds.items() if over}}
     for arm in ("b", "c", "d"):
-        per_seed = [read_curves(runs_root / f"seed{s}" / ARMS[arm][0]) for s in seeds]
+        per_seed = [read_curves(runs_root / f"seed{s}" / ARMS[arm][0]) for s in arm_seeds[arm]]
         result["curves"][arm] = {k: _mean_curve([c.get(k, []) for c in per_seed]) for k, _ in CURVES}
     return result
 
@@ -137,27 +153,40 @@ def _ci(p: dict, key: str) -> str:
     return f"[{100 * p[key][0]:+.1f}, {100 * p[key][1]:+.1f}]" if key in p else ""
 
 
+def _seeds_note(res: dict, arm_or_pair_seeds: list[int]) -> str:
+    return "" if arm_or_pair_seeds == res["seeds"] else f" (seeds {', '.join(map(str, arm_or_pair_seeds))})"
+
+
 def print_markdown(res: dict) -> None:
     seeds = res["seeds"]
     for split, r in res["splits"].items():
         print(f"\n{split} test problems (n = {r['n']}), greedy accuracy over seeds {seeds}\n")
         print("| arm | mean ± sd | per seed |\n|---|---|---|")
         for arm, a in r["accuracy"].items():
-            print(f"| {res['arms'][arm]} | {100 * a['mean']:.1f}% ± {100 * a['sd']:.1f} | "
-                  f"{', '.join(f'{100 * v:.1f}' for v in a['per_seed'])} |")
+            print(f"| {res['arms'][arm]}{_seeds_note(res, res['arm_seeds'][arm])} | {100 * a['mean']:.1f}% ± "
+                  f"{100 * a['sd']:.1f} | {', '.join(f'{100 * v:.1f}' for v in a['per_seed'])} |")
         print("\n| difference | Δ (points) | bootstrap 95% | t over seeds 95% | per seed | rows that differ |\n"
               "|---|---|---|---|---|---|")
         for pair, p in r["paired"].items():
-            print(f"| {pair.replace('-', ' − ')} | {100 * p['delta']:+.1f} | {_ci(p, 'bootstrap95')} | "
-                  f"{_ci(p, 't95_over_seeds')} | {', '.join(f'{100 * v:+.1f}' for v in p['per_seed'])} | "
-                  f"{100 * p['rows_differ']:.1f}% |")
-    print("\nlearning curves, mean over seeds of the first and the last 5 logged steps\n")
+            print(f"| {pair.replace('-', ' − ')}{_seeds_note(res, p['seeds'])} | {100 * p['delta']:+.1f} | "
+                  f"{_ci(p, 'bootstrap95')} | {_ci(p, 't95_over_seeds')} | "
+                  f"{', '.join(f'{100 * v:+.1f}' for v in p['per_seed'])} | {100 * p['rows_differ']:.1f}% |")
+    print("\nlearning curves, mean over seeds of the first and the last tenth of the logged steps\n")
     for key, label in CURVES:
         cells = []
         for arm, curves in res["curves"].items():
             c = [v for _, v in curves.get(key, [])]
-            cells.append(f"{arm}: {np.mean(c[:5]):.3f} → {np.mean(c[-5:]):.3f}" if c else f"{arm}: -")
+            k = max(len(c) // 10, 5)
+            cells.append(f"{arm}: {np.mean(c[:k]):.3f} → {np.mean(c[-k:]):.3f}" if c else f"{arm}: -")
         print(f"- {label}: " + "; ".join(cells))
+
+
+def _smooth(values: list[float], window: int = 20) -> np.ndarray:
+    """Trailing mean over ``window`` steps (fewer at the start): one step's 8 problems are a noisy reading."""
+    c = np.cumsum(np.insert(np.asarray(values, dtype=float), 0, 0.0))
+    n = np.arange(1, len(values) + 1)
+    lo = np.maximum(n - window, 0)
+    return (c[n] - c[lo]) / (n - lo)
 
 
 def plot(res: dict, path: Path) -> None:
@@ -170,6 +199,8 @@ def plot(res: dict, path: Path) -> None:
     for k, split in enumerate(("all", "hard")):
         acc = res["splits"][split]["accuracy"]
         for j, arm in enumerate(ARMS):
+            if arm not in acc:
+                continue
             vals = [100 * v for v in acc[arm]["per_seed"]]
             axes[0].scatter([j + 0.15 * (k - 0.5)] * len(vals), vals, s=14, color="k" if k == 0 else "#888",
                             label=f"{split} (per seed)" if j == 0 else None)
@@ -183,8 +214,8 @@ def plot(res: dict, path: Path) -> None:
         for arm, curves in res["curves"].items():
             pts = curves.get(key, [])
             if pts:
-                ax.plot([s for s, _ in pts], [v for _, v in pts], color=COLORS[arm], label=ARMS[arm][1])
-        ax.set_title(label, fontsize=10)
+                ax.plot([s for s, _ in pts], _smooth([v for _, v in pts]), color=COLORS[arm], label=ARMS[arm][1])
+        ax.set_title(f"{label} (mean of the last 20 steps)", fontsize=10)
         ax.set_xlabel("RL step")
     axes[1].legend(fontsize=7)
     fig.suptitle(f"toy VOLD ablation, seeds {res['seeds']} (curves: mean over seeds)")
