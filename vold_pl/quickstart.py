@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--artifacts", default="artifacts", help="folder with tiny/ models and data/ (make artifacts)")
     parser.add_argument("--runs", default="runs/quickstart", help="folder for every stage's outputs (one per seed)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
-                        help="training seeds (seed_everything of every stage); several give a mean-and-spread table")
+                        help="training seeds: each draws the initial weights, the SFT data order and every sample; "
+                             "several give a mean-and-spread table")
     parser.add_argument("--fresh", action="store_true", help="rerun every stage even if its output exists")
     args = parser.parse_args(argv)
     art, runs = Path(args.artifacts), Path(args.runs)
