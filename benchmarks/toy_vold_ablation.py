@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from vold_pl.compare import read_run  # noqa: E402
-from vold_pl.pipeline import run, sources  # noqa: E402
-from vold_pl.quickstart import BENCH, CONFIGS, benchmark_jobs, run_seed  # noqa: E402
+from vold_pl.pipeline import run  # noqa: E402
+from vold_pl.quickstart import BENCH, benchmark_jobs, rl_job, run_seed  # noqa: E402
 
 ARMS = {"a": ("cold_start", "(a) cold start"), "b": ("grpo_only", "(b) cold start + GRPO"),
         "c": ("vold", "(c) cold start + GRPO + OPD (VOLD)"), "d": ("no_cold_start", "(d) GRPO + OPD, no cold start")}
@@ -49,17 +49,13 @@ COLORS = {"b": "#4a90d9", "c": "#d94a4a", "d": "#e0a030"}
 
 def run_arm_d(art: Path, runs: Path, seed: int) -> None:
     """GRPO + OPD with the VOLD stage's config, started from the perception export instead of the cold start."""
-    out, data = runs / "no_cold_start", art / "data"
-    if not (out / "export" / "config.json").exists():
-        run(["fit", "--config", str(CONFIGS / "opd_grpo.yaml"),
-             "--seed_everything", str(seed), "--data.seed", str(seed),
-             "--model.init_args.model.name_or_path", str(runs / "perception" / "export"),
-             "--model.init_args.teacher.name_or_path", str(runs / "teacher_sft" / "export"),
-             "--model.init_args.export_dir", str(out / "export"), "--data.train", sources(data / "rl.jsonl"),
-             "--data.val", sources(data / "val.jsonl"), "--trainer.default_root_dir", str(out)],
-            runs / "logs" / "4_no_cold_start.log")
+    data = art / "data"
+    args, log, done = rl_job(runs, data, "no_cold_start", "opd_grpo.yaml", runs / "perception" / "export",
+                             runs / "teacher_sft" / "export")
+    if not done.exists():
+        run(args + ["--seed_everything", str(seed), "--data.seed", str(seed)], log)
     if not (runs / "bench" / "no_cold_start" / "benchmark_report.json").exists():
-        (args, log, _), = benchmark_jobs(runs, "no_cold_start", out / "export", "bench.yaml", data / "test.jsonl", data)
+        (args, log, _), = benchmark_jobs(runs, "no_cold_start", done.parent, "bench.yaml", data / "test.jsonl", data)
         run(args + ["--seed_everything", str(seed)], log)
 
 

@@ -47,7 +47,7 @@ import math  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from vold_pl.quickstart import accuracy_figures, perception_figures, stated_facts  # noqa: E402
+from vold_pl.quickstart import BENCH, accuracy_figures, perception_figures, stated_facts, teacher_on_target  # noqa: E402
 
 
 def _write_predictions(folder: Path, rows: list[dict]) -> Path:
@@ -123,3 +123,43 @@ def test_each_seed_starts_from_its_own_weights(tiny_models, tmp_path):
     for name in ("student", "teacher"):
         a, b = load_file(art / name / "model.safetensors"), load_file(again[name] / "model.safetensors")
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _fake_stages(accuracies: list[float], calls: list):
+    """A stand-in for run_seed's runner: a teacher check scores 20 validation items at the next of
+    ``accuracies``; a fit job writes its export marker. Every job's arguments are recorded in ``calls``."""
+    queue = list(accuracies)
+
+    def stages(name, jobs):
+        for args, _log, out in jobs:
+            calls.append((name, args))
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if args[0] == "validate":
+                right = round(queue.pop(0) * 20)
+                out.write_text("{}")
+                (out.parent / "benchmark_predictions.jsonl").write_text("".join(
+                    json.dumps({"benchmark": BENCH, "id": f"v{i}", "score": float(i < right)}) + "\n"
+                    for i in range(20)))
+            else:
+                out.write_text("{}")
+    return stages
+
+
+@pytest.mark.parametrize("accuracies, top_ups", [([0.95], 0), ([0.85, 0.90], 1), ([0.80, 0.85, 0.85], 2)])
+def test_a_teacher_under_target_trains_on_from_its_own_weights(tmp_path, accuracies, top_ups):
+    runs, data, first = tmp_path / "runs", tmp_path / "data", tmp_path / "runs" / "teacher_sft" / "export"
+    calls = []
+    teacher, accs = teacher_on_target(runs, data, first, _fake_stages(accuracies, calls))
+    assert accs == pytest.approx(accuracies)
+    fits = [args for _, args in calls if args[0] == "fit"]
+    assert len(fits) == top_ups  # the last check decides: no top-up after the TEACHER_TOP_UPS-th
+    chain = [first] + [runs / f"teacher_sft_{k}" / "export" for k in range(1, top_ups + 1)]
+    assert teacher == chain[-1]
+    for k, args in enumerate(fits):  # each top-up starts from the teacher before it, and is checked after
+        assert args[args.index("--model.init_args.model.name_or_path") + 1] == str(chain[k])
+        assert args[args.index("--model.init_args.export_dir") + 1] == str(chain[k + 1])
+    checks = [args[args.index("--model.init_args.model.name_or_path") + 1] for _, args in calls
+              if args[0] == "validate"]
+    assert checks == [str(t) for t in chain]
+    assert all(str(data / "val.jsonl") in args[args.index("--trainer.callbacks.init_args.benchmarks") + 1]
+               for _, args in calls if args[0] == "validate")  # validation, never the test split
