@@ -145,7 +145,7 @@ def _fake_stages(accuracies: list[float], calls: list):
     return stages
 
 
-@pytest.mark.parametrize("accuracies, top_ups", [([0.95], 0), ([0.85, 0.90], 1), ([0.80, 0.85, 0.85], 2)])
+@pytest.mark.parametrize("accuracies, top_ups", [([0.95], 0), ([0.85, 0.92], 1), ([0.80, 0.85, 0.85], 2)])
 def test_a_teacher_under_target_trains_on_from_its_own_weights(tmp_path, accuracies, top_ups):
     runs, data, first = tmp_path / "runs", tmp_path / "data", tmp_path / "runs" / "teacher_sft" / "export"
     calls = []

@@ -44,7 +44,9 @@ from vold_pl.pipeline import run_parallel, sources
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "quickstart"
 BENCH = "synthetic"  # the benchmark name of the reasoning problems in every report
-TEACHER_TARGET = 0.90  # greedy accuracy on the validation text views the teacher reaches before writing traces
+# Greedy accuracy on the validation text views the teacher reaches before writing traces. The teacher's target is
+# 90% on the test split; val.jsonl has 200 problems (one standard error is about 2 points), hence a margin.
+TEACHER_TARGET = 0.92
 TEACHER_TOP_UPS = 2  # further SFT runs, at most, for a teacher under TEACHER_TARGET
 TEACHER_TOP_UP_STEPS = 1000
 STUDENT_STAGES = ("base", "perception", "cold_start", "grpo_only", "vold")
