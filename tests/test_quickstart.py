@@ -126,7 +126,7 @@ def test_each_seed_starts_from_its_own_weights(tiny_models, tmp_path):
 
 
 def _fake_stages(accuracies: list[float], calls: list):
-    """A stand-in for run_seed's runner: a teacher check scores 20 validation items at the next of
+    """A stand-in for run_seed's runner: a teacher check scores 100 validation items at the next of
     ``accuracies``; a fit job writes its export marker. Every job's arguments are recorded in ``calls``."""
     queue = list(accuracies)
 
@@ -135,11 +135,11 @@ def _fake_stages(accuracies: list[float], calls: list):
             calls.append((name, args))
             out.parent.mkdir(parents=True, exist_ok=True)
             if args[0] == "validate":
-                right = round(queue.pop(0) * 20)
+                right = round(queue.pop(0) * 100)
                 out.write_text("{}")
                 (out.parent / "benchmark_predictions.jsonl").write_text("".join(
                     json.dumps({"benchmark": BENCH, "id": f"v{i}", "score": float(i < right)}) + "\n"
-                    for i in range(20)))
+                    for i in range(100)))
             else:
                 out.write_text("{}")
     return stages
