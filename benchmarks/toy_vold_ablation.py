@@ -103,6 +103,20 @@ def read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {k: [(e.step, e.value) for e in ea.Scalars(k)] for k, _ in CURVES if k in tags}
 
 
+def rl_settings(run_dir: Path) -> dict:
+    """The RL settings an arm's run used (steps, sampling temperature, λ), from the config its newest log saved:
+    an arm rerun under other settings shows it in the results."""
+    import yaml
+
+    versions = sorted((run_dir / "lightning_logs").glob("version_*/config.yaml"), key=lambda p: int(p.parent.name[8:]))
+    if not versions:
+        return {}
+    cfg = yaml.safe_load(versions[-1].read_text())
+    init = cfg["model"]["init_args"]
+    return {"max_steps": cfg["trainer"]["max_steps"], "temperature": init["sampling"]["temperature"],
+            "lam": init["opd"]["lam"]}
+
+
 def gather(art: Path, runs_root: Path, seeds: list[int]) -> dict:
     """Scores, paired differences and mean learning curves. An arm missing on some seeds (arm d is one more run
     per seed) is compared over the seeds where it exists; ``arm_seeds`` says which."""
@@ -133,6 +147,8 @@ def gather(art: Path, runs_root: Path, seeds: list[int]) -> dict:
                                "sd": statistics.stdev(a) if len(a) > 1 else 0.0} for arm, a in accs.items()},
             "paired": {f"{x}-{y}": {**paired(mat(x, ids, over), mat(y, ids, over)), "seeds": over}
                        for (x, y), over in paired_seeds.items() if over}}
+    result["rl_settings"] = {arm: {str(s): rl_settings(runs_root / f"seed{s}" / ARMS[arm][0]) for s in arm_seeds[arm]}
+                             for arm in ("b", "c", "d")}
     for arm in ("b", "c", "d"):
         per_seed = [read_curves(runs_root / f"seed{s}" / ARMS[arm][0]) for s in arm_seeds[arm]]
         result["curves"][arm] = {k: _mean_curve([c.get(k, []) for c in per_seed]) for k, _ in CURVES}
@@ -155,6 +171,11 @@ def _seeds_note(res: dict, arm_or_pair_seeds: list[int]) -> str:
 
 def print_markdown(res: dict) -> None:
     seeds = res["seeds"]
+    for arm, by_seed in res.get("rl_settings", {}).items():
+        kinds = sorted({json.dumps(v, sort_keys=True) for v in by_seed.values()})
+        print(f"RL settings of arm {arm}: " + "; ".join(
+            f"{k} (seeds {', '.join(s for s, v in by_seed.items() if json.dumps(v, sort_keys=True) == k)})"
+            for k in kinds))
     for split, r in res["splits"].items():
         print(f"\n{split} test problems (n = {r['n']}), greedy accuracy over seeds {seeds}\n")
         print("| arm | mean ± sd | per seed |\n|---|---|---|")
