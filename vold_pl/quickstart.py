@@ -90,6 +90,10 @@ def run_seed(art: Path, runs: Path, seed: int, fresh: bool = False, in_process: 
     # data in (data.seed); initial_models gives each seed its own initial weights.
     seed_arg = ["--seed_everything", str(seed), "--data.seed", str(seed)]
     times: dict[str, float] = {}
+    reused: list[float] = []  # seconds of the stages reused, counted in the seed's total
+    # A resumed seed keeps the times of the stages it reuses, from the summary of the run that made them.
+    before = json.loads((runs / "summary.json").read_text()).get("stage_seconds", {}) \
+        if (runs / "summary.json").exists() and not fresh else {}
 
     def stages(name: str, jobs: list[tuple[list[str], Path, Path]]) -> None:
         """Run the jobs whose output is missing, side by side; record the stage's wall time."""
@@ -97,8 +101,12 @@ def run_seed(art: Path, runs: Path, seed: int, fresh: bool = False, in_process: 
         t0 = time.perf_counter()
         if todo:
             run_parallel(todo, in_process=in_process)
-        times[name] = time.perf_counter() - t0
-        print(f"[quickstart] stage {name}: {times[name]:.0f} s", flush=True)
+            times[name] = time.perf_counter() - t0
+            print(f"[quickstart] stage {name}: {times[name]:.0f} s", flush=True)
+        else:
+            times[name] = before.get(name, 0.0)
+            reused.append(times[name])
+            print(f"[quickstart] stage {name}: reused ({times[name]:.0f} s when it ran)", flush=True)
 
     teacher, perceive = runs / "teacher_sft" / "export", runs / "perception" / "export"
     stages("1 teacher SFT ‖ perception", [
@@ -146,7 +154,7 @@ def run_seed(art: Path, runs: Path, seed: int, fresh: bool = False, in_process: 
         *(job for stage, path in models.items()
           for job in benchmark_jobs(runs, stage, path, "bench.yaml", data / "test.jsonl", data, perception=True))])
 
-    summary = summarize(runs, data, seed, times, time.perf_counter() - t_start)
+    summary = summarize(runs, data, seed, times, time.perf_counter() - t_start + sum(reused))
     summary["teacher_val"] = teacher_val  # greedy on the validation text views, before and after each top-up
     (runs / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
