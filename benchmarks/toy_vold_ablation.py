@@ -206,6 +206,16 @@ def _smooth(values: list[float], window: int = 20) -> np.ndarray:
     return (c[n] - c[lo]) / (n - lo)
 
 
+def _label(res: dict, arm: str) -> str:
+    """The arm's name, with its steps and temperature when they are not those of arm c (VOLD) on every seed."""
+    settings = res.get("rl_settings", {})
+
+    def kinds(a: str) -> set[str]:
+        return {f"{v['max_steps']} steps, T = {v['temperature']}" for v in settings.get(a, {}).values() if v}
+    own = kinds(arm)
+    return ARMS[arm][1] if not own or own == kinds("c") else f"{ARMS[arm][1]} [{'; '.join(sorted(own))}]"
+
+
 def plot(res: dict, path: Path) -> None:
     import matplotlib
 
@@ -231,7 +241,7 @@ def plot(res: dict, path: Path) -> None:
         for arm, curves in res["curves"].items():
             pts = curves.get(key, [])
             if pts:
-                ax.plot([s for s, _ in pts], _smooth([v for _, v in pts]), color=COLORS[arm], label=ARMS[arm][1])
+                ax.plot([s for s, _ in pts], _smooth([v for _, v in pts]), color=COLORS[arm], label=_label(res, arm))
         ax.set_title(f"{label} (mean of the last 20 steps)", fontsize=10)
         ax.set_xlabel("RL step")
     axes[1].legend(fontsize=7)

@@ -7,7 +7,8 @@ one core each:
 
 1. teacher SFT ‖ perception    the tiny text-only teacher learns the text views of the synthetic problems;
                                the tiny Qwen2.5-VL student learns to read the scene's facts off images (what a
-                               real VLM brings from pretraining);
+                               real VLM brings from pretraining); a teacher under TEACHER_TARGET greedy on the
+                               validation text views trains on (``teacher_on_target``);
 2. teacher traces              ``vold-pl predict`` + TraceWriter: the teacher answers the *text views* of the
                                image problems; only verified traces are kept (VOLD's cold-start data);
 3. cold start                  SFT of the perceiving student on those traces, with the images (it never sees
