@@ -49,7 +49,7 @@ BENCH = "synthetic"  # the benchmark name of the reasoning problems in every rep
 # 90% on the test split; val.jsonl has 200 problems (one standard error is about 2 points), hence a margin.
 TEACHER_TARGET = 0.92
 TEACHER_TOP_UPS = 2  # further SFT runs, at most, for a teacher under TEACHER_TARGET
-TEACHER_TOP_UP_STEPS = 1000
+TEACHER_TOP_UP_STEPS, TEACHER_TOP_UP_LR = 1000, 1.0e-3  # a third of sft_teacher.yaml's lr, cosine again
 STUDENT_STAGES = ("base", "perception", "cold_start", "grpo_only", "vold")
 STAGE_LABELS = {"base": "base student (random init)", "perception": "after perception",
                 "cold_start": "after cold start", "grpo_only": "GRPO only", "vold": "VOLD (GRPO + OPD)"}
@@ -164,10 +164,10 @@ def run_seed(art: Path, runs: Path, seed: int, fresh: bool = False, in_process: 
 def teacher_on_target(runs: Path, data: Path, teacher: Path, stages) -> tuple[Path, list[float]]:
     """The teacher that writes the cold start's traces, and its greedy accuracies on the validation text views.
 
-    A teacher under TEACHER_TARGET there trains on, from its own weights, for TEACHER_TOP_UP_STEPS at a third of
-    the first run's learning rate (a warm restart of the cosine schedule), at most TEACHER_TOP_UPS times: some
-    initialisations take longer than 3,000 steps to learn to look a kind up in the facts list. ``stages(name,
-    jobs)`` runs the jobs whose output is missing (``run_seed``'s runner)."""
+    A teacher under TEACHER_TARGET there trains on, from its own weights, for TEACHER_TOP_UP_STEPS at
+    TEACHER_TOP_UP_LR (a warm restart of the cosine schedule), at most TEACHER_TOP_UPS times: some initialisations
+    take longer than 3,000 steps to learn to look a kind up in the facts list. ``stages(name, jobs)`` runs the
+    jobs whose output is missing (``run_seed``'s runner)."""
     accs: list[float] = []
     for k in range(TEACHER_TOP_UPS + 1):
         check = "teacher_val" + (f"_{k}" if k else "")
@@ -182,7 +182,7 @@ def teacher_on_target(runs: Path, data: Path, teacher: Path, stages) -> tuple[Pa
         stages(f"1{'abc'[k]} teacher SFT, top-up {k + 1}", [
             (["fit", "--config", str(CONFIGS / "sft_teacher.yaml"),
               "--model.init_args.model.name_or_path", str(teacher), "--model.init_args.export_dir", str(more),
-              "--trainer.max_steps", str(TEACHER_TOP_UP_STEPS), "--model.init_args.optim.lr", "1.0e-3",
+              "--trainer.max_steps", str(TEACHER_TOP_UP_STEPS), "--model.init_args.optim.lr", str(TEACHER_TOP_UP_LR),
               "--data.train", sources(data / "train_text.jsonl", data / "teacher_text.jsonl"),
               "--data.val", sources(data / "val_text.jsonl"), "--trainer.default_root_dir", str(more.parent)],
              runs / "logs" / f"1_teacher_sft_{k + 1}.log", more / "config.json")])
