@@ -111,11 +111,7 @@ def run_seed(art: Path, runs: Path, seed: int, fresh: bool = False, in_process: 
 
     teacher, perceive = runs / "teacher_sft" / "export", runs / "perception" / "export"
     stages("1 teacher SFT ‖ perception", [
-        (["fit", "--config", str(CONFIGS / "sft_teacher.yaml"),
-          "--model.init_args.model.name_or_path", str(tiny / "teacher"), "--model.init_args.export_dir", str(teacher),
-          "--data.train", sources(data / "train_text.jsonl", data / "teacher_text.jsonl"),
-          "--data.val", sources(data / "val_text.jsonl"), "--trainer.default_root_dir", str(runs / "teacher_sft")],
-         runs / "logs" / "1_teacher_sft.log", teacher / "config.json"),
+        teacher_sft_job(runs, data, tiny / "teacher", "teacher_sft"),
         (["fit", "--config", str(CONFIGS / "sft_perception.yaml"),
           "--model.init_args.model.name_or_path", str(tiny / "student"), "--model.init_args.export_dir", str(perceive),
           "--data.train", sources(data / "perception_train.jsonl"),
@@ -179,15 +175,23 @@ def teacher_on_target(runs: Path, data: Path, teacher: Path, stages) -> tuple[Pa
         if accs[-1] >= TEACHER_TARGET or k == TEACHER_TOP_UPS:
             break
         more = runs / f"teacher_sft_{k + 1}" / "export"
-        stages(f"1{'abc'[k]} teacher SFT, top-up {k + 1}", [
-            (["fit", "--config", str(CONFIGS / "sft_teacher.yaml"),
-              "--model.init_args.model.name_or_path", str(teacher), "--model.init_args.export_dir", str(more),
-              "--trainer.max_steps", str(TEACHER_TOP_UP_STEPS), "--model.init_args.optim.lr", str(TEACHER_TOP_UP_LR),
-              "--data.train", sources(data / "train_text.jsonl", data / "teacher_text.jsonl"),
-              "--data.val", sources(data / "val_text.jsonl"), "--trainer.default_root_dir", str(more.parent)],
-             runs / "logs" / f"1_teacher_sft_{k + 1}.log", more / "config.json")])
+        stages(f"1{'abc'[k]} teacher SFT, top-up {k + 1}", [teacher_sft_job(
+            runs, data, teacher, more.parent.name,
+            ["--trainer.max_steps", str(TEACHER_TOP_UP_STEPS), "--model.init_args.optim.lr", str(TEACHER_TOP_UP_LR)])])
         teacher = more
     return teacher, accs
+
+
+def teacher_sft_job(runs: Path, data: Path, init: Path, name: str,
+                    extra: list[str] = ()) -> tuple[list[str], Path, Path]:
+    """``vold-pl fit`` of the text-only teacher (configs/quickstart/sft_teacher.yaml plus ``extra``) from ``init``
+    on the text views; it exports to ``<runs>/<name>/export`` and logs to ``<runs>/logs/1_<name>.log``."""
+    export = runs / name / "export"
+    return (["fit", "--config", str(CONFIGS / "sft_teacher.yaml"), "--model.init_args.model.name_or_path", str(init),
+             "--model.init_args.export_dir", str(export), *extra,
+             "--data.train", sources(data / "train_text.jsonl", data / "teacher_text.jsonl"),
+             "--data.val", sources(data / "val_text.jsonl"), "--trainer.default_root_dir", str(runs / name)],
+            runs / "logs" / f"1_{name}.log", export / "config.json")
 
 
 def rl_job(runs: Path, data: Path, name: str, config: str, init: Path,
