@@ -79,12 +79,19 @@ def paired(x: np.ndarray, y: np.ndarray, n_boot: int = 5000, seed: int = 0) -> d
     return out
 
 
+def newest_log(run_dir: Path, holding: str | None = None) -> Path | None:
+    """A run's newest ``lightning_logs/version_N`` folder (by N; one that holds the file ``holding`` if given), or
+    ``None``: a rerun of an arm logs to the next version, and its newest log is the one that made its export."""
+    versions = [v for v in (run_dir / "lightning_logs").glob("version_*")
+                if v.name[8:].isdigit() and (holding is None or (v / holding).is_file())]
+    return max(versions, key=lambda v: int(v.name[8:]), default=None)
+
+
 def read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """The CURVES metrics of an RL run, by optimizer step, from its newest TensorBoard or CSV log."""
-    versions = sorted((run_dir / "lightning_logs").glob("version_*"), key=lambda p: int(p.name[8:]))
-    if not versions:
+    v = newest_log(run_dir)
+    if v is None:
         return {}
-    v = versions[-1]
     if (v / "metrics.csv").exists():
         import csv
 
@@ -108,10 +115,10 @@ def rl_settings(run_dir: Path) -> dict:
     an arm rerun under other settings shows it in the results."""
     import yaml
 
-    versions = sorted((run_dir / "lightning_logs").glob("version_*/config.yaml"), key=lambda p: int(p.parent.name[8:]))
-    if not versions:
+    v = newest_log(run_dir, holding="config.yaml")
+    if v is None:
         return {}
-    cfg = yaml.safe_load(versions[-1].read_text())
+    cfg = yaml.safe_load((v / "config.yaml").read_text())
     init = cfg["model"]["init_args"]
     return {"max_steps": cfg["trainer"]["max_steps"], "temperature": init["sampling"]["temperature"],
             "lam": init["opd"]["lam"]}

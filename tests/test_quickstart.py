@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vold_pl.quickstart import artifacts_changed
+from vold_pl.quickstart import JobKeys, artifacts_changed
 
 
 def _artifacts(root: Path) -> Path:
@@ -30,6 +30,34 @@ def test_runs_are_reused_until_the_artifacts_change(tmp_path):
     (art / "data" / "images").mkdir()
     (art / "data" / "images" / "a.png").write_bytes(b"png")  # images follow the JSONL; not hashed
     assert artifacts_changed(art, runs) is False
+
+
+def test_an_output_is_reused_only_for_the_same_command_and_config(tmp_path):
+    """A stage output is reused when the command and config that made it are the same; a changed argument or
+    config text, a missing output, or an earlier job that ran (its outputs are later jobs' inputs) reruns it."""
+    cfg = tmp_path / "stage.yaml"
+    cfg.write_text("trainer: {max_steps: 10}\n")
+    outs = [tmp_path / name / "export" / "config.json" for name in ("a", "b")]
+    jobs = [(["fit", "--config", str(cfg), "--x", name], out) for name, out in zip("ab", outs)]
+    for _, out in jobs:
+        out.parent.mkdir(parents=True)
+        out.write_text("{}")
+    keys = JobKeys(tmp_path / "job_keys.json")
+    assert not any(keys.reusable(a, out) for a, out in jobs)  # outputs without a key are not reused
+    keys.ran(jobs)
+
+    again = JobKeys(tmp_path / "job_keys.json")  # a resumed run reads the keys back
+    assert all(again.reusable(a, out) for a, out in jobs)
+    assert not again.reusable(jobs[0][0][:-1] + ["other"], outs[0])  # another argument
+    assert not JobKeys(tmp_path / "job_keys.json", fresh=True).reusable(*jobs[0])  # --fresh
+    cfg.write_text("trainer: {max_steps: 20}\n")  # the same path, another config
+    assert not again.reusable(*jobs[0])
+    cfg.write_text("trainer: {max_steps: 10}\n")
+    assert again.reusable(*jobs[0])
+    again.ran([jobs[0]])  # a job ran: every later one reruns, even one whose key still matches
+    assert not again.reusable(*jobs[1])
+    outs[0].unlink()
+    assert not JobKeys(tmp_path / "job_keys.json").reusable(*jobs[0])  # a missing output
 
 
 def test_outputs_without_a_fingerprint_count_as_stale(tmp_path):

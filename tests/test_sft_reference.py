@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from vold_pl.data.collate import IGNORE_INDEX, SFTCollator, encode_prompts, target_text
 from vold_pl.data.sources import read_records, to_dataset
 from vold_pl.models.factory import ModelSpec
-from vold_pl.modules.sft import SFTModule, completion_nll
+from vold_pl.modules.sft import SFTModule, completion_nll, completion_nll_from_hidden
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`:UserWarning")
 
@@ -101,6 +101,30 @@ def test_completion_nll_small_hand_values():
     assert acc.item() == 1.0  # both argmaxes hit their targets
     # no target token at all: loss and accuracy are 0, never NaN
     loss, acc, n = completion_nll(logits, torch.full((1, 4), IGNORE_INDEX))
+    assert n == 0 and loss.item() == 0.0 and acc.item() == 0.0
+
+
+def test_the_head_on_target_positions_only_gives_the_full_logits_loss_and_gradient():
+    """The LM head applied only where a target is (the module's path) equals the NLL of the full logits, in value,
+    accuracy, count and gradient; rows with no target and a batch with none at all included."""
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(8, 11, bias=False)
+    hidden = torch.randn(3, 6, 8, generator=g, requires_grad=True)  # [B, T, H]
+    labels = torch.randint(0, 11, (3, 6), generator=g)  # [B, T]
+    labels[0, :3] = IGNORE_INDEX  # a prompt
+    labels[1, 4:] = IGNORE_INDEX  # padding
+    labels[2] = IGNORE_INDEX  # a row with no target
+    full = completion_nll(head(hidden), labels)
+    grads_full = torch.autograd.grad(full[0], [hidden, head.weight])
+    picked = completion_nll_from_hidden(hidden, head, labels)
+    grads_picked = torch.autograd.grad(picked[0], [hidden, head.weight])
+    assert picked[2] == full[2] == 3 + 3
+    torch.testing.assert_close(picked[0], full[0])
+    torch.testing.assert_close(picked[1], full[1])
+    for a, b in zip(grads_picked, grads_full):
+        torch.testing.assert_close(a, b)
+    assert grads_picked[0][2].abs().sum() == 0 and grads_picked[0][0].abs().sum() > 0
+    loss, acc, n = completion_nll_from_hidden(hidden, head, torch.full((3, 6), IGNORE_INDEX))
     assert n == 0 and loss.item() == 0.0 and acc.item() == 0.0
 
 

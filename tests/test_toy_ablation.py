@@ -48,3 +48,20 @@ def test_identical_arms_differ_by_nothing(ablation):
     out = ablation.paired(x, x.copy(), n_boot=500)
     assert out["delta"] == 0 and out["bootstrap95"] == [0, 0] and out["t95_over_seeds"] == [0, 0]
     assert out["rows_differ"] == 0
+
+
+def test_an_arm_reads_its_newest_log(ablation, tmp_path):
+    """Curves and settings come from the run's newest ``version_N`` by N (version_10 after version_9), and the
+    settings from the newest one that saved a config: a rerun logs to the next version."""
+    logs = tmp_path / "lightning_logs"
+    for n, steps in ((2, 300), (9, 450), (10, 600)):
+        v = logs / f"version_{n}"
+        v.mkdir(parents=True)
+        (v / "metrics.csv").write_text(f"step,train/reward\n{steps - 1},0.{n}\n")
+        (v / "config.yaml").write_text(
+            f"trainer: {{max_steps: {steps}}}\nmodel: {{init_args: {{sampling: {{temperature: 0.7}}, opd: {{lam: 0.1}}}}}}\n")
+    (logs / "version_11").mkdir()  # a run that stopped before it saved anything
+    assert ablation.newest_log(tmp_path).name == "version_11"
+    assert ablation.newest_log(tmp_path, holding="config.yaml").name == "version_10"
+    assert ablation.rl_settings(tmp_path) == {"max_steps": 600, "temperature": 0.7, "lam": 0.1}
+    assert ablation.newest_log(tmp_path / "elsewhere") is None and ablation.rl_settings(tmp_path / "elsewhere") == {}

@@ -23,8 +23,9 @@ one core each:
 
 ``--seeds 0 1 2`` runs the recipe once per training seed and adds a table of mean and spread over seeds. The data
 files stay the same; the seed draws each stage's initial weights, the order an SFT stage reads its data in, and
-every sample. A stage whose output already exists is skipped, so an interrupted quickstart resumes where it
-stopped; when the artifacts have changed since (``make artifacts`` after a change of the generator), every stage
+every sample. A stage whose output already exists, made by the same command and config (:class:`JobKeys`), is
+skipped, so an interrupted quickstart resumes where it stopped; the first stage that runs makes every later one
+run; when the artifacts have changed since (``make artifacts`` after a change of the generator), every stage
 reruns. Each seed's figures and stage times are written to ``<runs>/seed<N>/summary.json``.
 """
 
@@ -85,7 +86,6 @@ def run_seed(art: Path, runs: Path, seed: int, fresh: bool = False, in_process: 
     data = art / "data"
     t_start = time.perf_counter()
     fresh = artifacts_changed(art, runs) or fresh
-    done = lambda p: Path(p).exists() and not fresh  # noqa: E731
     tiny = initial_models(art, runs, seed, fresh)
     # The seed drives every draw of a stage: sampling (seed_everything) and the order an SFT stage reads its
     # data in (data.seed); initial_models gives each seed its own initial weights.
@@ -96,12 +96,15 @@ def run_seed(art: Path, runs: Path, seed: int, fresh: bool = False, in_process: 
     before = json.loads((runs / "summary.json").read_text()).get("stage_seconds", {}) \
         if (runs / "summary.json").exists() and not fresh else {}
 
+    keys = JobKeys(runs / "job_keys.json", fresh)
+
     def stages(name: str, jobs: list[tuple[list[str], Path, Path]]) -> None:
-        """Run the jobs whose output is missing, side by side; record the stage's wall time."""
-        todo = [(a + seed_arg, log) for a, log, out in jobs if not done(out)]
+        """Run the jobs that ``keys`` cannot reuse, side by side; record the stage's wall time."""
+        todo = [(a + seed_arg, log, out) for a, log, out in jobs if not keys.reusable(a + seed_arg, out)]
         t0 = time.perf_counter()
         if todo:
-            run_parallel(todo, in_process=in_process)
+            run_parallel([(a, log) for a, log, _ in todo], in_process=in_process)
+            keys.ran([(a, out) for a, _, out in todo])
             times[name] = time.perf_counter() - t0
             print(f"[quickstart] stage {name}: {times[name]:.0f} s", flush=True)
         else:
@@ -219,6 +222,38 @@ def benchmark_jobs(runs: Path, name: str, model: Path, config: str, test: Path, 
               "--data.val", json.dumps([{"path": str(data / "val.jsonl"), "limit": 8}]), *extra,
               "--trainer.callbacks.init_args.out_dir", str(out), "--trainer.default_root_dir", str(out)],
              runs / "logs" / f"bench_{name}.log", out / "benchmark_report.json")]
+
+
+class JobKeys:
+    """Which stage outputs a resumed quickstart may reuse: an output is reused only when it exists, the command
+    that made it was the same (its arguments and the text of its ``--config`` file, kept by output path in
+    ``path``), and no earlier stage of this run has run. A later stage reads an earlier one's outputs at the same
+    paths, so once a job runs (a changed config, a teacher check that now asks for a top-up, a missing output),
+    every job after it runs too. Outputs without a key (made before keys were kept) are not reused. A change
+    of vold-pl's own code is not seen: ``--fresh`` reruns everything."""
+
+    def __init__(self, path: Path, fresh: bool = False):
+        self.path = path
+        self.keys: dict[str, str] = {} if fresh or not path.is_file() else json.loads(path.read_text())
+        self.any_ran = False
+
+    @staticmethod
+    def key(args: list[str]) -> str:
+        digest = hashlib.sha256(json.dumps(args).encode())
+        for i, a in enumerate(args[:-1]):
+            if a == "--config":
+                digest.update(Path(args[i + 1]).read_bytes())
+        return digest.hexdigest()
+
+    def reusable(self, args: list[str], out: Path) -> bool:
+        return not self.any_ran and Path(out).exists() and self.keys.get(str(out)) == self.key(args)
+
+    def ran(self, jobs: list[tuple[list[str], Path]]) -> None:
+        """Record the keys of jobs that have just run and succeeded."""
+        self.any_ran = self.any_ran or bool(jobs)
+        self.keys.update({str(out): self.key(args) for args, out in jobs})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.keys, indent=1, sort_keys=True) + "\n")
 
 
 def artifacts_changed(art: Path, runs: Path) -> bool:

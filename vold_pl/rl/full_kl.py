@@ -76,10 +76,10 @@ def teacher_hidden(teacher: torch.nn.Module, input_ids: torch.Tensor, attention_
     completion, ``n`` rows group-contiguous. With ``group_size`` G > 1 (whole groups) each teacher prompt runs
     once per group (rows ``0, G, 2G, ...`` carry it)."""
     from vold_pl.models.inputs import text_positions
-    from vold_pl.rl.logprobs import _backbone_and_head
+    from vold_pl.rl.logprobs import backbone_and_head
 
     S = completion_start
-    backbone, head = _backbone_and_head(teacher)
+    backbone, head = backbone_and_head(teacher)
     G = group_size if input_ids.size(0) % group_size == 0 else 1
     p_ids, p_mask = input_ids[::G, :S], attention_mask[::G, :S]  # [n/G, S]
     c_ids, c_mask = input_ids[:, S:], attention_mask[:, S:]  # [n, l]

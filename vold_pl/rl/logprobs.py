@@ -33,6 +33,7 @@ __all__ = [
     "token_logprobs_from_logits",
     "token_logprobs_from_hidden",
     "model_token_logprobs",
+    "backbone_and_head",
     "mask_blocked",
     "concat_prompt_completion",
     "shared_prefix_token_logprobs",
@@ -196,7 +197,9 @@ def token_logprobs_from_hidden(
     return (logp, torch.cat(ents).view(n, l)) if return_entropy else logp
 
 
-def _backbone_and_head(model: nn.Module) -> tuple[nn.Module | None, nn.Module]:
+def backbone_and_head(model: nn.Module) -> tuple[nn.Module | None, nn.Module]:
+    """``(backbone, lm_head)`` of a HF causal LM or Qwen2.5-VL: the module whose ``last_hidden_state`` is the final
+    (post-norm) hidden state, or ``None`` when the model has no ``.model``, and the output projection."""
     # PEFT wraps the HF model; its LoRA layers live inside the modules, so the unwrapped backbone still uses them.
     base = base_model(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
@@ -252,7 +255,7 @@ def model_token_logprobs(
     if not 1 <= start <= input_ids.shape[1]:
         raise ValueError(f"completion must start at column >= 1 (a token needs a context), got {start}")
 
-    backbone, head = _backbone_and_head(model)
+    backbone, head = backbone_and_head(model)
     if backbone is not None:
         out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_inputs)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # [N, T, H]
@@ -373,7 +376,7 @@ def shared_prefix_token_logprobs(
         raise ValueError(f"{N} completion rows for {B} prompts x G={G}")
     mm = {k: v for k, v in prompt_model_inputs.items() if v is not None} if vision else {}
     positions = prompt_positions(base, prompt_ids, prompt_mask, mm, vision)
-    backbone, head = _backbone_and_head(model)
+    backbone, head = backbone_and_head(model)
     if positions is None or backbone is None or L == 0:
         mm_types = mm["mm_token_type_ids"].repeat_interleave(G, 0) if "mm_token_type_ids" in mm else None
         ids, attn, mm_types = concat_prompt_completion(prompt_ids.repeat_interleave(G, 0),
@@ -421,7 +424,7 @@ def rollout_hidden(model: torch.nn.Module, rollout: Rollout) -> tuple[torch.Tens
     KL, :mod:`vold_pl.rl.full_kl`), projected slab by slab by the caller."""
     base = base_model(model)
     vision = getattr(base.config, "vision_config", None) is not None
-    backbone, head = _backbone_and_head(model)
+    backbone, head = backbone_and_head(model)
     N, L = rollout.completion_ids.shape
     if rollout.prompts is not None and backbone is not None and L > 0:
         pr = dict(rollout.prompts)
