@@ -166,7 +166,7 @@ def teacher_on_target(runs: Path, data: Path, teacher: Path, stages) -> tuple[Pa
     A teacher under TEACHER_TARGET there trains on, from its own weights, for TEACHER_TOP_UP_STEPS at
     TEACHER_TOP_UP_LR (a warm restart of the cosine schedule), at most TEACHER_TOP_UPS times: some initialisations
     take longer than 3,000 steps to learn to look a kind up in the facts list. ``stages(name, jobs)`` runs the
-    jobs whose output is missing (``run_seed``'s runner)."""
+    jobs whose output it cannot reuse (``run_seed``'s runner, :class:`JobKeys`)."""
     accs: list[float] = []
     for k in range(TEACHER_TOP_UPS + 1):
         check = "teacher_val" + (f"_{k}" if k else "")
