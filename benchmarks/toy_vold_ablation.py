@@ -5,8 +5,9 @@ Arms, every one scored greedy on the quickstart's held-out test problems (``test
   (b) cold start + GRPO (λ = 0)       its ``grpo_only`` stage
   (c) cold start + GRPO + OPD (VOLD)  its ``vold`` stage
   (d) GRPO + OPD, no cold start       one more RL run with (c)'s settings from the perceiving student
-Each seed is one run of :func:`vold_pl.quickstart.run_seed` (its teacher, perception, traces and cold start are
-that seed's own) plus arm d; stages already on disk are reused, so the quickstart's runs count as seeds here.
+Each seed is one run of :func:`vold_pl.quickstart.run_seed` (its traces and cold start are that seed's own; with
+``--pretrain`` its teacher and perception stage too, otherwise every seed starts from the shipped pretrained models)
+plus arm d; stages already on disk are reused, so the quickstart's runs count as seeds here.
 The hard split is the test problems of difficulty 3 with a numeric answer (no options to guess from: the sparsest
 reward), scored from the same predictions.
 
@@ -16,7 +17,7 @@ rows of every seed), which covers test-set noise; the second is the t interval o
 which covers training noise. Learning curves (reward, reverse KL to the teacher, ``frac_reward_zero_std``) come
 from each RL run's logs. Writes ``<out>/ablation.json`` and, with ``--plot``, a figure.
 
-    python benchmarks/toy_vold_ablation.py --seeds 0 1 2 3 4 --plot docs/toy_vold_ablation.png
+    python benchmarks/toy_vold_ablation.py --seeds 0 1 2 3 4 --pretrain --plot docs/toy_vold_ablation.png
 """
 
 from __future__ import annotations
@@ -47,11 +48,13 @@ T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 COLORS = {"b": "#4a90d9", "c": "#d94a4a", "d": "#e0a030"}
 
 
-def run_arm_d(art: Path, runs: Path, seed: int) -> None:
-    """GRPO + OPD with the VOLD stage's config, started from the perception export instead of the cold start."""
+def run_arm_d(art: Path, runs: Path, seed: int, summary: dict) -> None:
+    """GRPO + OPD with the VOLD stage's config, started from the perceiving student instead of the cold start, with
+    the teacher the seed's VOLD stage had (``summary``: :func:`run_seed`'s)."""
     data = art / "data"
-    args, log, done = rl_job(runs, data, "no_cold_start", "opd_grpo.yaml", runs / "perception" / "export",
-                             runs / "teacher_sft" / "export")
+    models = summary["pretrained"]
+    args, log, done = rl_job(runs, data, "no_cold_start", "opd_grpo.yaml", Path(models["perception"]),
+                             Path(models["teacher"]))
     if not done.exists():
         run(args + ["--seed_everything", str(seed), "--data.seed", str(seed)], log)
     if not (runs / "bench" / "no_cold_start" / "benchmark_report.json").exists():
@@ -266,12 +269,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="benchmarks/results", help="where ablation.json goes")
     p.add_argument("--plot", default=None, help="write the figure here (e.g. docs/toy_vold_ablation.png)")
     p.add_argument("--no-run", action="store_true", help="only gather what is on disk")
+    p.add_argument("--pretrain", action="store_true",
+                   help="each seed trains its own teacher and perceiving student (quickstart --pretrain)")
     a = p.parse_args(argv)
     art, runs = Path(a.artifacts), Path(a.runs)
     if not a.no_run:
         for seed in a.seeds:
-            run_seed(art, runs / f"seed{seed}", seed)
-            run_arm_d(art, runs / f"seed{seed}", seed)
+            summary = run_seed(art, runs / f"seed{seed}", seed, pretrain=a.pretrain)
+            run_arm_d(art, runs / f"seed{seed}", seed, summary)
     res = gather(art, runs, a.seeds)
     out = Path(a.out) / "toy_vold_ablation.json"
     out.parent.mkdir(parents=True, exist_ok=True)

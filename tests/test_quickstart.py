@@ -69,6 +69,7 @@ def test_outputs_without_a_fingerprint_count_as_stale(tmp_path):
 
 # ---- the quickstart's figures, checked against independent computations on hand-made predictions ----
 
+import hashlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 
@@ -191,3 +192,105 @@ def test_a_teacher_under_target_trains_on_from_its_own_weights(tmp_path, accurac
     assert checks == [str(t) for t in chain]
     assert all(str(data / "val.jsonl") in args[args.index("--trainer.callbacks.init_args.benchmarks") + 1]
                for _, args in calls if args[0] == "validate")  # validation, never the test split
+
+
+# ---- the pretrained models shipped with the code ----
+
+from vold_pl.quickstart import (  # noqa: E402
+    CONFIGS,
+    MANIFEST,
+    PRETRAINED,
+    PRETRAINING_CONFIGS,
+    TEACHER_TARGET,
+    Pretrained,
+    artifacts_fingerprint,
+    save_pretrained,
+    shipped_pretrained,
+)
+
+
+def _export(folder: Path, weights: bytes) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(weights)
+    (folder / "config.json").write_text('{"model_type": "tiny"}')
+    return folder
+
+
+def test_shipped_models_are_used_only_for_the_artifacts_and_configs_they_were_made_from(tmp_path, capsys):
+    art, configs, home = _artifacts(tmp_path), tmp_path / "configs", tmp_path / "shipped"
+    configs.mkdir()
+    for name in PRETRAINING_CONFIGS:
+        (configs / name).write_text(f"# {name}\ntrainer: {{max_steps: 10}}\n")
+    start = Pretrained(_export(tmp_path / "t", b"teacher weights"), _export(tmp_path / "p", b"student weights"),
+                       tmp_path / "base", [0.90, 0.95], shipped=False)
+    home.mkdir()
+    (home / "stale.bin").write_bytes(b"from an earlier ship")
+    save_pretrained(art, start, 700.4, home, configs)
+    assert not (home / "stale.bin").exists()  # the folder is replaced whole
+    assert (home / "teacher" / "model.safetensors").read_bytes() == b"teacher weights"
+    assert (home / "perception" / "model.safetensors").read_bytes() == b"student weights"
+    manifest = shipped_pretrained(art, home, configs)
+    assert manifest is not None and manifest["teacher_val"] == [0.90, 0.95] and manifest["seconds"] == 700
+    assert set(manifest["files"]) == {f"{m}/{f}" for m in ("teacher", "perception")
+                                      for f in ("model.safetensors", "config.json")}
+
+    (configs / "sft_teacher.yaml").write_text("trainer: {max_steps: 20}\n")  # another teacher recipe
+    assert shipped_pretrained(art, home, configs) is None
+    assert "sft_teacher.yaml" in capsys.readouterr().out
+    (configs / "sft_teacher.yaml").write_text("# sft_teacher.yaml\ntrainer: {max_steps: 10}\n")
+    assert shipped_pretrained(art, home, configs) is not None
+
+    train = art / "data" / "train.jsonl"
+    train.write_text('{"trace": "regenerated"}\n')  # other data
+    assert shipped_pretrained(art, home, configs) is None
+    assert "artifacts" in capsys.readouterr().out
+    train.write_text('{"trace": "1 is option B."}\n')
+    assert shipped_pretrained(art, home, configs) is not None
+
+    (home / "perception" / "model.safetensors").write_bytes(b"student weightz")  # a damaged file
+    assert shipped_pretrained(art, home, configs) is None
+    assert "perception/model.safetensors" in capsys.readouterr().out
+    (home / MANIFEST).unlink()
+    assert shipped_pretrained(art, home, configs) is None
+
+
+def test_the_fingerprint_leaves_out_the_transformers_version_only(tmp_path):
+    art = _artifacts(tmp_path)
+    config = art / "tiny" / "student" / "config.json"
+    config.write_text('{"hidden_size": 128, "transformers_version": "5.25.0"}')
+    before = artifacts_fingerprint(art)
+    config.write_text('{"transformers_version": "5.30.1", "hidden_size": 128}')
+    assert artifacts_fingerprint(art) == before
+    config.write_text('{"hidden_size": 64, "transformers_version": "5.25.0"}')
+    assert artifacts_fingerprint(art) != before
+
+
+def test_the_shipped_models_match_this_checkout(tmp_path):
+    """The models in vold_pl/toy/pretrained were made from this checkout's configs and from the artifacts `make
+    artifacts` builds (the Makefile's own commands, run here), so a fresh clone starts from them. When this fails
+    after a change of the generator, the tiny models or the stage-1 configs: `make toy-pretrained`."""
+    import re
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    manifest = json.loads((PRETRAINED / MANIFEST).read_text())
+    made = manifest["inputs"]
+    now_configs = {name: hashlib.sha256((CONFIGS / name).read_bytes()).hexdigest() for name in PRETRAINING_CONFIGS}
+    assert made["configs"] == now_configs, "configs/quickstart changed since the models were shipped"
+    assert made["teacher_top_up"]["target"] == TEACHER_TARGET
+    for rel, digest in manifest["files"].items():
+        assert hashlib.sha256((PRETRAINED / rel).read_bytes()).hexdigest() == digest, rel
+    for model in ("teacher", "perception"):
+        weights = load_file(PRETRAINED / model / "model.safetensors")
+        assert weights and all(bool(w.isfinite().all()) for w in weights.values())
+    assert min(manifest["teacher_val"][-1:]) >= TEACHER_TARGET
+
+    makefile = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
+    for module in ("vold_pl.data.synthetic", "vold_pl.toy.tiny"):
+        line = re.search(rf"\$\(PY\) -m {re.escape(module)} ((?:[^\n]*\\\n)*[^\n]*)", makefile).group(1)
+        args = line.replace("\\\n", " ").replace("$(ART)", str(tmp_path)).split()
+        subprocess.run([sys.executable, "-m", module, *args], check=True, capture_output=True)
+    assert made["artifacts"] == artifacts_fingerprint(tmp_path), \
+        "`make artifacts` now builds other data or tiny models than the shipped models were made from"

@@ -5,10 +5,14 @@ than a text-only teacher that reads an exact description of the same image. Stag
 command printed before it runs (so every step can be rerun by hand); stages joined by ``‖`` run side by side,
 one core each:
 
-1. teacher SFT ‖ perception    the tiny text-only teacher learns the text views of the synthetic problems;
-                               the tiny Qwen2.5-VL student learns to read the scene's facts off images (what a
-                               real VLM brings from pretraining); a teacher under TEACHER_TARGET greedy on the
-                               validation text views trains on (``teacher_on_target``);
+1. teacher SFT ‖ perception    the toy world's pretraining, as a real recipe starts from a pretrained LLM and VLM:
+                               the tiny text-only teacher learns the text views of the synthetic problems; the
+                               tiny Qwen2.5-VL student learns to read the scene's facts off images. A checkout
+                               starts from the models of seed 0's stage 1 shipped in ``vold_pl/toy/pretrained``
+                               (:func:`shipped_pretrained`: only when they were made from the same artifacts and
+                               configs); ``--pretrain`` trains them from each seed's own initial weights. A teacher
+                               under TEACHER_TARGET greedy on the validation text views trains on
+                               (``teacher_on_target``);
 2. teacher traces              ``vold-pl predict`` + TraceWriter: the teacher answers the *text views* of the
                                image problems; only verified traces are kept (VOLD's cold-start data);
 3. cold start                  SFT of the perceiving student on those traces, with the images (it never sees
@@ -22,11 +26,12 @@ one core each:
                                bootstrap 95% intervals over problems and accuracy by difficulty.
 
 ``--seeds 0 1 2`` runs the recipe once per training seed and adds a table of mean and spread over seeds. The data
-files stay the same; the seed draws each stage's initial weights, the order an SFT stage reads its data in, and
-every sample. A stage whose output already exists, made by the same command and config (:class:`JobKeys`), is
-skipped, so an interrupted quickstart resumes where it stopped; the first stage that runs makes every later one
-run; when the artifacts have changed since (``make artifacts`` after a change of the generator), every stage
-reruns. Each seed's figures and stage times are written to ``<runs>/seed<N>/summary.json``.
+files and the pretrained models stay the same; the seed draws the order an SFT stage reads its data in and every
+sample (with ``--pretrain``, also stage 1's initial weights). A stage whose output already exists, made by the same
+command and config (:class:`JobKeys`), is skipped, so an interrupted quickstart resumes where it stopped; the first
+stage that runs makes every later one run; when the artifacts or the shipped models have changed since (``make
+artifacts`` after a change of the generator), every stage reruns. Each seed's figures and stage times are written
+to ``<runs>/seed<N>/summary.json``.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import json
 import re
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,13 +50,21 @@ import numpy as np
 from vold_pl.compare import bootstrap_mean_ci, read_run
 from vold_pl.pipeline import run_parallel, sources
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "quickstart"
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs" / "quickstart"
 BENCH = "synthetic"  # the benchmark name of the reasoning problems in every report
 # Greedy accuracy on the validation text views the teacher reaches before writing traces. The teacher's target is
 # 90% on the test split; val.jsonl has 200 problems (one standard error is about 2 points), hence a margin.
 TEACHER_TARGET = 0.92
 TEACHER_TOP_UPS = 2  # further SFT runs, at most, for a teacher under TEACHER_TARGET
 TEACHER_TOP_UP_STEPS, TEACHER_TOP_UP_LR = 1000, 1.0e-3  # a third of sft_teacher.yaml's lr, cosine again
+# The toy world's pretrained models, shipped with the code as a real recipe starts from a downloaded LLM and VLM: the
+# text-only teacher and the perceiving student after stage 1 of seed 0, with a manifest of what they were made from
+# (`make toy-pretrained` makes them again). The quickstart starts from them when they match this checkout's artifacts
+# and configs, so a fresh clone runs the recipe itself (traces, cold start, RL) in minutes.
+PRETRAINED = Path(__file__).resolve().parent / "toy" / "pretrained"
+MANIFEST = "manifest.json"
+PRETRAINING_CONFIGS = ("sft_teacher.yaml", "sft_perception.yaml")
 STUDENT_STAGES = ("base", "perception", "cold_start", "grpo_only", "vold")
 STAGE_LABELS = {"base": "base student (random init)", "perception": "after perception",
                 "cold_start": "after cold start", "grpo_only": "GRPO only", "vold": "VOLD (GRPO + OPD)"}
@@ -64,6 +78,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="training seeds: each draws the initial weights, the SFT data order and every sample; "
                              "several give a mean-and-spread table")
     parser.add_argument("--fresh", action="store_true", help="rerun every stage even if its output exists")
+    parser.add_argument("--pretrain", action="store_true",
+                        help="train the teacher and the perceiving student (stage 1) from each seed's own initial "
+                             "weights instead of starting from the pretrained models shipped in vold_pl/toy/pretrained")
+    parser.add_argument("--save-pretrained", action="store_true",
+                        help="train stage 1 on seed 0 and ship its models in vold_pl/toy/pretrained (make "
+                             "toy-pretrained); runs nothing after it")
     args = parser.parse_args(argv)
     art, runs = Path(args.artifacts), Path(args.runs)
     data, tiny = art / "data", art / "tiny"
@@ -74,55 +94,101 @@ def main(argv: list[str] | None = None) -> None:
     if missing:
         raise SystemExit(f"{data} has no {', '.join(missing)} (written by the current generator): run `make artifacts` "
                          f"again.")
-    summaries = [run_seed(art, runs / f"seed{seed}", seed, args.fresh) for seed in args.seeds]
+    if args.save_pretrained:
+        seed_runs = runs / "seed0"
+        fresh = artifacts_changed(art, seed_runs) or args.fresh
+        stages = StageRunner(seed_runs, 0, fresh)
+        start = pretrained_models(art, seed_runs, 0, stages, fresh, pretrain=True)
+        home = save_pretrained(art, start, sum(stages.times.values()))
+        print(f"[quickstart] shipped the teacher ({start.teacher}) and the perceiving student ({start.perception}) "
+              f"in {home}")
+        return
+    summaries = [run_seed(art, runs / f"seed{seed}", seed, args.fresh, pretrain=args.pretrain)
+                 for seed in args.seeds]
     for s in summaries:
         print_table(s)
     if len(summaries) > 1:
         print_seed_table(summaries)
 
 
-def run_seed(art: Path, runs: Path, seed: int, fresh: bool = False, in_process: bool = False) -> dict:
+class StageRunner:
+    """Runs a seed's stages: ``runner(name, jobs)`` runs side by side the jobs that :class:`JobKeys` cannot reuse,
+    each with the seed's arguments, and records the stage's wall time in ``times`` (a reused stage keeps the time
+    it took when it ran, from the seed's previous ``summary.json``)."""
+
+    def __init__(self, runs: Path, seed: int, fresh: bool = False, in_process: bool = False):
+        # The seed drives every draw of a stage: sampling (seed_everything) and the order an SFT stage reads its
+        # data in (data.seed); initial_models gives each seed its own initial weights.
+        self.seed_arg = ["--seed_everything", str(seed), "--data.seed", str(seed)]
+        self.in_process = in_process
+        self.keys = JobKeys(runs / "job_keys.json", fresh)
+        self.times: dict[str, float] = {}
+        self.reused: list[float] = []  # seconds of the stages reused, counted in the seed's total
+        self.before = json.loads((runs / "summary.json").read_text()).get("stage_seconds", {}) \
+            if (runs / "summary.json").exists() and not fresh else {}
+
+    def __call__(self, name: str, jobs: list[tuple[list[str], Path, Path]]) -> None:
+        todo = [(a + self.seed_arg, log, out) for a, log, out in jobs if not self.keys.reusable(a + self.seed_arg, out)]
+        t0 = time.perf_counter()
+        if todo:
+            run_parallel([(a, log) for a, log, _ in todo], in_process=self.in_process)
+            self.keys.ran([(a, out) for a, _, out in todo])
+            self.times[name] = time.perf_counter() - t0
+            print(f"[quickstart] stage {name}: {self.times[name]:.0f} s", flush=True)
+        else:
+            self.times[name] = self.before.get(name, 0.0)
+            self.reused.append(self.times[name])
+            print(f"[quickstart] stage {name}: reused ({self.times[name]:.0f} s when it ran)", flush=True)
+
+
+@dataclass
+class Pretrained:
+    """The models the recipe starts from: the text-only teacher, the student that can see, and the untrained
+    student the latter came from (the table's "base" row)."""
+
+    teacher: Path
+    perception: Path
+    base: Path
+    teacher_val: list[float]  # greedy on the validation text views, before and after each top-up
+    shipped: bool  # the models shipped in PRETRAINED, not trained by this run
+
+
+def pretrained_models(art: Path, runs: Path, seed: int, stages: StageRunner, fresh: bool = False,
+                      pretrain: bool = False) -> Pretrained:
+    """Stage 1, the toy world's pretraining: the shipped models (:func:`shipped_pretrained`) unless ``pretrain``
+    or they were made from other artifacts or configs; otherwise the teacher's SFT beside the student's perception
+    stage, from the seed's own initial weights. Either way the teacher is checked on validation before it writes
+    traces (:func:`teacher_on_target`)."""
+    data = art / "data"
+    shipped = not pretrain and shipped_pretrained(art) is not None
+    if shipped:
+        teacher, perceive, base = PRETRAINED / "teacher", PRETRAINED / "perception", art / "tiny" / "student"
+        print(f"[quickstart] stage 1 teacher SFT ‖ perception: the pretrained models shipped in {PRETRAINED} "
+              f"(seed 0; `--pretrain` trains them: 9-12 min on 2 cores)", flush=True)
+    else:
+        tiny = initial_models(art, runs, seed, fresh)
+        teacher, perceive, base = runs / "teacher_sft" / "export", runs / "perception" / "export", tiny / "student"
+        stages("1 teacher SFT ‖ perception", [
+            teacher_sft_job(runs, data, tiny / "teacher", "teacher_sft"),
+            (["fit", "--config", str(CONFIGS / "sft_perception.yaml"),
+              "--model.init_args.model.name_or_path", str(tiny / "student"), "--model.init_args.export_dir",
+              str(perceive), "--data.train", sources(data / "perception_train.jsonl"),
+              "--data.val", sources(data / "perception_test.jsonl"),
+              "--trainer.default_root_dir", str(runs / "perception")],
+             runs / "logs" / "1_perception.log", perceive / "config.json")])
+    teacher, teacher_val = teacher_on_target(runs, data, teacher, stages)
+    return Pretrained(teacher, perceive, base, teacher_val, shipped)
+
+
+def run_seed(art: Path, runs: Path, seed: int, fresh: bool = False, in_process: bool = False,
+             pretrain: bool = False) -> dict:
     """Every stage of the recipe for one training seed under ``runs``; returns (and writes) the summary."""
     data = art / "data"
     t_start = time.perf_counter()
     fresh = artifacts_changed(art, runs) or fresh
-    tiny = initial_models(art, runs, seed, fresh)
-    # The seed drives every draw of a stage: sampling (seed_everything) and the order an SFT stage reads its
-    # data in (data.seed); initial_models gives each seed its own initial weights.
-    seed_arg = ["--seed_everything", str(seed), "--data.seed", str(seed)]
-    times: dict[str, float] = {}
-    reused: list[float] = []  # seconds of the stages reused, counted in the seed's total
-    # A resumed seed keeps the times of the stages it reuses, from the summary of the run that made them.
-    before = json.loads((runs / "summary.json").read_text()).get("stage_seconds", {}) \
-        if (runs / "summary.json").exists() and not fresh else {}
-
-    keys = JobKeys(runs / "job_keys.json", fresh)
-
-    def stages(name: str, jobs: list[tuple[list[str], Path, Path]]) -> None:
-        """Run the jobs that ``keys`` cannot reuse, side by side; record the stage's wall time."""
-        todo = [(a + seed_arg, log, out) for a, log, out in jobs if not keys.reusable(a + seed_arg, out)]
-        t0 = time.perf_counter()
-        if todo:
-            run_parallel([(a, log) for a, log, _ in todo], in_process=in_process)
-            keys.ran([(a, out) for a, _, out in todo])
-            times[name] = time.perf_counter() - t0
-            print(f"[quickstart] stage {name}: {times[name]:.0f} s", flush=True)
-        else:
-            times[name] = before.get(name, 0.0)
-            reused.append(times[name])
-            print(f"[quickstart] stage {name}: reused ({times[name]:.0f} s when it ran)", flush=True)
-
-    teacher, perceive = runs / "teacher_sft" / "export", runs / "perception" / "export"
-    stages("1 teacher SFT ‖ perception", [
-        teacher_sft_job(runs, data, tiny / "teacher", "teacher_sft"),
-        (["fit", "--config", str(CONFIGS / "sft_perception.yaml"),
-          "--model.init_args.model.name_or_path", str(tiny / "student"), "--model.init_args.export_dir", str(perceive),
-          "--data.train", sources(data / "perception_train.jsonl"),
-          "--data.val", sources(data / "perception_test.jsonl"),
-          "--trainer.default_root_dir", str(runs / "perception")],
-         runs / "logs" / "1_perception.log", perceive / "config.json")])
-
-    teacher, teacher_val = teacher_on_target(runs, data, teacher, stages)
+    stages = StageRunner(runs, seed, fresh, in_process)
+    start = pretrained_models(art, runs, seed, stages, fresh, pretrain)
+    teacher, perceive = start.teacher, start.perception
 
     traces = runs / "traces" / "coldstart.jsonl"
     stages("2 teacher traces", [
@@ -145,7 +211,7 @@ def run_seed(art: Path, runs: Path, seed: int, fresh: bool = False, in_process: 
     stages("4 GRPO only ‖ VOLD", [rl_job(runs, data, "grpo_only", "grpo_only.yaml", cold),
                                   rl_job(runs, data, "vold", "opd_grpo.yaml", cold, teacher)])
 
-    models = {"base": tiny / "student", "perception": perceive, "cold_start": cold, **rl}
+    models = {"base": start.base, "perception": perceive, "cold_start": cold, **rl}
     stages("5 benchmarks", [
         *benchmark_jobs(runs, "teacher_greedy", teacher, "bench_teacher.yaml", data / "test.jsonl", data),
         *benchmark_jobs(runs, "teacher_t1", teacher, "bench_teacher.yaml", data / "test.jsonl", data,
@@ -154,8 +220,9 @@ def run_seed(art: Path, runs: Path, seed: int, fresh: bool = False, in_process: 
         *(job for stage, path in models.items()
           for job in benchmark_jobs(runs, stage, path, "bench.yaml", data / "test.jsonl", data, perception=True))])
 
-    summary = summarize(runs, data, seed, times, time.perf_counter() - t_start + sum(reused))
-    summary["teacher_val"] = teacher_val  # greedy on the validation text views, before and after each top-up
+    summary = summarize(runs, data, seed, stages.times, time.perf_counter() - t_start + sum(stages.reused))
+    summary["teacher_val"] = start.teacher_val  # greedy on the validation text views, before and after each top-up
+    summary["pretrained"] = {"shipped": start.shipped, "teacher": str(teacher), "perception": str(perceive)}
     (runs / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -256,23 +323,98 @@ class JobKeys:
         self.path.write_text(json.dumps(self.keys, indent=1, sort_keys=True) + "\n")
 
 
-def artifacts_changed(art: Path, runs: Path) -> bool:
-    """True when ``runs`` holds outputs made from other artifacts than ``art`` holds now (a regenerated data set,
-    e.g. after a change of the trace format, or rebuilt tiny models), so that no stage's stale output is reused.
-    The fingerprint (sha256 of the data's JSONL files and the models' JSON files) is kept in
-    ``runs/artifacts.sha256``; outputs without one predate it and count as changed. Writes the new fingerprint."""
+def artifacts_fingerprint(art: Path) -> str:
+    """sha256 of the data's JSONL files and the tiny models' JSON files (configs, tokenizer) under ``art``: what
+    ``make artifacts`` writes from the generator, without the images (they follow the JSONL) and the tiny models'
+    initial weights (a seeded draw from the configs). The version of transformers that wrote a model's config is
+    left out: another release of it reads the same model."""
     digest = hashlib.sha256()
-    for f in sorted([*(art / "data").glob("*.jsonl"), *(art / "tiny").glob("*/*.json")]):
+    for f in sorted((art / "data").glob("*.jsonl")):
         digest.update(f"{f.relative_to(art)}\n".encode())
         digest.update(f.read_bytes())
+    for f in sorted((art / "tiny").glob("*/*.json")):
+        content = json.loads(f.read_text(encoding="utf-8"))
+        if isinstance(content, dict):
+            content.pop("transformers_version", None)
+        digest.update(f"{f.relative_to(art)}\n{json.dumps(content, sort_keys=True)}".encode())
+    return digest.hexdigest()
+
+
+def artifacts_changed(art: Path, runs: Path) -> bool:
+    """True when ``runs`` holds outputs made from other artifacts than ``art`` holds now (a regenerated data set,
+    e.g. after a change of the trace format, or rebuilt tiny models) or from other shipped pretrained models, so
+    that no stage's stale output is reused. The fingerprint (:func:`artifacts_fingerprint` and the shipped models'
+    manifest) is kept in ``runs/artifacts.sha256``; outputs without one predate it and count as changed. Writes
+    the new fingerprint."""
+    digest = hashlib.sha256(artifacts_fingerprint(art).encode())
+    if (PRETRAINED / MANIFEST).is_file():
+        digest.update((PRETRAINED / MANIFEST).read_bytes())
     stamp, new = runs / "artifacts.sha256", digest.hexdigest()
     old = stamp.read_text().strip() if stamp.is_file() else None
     changed = old != new and (old is not None or (runs.is_dir() and any(runs.iterdir())))
     if changed:
-        print(f"the artifacts under {art} changed since the outputs under {runs} were made: rerunning every stage")
+        print(f"the artifacts under {art} or the shipped pretrained models changed since the outputs under {runs} "
+              f"were made: rerunning every stage")
     runs.mkdir(parents=True, exist_ok=True)
     stamp.write_text(new + "\n")
     return changed
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def pretraining_inputs(art: Path, configs: Path = CONFIGS) -> dict:
+    """What the pretrained models of stage 1 are made from, besides vold-pl's code: the artifacts, the configs of
+    the teacher's SFT and of the perception stage, and the teacher's top-up rule."""
+    return {"artifacts": artifacts_fingerprint(art),
+            "configs": {name: _sha256(configs / name) for name in PRETRAINING_CONFIGS},
+            "teacher_top_up": {"target": TEACHER_TARGET, "top_ups": TEACHER_TOP_UPS, "steps": TEACHER_TOP_UP_STEPS,
+                               "lr": TEACHER_TOP_UP_LR}}
+
+
+def shipped_pretrained(art: Path, home: Path = PRETRAINED, configs: Path = CONFIGS) -> dict | None:
+    """The manifest of the pretrained models shipped in ``home`` (default PRETRAINED) when they were made from
+    what ``art`` and ``configs`` hold now and every file is the one the manifest lists; otherwise None, after a
+    line that says why (the quickstart then trains them)."""
+    if not (home / MANIFEST).is_file():
+        print(f"[quickstart] no pretrained models shipped in {home}: training them", flush=True)
+        return None
+    manifest = json.loads((home / MANIFEST).read_text())
+    now, made = pretraining_inputs(art, configs), manifest["inputs"]
+    stale = ([name for name in now["configs"] if made["configs"].get(name) != now["configs"][name]]
+             + [key for key in ("artifacts", "teacher_top_up") if made.get(key) != now[key]])
+    damaged = [rel for rel, digest in manifest["files"].items()
+               if not (home / rel).is_file() or _sha256(home / rel) != digest]
+    if stale or damaged:
+        why = (f"were made from another {', '.join(stale)} than this checkout has (`make toy-pretrained` ships "
+               f"new ones)" if stale else f"do not match their manifest ({', '.join(damaged)})")
+        print(f"[quickstart] the pretrained models shipped in {home} {why}: training them", flush=True)
+        return None
+    return manifest
+
+
+def save_pretrained(art: Path, start: Pretrained, seconds: float, home: Path = PRETRAINED,
+                    configs: Path = CONFIGS) -> Path:
+    """Ship ``start``'s teacher and perceiving student in ``home`` (default PRETRAINED) with a manifest of what
+    they were made from (:func:`pretraining_inputs`), the teacher's validation accuracies, the time it took and
+    every file's sha256; the folder is replaced whole."""
+    import shutil
+
+    import torch
+
+    tmp = home.with_name(home.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name, src in (("teacher", start.teacher), ("perception", start.perception)):
+        shutil.copytree(src, tmp / name)
+    files = {str(f.relative_to(tmp)): _sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
+    manifest = {"made_by": "make toy-pretrained (python -m vold_pl.quickstart --pretrain --save-pretrained)",
+                "seed": 0, "inputs": pretraining_inputs(art, configs), "teacher_val": start.teacher_val,
+                "seconds": round(seconds), "torch": torch.__version__, "files": files}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    shutil.rmtree(home, ignore_errors=True)
+    tmp.rename(home)
+    return home
 
 
 def _test_records(test: Path) -> dict[str, dict]:
@@ -391,6 +533,9 @@ def print_table(summary: dict) -> None:
     for stage in STUDENT_STAGES:
         line(STAGE_LABELS[stage], "image", rows[stage])
     times = "; ".join(f"{k}: {v:.0f} s" for k, v in summary["stage_seconds"].items())
+    if summary.get("pretrained", {}).get("shipped"):
+        print(f"teacher and perceiving student: the pretrained models shipped in {PRETRAINED.relative_to(ROOT)} "
+              f"(seed 0's stage 1; --pretrain trains them)")
     if summary.get("teacher_val"):
         val = " -> ".join(f"{_pct(a)}%" for a in summary["teacher_val"])
         print(f"teacher greedy on the validation text views: {val} ({len(summary['teacher_val']) - 1} top-up(s); "
