@@ -59,6 +59,13 @@ def test_an_output_is_reused_only_for_the_same_command_and_config(tmp_path):
     outs[0].unlink()
     assert not JobKeys(tmp_path / "job_keys.json").reusable(*jobs[0])  # a missing output
 
+    # A config edited while its job runs: the job read the text of its start, so the next run reruns it.
+    during = JobKeys(tmp_path / "job_keys.json")
+    assert during.reusable(*jobs[1])
+    cfg.write_text("trainer: {max_steps: 30}\n")
+    during.ran([jobs[1]])
+    assert not JobKeys(tmp_path / "job_keys.json").reusable(*jobs[1])
+
 
 def test_outputs_without_a_fingerprint_count_as_stale(tmp_path):
     art, runs = _artifacts(tmp_path), tmp_path / "runs"

@@ -303,6 +303,7 @@ class JobKeys:
         self.path = path
         self.keys: dict[str, str] = {} if fresh or not path.is_file() else json.loads(path.read_text())
         self.any_ran = False
+        self.started: dict[str, str] = {}  # output -> the key of its command when its stage started
 
     @staticmethod
     def key(args: list[str]) -> str:
@@ -313,12 +314,14 @@ class JobKeys:
         return digest.hexdigest()
 
     def reusable(self, args: list[str], out: Path) -> bool:
-        return not self.any_ran and Path(out).exists() and self.keys.get(str(out)) == self.key(args)
+        self.started[str(out)] = self.key(args)
+        return not self.any_ran and Path(out).exists() and self.keys.get(str(out)) == self.started[str(out)]
 
     def ran(self, jobs: list[tuple[list[str], Path]]) -> None:
-        """Record the keys of jobs that have just run and succeeded."""
+        """Record the keys of jobs that have just run and succeeded: of the config as it was when their stage
+        started (:meth:`reusable`), which is what the job read, not as it is now."""
         self.any_ran = self.any_ran or bool(jobs)
-        self.keys.update({str(out): self.key(args) for args, out in jobs})
+        self.keys.update({str(out): self.started.pop(str(out), None) or self.key(args) for args, out in jobs})
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(self.keys, indent=1, sort_keys=True) + "\n")
 
