@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--artifacts", default="artifacts", help="folder with tiny/ models and data/ (make artifacts)")
     parser.add_argument("--runs", default="runs/quickstart", help="folder for every stage's outputs (one per seed)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
-                        help="training seeds: each draws the initial weights, the SFT data order and every sample; "
-                             "several give a mean-and-spread table")
+                        help="training seeds: each draws the SFT data order and every sample (with --pretrain, also "
+                             "stage 1's initial weights); several give a mean-and-spread table")
     parser.add_argument("--fresh", action="store_true", help="rerun every stage even if its output exists")
     parser.add_argument("--pretrain", action="store_true",
                         help="train the teacher and the perceiving student (stage 1) from each seed's own initial "
@@ -118,7 +118,7 @@ class StageRunner:
 
     def __init__(self, runs: Path, seed: int, fresh: bool = False, in_process: bool = False):
         # The seed drives every draw of a stage: sampling (seed_everything) and the order an SFT stage reads its
-        # data in (data.seed); initial_models gives each seed its own initial weights.
+        # data in (data.seed); with --pretrain, initial_models gives each seed its own initial weights too.
         self.seed_arg = ["--seed_everything", str(seed), "--data.seed", str(seed)]
         self.in_process = in_process
         self.keys = JobKeys(runs / "job_keys.json", fresh)
