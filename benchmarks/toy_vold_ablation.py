@@ -182,6 +182,8 @@ def _seeds_note(res: dict, arm_or_pair_seeds: list[int]) -> str:
 def print_markdown(res: dict) -> None:
     seeds = res["seeds"]
     for arm, by_seed in res.get("rl_settings", {}).items():
+        if not by_seed:  # an arm not run (arm d from the shipped models)
+            continue
         kinds = sorted({json.dumps(v, sort_keys=True) for v in by_seed.values()})
         print(f"RL settings of arm {arm}: " + "; ".join(
             f"{k} (seeds {', '.join(s for s, v in by_seed.items() if json.dumps(v, sort_keys=True) == k)})"
