@@ -33,7 +33,7 @@ quickstart: artifacts
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m vold_pl.quickstart --artifacts $(ART)
 
 # The toy world's pretrained models, shipped in vold_pl/toy/pretrained: stage 1 of the quickstart on seed 0 (the
-# teacher's SFT beside the student's perception stage, about 12 min on 2 cores). Remake them after a change of the
+# teacher's SFT beside the student's perception stage, 9-12 min on 2 cores). Remake them after a change of the
 # generator, the tiny models or configs/quickstart/sft_{teacher,perception}.yaml: the quickstart says when the shipped
 # ones no longer match, and trains its own until then.
 toy-pretrained: artifacts

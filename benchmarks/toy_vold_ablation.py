@@ -15,7 +15,7 @@ Paired differences: all arms of a seed are scored on the same problems, so a dif
 problem and seed by seed. The first interval is a percentile bootstrap over problems (each drawn problem keeps its
 rows of every seed), which covers test-set noise; the second is the t interval of the per-seed mean differences,
 which covers training noise. Learning curves (reward, reverse KL to the teacher, ``frac_reward_zero_std``) come
-from each RL run's logs. Writes ``<out>/ablation.json`` and, with ``--plot``, a figure.
+from each RL run's logs. Writes ``<out>/toy_vold_ablation.json`` and, with ``--plot``, a figure.
 
     python benchmarks/toy_vold_ablation.py --seeds 0 1 2 3 4 --pretrain --plot docs/toy_vold_ablation.png
 """
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--artifacts", default="artifacts", help="tiny models and synthetic data (make artifacts)")
     p.add_argument("--runs", default="runs/quickstart", help="the quickstart's runs folder (one seed<N> per seed)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--out", default="benchmarks/results", help="where ablation.json goes")
+    p.add_argument("--out", default="benchmarks/results", help="where toy_vold_ablation.json goes")
     p.add_argument("--plot", default=None, help="write the figure here (e.g. docs/toy_vold_ablation.png)")
     p.add_argument("--no-run", action="store_true", help="only gather what is on disk")
     p.add_argument("--pretrain", action="store_true",
