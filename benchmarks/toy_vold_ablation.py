@@ -34,8 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from vold_pl.compare import read_run  # noqa: E402
-from vold_pl.pipeline import run  # noqa: E402
-from vold_pl.quickstart import BENCH, benchmark_jobs, rl_job, run_seed  # noqa: E402
+from vold_pl.quickstart import BENCH, StageRunner, benchmark_jobs, pretrained_digest, rl_job, run_seed  # noqa: E402
 
 ARMS = {"a": ("cold_start", "(a) cold start"), "b": ("grpo_only", "(b) cold start + GRPO"),
         "c": ("vold", "(c) cold start + GRPO + OPD (VOLD)"), "d": ("no_cold_start", "(d) GRPO + OPD, no cold start")}
@@ -50,16 +49,15 @@ COLORS = {"b": "#4a90d9", "c": "#d94a4a", "d": "#e0a030"}
 
 def run_arm_d(art: Path, runs: Path, seed: int, summary: dict) -> None:
     """GRPO + OPD with the VOLD stage's config, started from the perceiving student instead of the cold start, with
-    the teacher the seed's VOLD stage had (``summary``: :func:`run_seed`'s)."""
+    the teacher the seed's VOLD stage had (``summary``: :func:`run_seed`'s), then its benchmark. Both are stages of
+    the seed (:class:`StageRunner`): the seed's arguments, and reuse only for the same command and config."""
     data = art / "data"
     models = summary["pretrained"]
-    args, log, done = rl_job(runs, data, "no_cold_start", "opd_grpo.yaml", Path(models["perception"]),
-                             Path(models["teacher"]))
-    if not done.exists():
-        run(args + ["--seed_everything", str(seed), "--data.seed", str(seed)], log)
-    if not (runs / "bench" / "no_cold_start" / "benchmark_report.json").exists():
-        (args, log, _), = benchmark_jobs(runs, "no_cold_start", done.parent, "bench.yaml", data / "test.jsonl", data)
-        run(args + ["--seed_everything", str(seed)], log)
+    stages = StageRunner(runs, seed)
+    job = rl_job(runs, data, "no_cold_start", "opd_grpo.yaml", Path(models["perception"]), Path(models["teacher"]))
+    stages("d GRPO + OPD, no cold start", [job])
+    stages("d benchmark", benchmark_jobs(runs, "no_cold_start", job[2].parent, "bench.yaml", data / "test.jsonl",
+                                         data))
 
 
 def correctness(runs: Path, stage: str) -> dict[str, float]:
@@ -162,6 +160,13 @@ def gather(art: Path, runs_root: Path, seeds: list[int]) -> dict:
     for arm in ("b", "c", "d"):
         per_seed = [read_curves(runs_root / f"seed{s}" / ARMS[arm][0]) for s in arm_seeds[arm]]
         result["curves"][arm] = {k: _mean_curve([c.get(k, []) for c in per_seed]) for k, _ in CURVES}
+    # Every row of the quickstart's table per seed, the machines the seeds ran on and the shipped models they started
+    # from: the reference a later quickstart compares its own table with (quickstart.reference_spread).
+    summaries = [json.loads((runs_root / f"seed{s}" / "summary.json").read_text()) for s in seeds]
+    result["quickstart_rows"] = {row: [sm["rows"][row]["accuracy"] for sm in summaries] for row in summaries[0]["rows"]}
+    result["machines"] = {str(s): sm.get("machine") for s, sm in zip(seeds, summaries)}
+    shipped = all(sm.get("pretrained", {}).get("shipped") for sm in summaries)
+    result["pretrained_manifest"] = pretrained_digest() if shipped else None
     return result
 
 

@@ -305,3 +305,48 @@ def test_the_shipped_models_match_this_checkout(tmp_path):
         subprocess.run([sys.executable, "-m", module, *args], check=True, capture_output=True)
     assert made["artifacts"] == artifacts_fingerprint(tmp_path), \
         "`make artifacts` now builds other data or tiny models than the shipped models were made from"
+
+
+# ---- a run's figures against the README's spread over seeds ----
+
+from vold_pl.quickstart import (  # noqa: E402
+    STAGE_LABELS,
+    pretrained_digest,
+    print_against_reference,
+    reference_spread,
+)
+
+
+def _reference(path: Path, manifest: str | None, rows: dict[str, list[float]]) -> Path:
+    machine = {"torch": "2.13.0+cpu", "cpu_capability": "AVX512", "cores": 2}
+    path.write_text(json.dumps({"seeds": [0, 1, 2], "quickstart_rows": rows, "pretrained_manifest": manifest,
+                                "machines": {str(s): machine for s in range(3)}}))
+    return path
+
+
+def test_a_run_is_placed_in_the_spread_of_the_models_it_started_from(tmp_path, capsys):
+    home = tmp_path / "shipped"
+    home.mkdir()
+    (home / MANIFEST).write_text('{"files": {"teacher/model.safetensors": "aa"}}')
+    rows = {"teacher_greedy": [0.99, 0.99, 0.99], "cold_start": [0.40, 0.37, 0.42], "vold": [0.41, 0.385, 0.435]}
+    ref_path = _reference(tmp_path / "ref.json", pretrained_digest(home), rows)
+    ref = reference_spread(ref_path, home)
+    assert ref["rows"] == {"teacher_greedy": [0.99, 0.99], "cold_start": [0.37, 0.42], "vold": [0.385, 0.435]}
+
+    summary = {"rows": {"teacher_greedy": {"accuracy": 0.99}, "cold_start": {"accuracy": 0.365},
+                        "vold": {"accuracy": 0.435}, "grpo_only": {"accuracy": 0.5}},
+               "machine": {"torch": "2.13.0+cpu", "cpu_capability": "AVX2", "cores": 4}}
+    print_against_reference(summary, ref)
+    out = capsys.readouterr().out
+    assert "teacher 99.0 inside [99.0-99.0]" in out  # the ends belong to the spread
+    assert f"{STAGE_LABELS['cold_start']} 36.5 OUTSIDE [37.0-42.0]" in out
+    assert f"{STAGE_LABELS['vold']} 43.5 inside [38.5-43.5]" in out
+    assert STAGE_LABELS["grpo_only"] not in out  # no reference for it: not placed
+    assert "3 seeds" in out and "AVX512 kernels, 2 cores" in out
+    assert "this run: torch 2.13.0+cpu, AVX2 kernels, 4 cores" in out
+
+    (home / MANIFEST).write_text('{"files": {"teacher/model.safetensors": "bb"}}')  # other shipped models
+    assert reference_spread(ref_path, home) is None
+    assert reference_spread(tmp_path / "missing.json", home) is None
+    assert reference_spread(_reference(tmp_path / "old.json", pretrained_digest(home), {}), home) is None
+

@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 import statistics
 import time
@@ -65,6 +66,9 @@ TEACHER_TOP_UP_STEPS, TEACHER_TOP_UP_LR = 1000, 1.0e-3  # a third of sft_teacher
 PRETRAINED = Path(__file__).resolve().parent / "toy" / "pretrained"
 MANIFEST = "manifest.json"
 PRETRAINING_CONFIGS = ("sft_teacher.yaml", "sft_perception.yaml")
+# The README's spread over seeds of the quickstart from the shipped models (benchmarks/toy_vold_ablation.py writes
+# it): a run's table says where its figures fall in it, when it started from the same shipped models.
+REFERENCE = ROOT / "benchmarks" / "results" / "shipped_models" / "toy_vold_ablation.json"
 STUDENT_STAGES = ("base", "perception", "cold_start", "grpo_only", "vold")
 STAGE_LABELS = {"base": "base student (random init)", "perception": "after perception",
                 "cold_start": "after cold start", "grpo_only": "GRPO only", "vold": "VOLD (GRPO + OPD)"}
@@ -124,8 +128,9 @@ class StageRunner:
         self.keys = JobKeys(runs / "job_keys.json", fresh)
         self.times: dict[str, float] = {}
         self.reused: list[float] = []  # seconds of the stages reused, counted in the seed's total
-        self.before = json.loads((runs / "summary.json").read_text()).get("stage_seconds", {}) \
-            if (runs / "summary.json").exists() and not fresh else {}
+        self.previous = json.loads((runs / "summary.json").read_text()) \
+            if (runs / "summary.json").exists() and not fresh else {}  # the seed's summary from its last run
+        self.before = self.previous.get("stage_seconds", {})
 
     def __call__(self, name: str, jobs: list[tuple[list[str], Path, Path]]) -> None:
         todo = [(a + self.seed_arg, log, out) for a, log, out in jobs if not self.keys.reusable(a + self.seed_arg, out)]
@@ -223,6 +228,9 @@ def run_seed(art: Path, runs: Path, seed: int, fresh: bool = False, in_process: 
     summary = summarize(runs, data, seed, stages.times, time.perf_counter() - t_start + sum(stages.reused))
     summary["teacher_val"] = start.teacher_val  # greedy on the validation text views, before and after each top-up
     summary["pretrained"] = {"shipped": start.shipped, "teacher": str(teacher), "perception": str(perceive)}
+    # The machine its stages ran on: that of the run before when every stage was reused.
+    summary["machine"] = stages.previous.get("machine") if not stages.keys.any_ran else None
+    summary["machine"] = summary["machine"] or machine()
     (runs / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -367,6 +375,12 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def pretrained_digest(home: Path = PRETRAINED) -> str | None:
+    """sha256 of the shipped pretrained models' manifest (it lists every file's sha256), None when none is shipped:
+    what outputs and reference figures made from those models record."""
+    return _sha256(home / MANIFEST) if (home / MANIFEST).is_file() else None
+
+
 def pretraining_inputs(art: Path, configs: Path = CONFIGS) -> dict:
     """What the pretrained models of stage 1 are made from, besides vold-pl's code: the artifacts, the configs of
     the teacher's SFT and of the perception stage, and the teacher's top-up rule."""
@@ -418,6 +432,46 @@ def save_pretrained(art: Path, start: Pretrained, seconds: float, home: Path = P
     shutil.rmtree(home, ignore_errors=True)
     tmp.rename(home)
     return home
+
+
+def machine() -> dict:
+    """What a run's figures depend on besides the code, the data and the seed: torch's version, the CPU kernel
+    path of torch's own kernels (AVX-512 and AVX2 give other bits; ``ATEN_CPU_CAPABILITY=avx2`` takes the latter
+    on a CPU that has both) and the cores (a stage's thread count follows them, and so do its sums' order)."""
+    import torch
+
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cores": os.cpu_count()}
+
+
+def _machine_text(m: dict | None) -> str:
+    return f"torch {m['torch']}, {m['cpu_capability']} kernels, {m['cores']} cores" if m else "an unrecorded machine"
+
+
+def reference_spread(path: Path = REFERENCE, home: Path = PRETRAINED) -> dict | None:
+    """The README's figures over seeds (``path``: ``benchmarks/toy_vold_ablation.py``'s results) as ``{"seeds",
+    "machines", "rows": {row: [lowest, highest]}}``, for the table rows of every seed's summary; None when there
+    is no such file or it was made from other shipped models than those in ``home``."""
+    if not path.is_file() or pretrained_digest(home) is None:
+        return None
+    res = json.loads(path.read_text())
+    if res.get("pretrained_manifest") != pretrained_digest(home) or not res.get("quickstart_rows"):
+        return None
+    return {"seeds": res["seeds"], "machines": res.get("machines", {}),
+            "rows": {row: [min(v), max(v)] for row, v in res["quickstart_rows"].items()}}
+
+
+def print_against_reference(summary: dict, ref: dict) -> None:
+    """Where a seed's figures fall in the README's spread over seeds (``ref``: :func:`reference_spread`), and the
+    machines of both: a machine whose kernels or cores differ from the reference's computes other bits."""
+    cells = []
+    for row, label in (("teacher_greedy", "teacher"), *STAGE_LABELS.items()):
+        if row in summary["rows"] and row in ref["rows"]:
+            acc, (lo, hi) = summary["rows"][row]["accuracy"], ref["rows"][row]
+            cells.append(f"{label} {_pct(acc)} {'inside' if lo <= acc <= hi else 'OUTSIDE'} [{_pct(lo)}-{_pct(hi)}]")
+    theirs = "; ".join(sorted({_machine_text(m) for m in ref["machines"].values()}))
+    print(f"against the README's {len(ref['seeds'])} seeds (their lowest-highest; {theirs}): " + "; ".join(cells))
+    print(f"this run: {_machine_text(summary.get('machine'))}")
 
 
 def _test_records(test: Path) -> dict[str, dict]:
@@ -543,6 +597,9 @@ def print_table(summary: dict) -> None:
         val = " -> ".join(f"{_pct(a)}%" for a in summary["teacher_val"])
         print(f"teacher greedy on the validation text views: {val} ({len(summary['teacher_val']) - 1} top-up(s); "
               f"target {_pct(TEACHER_TARGET)}%)")
+    ref = reference_spread() if summary.get("pretrained", {}).get("shipped") else None
+    if ref:
+        print_against_reference(summary, ref)
     print(f"time per stage: {times}\nquickstart (seed {summary['seed']}) finished in "
           f"{summary['total_seconds'] / 60:.1f} min")
 
