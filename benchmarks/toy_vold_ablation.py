@@ -47,13 +47,13 @@ T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 COLORS = {"b": "#4a90d9", "c": "#d94a4a", "d": "#e0a030"}
 
 
-def run_arm_d(art: Path, runs: Path, seed: int, summary: dict) -> None:
+def run_arm_d(art: Path, runs: Path, seed: int, summary: dict, cores: int | None = None) -> None:
     """GRPO + OPD with the VOLD stage's config, started from the perceiving student instead of the cold start, with
     the teacher the seed's VOLD stage had (``summary``: :func:`run_seed`'s), then its benchmark. Both are stages of
     the seed (:class:`StageRunner`): the seed's arguments, and reuse only for the same command and config."""
     data = art / "data"
     models = summary["pretrained"]
-    stages = StageRunner(runs, seed)
+    stages = StageRunner(runs, seed, cores=cores)
     job = rl_job(runs, data, "no_cold_start", "opd_grpo.yaml", Path(models["perception"]), Path(models["teacher"]))
     stages("d GRPO + OPD, no cold start", [job])
     stages("d benchmark", benchmark_jobs(runs, "no_cold_start", job[2].parent, "bench.yaml", data / "test.jsonl",
@@ -278,12 +278,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-run", action="store_true", help="only gather what is on disk")
     p.add_argument("--pretrain", action="store_true",
                    help="each seed trains its own teacher and perceiving student (quickstart --pretrain)")
+    p.add_argument("--cores", type=int, default=None, help="the thread plan of a machine with this many cores "
+                   "(python -m vold_pl.quickstart --cores); default: the cores this process may use")
     a = p.parse_args(argv)
     art, runs = Path(a.artifacts), Path(a.runs)
     if not a.no_run:
         for seed in a.seeds:
-            summary = run_seed(art, runs / f"seed{seed}", seed, pretrain=a.pretrain)
-            run_arm_d(art, runs / f"seed{seed}", seed, summary)
+            summary = run_seed(art, runs / f"seed{seed}", seed, pretrain=a.pretrain, cores=a.cores)
+            run_arm_d(art, runs / f"seed{seed}", seed, summary, a.cores)
     res = gather(art, runs, a.seeds)
     out = Path(a.out) / "toy_vold_ablation.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,44 +18,50 @@ import sys
 import time
 from pathlib import Path
 
+from vold_pl.startup import THREADS_ENV, available_cores
+
 
 def command_line(args: list[str]) -> str:
     """The shell form of a ``vold-pl`` command, quoted so it can be pasted back into a shell."""
     return "vold-pl " + " ".join(shlex.quote(a) for a in args)
 
 
-def run(args: list[str], log: Path, in_process: bool = False) -> None:
-    """Run one ``vold-pl`` command, its output teed into ``log``; raise ``SystemExit`` naming the log if it fails."""
+def run(args: list[str], log: Path, in_process: bool = False, threads: int | None = None) -> None:
+    """Run one ``vold-pl`` command, its output teed into ``log``; raise ``SystemExit`` naming the log if it fails.
+    ``threads``: torch's CPU threads in the command (default: the CLI's own choice, :mod:`vold_pl.startup`)."""
     print(f"\n$ {command_line(args)}", flush=True)
     log = Path(log)
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    rc = _run_in_process(args, log) if in_process else _run_subprocess(args, log)
+    rc = _run_in_process(args, log) if in_process else _run_subprocess(args, log, threads)
     print(f"  ({time.perf_counter() - t0:.0f} s, log: {log})", flush=True)
     if rc != 0:
         _stage_failed(rc, args, log)
 
 
-def run_parallel(jobs: list[tuple[list[str], Path]], in_process: bool = False) -> list[float]:
+def run_parallel(jobs: list[tuple[list[str], Path]], in_process: bool = False,
+                 cores: int | None = None) -> list[float]:
     """Run independent ``vold-pl`` commands side by side and return each one's seconds (from the stage's start).
 
-    At most ``cpu_count`` run at once, each a subprocess with ``cpu_count // min(len(jobs), cpu_count)`` threads
-    (at least 1); the next waiting command starts when one ends. Tiny models use one core poorly, so two stages on
-    two cores take about the time of one. Each command's output goes to its own log only (interleaved lines would
-    be unreadable); a failing command stops the recipe with the last lines of its log once the running ones have
-    ended. ``in_process=True`` (tests) runs them one after the other in this process."""
+    At most ``cores`` run at once, each a subprocess with ``cores // min(len(jobs), cores)`` threads (at least 1);
+    the next waiting command starts when one ends. Tiny models use one core poorly, so two stages on two cores
+    take about the time of one. ``cores`` defaults to those this process may use, and a lone command then keeps
+    the CLI's own thread choice; given, it fixes every command's threads, so that a machine with more cores can
+    run the thread plan of another (a command's thread count changes the order of its sums, hence its bits).
+    Each command's output goes to its own log only (interleaved lines would be unreadable); a failing command
+    stops the recipe with the last lines of its log once the running ones have ended. ``in_process=True``
+    (tests) runs them one after the other in this process."""
     if in_process or len(jobs) == 1:
         seconds = []
         for args, log in jobs:
             t0 = time.perf_counter()
-            run(args, log, in_process=in_process)
+            run(args, log, in_process=in_process, threads=cores)
             seconds.append(time.perf_counter() - t0)
         return seconds
-    cores = os.cpu_count() or 1
+    cores = cores or available_cores()
     width = min(len(jobs), cores)
-    threads = str(max(1, cores // width))
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
-               VOLD_NUM_THREADS=threads)  # the CLI's own thread setting wins over OMP's: set both
+    threads = max(1, cores // width)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **_thread_env(threads))
     waiting, running, failed = list(enumerate(jobs)), {}, []
     seconds, t0, shown = [0.0] * len(jobs), time.perf_counter(), time.perf_counter()
     while waiting or running:
@@ -115,10 +121,16 @@ def _cli_command(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "vold_pl.cli", *args]
 
 
-def _run_subprocess(args: list[str], log: Path) -> int:
+def _thread_env(threads: int) -> dict[str, str]:
+    """Environment variables that give a ``vold-pl`` command ``threads`` CPU threads: the CLI's own setting
+    (:mod:`vold_pl.startup`) wins over OMP's, so both are set."""
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), THREADS_ENV: str(threads)}
+
+
+def _run_subprocess(args: list[str], log: Path, threads: int | None = None) -> int:
     cmd = _cli_command(args)
     with log.open("w") as fh:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(_thread_env(threads) if threads else {}))
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         for line in proc.stdout:
             fh.write(line)

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 import statistics
 import time
@@ -82,6 +81,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="training seeds: each draws the SFT data order and every sample (with --pretrain, also "
                              "stage 1's initial weights); several give a mean-and-spread table")
     parser.add_argument("--fresh", action="store_true", help="rerun every stage even if its output exists")
+    parser.add_argument("--cores", type=int, default=None,
+                        help="run every stage with the threads it would get on a machine with this many cores (a "
+                             "stage's thread count changes its bits; the README's figures: --cores 2); default: "
+                             "the cores this process may use")
     parser.add_argument("--pretrain", action="store_true",
                         help="train the teacher and the perceiving student (stage 1) from each seed's own initial "
                              "weights instead of starting from the pretrained models shipped in vold_pl/toy/pretrained")
@@ -101,13 +104,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.save_pretrained:
         seed_runs = runs / "seed0"
         fresh = artifacts_changed(art, seed_runs) or args.fresh
-        stages = StageRunner(seed_runs, 0, fresh)
+        stages = StageRunner(seed_runs, 0, fresh, cores=args.cores)
         start = pretrained_models(art, seed_runs, 0, stages, fresh, pretrain=True)
         home = save_pretrained(art, start, sum(stages.times.values()))
         print(f"[quickstart] shipped the teacher ({start.teacher}) and the perceiving student ({start.perception}) "
               f"in {home}")
         return
-    summaries = [run_seed(art, runs / f"seed{seed}", seed, args.fresh, pretrain=args.pretrain)
+    summaries = [run_seed(art, runs / f"seed{seed}", seed, args.fresh, pretrain=args.pretrain, cores=args.cores)
                  for seed in args.seeds]
     for s in summaries:
         print_table(s)
@@ -117,14 +120,16 @@ def main(argv: list[str] | None = None) -> None:
 
 class StageRunner:
     """Runs a seed's stages: ``runner(name, jobs)`` runs side by side the jobs that :class:`JobKeys` cannot reuse,
-    each with the seed's arguments, and records the stage's wall time in ``times`` (a reused stage keeps the time
-    it took when it ran, from the seed's previous ``summary.json``)."""
+    each with the seed's arguments and the threads of ``cores`` (:func:`vold_pl.pipeline.run_parallel`), and
+    records the stage's wall time in ``times`` (a reused stage keeps the time it took when it ran, from the seed's
+    previous ``summary.json``)."""
 
-    def __init__(self, runs: Path, seed: int, fresh: bool = False, in_process: bool = False):
+    def __init__(self, runs: Path, seed: int, fresh: bool = False, in_process: bool = False,
+                 cores: int | None = None):
         # The seed drives every draw of a stage: sampling (seed_everything) and the order an SFT stage reads its
         # data in (data.seed); with --pretrain, initial_models gives each seed its own initial weights too.
         self.seed_arg = ["--seed_everything", str(seed), "--data.seed", str(seed)]
-        self.in_process = in_process
+        self.in_process, self.cores = in_process, cores
         self.keys = JobKeys(runs / "job_keys.json", fresh)
         self.times: dict[str, float] = {}
         self.reused: list[float] = []  # seconds of the stages reused, counted in the seed's total
@@ -136,7 +141,7 @@ class StageRunner:
         todo = [(a + self.seed_arg, log, out) for a, log, out in jobs if not self.keys.reusable(a + self.seed_arg, out)]
         t0 = time.perf_counter()
         if todo:
-            run_parallel([(a, log) for a, log, _ in todo], in_process=self.in_process)
+            run_parallel([(a, log) for a, log, _ in todo], in_process=self.in_process, cores=self.cores)
             self.keys.ran([(a, out) for a, _, out in todo])
             self.times[name] = time.perf_counter() - t0
             print(f"[quickstart] stage {name}: {self.times[name]:.0f} s", flush=True)
@@ -186,12 +191,12 @@ def pretrained_models(art: Path, runs: Path, seed: int, stages: StageRunner, fre
 
 
 def run_seed(art: Path, runs: Path, seed: int, fresh: bool = False, in_process: bool = False,
-             pretrain: bool = False) -> dict:
+             pretrain: bool = False, cores: int | None = None) -> dict:
     """Every stage of the recipe for one training seed under ``runs``; returns (and writes) the summary."""
     data = art / "data"
     t_start = time.perf_counter()
     fresh = artifacts_changed(art, runs) or fresh
-    stages = StageRunner(runs, seed, fresh, in_process)
+    stages = StageRunner(runs, seed, fresh, in_process, cores)
     start = pretrained_models(art, runs, seed, stages, fresh, pretrain)
     teacher, perceive = start.teacher, start.perception
 
@@ -230,7 +235,7 @@ def run_seed(art: Path, runs: Path, seed: int, fresh: bool = False, in_process: 
     summary["pretrained"] = {"shipped": start.shipped, "teacher": str(teacher), "perception": str(perceive)}
     # The machine its stages ran on: that of the run before when every stage was reused.
     summary["machine"] = stages.previous.get("machine") if not stages.keys.any_ran else None
-    summary["machine"] = summary["machine"] or machine()
+    summary["machine"] = summary["machine"] or machine(cores)
     (runs / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -434,14 +439,17 @@ def save_pretrained(art: Path, start: Pretrained, seconds: float, home: Path = P
     return home
 
 
-def machine() -> dict:
+def machine(cores: int | None = None) -> dict:
     """What a run's figures depend on besides the code, the data and the seed: torch's version, the CPU kernel
     path of torch's own kernels (AVX-512 and AVX2 give other bits; ``ATEN_CPU_CAPABILITY=avx2`` takes the latter
-    on a CPU that has both) and the cores (a stage's thread count follows them, and so do its sums' order)."""
+    on a CPU that has both) and the cores its thread plan was made for (``cores``, default those this process may
+    use: a stage's thread count follows them, and so does the order of its sums)."""
     import torch
 
+    from vold_pl.startup import available_cores
+
     return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cores": os.cpu_count()}
+            "cores": cores or available_cores()}
 
 
 def _machine_text(m: dict | None) -> str:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from vold_pl.errors import UserError
 
 __all__ = ["THREADS_ENV", "available_cores", "configure_cpu_threads", "set_cpu_threads"]
@@ -34,6 +32,8 @@ def set_cpu_threads(num_threads: int | None = None) -> int:
 
     Returns the thread count now in effect. A no-op on CUDA runs beyond setting the CPU pool.
     """
+    import torch  # here, not at the top: recipe drivers (vold_pl.pipeline) read this module without loading torch
+
     n = num_threads or _env_threads()
     if not n:
         n = available_cores()
@@ -61,6 +61,8 @@ def configure_cpu_threads() -> int:
 
     Returns the thread count now in effect.
     """
+    import torch
+
     if _env_threads():
         return set_cpu_threads()
     if os.environ.get("OMP_NUM_THREADS", "").strip():
