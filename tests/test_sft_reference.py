@@ -114,7 +114,12 @@ def test_the_head_on_target_positions_only_gives_the_full_logits_loss_and_gradie
     labels[0, :3] = IGNORE_INDEX  # a prompt
     labels[1, 4:] = IGNORE_INDEX  # padding
     labels[2] = IGNORE_INDEX  # a row with no target
-    full = completion_nll(head(hidden), labels)
+    # the reference: cross-entropy of the full shifted logits, prompt and padding ignored
+    logits, targets = head(hidden)[:, :-1], labels[:, 1:]  # [B, T-1, V], [B, T-1]
+    mask = targets != IGNORE_INDEX  # [B, T-1]
+    n = int(mask.sum())
+    nll = F.cross_entropy(logits.reshape(-1, 11), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    full = (nll / n, ((logits.argmax(-1) == targets) & mask).sum() / n, n)
     grads_full = torch.autograd.grad(full[0], [hidden, head.weight])
     picked = completion_nll_from_hidden(hidden, head, labels)
     grads_picked = torch.autograd.grad(picked[0], [hidden, head.weight])

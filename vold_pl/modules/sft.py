@@ -16,23 +16,17 @@ from vold_pl.rl.logprobs import backbone_and_head
 
 
 def completion_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Mean NLL over target tokens, token accuracy, and the number of target tokens.
-
-    Position t predicts token t+1, so logits drop their last step and labels their first.
-    """
-    logits = logits[:, :-1].float()  # [B, T-1, V]
-    targets = labels[:, 1:]  # [B, T-1]
-    mask = targets != IGNORE_INDEX  # [B, T-1]
-    n = int(mask.sum())
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX,
-                           reduction="sum") / max(n, 1)
-    acc = ((logits.argmax(-1) == targets) & mask).sum() / max(n, 1)
-    return loss, acc, n
+    """Mean NLL over target tokens, token accuracy, and the number of target tokens, from the full ``[B, T, V]``
+    logits (a model whose backbone cannot be run apart from its head); :func:`completion_nll_from_hidden` with
+    the logits as the rows and no head."""
+    return completion_nll_from_hidden(logits, torch.nn.Identity(), labels)
 
 
 def completion_nll_from_hidden(hidden: torch.Tensor, lm_head: torch.nn.Module,
                                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """:func:`completion_nll` with the LM head applied only at the positions that predict a target token.
+    """Mean NLL over target tokens, token accuracy, and the number of target tokens, with the LM head applied
+    only at the positions that predict a target token. Position t predicts token t+1, so ``hidden`` drops its
+    last step and ``labels`` their first.
 
     The loss, accuracy and gradient are those of the full ``[B, T, V]`` logits; only the ``[n, V]`` rows that
     count are made. A VLM's prompt (hundreds of image tokens, the instruction) is most of a row and carries no
