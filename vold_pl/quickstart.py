@@ -31,7 +31,9 @@ sample (with ``--pretrain``, also stage 1's initial weights). A stage whose outp
 command and config (:class:`JobKeys`), is skipped, so an interrupted quickstart resumes where it stopped; the first
 stage that runs makes every later one run; when the artifacts or the shipped models have changed since (``make
 artifacts`` after a change of the generator), every stage reruns. Each seed's figures and stage times are written
-to ``<runs>/seed<N>/summary.json``.
+to ``<runs>/seed<N>/summary.json``, with the machine its stages ran on (:func:`machine`); its table ends with where
+its figures fall in the README's spread over seeds (:func:`reference_spread`). ``--cores N`` runs every stage with
+the threads it would get on an N-core machine, the thread plan of figures made there.
 """
 
 from __future__ import annotations
