@@ -328,13 +328,15 @@ def test_a_run_is_placed_in_the_spread_of_the_models_it_started_from(tmp_path, c
     home = tmp_path / "shipped"
     home.mkdir()
     (home / MANIFEST).write_text('{"files": {"teacher/model.safetensors": "aa"}}')
-    rows = {"teacher_greedy": [0.99, 0.99, 0.99], "cold_start": [0.40, 0.37, 0.42], "vold": [0.41, 0.385, 0.435]}
+    rows = {"teacher_greedy": [0.99, 0.99, 0.99], "cold_start": [0.40, 0.37, 0.42], "vold": [0.41, 0.385, 0.435],
+            "base": [0.0, 0.0, 0.0]}
     ref_path = _reference(tmp_path / "ref.json", pretrained_digest(home), rows)
     ref = reference_spread(ref_path, home)
-    assert ref["rows"] == {"teacher_greedy": [0.99, 0.99], "cold_start": [0.37, 0.42], "vold": [0.385, 0.435]}
+    assert ref["rows"] == {"teacher_greedy": [0.99, 0.99], "cold_start": [0.37, 0.42], "vold": [0.385, 0.435],
+                           "base": [0.0, 0.0]}
 
     summary = {"rows": {"teacher_greedy": {"accuracy": 0.99}, "cold_start": {"accuracy": 0.365},
-                        "vold": {"accuracy": 0.435}, "grpo_only": {"accuracy": 0.5}},
+                        "vold": {"accuracy": 0.435}, "grpo_only": {"accuracy": 0.5}, "base": {"accuracy": 0.0}},
                "machine": {"torch": "2.13.0+cpu", "cpu_capability": "AVX2", "cores": 4}}
     print_against_reference(summary, ref)
     out = capsys.readouterr().out
@@ -342,6 +344,7 @@ def test_a_run_is_placed_in_the_spread_of_the_models_it_started_from(tmp_path, c
     assert f"{STAGE_LABELS['cold_start']} 36.5 OUTSIDE [37.0-42.0]" in out
     assert f"{STAGE_LABELS['vold']} 43.5 inside [38.5-43.5]" in out
     assert STAGE_LABELS["grpo_only"] not in out  # no reference for it: not placed
+    assert STAGE_LABELS["base"] not in out  # a row that reads 0 on every seed is not placed either
     assert "3 seeds" in out and "AVX512 kernels, 2 cores" in out
     assert "this run: torch 2.13.0+cpu, AVX2 kernels, 4 cores" in out
 
@@ -350,3 +353,11 @@ def test_a_run_is_placed_in_the_spread_of_the_models_it_started_from(tmp_path, c
     assert reference_spread(tmp_path / "missing.json", home) is None
     assert reference_spread(_reference(tmp_path / "old.json", pretrained_digest(home), {}), home) is None
 
+
+
+def test_the_cores_of_the_thread_plan_are_a_positive_count(capsys):
+    from vold_pl.quickstart import main
+
+    with pytest.raises(SystemExit):
+        main(["--cores", "0"])
+    assert "--cores 0" in capsys.readouterr().err

@@ -70,6 +70,7 @@ PRETRAINING_CONFIGS = ("sft_teacher.yaml", "sft_perception.yaml")
 # The README's spread over seeds of the quickstart from the shipped models (benchmarks/toy_vold_ablation.py writes
 # it): a run's table says where its figures fall in it, when it started from the same shipped models.
 REFERENCE = ROOT / "benchmarks" / "results" / "shipped_models" / "toy_vold_ablation.json"
+PLACED_ROWS = ("teacher_greedy", "cold_start", "grpo_only", "vold")  # the rows placed in it (the others read 0)
 STUDENT_STAGES = ("base", "perception", "cold_start", "grpo_only", "vold")
 STAGE_LABELS = {"base": "base student (random init)", "perception": "after perception",
                 "cold_start": "after cold start", "grpo_only": "GRPO only", "vold": "VOLD (GRPO + OPD)"}
@@ -94,6 +95,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="train stage 1 on seed 0 and ship its models in vold_pl/toy/pretrained (make "
                              "toy-pretrained); runs nothing after it")
     args = parser.parse_args(argv)
+    if args.cores is not None and args.cores < 1:
+        parser.error(f"--cores {args.cores}: give the cores of the thread plan, a whole number >= 1 (or leave it out "
+                     f"for this machine's)")
     art, runs = Path(args.artifacts), Path(args.runs)
     data, tiny = art / "data", art / "tiny"
     if not (tiny / "student" / "config.json").exists() or not (data / "train.jsonl").exists():
@@ -235,9 +239,9 @@ def run_seed(art: Path, runs: Path, seed: int, fresh: bool = False, in_process: 
     summary = summarize(runs, data, seed, stages.times, time.perf_counter() - t_start + sum(stages.reused))
     summary["teacher_val"] = start.teacher_val  # greedy on the validation text views, before and after each top-up
     summary["pretrained"] = {"shipped": start.shipped, "teacher": str(teacher), "perception": str(perceive)}
-    # The machine its stages ran on: that of the run before when every stage was reused.
-    summary["machine"] = stages.previous.get("machine") if not stages.keys.any_ran else None
-    summary["machine"] = summary["machine"] or machine(cores)
+    # The machine its stages ran on; when every stage was reused, that of the run which made them.
+    made_before = stages.previous.get("machine") if not stages.keys.any_ran else None
+    summary["machine"] = made_before or machine(cores)
     (runs / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -475,7 +479,8 @@ def print_against_reference(summary: dict, ref: dict) -> None:
     """Where a seed's figures fall in the README's spread over seeds (``ref``: :func:`reference_spread`), and the
     machines of both: a machine whose kernels or cores differ from the reference's computes other bits."""
     cells = []
-    for row, label in (("teacher_greedy", "teacher"), *STAGE_LABELS.items()):
+    for row in PLACED_ROWS:
+        label = STAGE_LABELS.get(row, "teacher")
         if row in summary["rows"] and row in ref["rows"]:
             acc, (lo, hi) = summary["rows"][row]["accuracy"], ref["rows"][row]
             cells.append(f"{label} {_pct(acc)} {'inside' if lo <= acc <= hi else 'OUTSIDE'} [{_pct(lo)}-{_pct(hi)}]")
