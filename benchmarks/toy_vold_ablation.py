@@ -224,13 +224,15 @@ def _smooth(values: list[float], window: int = 20) -> np.ndarray:
 
 
 def _label(res: dict, arm: str) -> str:
-    """The arm's name, with its steps and temperature when they are not those of arm c (VOLD) on every seed."""
+    """The arm's name, with its steps and temperature when they are not those of arm c (VOLD) on every seed, and
+    its seeds when it was not run on all of them."""
     settings = res.get("rl_settings", {})
 
     def kinds(a: str) -> set[str]:
         return {f"{v['max_steps']} steps, T = {v['temperature']}" for v in settings.get(a, {}).values() if v}
     own = kinds(arm)
-    return ARMS[arm][1] if not own or own == kinds("c") else f"{ARMS[arm][1]} [{'; '.join(sorted(own))}]"
+    label = ARMS[arm][1] if not own or own == kinds("c") else f"{ARMS[arm][1]} [{'; '.join(sorted(own))}]"
+    return label + _seeds_note(res, res["arm_seeds"][arm])
 
 
 def plot(res: dict, path: Path) -> None:

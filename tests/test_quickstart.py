@@ -372,3 +372,4 @@ def test_the_readme_figures_are_those_of_the_shipped_models():
     assert ref is not None, f"{REFERENCE} was made from other shipped models than vold_pl/toy/pretrained"
     assert set(ref["rows"]) >= {"teacher_greedy", *STAGE_LABELS}
     assert all(0.0 <= lo <= hi <= 1.0 for lo, hi in ref["rows"].values())
+    assert len(ref["machines"]) == len(ref["seeds"]) and all(ref["machines"].values())  # each seed's machine known
