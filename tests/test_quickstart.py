@@ -355,7 +355,6 @@ def test_a_run_is_placed_in_the_spread_of_the_models_it_started_from(tmp_path, c
     assert reference_spread(_reference(tmp_path / "old.json", pretrained_digest(home), {}), home) is None
 
 
-
 def test_the_cores_of_the_thread_plan_are_a_positive_count(capsys):
     from vold_pl.quickstart import main
 

@@ -466,10 +466,11 @@ def reference_spread(path: Path = REFERENCE, home: Path = PRETRAINED) -> dict | 
     """The README's figures over seeds (``path``: ``benchmarks/toy_vold_ablation.py``'s results) as ``{"seeds",
     "machines", "rows": {row: [lowest, highest]}}``, for the table rows of every seed's summary; None when there
     is no such file or it was made from other shipped models than those in ``home``."""
-    if not path.is_file() or pretrained_digest(home) is None:
+    shipped = pretrained_digest(home)
+    if not path.is_file() or shipped is None:
         return None
     res = json.loads(path.read_text())
-    if res.get("pretrained_manifest") != pretrained_digest(home) or not res.get("quickstart_rows"):
+    if res.get("pretrained_manifest") != shipped or not res.get("quickstart_rows"):
         return None
     return {"seeds": res["seeds"], "machines": res.get("machines", {}),
             "rows": {row: [min(v), max(v)] for row, v in res["quickstart_rows"].items()}}
