@@ -33,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from vold_pl.compare import read_run  # noqa: E402
+from vold_pl.compare import read_run, t_interval  # noqa: E402
 from vold_pl.quickstart import BENCH, StageRunner, benchmark_jobs, pretrained_digest, rl_job, run_seed  # noqa: E402
 
 ARMS = {"a": ("cold_start", "(a) cold start"), "b": ("grpo_only", "(b) cold start + GRPO"),
@@ -42,8 +42,6 @@ PAIRS = [("b", "a"), ("c", "a"), ("c", "b"), ("d", "a")]
 CURVES = [("train/reward", "training reward (accuracy + 0.1·format)"),
           ("train/opd/reverse_kl", "reverse KL to the teacher"),
           ("train/frac_reward_zero_std", "frac_reward_zero_std")]
-# Student's t quantile 0.975 for 1..10 degrees of freedom (2..11 seeds).
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 COLORS = {"b": "#4a90d9", "c": "#d94a4a", "d": "#e0a030"}
 
 
@@ -74,9 +72,8 @@ def paired(x: np.ndarray, y: np.ndarray, n_boot: int = 5000, seed: int = 0) -> d
     per_seed = d.mean(axis=1)  # [S]
     out = {"delta": float(d.mean()), "bootstrap95": [float(v) for v in np.percentile(boot, [2.5, 97.5])],
            "per_seed": [float(v) for v in per_seed], "rows_differ": float((d != 0).mean())}
-    if 1 < len(per_seed) <= len(T975) + 1:
-        half = T975[len(per_seed) - 2] * per_seed.std(ddof=1) / np.sqrt(len(per_seed))
-        out["t95_over_seeds"] = [float(per_seed.mean() - half), float(per_seed.mean() + half)]
+    if len(per_seed) > 1:
+        out["t95_over_seeds"] = list(t_interval(per_seed))
     return out
 
 

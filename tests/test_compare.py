@@ -82,3 +82,35 @@ def test_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([f"a={tmp_path}", f"b={tmp_path}", "--out", str(tmp_path / "o")])
     assert "benchmark_report.json" in capsys.readouterr().err
+
+
+# ---- t quantiles and intervals over seeds ----
+
+def _t_cdf(x: float, df: int) -> float:
+    """Student's t CDF at ``x`` by integrating its density (Simpson's rule on [0, x], symmetric about 0)."""
+    from math import gamma, pi, sqrt
+
+    c = gamma((df + 1) / 2) / (sqrt(df * pi) * gamma(df / 2))
+    ts = np.linspace(0.0, x, 20001)
+    f = c * (1 + ts**2 / df) ** (-(df + 1) / 2)
+    h = ts[1] - ts[0]
+    return 0.5 + float(h / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum()))
+
+
+@pytest.mark.parametrize("df", [1, 2, 6, 10, 11, 15, 30, 100])
+def test_t975_is_the_97_5_percent_quantile_of_student_t(df):
+    from vold_pl.compare import t975
+
+    assert _t_cdf(t975(df), df) == pytest.approx(0.975, abs=2e-5)
+
+
+def test_the_intervals_over_seeds_are_the_t_interval_and_the_prediction_interval():
+    from vold_pl.compare import prediction_interval, t_interval
+
+    v = np.array([0.39, 0.41, 0.372, 0.41, 0.388, 0.42, 0.40])  # [7]
+    m, sd = v.mean(), v.std(ddof=1)
+    assert t_interval(v) == pytest.approx((m - 2.447 * sd / 7**0.5, m + 2.447 * sd / 7**0.5))
+    assert prediction_interval(v) == pytest.approx((m - 2.447 * sd * (8 / 7) ** 0.5, m + 2.447 * sd * (8 / 7) ** 0.5))
+    assert prediction_interval(np.full(5, 0.9875)) == (0.9875, 0.9875)
+    with pytest.raises(ValueError, match="degree of freedom"):
+        t_interval(np.array([0.4]))

@@ -325,7 +325,7 @@ def _reference(path: Path, manifest: str | None, rows: dict[str, list[float]]) -
     return path
 
 
-def test_a_run_is_placed_in_the_spread_of_the_models_it_started_from(tmp_path, capsys):
+def test_a_run_is_placed_in_the_prediction_interval_of_the_models_it_started_from(tmp_path, capsys):
     home = tmp_path / "shipped"
     home.mkdir()
     (home / MANIFEST).write_text('{"files": {"teacher/model.safetensors": "aa"}}')
@@ -333,17 +333,27 @@ def test_a_run_is_placed_in_the_spread_of_the_models_it_started_from(tmp_path, c
             "base": [0.0, 0.0, 0.0]}
     ref_path = _reference(tmp_path / "ref.json", pretrained_digest(home), rows)
     ref = reference_spread(ref_path, home)
-    assert ref["rows"] == {"teacher_greedy": [0.99, 0.99], "cold_start": [0.37, 0.42], "vold": [0.385, 0.435],
-                           "base": [0.0, 0.0]}
+
+    def predicted(v):  # mean ± t(0.975, 2 df) · sd · sqrt(1 + 1/3), written out
+        m = sum(v) / 3
+        half = 4.303 * (sum((x - m) ** 2 for x in v) / 2) ** 0.5 * (4 / 3) ** 0.5
+        return m - half, m + half
+
+    for row, v in rows.items():
+        assert ref["rows"][row]["range"] == [min(v), max(v)]
+        lo, hi = predicted(v)
+        assert ref["rows"][row]["predicted"] == pytest.approx([max(lo, 0.0), min(hi, 1.0)], abs=1e-4)
+    lo, hi = ref["rows"]["cold_start"]["predicted"]
+    assert lo < 0.37 and hi > 0.42  # one more run is expected wider than the seeds' lowest-highest
 
     summary = {"rows": {"teacher_greedy": {"accuracy": 0.99}, "cold_start": {"accuracy": 0.365},
-                        "vold": {"accuracy": 0.435}, "grpo_only": {"accuracy": 0.5}, "base": {"accuracy": 0.0}},
+                        "vold": {"accuracy": 0.60}, "grpo_only": {"accuracy": 0.5}, "base": {"accuracy": 0.0}},
                "machine": {"torch": "2.13.0+cpu", "cpu_capability": "AVX2", "cores": 4}}
     print_against_reference(summary, ref)
     out = capsys.readouterr().out
-    assert "teacher 99.0 inside [99.0-99.0]" in out  # the ends belong to the spread
-    assert f"{STAGE_LABELS['cold_start']} 36.5 OUTSIDE [37.0-42.0]" in out
-    assert f"{STAGE_LABELS['vold']} 43.5 inside [38.5-43.5]" in out
+    assert "teacher 99.0 inside [99.0-99.0] (seeds 99.0-99.0)" in out  # seeds that all agree predict that value
+    assert f"{STAGE_LABELS['cold_start']} 36.5 inside [27.2-52.2] (seeds 37.0-42.0)" in out  # outside the range
+    assert f"{STAGE_LABELS['vold']} 60.0 OUTSIDE [28.6-53.4]" in out
     assert STAGE_LABELS["grpo_only"] not in out  # no reference for it: not placed
     assert STAGE_LABELS["base"] not in out  # a row that reads 0 on every seed is not placed either
     assert "3 seeds" in out and "AVX512 kernels, 2 cores" in out
@@ -370,5 +380,6 @@ def test_the_readme_figures_are_those_of_the_shipped_models():
     ref = reference_spread()
     assert ref is not None, f"{REFERENCE} was made from other shipped models than vold_pl/toy/pretrained"
     assert set(ref["rows"]) >= {"teacher_greedy", *STAGE_LABELS}
-    assert all(0.0 <= lo <= hi <= 1.0 for lo, hi in ref["rows"].values())
+    assert all(0.0 <= r["predicted"][0] <= r["range"][0] <= r["range"][1] <= r["predicted"][1] <= 1.0
+               for r in ref["rows"].values())
     assert len(ref["machines"]) == len(ref["seeds"]) and all(ref["machines"].values())  # each seed's machine known

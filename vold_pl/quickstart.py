@@ -32,8 +32,9 @@ command and config (:class:`JobKeys`), is skipped, so an interrupted quickstart 
 stage that runs makes every later one run; when the artifacts or the shipped models have changed since (``make
 artifacts`` after a change of the generator), every stage reruns. Each seed's figures and stage times are written
 to ``<runs>/seed<N>/summary.json``, with the machine its stages ran on (:func:`machine`); its table ends with where
-its figures fall in the README's spread over seeds (:func:`reference_spread`). ``--cores N`` runs every stage with
-the threads it would get on an N-core machine, the thread plan of figures made there.
+its figures fall against the README's seeds: their 95% prediction interval for one more run
+(:func:`reference_spread`). ``--cores N`` runs every stage with the threads it would get on an N-core machine, the
+thread plan of figures made there.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vold_pl.compare import bootstrap_mean_ci, read_run
+from vold_pl.compare import bootstrap_mean_ci, prediction_interval, read_run
 from vold_pl.pipeline import run_parallel, sources
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -464,29 +465,40 @@ def _machine_text(m: dict | None) -> str:
 
 def reference_spread(path: Path = REFERENCE, home: Path = PRETRAINED) -> dict | None:
     """The README's figures over seeds (``path``: ``benchmarks/toy_vold_ablation.py``'s results) as ``{"seeds",
-    "machines", "rows": {row: [lowest, highest]}}``, for the table rows of every seed's summary; None when there
-    is no such file or it was made from other shipped models than those in ``home``."""
+    "machines", "rows": {row: {"range": [lowest, highest], "predicted": [lo, hi]}}}`` for the table rows of every
+    seed's summary, ``predicted`` being the 95% prediction interval for one more run (clipped to [0, 1]); None when
+    there is no such file, it holds fewer than 2 seeds, or it was made from other shipped models than those in
+    ``home``."""
     shipped = pretrained_digest(home)
     if not path.is_file() or shipped is None:
         return None
     res = json.loads(path.read_text())
-    if res.get("pretrained_manifest") != shipped or not res.get("quickstart_rows"):
+    if res.get("pretrained_manifest") != shipped or not res.get("quickstart_rows") or len(res["seeds"]) < 2:
         return None
+
+    def spread(v: list[float]) -> dict:
+        lo, hi = prediction_interval(np.array(v))
+        return {"range": [min(v), max(v)], "predicted": [max(lo, 0.0), min(hi, 1.0)]}
+
     return {"seeds": res["seeds"], "machines": res.get("machines", {}),
-            "rows": {row: [min(v), max(v)] for row, v in res["quickstart_rows"].items()}}
+            "rows": {row: spread(v) for row, v in res["quickstart_rows"].items()}}
 
 
 def print_against_reference(summary: dict, ref: dict) -> None:
-    """Where a seed's figures fall in the README's spread over seeds (``ref``: :func:`reference_spread`), and the
-    machines of both: a machine whose kernels or cores differ from the reference's computes other bits."""
+    """Where a seed's figures fall against the README's runs over seeds (``ref``: :func:`reference_spread`): inside
+    or outside the 95% prediction interval for one more run, beside the seeds' lowest-highest, and the machines of
+    both (a machine whose kernels or cores differ from the reference's computes other bits: another draw)."""
     cells = []
     for row in PLACED_ROWS:
         label = STAGE_LABELS.get(row, "teacher")
         if row in summary["rows"] and row in ref["rows"]:
-            acc, (lo, hi) = summary["rows"][row]["accuracy"], ref["rows"][row]
-            cells.append(f"{label} {_pct(acc)} {'inside' if lo <= acc <= hi else 'OUTSIDE'} [{_pct(lo)}-{_pct(hi)}]")
+            acc, (lo, hi) = summary["rows"][row]["accuracy"], ref["rows"][row]["predicted"]
+            seen = ref["rows"][row]["range"]
+            cells.append(f"{label} {_pct(acc)} {'inside' if lo <= acc <= hi else 'OUTSIDE'} [{_pct(lo)}-{_pct(hi)}] "
+                         f"(seeds {_pct(seen[0])}-{_pct(seen[1])})")
     theirs = "; ".join(sorted({_machine_text(m) for m in ref["machines"].values()}))
-    print(f"against the README's {len(ref['seeds'])} seeds (their lowest-highest; {theirs}): " + "; ".join(cells))
+    print(f"against the README's {len(ref['seeds'])} seeds (95% prediction interval for one more run, and the seeds' "
+          f"lowest-highest; {theirs}): " + "; ".join(cells))
     print(f"this run: {_machine_text(summary.get('machine'))}")
 
 
