@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 from vold_pl.quickstart import JobKeys, artifacts_changed
@@ -67,6 +69,35 @@ def test_an_output_is_reused_only_for_the_same_command_and_config(tmp_path):
     assert not JobKeys(tmp_path / "job_keys.json").reusable(*jobs[1])
 
 
+def test_a_moved_checkout_reuses_the_outputs_it_made(tmp_path):
+    """Keys leave the checkout's folder out of the command's paths: the same job from a checkout at another path
+    reuses the output; a job whose paths differ inside the checkout does not; a key kept with the folder in it
+    (before keys were portable) still counts in the checkout that made it."""
+    before, after = tmp_path / "work" / "main", tmp_path / "elsewhere" / "vold-pl"
+    for root in (before, after):
+        (root / "configs").mkdir(parents=True)
+        (root / "configs" / "stage.yaml").write_text("trainer: {max_steps: 10}\n")
+    out = tmp_path / "runs" / "a" / "export" / "config.json"
+    out.parent.mkdir(parents=True)
+    out.write_text("{}")
+
+    def job(root: Path, init: str = "pretrained/teacher") -> list[str]:
+        return ["fit", "--config", str(root / "configs" / "stage.yaml"), "--model", str(root / init)]
+
+    keys = JobKeys(tmp_path / "job_keys.json", root=before)
+    assert not keys.reusable(job(before), out)
+    keys.ran([(job(before), out)])
+    assert JobKeys(tmp_path / "job_keys.json", root=after).reusable(job(after), out)  # moved: reused
+    assert not JobKeys(tmp_path / "job_keys.json", root=after).reusable(job(after, "pretrained/perception"), out)
+    assert not JobKeys(tmp_path / "job_keys.json", root=after).reusable(job(before), out)  # the old checkout's files
+
+    old_key = hashlib.sha256(json.dumps(job(before)).encode())  # written out: arguments as given, then the config
+    old_key.update((before / "configs" / "stage.yaml").read_bytes())
+    (tmp_path / "job_keys.json").write_text(json.dumps({str(out): old_key.hexdigest()}))
+    assert JobKeys(tmp_path / "job_keys.json", root=before).reusable(job(before), out)
+    assert not JobKeys(tmp_path / "job_keys.json", root=after).reusable(job(after), out)
+
+
 def test_outputs_without_a_fingerprint_count_as_stale(tmp_path):
     art, runs = _artifacts(tmp_path), tmp_path / "runs"
     (runs / "teacher_sft" / "export").mkdir(parents=True)  # made before fingerprints existed
@@ -76,8 +107,6 @@ def test_outputs_without_a_fingerprint_count_as_stale(tmp_path):
 
 # ---- the quickstart's figures, checked against independent computations on hand-made predictions ----
 
-import hashlib  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 
 import numpy as np  # noqa: E402

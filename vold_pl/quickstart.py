@@ -317,17 +317,24 @@ class JobKeys:
     ``path``), and no earlier stage of this run has run. A later stage reads an earlier one's outputs at the same
     paths, so once a job runs (a changed config, a teacher check that now asks for a top-up, a missing output),
     every job after it runs too. Outputs without a key (made before keys were kept) are not reused. A change
-    of vold-pl's own code is not seen: ``--fresh`` reruns everything."""
+    of vold-pl's own code is not seen: ``--fresh`` reruns everything.
 
-    def __init__(self, path: Path, fresh: bool = False):
+    The arguments are keyed with the checkout's folder (``root``) taken out of every path in them, so a checkout
+    that moves, or a clone at another path given the runs folder, reuses what it made; keys kept before that
+    (with the folder in them) still count for the checkout they were made in."""
+
+    def __init__(self, path: Path, fresh: bool = False, root: Path = ROOT):
         self.path = path
+        self.root = str(root)
         self.keys: dict[str, str] = {} if fresh or not path.is_file() else json.loads(path.read_text())
         self.any_ran = False
         self.started: dict[str, str] = {}  # output -> the key of its command when its stage started
 
-    @staticmethod
-    def key(args: list[str]) -> str:
-        digest = hashlib.sha256(json.dumps(args).encode())
+    def key(self, args: list[str], portable: bool = True) -> str:
+        """sha256 of ``args``, with the checkout's folder taken out of them (``portable``; without, the key kept
+        before keys were portable), and of the text of their ``--config`` file."""
+        prefix = self.root.rstrip("/") + "/"
+        digest = hashlib.sha256(json.dumps([a.replace(prefix, "") if portable else a for a in args]).encode())
         for i, a in enumerate(args[:-1]):
             if a == "--config":
                 digest.update(Path(args[i + 1]).read_bytes())
@@ -335,7 +342,9 @@ class JobKeys:
 
     def reusable(self, args: list[str], out: Path) -> bool:
         self.started[str(out)] = self.key(args)
-        return not self.any_ran and Path(out).exists() and self.keys.get(str(out)) == self.started[str(out)]
+        kept = self.keys.get(str(out))
+        return (not self.any_ran and Path(out).exists()
+                and kept in (self.started[str(out)], self.key(args, portable=False)))
 
     def ran(self, jobs: list[tuple[list[str], Path]]) -> None:
         """Record the keys of jobs that have just run and succeeded: of the config as it was when their stage
