@@ -89,15 +89,28 @@ def _full_kl_and_grad(s: list[float], t: list[float], top_k: int) -> tuple[float
     return kl, grad
 
 
-def _by_hand(d, *, estimator, mode, gate, beta, agg, mu, top_k):
+def _horizon(d, i: int, mu: int, horizon: str, nats: float) -> int:
+    """How many leading tokens of row i OPD distils: all, or up to and including the first whose k1 at sampling
+    time (log π_old − log π_T) is above ``nats``."""
+    if horizon == "all":
+        return LENGTHS[i]
+    for t in range(LENGTHS[i]):
+        lp = float(d["logp"][i, t])
+        old = lp - float(d["log_ratio"][i, t]) if mu > 1 else lp
+        if old - float(d["teacher_logp"][i, t]) > nats:
+            return t + 1
+    return LENGTHS[i]
+
+
+def _by_hand(d, *, estimator, mode, gate, beta, agg, mu, top_k, horizon="all", nats=5.0):
     """Loss, d loss / d logp [N, L], d loss / d student logits [N, L, V], reverse KL, k3 mean; all by hand."""
     loss = 0.0
     g_logp = [[0.0] * L for _ in range(N)]
     g_logits = [[[0.0] * V for _ in range(L)] for _ in range(N)]
     kl_sum = kl_n = k3_sum = 0.0
     for i in range(N):
-        g = _gate(i, gate)
         for t in range(LENGTHS[i]):
+            g = _gate(i, gate) if t < _horizon(d, i, mu, horizon, nats) else 0.0  # no OPD after the horizon
             w = _weight(i, agg)
             lp = float(d["logp"][i, t])
             old = lp - float(d["log_ratio"][i, t]) if mu > 1 else lp
@@ -145,8 +158,15 @@ CASES = [
 ]
 
 
+# The first divergence: k1 of the fixture is 0.5·N(0, 1) per token, so at 0.15 nats row 0 stops at its second token
+# (μ = 1 and 2) and row 3 at its first (μ = 1), while rows 1 and 3 (μ = 2) are distilled to their end.
+CASES += [dict(estimator="k1", mode=m, gate=g, beta=0.0, agg=a, mu=mu, top_k=0, horizon="first_divergence", nats=0.15)
+          for m, g, a, mu in itertools.product(["loss", "advantage"], ["failed", "all"], ["sequence", "token"], [1, 2])]
+
+
 def _ids(c):
-    return f"{c['estimator']}-{c['mode']}-{c['gate']}-beta{c['beta']}-{c['agg']}-mu{c['mu']}-topk{c['top_k']}"
+    return (f"{c['estimator']}-{c['mode']}-{c['gate']}-beta{c['beta']}-{c['agg']}-mu{c['mu']}-topk{c['top_k']}"
+            + (f"-{c['horizon']}" if "horizon" in c else ""))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
@@ -163,7 +183,8 @@ def test_assembled_loss_and_gradient_equal_the_formula(case):
         success=torch.tensor(SUCCESS, dtype=torch.float64), teacher_available=torch.tensor(AVAILABLE))
     cfg = LossSettings(aggregation=case["agg"], max_len=BUDGET, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH,
                        beta_ref=case["beta"], lam=LAM, gate=case["gate"], estimator=case["estimator"],
-                       mode=case["mode"], top_k=case["top_k"])
+                       mode=case["mode"], top_k=case["top_k"], horizon=case.get("horizon", "all"),
+                       divergence_nats=case.get("nats", 5.0))
     loss, metrics = opd_grpo_loss(exp, cfg)
     loss.backward()
 
@@ -177,7 +198,10 @@ def test_assembled_loss_and_gradient_equal_the_formula(case):
     else:
         assert s_logits.grad is None
     assert float(metrics["opd/reverse_kl"]) == pytest.approx(want_rkl, rel=1e-6)
-    distilled = sum(LENGTHS[i] for i in range(N) if _gate(i, case["gate"]) > 0)
+    hz = (case.get("horizon", "all"), case.get("nats", 5.0))
+    distilled = sum(_horizon(d, i, case["mu"], *hz) for i in range(N) if _gate(i, case["gate"]) > 0)
+    if hz[0] != "all" and (case["gate"] == "all" or case["mu"] == 1):  # some row stops before its end
+        assert distilled < sum(LENGTHS[i] for i in range(N) if _gate(i, case["gate"]) > 0)
     assert float(metrics["opd/frac_tokens"]) == pytest.approx(distilled / sum(LENGTHS))
     assert float(metrics["opd/frac_masked_no_text_view"]) == pytest.approx(0.25)
     if case["beta"]:
@@ -229,6 +253,8 @@ def test_module_passes_its_configs_to_the_loss(tiny_models):
     assert module.loss_settings == LossSettings(
         aggregation="dr_grpo", max_len=37, epsilon_low=0.1, epsilon_high=0.3, beta_ref=0.02, lam=0.4, gate="all",
         estimator="full", mode="loss", top_k=5)
+    module.opd = OPDConfig(lam=0.1, horizon="first_divergence", divergence_nats=3.0)
+    assert (module.loss_settings.horizon, module.loss_settings.divergence_nats) == ("first_divergence", 3.0)
 
 
 # ------------------------------------------------------------------ micro-batches, metrics and the step's helpers
@@ -249,12 +275,15 @@ def _experience(d, case, logp, s_logits) -> Experience:
 def _settings(case) -> LossSettings:
     return LossSettings(aggregation=case["agg"], max_len=BUDGET, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH,
                         beta_ref=case["beta"], lam=LAM, gate=case["gate"], estimator=case["estimator"],
-                        mode=case["mode"], top_k=case["top_k"])
+                        mode=case["mode"], top_k=case["top_k"], horizon=case.get("horizon", "all"),
+                        divergence_nats=case.get("nats", 5.0))
 
 
 SLICE_CASES = [dict(estimator=e, mode=m, gate="failed", beta=BETA, agg=a, mu=2, top_k=k)
                for a in ("sequence", "token", "dr_grpo")
                for e, m, k in (("k1", "loss", 0), ("k1", "advantage", 0), ("full", "loss", 3))]
+SLICE_CASES += [dict(estimator="k1", mode="loss", gate="all", beta=BETA, agg="token", mu=1, top_k=0,
+                     horizon="first_divergence", nats=0.15)]
 
 
 @pytest.mark.parametrize("case", SLICE_CASES, ids=[_ids(c) for c in SLICE_CASES])
@@ -454,13 +483,19 @@ def test_option_errors_name_the_field_and_the_choices():
         LossSettings(aggregation="mean")
     with pytest.raises(ValueError, match=r"opd\.gate: 'none'"):
         LossSettings(gate="none")
+    with pytest.raises(ValueError, match=r"^opd\.horizon: 'first' is not one of \['all', 'first_divergence'\]\.$"):
+        check_opd_options("k1", "loss", "all", horizon="first")
+    with pytest.raises(ValueError, match=r"^opd\.horizon: first_divergence finds the first divergence by the "
+                                         r"sampled tokens' k1, which opd\.estimator: full does not compute"):
+        LossSettings(estimator="full", horizon="first_divergence")
+    check_opd_options("k1", "advantage", "failed", horizon="first_divergence")
 
 
 def test_loss_settings_defaults_are_the_documented_ones():
     """GRPO with a symmetric 0.2 clip, sequence aggregation, no reference KL, OPD off (k1, loss, failed)."""
     assert LossSettings() == LossSettings(aggregation="sequence", max_len=None, epsilon_low=0.2, epsilon_high=0.2,
                                           beta_ref=0.0, lam=0.0, gate="failed", estimator="k1", mode="loss",
-                                          top_k=0)
+                                          top_k=0, horizon="all", divergence_nats=5.0)
     from vold_pl.rl.objective import TEACHER_SCORES
 
     assert TEACHER_SCORES == {"k1": "logp", "full": "logits"}

@@ -133,6 +133,12 @@ class OPDConfig:
             at sampling time). ``advantage`` needs ``estimator: k1``: the full KL of a position does not depend
             on the sampled token, so as an advantage it has zero expected gradient.
         top_k: with ``estimator: full``, restrict the KL to the student's top-k tokens (0 = whole vocabulary).
+        horizon: which tokens of a gated rollout are distilled: ``all`` (the papers) or ``first_divergence``
+            (beyond the papers: those up to and including the first token whose sampling-time k1 is above
+            ``divergence_nats``; after the student's first step the teacher would not take, the teacher scores a
+            prefix it would not have written, and the rest of the rollout is left to GRPO). Needs ``estimator: k1``.
+        divergence_nats: the k1 (log π_old − log π_T of the sampled token, nats) above which a token is the
+            rollout's first divergence (5 nats: the teacher finds it about 150 times less likely than the student).
     """
 
     lam: float = 0.0
@@ -141,9 +147,11 @@ class OPDConfig:
     estimator: Literal["k1", "full"] = "k1"
     mode: Literal["loss", "advantage"] = "loss"
     top_k: int = 0
+    horizon: Literal["all", "first_divergence"] = "all"
+    divergence_nats: float = 5.0
 
     def __post_init__(self):
-        check_opd_options(self.estimator, self.mode, self.gate)
+        check_opd_options(self.estimator, self.mode, self.gate, horizon=self.horizon)
 
 
 allow_in_checkpoints(GRPOConfig, OPDConfig)
@@ -323,7 +331,8 @@ class OPDGRPOModule(PolicyModule):
         return LossSettings(aggregation=g.loss_aggregation, max_len=self.sampling.max_new_tokens,
                             epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high, policy_loss=g.policy_loss,
                             clip_ratio_c=g.clip_ratio_c, beta_ref=g.beta_ref, ref_kl=g.ref_kl_estimator, lam=o.lam,
-                            gate=o.gate, estimator=o.estimator, mode=o.mode, top_k=o.top_k)
+                            gate=o.gate, estimator=o.estimator, mode=o.mode, top_k=o.top_k, horizon=o.horizon,
+                            divergence_nats=o.divergence_nats)
 
     # -- setup ---------------------------------------------------------------------------------------------
     def configure_model(self) -> None:

@@ -16,6 +16,9 @@ golden tests (``tests/test_loss_golden.py``) pin it against formulas written out
           + β_ref · agg(k3(log π_θ, log π_ref))                                 if β_ref > 0 (ref_kl: k1, k2,
                                                                             k3_clamped: losses.REF_KL_ESTIMATORS)
           + λ · agg(g_i · KL_t)                                                 loss mode
+    OPD acts on the tokens of ``horizon``: all of them, or those up to a rollout's first divergence
+    (``first_divergence``: the first token whose sampling-time k1 is above ``divergence_nats``); KL_t and the
+    advantage-mode penalty are 0 after it, and the normaliser stays that of the policy-gradient term.
 
 Decisions the papers leave open, made here (docs/opd.md):
 
@@ -48,6 +51,7 @@ from vold_pl.rl.losses import (
     AGGREGATIONS,
     OPD_ESTIMATORS,
     OPD_GATES,
+    OPD_HORIZONS,
     POLICY_LOSSES,
     REF_KL_ESTIMATORS,
     ClipRange,
@@ -55,6 +59,7 @@ from vold_pl.rl.losses import (
     aggregate,
     masked_mean,
     opd_gate,
+    opd_horizon,
     opd_loss,
     opd_token_advantages,
 )
@@ -77,8 +82,8 @@ def check_registered(name: str, registry: dict, field: str) -> None:
                         f"yours in vold_pl/rl/losses.py, docs/architecture.md 'Adding a policy loss').")
 
 
-def check_opd_options(estimator: str, mode: str, gate: str, where: str = "opd") -> None:
-    """Raise ``ValueError`` for an unknown or unsupported estimator × mode × gate, naming the fields."""
+def check_opd_options(estimator: str, mode: str, gate: str, where: str = "opd", horizon: str = "all") -> None:
+    """Raise ``ValueError`` for an unknown or unsupported estimator × mode × gate × horizon, naming the fields."""
     if estimator not in OPD_ESTIMATOR_NAMES:
         raise UserError(f"{where}.estimator: {estimator!r} is not one of {list(OPD_ESTIMATOR_NAMES)}.")
     if mode not in OPD_MODES:
@@ -91,6 +96,11 @@ def check_opd_options(estimator: str, mode: str, gate: str, where: str = "opd") 
             f"position does not depend on the sampled token, so as a per-token advantage its expected policy "
             f"gradient is zero (METHODS.md §3). Use {where}.estimator: k1 with mode: advantage, or keep "
             f"estimator: full with mode: loss.")
+    if horizon not in OPD_HORIZONS:
+        raise UserError(f"{where}.horizon: {horizon!r} is not one of {sorted(OPD_HORIZONS)}.")
+    if horizon != "all" and estimator != "k1":
+        raise UserError(f"{where}.horizon: {horizon} finds the first divergence by the sampled tokens' k1, which "
+                        f"{where}.estimator: {estimator} does not compute. Use estimator: k1, or horizon: all.")
 
 
 @dataclass(frozen=True)
@@ -112,6 +122,9 @@ class LossSettings:
         estimator: ``k1`` (needs ``teacher_logp``) or ``full`` (needs ``student_logits`` and ``teacher_logits``).
         mode: ``loss`` (λ·agg(g·KL) added) or ``advantage`` (k1 only: A_t = A − λ·g·sg(k1_old)).
         top_k: with ``estimator: full``, the KL on the student's top-k tokens, both renormalised (0 = all).
+        horizon: an :data:`~vold_pl.rl.losses.OPD_HORIZONS` name: ``all`` (every token of a gated rollout) or
+            ``first_divergence`` (its tokens up to the first whose sampling-time k1 is above ``divergence_nats``).
+        divergence_nats: the k1 (nats) at which ``first_divergence`` stops distilling a rollout.
     """
 
     aggregation: str = "sequence"
@@ -127,6 +140,8 @@ class LossSettings:
     estimator: str = "k1"
     mode: str = "loss"
     top_k: int = 0
+    horizon: str = "all"
+    divergence_nats: float = 5.0
 
     def __post_init__(self):
         check_registered(self.aggregation, AGGREGATIONS, "grpo.loss_aggregation")
@@ -135,7 +150,7 @@ class LossSettings:
         if not self.clip_ratio_c > 1.0:
             raise UserError(f"grpo.clip_ratio_c: {self.clip_ratio_c} must be above 1 (dual-clip bounds the loss of "
                             f"a negative-advantage token at c·|A|; at or below 1 it would cut into the PPO clip).")
-        check_opd_options(self.estimator, self.mode, self.gate)
+        check_opd_options(self.estimator, self.mode, self.gate, horizon=self.horizon)
 
     @property
     def clip(self) -> ClipRange:
@@ -223,6 +238,13 @@ def _frozen_scores_outside_mask_finite(exp: Experience) -> Experience:
     return replace(exp, **changes) if changes else exp
 
 
+def _distilled(exp: Experience, cfg: LossSettings, old_logp: torch.Tensor) -> torch.Tensor:
+    """``[N, L]`` {0, 1}: the completion tokens the OPD term distils (:func:`~vold_pl.rl.losses.opd_horizon`)."""
+    if cfg.horizon == "all":
+        return exp.mask.float()
+    return opd_horizon(old_logp.detach() - exp.teacher_logp.detach(), exp.mask, cfg.horizon, cfg.divergence_nats)
+
+
 def opd_grpo_loss(exp: Experience, cfg: LossSettings,
                   totals: Totals | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The step's loss (module docstring) and its diagnostics.
@@ -250,8 +272,9 @@ def opd_grpo_loss(exp: Experience, cfg: LossSettings,
                              "to the summed reward")
         success = exp.success if exp.success is not None else torch.zeros_like(exp.advantages)
         gate_w = opd_gate(success, cfg.gate, exp.teacher_available)  # [N]
-        kl = _opd_kl(exp, cfg, old_logp)  # [N, L]
-        tok_mask = mask * (gate_w > 0).float().unsqueeze(-1)  # [N, L]
+        distilled = _distilled(exp, cfg, old_logp)  # [N, L]
+        kl = torch.where(distilled > 0, _opd_kl(exp, cfg, old_logp), 0.0)  # [N, L]: 0 after the horizon
+        tok_mask = distilled * (gate_w > 0).float().unsqueeze(-1)  # [N, L]
         metrics["opd/reverse_kl"] = masked_mean(kl.detach(), tok_mask)
         metrics["opd/frac_tokens"] = tok_mask.sum() / mask.sum().clamp(min=1)
         available = exp.teacher_available
@@ -259,7 +282,7 @@ def opd_grpo_loss(exp: Experience, cfg: LossSettings,
             1 - available.float().mean() if available is not None else mask.new_zeros(()))
         if cfg.mode == "advantage":
             k1_old = old_logp.detach() - exp.teacher_logp.detach()  # [N, L]: k1 at sampling time
-            adv = opd_token_advantages(adv, k1_old, cfg.lam, gate_w, mask)  # [N, L]
+            adv = opd_token_advantages(adv, k1_old, cfg.lam, gate_w, distilled)  # [N, L]
     pg, stats = POLICY_LOSSES[cfg.policy_loss](exp.logp, old_logp, adv, mask, cfg.clip)  # [N, L]
     loss = aggregate(pg, mask, agg, cfg.max_len, totals)
     if cfg.beta_ref > 0:
@@ -285,7 +308,8 @@ def metric_weights(exp: Experience, cfg: LossSettings) -> dict[str, float]:
     if cfg.lam > 0:
         success = exp.success if exp.success is not None else torch.zeros_like(exp.advantages)
         gate_w = opd_gate(success, cfg.gate, exp.teacher_available)  # [N]
-        w["opd/reverse_kl"] = float((exp.mask.float() * (gate_w > 0).float().unsqueeze(-1)).sum())
+        old_logp = exp.old_logp if exp.old_logp is not None else exp.logp
+        w["opd/reverse_kl"] = float((_distilled(exp, cfg, old_logp) * (gate_w > 0).float().unsqueeze(-1)).sum())
     return w
 
 
