@@ -100,6 +100,8 @@ def prediction_interval(values: np.ndarray) -> tuple[float, float]:
     mean ± t(0.975, n − 1) · sd · √(1 + 1/n). Unlike the lowest-highest of n draws, which holds a new one with
     probability (n − 1)/(n + 1) only (6/8 for 7 seeds), it holds a new draw 95% of the time."""
     v = np.asarray(values, dtype=float)  # [n]
+    if np.ptp(v) == 0:  # draws that all agree predict that value (their float mean and sd need not be exact)
+        return float(v[0]), float(v[0])
     half = t975(len(v) - 1) * v.std(ddof=1) * np.sqrt(1 + 1 / len(v))
     return float(v.mean() - half), float(v.mean() + half)
 
