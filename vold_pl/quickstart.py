@@ -69,7 +69,8 @@ PRETRAINED = Path(__file__).resolve().parent / "toy" / "pretrained"
 MANIFEST = "manifest.json"
 PRETRAINING_CONFIGS = ("sft_teacher.yaml", "sft_perception.yaml")
 # The README's spread over seeds of the quickstart from the shipped models (benchmarks/toy_vold_ablation.py writes
-# it): a run's table says where its figures fall in it, when it started from the same shipped models.
+# it): a run's table places its figures in the 95% prediction interval it gives for one more run, when the run
+# started from the same shipped models.
 REFERENCE = ROOT / "benchmarks" / "results" / "shipped_models" / "toy_vold_ablation.json"
 PLACED_ROWS = ("teacher_greedy", "cold_start", "grpo_only", "vold")  # the rows placed in it (the others read 0)
 STUDENT_STAGES = ("base", "perception", "cold_start", "grpo_only", "vold")
