@@ -438,34 +438,37 @@ def opd_gate(
     return g
 
 
-def _horizon_all(k1_old: torch.Tensor, mask: torch.Tensor, nats: float) -> torch.Tensor:
+def _horizon_all(k1_old: torch.Tensor | None, mask: torch.Tensor, nats: float) -> torch.Tensor:
     return mask.float()
 
 
-def _horizon_first_divergence(k1_old: torch.Tensor, mask: torch.Tensor, nats: float) -> torch.Tensor:
+def _horizon_first_divergence(k1_old: torch.Tensor | None, mask: torch.Tensor, nats: float) -> torch.Tensor:
+    if k1_old is None:
+        raise ValueError("horizon 'first_divergence' needs the sampled tokens' k1 (Experience.teacher_logp)")
     # Divergences strictly before each position; a position is distilled while there are none.
-    over = ((k1_old > nats) & mask.bool()).long()  # [N, L]
+    over = ((k1_old.detach() > nats) & mask.bool()).long()  # [N, L]
     return mask.float() * ((over.cumsum(-1) - over) == 0).float()  # [N, L]
 
 
-# Name -> which completion tokens the OPD term distils, [N, L] from (k1 at sampling time [N, L], mask [N, L], nats).
-OPD_HORIZONS: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {
+# Name -> which completion tokens the OPD term distils: [N, L] from (k1 at sampling time [N, L] or None, mask
+# [N, L], nats).
+OPD_HORIZONS: dict[str, Callable[[torch.Tensor | None, torch.Tensor, float], torch.Tensor]] = {
     "all": _horizon_all, "first_divergence": _horizon_first_divergence}
 
 
-def opd_horizon(k1_old: torch.Tensor, mask: torch.Tensor, horizon: str = "all", nats: float = 5.0) -> torch.Tensor:
-    """Which completion tokens OPD distils (beyond the papers, which distil every token of a gated rollout).
-
-    ``first_divergence``: the tokens up to and including the first whose sampling-time k1 (log π_old − log π_T)
+def opd_horizon(k1_old: torch.Tensor | None, mask: torch.Tensor, horizon: str = "all",
+                nats: float = 5.0) -> torch.Tensor:
+    """Which completion tokens OPD distils: ``all`` of a gated rollout's (the papers), or (beyond them)
+    ``first_divergence``: its tokens up to and including the first whose sampling-time k1 (log π_old − log π_T)
     is above ``nats``, the first token the teacher finds far less likely than the student did. After it the
     teacher scores a prefix it would not have written, where its next-token distribution is no guide (a
     teacher trained only on its own correct traces), so the tokens after it are left to the GRPO term.
 
-    Shapes: ``[N, L], [N, L] -> [N, L]`` float in {0, 1}, 0 outside ``mask``.
+    Shapes: ``[N, L] or None, [N, L] -> [N, L]`` float in {0, 1}, 0 outside ``mask``.
     """
     if horizon not in OPD_HORIZONS:
         raise ValueError(f"unknown OPD horizon {horizon!r}; choose from {sorted(OPD_HORIZONS)}")
-    return OPD_HORIZONS[horizon](k1_old.detach(), mask, nats)
+    return OPD_HORIZONS[horizon](k1_old, mask, nats)
 
 
 def opd_token_advantages(

@@ -238,11 +238,10 @@ def _frozen_scores_outside_mask_finite(exp: Experience) -> Experience:
     return replace(exp, **changes) if changes else exp
 
 
-def _distilled(exp: Experience, cfg: LossSettings, old_logp: torch.Tensor) -> torch.Tensor:
-    """``[N, L]`` {0, 1}: the completion tokens the OPD term distils (:func:`~vold_pl.rl.losses.opd_horizon`)."""
-    if cfg.horizon == "all":
-        return exp.mask.float()
-    return opd_horizon(old_logp.detach() - exp.teacher_logp.detach(), exp.mask, cfg.horizon, cfg.divergence_nats)
+def _k1_at_sampling(exp: Experience, old_logp: torch.Tensor) -> torch.Tensor | None:
+    """``[N, L]`` k1 of the sampled tokens at sampling time, ``log π_old − log π_T`` (constant); ``None`` without
+    the teacher's token log-probs (the full estimator)."""
+    return None if exp.teacher_logp is None else old_logp.detach() - exp.teacher_logp.detach()
 
 
 def opd_grpo_loss(exp: Experience, cfg: LossSettings,
@@ -272,7 +271,8 @@ def opd_grpo_loss(exp: Experience, cfg: LossSettings,
                              "to the summed reward")
         success = exp.success if exp.success is not None else torch.zeros_like(exp.advantages)
         gate_w = opd_gate(success, cfg.gate, exp.teacher_available)  # [N]
-        distilled = _distilled(exp, cfg, old_logp)  # [N, L]
+        k1_old = _k1_at_sampling(exp, old_logp)  # [N, L] or None
+        distilled = opd_horizon(k1_old, mask, cfg.horizon, cfg.divergence_nats)  # [N, L]
         kl = torch.where(distilled > 0, _opd_kl(exp, cfg, old_logp), 0.0)  # [N, L]: 0 after the horizon
         tok_mask = distilled * (gate_w > 0).float().unsqueeze(-1)  # [N, L]
         metrics["opd/reverse_kl"] = masked_mean(kl.detach(), tok_mask)
@@ -281,7 +281,6 @@ def opd_grpo_loss(exp: Experience, cfg: LossSettings,
         metrics["opd/frac_masked_no_text_view"] = (
             1 - available.float().mean() if available is not None else mask.new_zeros(()))
         if cfg.mode == "advantage":
-            k1_old = old_logp.detach() - exp.teacher_logp.detach()  # [N, L]: k1 at sampling time
             adv = opd_token_advantages(adv, k1_old, cfg.lam, gate_w, distilled)  # [N, L]
     pg, stats = POLICY_LOSSES[cfg.policy_loss](exp.logp, old_logp, adv, mask, cfg.clip)  # [N, L]
     loss = aggregate(pg, mask, agg, cfg.max_len, totals)
@@ -308,8 +307,9 @@ def metric_weights(exp: Experience, cfg: LossSettings) -> dict[str, float]:
     if cfg.lam > 0:
         success = exp.success if exp.success is not None else torch.zeros_like(exp.advantages)
         gate_w = opd_gate(success, cfg.gate, exp.teacher_available)  # [N]
-        old_logp = exp.old_logp if exp.old_logp is not None else exp.logp
-        w["opd/reverse_kl"] = float((_distilled(exp, cfg, old_logp) * (gate_w > 0).float().unsqueeze(-1)).sum())
+        k1_old = _k1_at_sampling(exp, exp.old_logp if exp.old_logp is not None else exp.logp)  # [N, L] or None
+        distilled = opd_horizon(k1_old, exp.mask, cfg.horizon, cfg.divergence_nats)  # [N, L]
+        w["opd/reverse_kl"] = float((distilled * (gate_w > 0).float().unsqueeze(-1)).sum())
     return w
 
 
