@@ -64,13 +64,14 @@ def heldout(synth_data, processor):
 
 
 def _module(tiny_models, rewards, *, lam=0.0, estimator="k1", mode="loss", gate="all", gate_reward="accuracy",
-            lr=3e-3, G=4, agg="token") -> OPDGRPOModule:
+            lr=3e-3, G=4, agg="token", horizon="all", divergence_nats=5.0) -> OPDGRPOModule:
     module = OPDGRPOModule(
         ModelSpec(str(tiny_models["student"])),
         teacher=ModelSpec(str(tiny_models["teacher"])) if lam > 0 else None,
         optim=OptimConfig(lr=lr, schedule="constant"),
         grpo=GRPOConfig(num_generations=G, loss_aggregation=agg, scale="group"),
-        opd=OPDConfig(lam=lam, gate=gate, gate_reward=gate_reward, estimator=estimator, mode=mode),
+        opd=OPDConfig(lam=lam, gate=gate, gate_reward=gate_reward, estimator=estimator, mode=mode, horizon=horizon,
+                      divergence_nats=divergence_nats),
         sampling=SamplingConfig(max_new_tokens=MAX_NEW),
         rewards=rewards, export=False, log_completions_every_n_steps=0, seed=0,
     )
@@ -97,8 +98,8 @@ def _peaked_bias(vocab: int, blocked: tuple[int, ...], scale: float = 2.0) -> to
     return bias
 
 
-def _fit(module: OPDGRPOModule, data: Path, tmp_path: Path, steps: int) -> list[float]:
-    """Train ``steps`` optimizer steps on ``data``; returns the logged ``train/reward`` per step."""
+def _fit(module: OPDGRPOModule, data: Path, tmp_path: Path, steps: int, metric: str = "train/reward") -> list[float]:
+    """Train ``steps`` optimizer steps on ``data``; returns the logged ``metric`` per step."""
     import lightning as L
 
     from vold_pl.data.datamodule import ReasoningDataModule
@@ -108,7 +109,7 @@ def _fit(module: OPDGRPOModule, data: Path, tmp_path: Path, steps: int) -> list[
 
     class Rec(L.Callback):
         def on_train_batch_end(self, trainer, *args, **kwargs):
-            rewards.append(float(trainer.callback_metrics["train/reward"]))
+            rewards.append(float(trainer.callback_metrics[metric]))
 
     torch.manual_seed(0)
     dm = ReasoningDataModule(train=[DataSource(str(data), 1.0)], batch_size=2, seed=0)
@@ -195,6 +196,23 @@ def test_opd_alone_moves_the_student_to_the_teacher(name, tiny_models, synth_dat
     print(f"{name}: exact KL {kl0:.3f} -> {kl1:.3f}; blocked mass {mass0:.4f} -> {mass1:.4f}")
     assert kl1 < 0.5 * kl0, (kl0, kl1)
     assert mass1 < 0.02, (mass0, mass1)
+
+
+def test_opd_up_to_the_first_divergence_still_moves_the_student_to_the_teacher(tiny_models, synth_data, heldout,
+                                                                                 tmp_path, one_thread):
+    """``opd.horizon: first_divergence`` first distils only a part of the rollouts (the share logged as
+    ``opd/frac_tokens``), yet OPD alone still pulls the student to the teacher; as it comes to agree, fewer
+    rollouts diverge and the share grows."""
+    module = _module(tiny_models, {CONST: 1.0}, lam=1.0, gate="all", horizon="first_divergence", divergence_nats=5.0)
+    vocab = module.model.get_output_embeddings().out_features
+    _bias_teacher(module, _peaked_bias(vocab, blocked_token_ids(module.tokenizer)))
+    kl0, _ = _exact_kl_and_blocked_mass(module, heldout)
+    distilled = _fit(module, synth_data["train_text"], tmp_path, steps=60, metric="train/opd/frac_tokens")
+    kl1, _ = _exact_kl_and_blocked_mass(module, heldout)
+    print(f"horizon: exact KL {kl0:.3f} -> {kl1:.3f}; share of tokens distilled {distilled[:3]} ... {distilled[-3:]}")
+    first, last = sum(distilled[:5]) / 5, sum(distilled[-5:]) / 5
+    assert first < 0.9 and last > first + 0.1, distilled
+    assert kl1 < 0.5 * kl0, (kl0, kl1)
 
 
 def test_opd_teacher_that_knows_the_answer_beats_grpo_alone_on_a_sparse_reward(
