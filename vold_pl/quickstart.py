@@ -344,8 +344,10 @@ class JobKeys:
     def reusable(self, args: list[str], out: Path) -> bool:
         self.started[str(out)] = self.key(args)
         kept = self.keys.get(str(out))
-        return (not self.any_ran and Path(out).exists()
-                and kept in (self.started[str(out)], self.key(args, portable=False)))
+        if self.any_ran or not Path(out).exists() or kept is None:
+            return False
+        # The key kept before keys were portable is computed only when the portable one does not match.
+        return kept == self.started[str(out)] or kept == self.key(args, portable=False)
 
     def ran(self, jobs: list[tuple[list[str], Path]]) -> None:
         """Record the keys of jobs that have just run and succeeded: of the config as it was when their stage
