@@ -88,37 +88,56 @@ def full_module(tiny_models, synth_data):
     return module, batch
 
 
-def test_step_equals_the_whole_logits_step(full_module):
+@pytest.mark.parametrize("horizon", ["all", "first_divergence"])
+def test_step_equals_the_whole_logits_step(full_module, horizon):
     """Loss and gradient of the trainer's micro-batched, slab-by-slab step = one step on the whole batch's
-    student and teacher logits ``[N, L, V]`` (teacher prompts repeated G times), built here by hand."""
+    student and teacher logits ``[N, L, V]`` (teacher prompts repeated G times), built here by hand. With
+    ``horizon: first_divergence`` the slabs also give the teacher's token log-probs that find the divergence;
+    the reference gathers them from the whole teacher logits."""
+    from dataclasses import replace
+
+    from vold_pl.rl.logprobs import token_logprobs_from_logits
+
     module, batch = full_module
-    module.model.zero_grad(set_to_none=True)
+    saved = module.opd
     step = module.build_experience(batch)
     assert step.experience.teacher_logits is None and step.teacher_inputs is not None  # nothing [N, L, V] kept
     assert len(step.plan) == 2  # a micro-batch per group
-    totals, world = module._totals(step.experience)
-    loss, metrics, _ = module.backward_micro_batches(step, totals, world, backward=torch.Tensor.backward)
-    grads = {n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None}
-
-    module.model.zero_grad(set_to_none=True)
     ro, T = step.rollout, module.sampling.temperature
     ids, attn, extra = rollout_model_inputs(ro, vision=True)
     P = ro.prompt_ids.size(1)
-    s_logits = mask_blocked(module.model(input_ids=ids, attention_mask=attn, use_cache=False, **extra)
-                            .logits[:, P - 1 : -1].float() / T, ro.blocked_ids)  # [N, L, V]
     tin = build_teacher_inputs(module.teacher_tokenizer, batch["records"], ro.completion_ids, ro.completion_mask, 4)
     t_logits = teacher_completion_logits(module._frozen["teacher"], tin, T, ro.blocked_ids)  # [N, L, V]
-    from vold_pl.rl.logprobs import token_logprobs_from_logits
+    t_logp = token_logprobs_from_logits(t_logits, ro.completion_ids)  # [N, L]
+    mask = ro.completion_mask.bool()  # [N, L]
+    if horizon != "all":  # a threshold that cuts rollouts in their middle: the median k1 of the sampled tokens
+        with torch.no_grad():
+            s_now = mask_blocked(module.model(input_ids=ids, attention_mask=attn, use_cache=False, **extra)
+                                 .logits[:, P - 1 : -1].float() / T, ro.blocked_ids)  # [N, L, V]
+        k1 = token_logprobs_from_logits(s_now, ro.completion_ids) - t_logp  # [N, L]
+        module.opd = replace(saved, horizon=horizon, divergence_nats=float(k1[mask].median()))
+    try:
+        module.model.zero_grad(set_to_none=True)
+        totals, world = module._totals(step.experience)
+        loss, metrics, _ = module.backward_micro_batches(step, totals, world, backward=torch.Tensor.backward)
+        grads = {n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None}
 
-    logp = token_logprobs_from_logits(s_logits, ro.completion_ids)  # already temperature-scaled
-    from dataclasses import replace
-
-    exp = replace(step.experience, logp=logp, student_logits=s_logits, teacher_logits=t_logits)
-    ref_loss, ref_metrics = opd_grpo_loss(exp, module.loss_settings, totals)
-    ref_loss.backward()
+        module.model.zero_grad(set_to_none=True)
+        s_logits = mask_blocked(module.model(input_ids=ids, attention_mask=attn, use_cache=False, **extra)
+                                .logits[:, P - 1 : -1].float() / T, ro.blocked_ids)  # [N, L, V]
+        logp = token_logprobs_from_logits(s_logits, ro.completion_ids)  # already temperature-scaled
+        exp = replace(step.experience, logp=logp, student_logits=s_logits, teacher_logits=t_logits,
+                      teacher_logp=t_logp)
+        ref_loss, ref_metrics = opd_grpo_loss(exp, module.loss_settings, totals)
+        ref_loss.backward()
+    finally:
+        module.opd = saved
     assert float(loss) == pytest.approx(float(ref_loss), abs=1e-5)
     assert float(metrics["opd/reverse_kl"]) == pytest.approx(float(ref_metrics["opd/reverse_kl"]), rel=1e-4)
     assert float(ref_metrics["opd/reverse_kl"]) > 1e-3  # the KL term is really there
+    share = float(metrics["opd/frac_tokens"])
+    assert share == pytest.approx(float(ref_metrics["opd/frac_tokens"]))
+    assert share == 1.0 if horizon == "all" else 0.0 < share < 0.9  # the horizon cut the rollouts
     num = sum(float((grads[k] - p.grad).pow(2).sum()) for k, p in module.model.named_parameters() if k in grads)
     den = sum(float(p.grad.pow(2).sum()) for k, p in module.model.named_parameters() if k in grads)
     assert (num / den) ** 0.5 < 1e-5

@@ -162,6 +162,9 @@ CASES = [
 # (μ = 1 and 2) and row 3 at its first (μ = 1), while rows 1 and 3 (μ = 2) are distilled to their end.
 CASES += [dict(estimator="k1", mode=m, gate=g, beta=0.0, agg=a, mu=mu, top_k=0, horizon="first_divergence", nats=0.15)
           for m, g, a, mu in itertools.product(["loss", "advantage"], ["failed", "all"], ["sequence", "token"], [1, 2])]
+# The full KL up to the first divergence (found by the sampled tokens' k1, as above).
+CASES += [dict(estimator="full", mode="loss", gate=g, beta=0.0, agg=a, mu=mu, top_k=k, horizon="first_divergence",
+               nats=0.15) for g, a, mu, k in itertools.product(["failed", "all"], ["sequence", "token"], [1, 2], [0, 3])]
 
 
 def _ids(c):
@@ -485,9 +488,7 @@ def test_option_errors_name_the_field_and_the_choices():
         LossSettings(gate="none")
     with pytest.raises(ValueError, match=r"^opd\.horizon: 'first' is not one of \['all', 'first_divergence'\]\.$"):
         check_opd_options("k1", "loss", "all", horizon="first")
-    with pytest.raises(ValueError, match=r"^opd\.horizon: first_divergence finds the first divergence by the "
-                                         r"sampled tokens' k1, which opd\.estimator: full does not compute"):
-        LossSettings(estimator="full", horizon="first_divergence")
+    check_opd_options("full", "loss", "failed", horizon="first_divergence")
     check_opd_options("k1", "advantage", "failed", horizon="first_divergence")
 
 

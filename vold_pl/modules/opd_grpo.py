@@ -136,7 +136,9 @@ class OPDConfig:
         horizon: which tokens of a gated rollout are distilled: ``all`` (the papers) or ``first_divergence``
             (beyond the papers: those up to and including the first token whose sampling-time k1 is above
             ``divergence_nats``; after the student's first step the teacher would not take, the teacher scores a
-            prefix it would not have written, and the rest of the rollout is left to GRPO). Needs ``estimator: k1``.
+            prefix it would not have written, and the rest of the rollout is left to GRPO). The divergence is found
+            by the sampled tokens' k1 with either estimator: with ``full`` the teacher's whole next-token
+            distribution is distilled at those positions, its choice at the divergence included.
         divergence_nats: the k1 (log π_old − log π_T of the sampled token, nats) above which a token is the
             rollout's first divergence (5 nats: the teacher finds it about 150 times less likely than the student).
     """
@@ -459,15 +461,15 @@ class OPDGRPOModule(PolicyModule):
         undone, so the slices sum), its ``(metrics, weights)``, and its entropy written into ``entropy [N, L]``.
         A padding entry's loss is its log-probs times 0: a graph through every weight, no value."""
         sub = mb.rollout(step.rollout)
-        kl = None
+        scores = {}
         if step.teacher_inputs is not None:  # full KL: teacher and KL per micro-batch, slab by slab
-            logp, ent, kl = self._logprobs_and_full_kl(sub, mb.teacher_inputs(step.teacher_inputs), mb.start)
+            logp, ent, scores = self._logprobs_and_full_kl(sub, mb.teacher_inputs(step.teacher_inputs), mb.start)
         else:
             logp, ent = self._logprobs(sub)  # [n, l], [n, l]
         if mb.padding:  # the forward keeps every sharded model's collectives in step; nothing of it is kept
             return logp.sum() * 0.0, []
         mb.write(entropy, ent.detach())
-        exp = replace(mb.experience(step.experience), logp=logp, opd_kl=kl)
+        exp = replace(mb.experience(step.experience), logp=logp, **scores)
         mb_loss, mb_stats = opd_grpo_loss(exp, self.loss_settings, totals)
         return mb_loss * world, [(mb_stats, metric_weights(exp, self.loss_settings))]
 
@@ -577,14 +579,18 @@ class OPDGRPOModule(PolicyModule):
 
     def _logprobs_and_full_kl(self, rollout: Rollout, sub: TeacherInputs, start: int):
         """A micro-batch (``rollout``: its rows, from row ``start`` of the step; ``sub``: the teacher's inputs of the
-        same rows): the policy's ``logp``, ``entropy`` and full KL to the teacher, ``[n, l]`` each, from one policy
+        same rows): the policy's ``logp`` and ``entropy``, and the :class:`Experience` fields of the teacher's
+        scores (``opd_kl``, the full KL, and with a horizon ``teacher_logp``), ``[n, l]`` each, from one policy
         forward; the teacher runs here (each prompt once per group), so only this micro-batch's hidden states and
         one ``[chunk, V]`` logits slab per model are alive (vold_pl.rl.full_kl)."""
         group = rollout.group_size if start % rollout.group_size == 0 else 1
         t_hidden, t_head = teacher_hidden(self._frozen["teacher"], sub.input_ids, sub.attention_mask,
                                           sub.completion_start, group)  # [n, l, H_T]
-        return policy_scores_and_full_kl(self.model, rollout, t_hidden, t_head, self.sampling.temperature,
-                                         self.chunk, self.opd.top_k or None)
+        horizon = self.opd.horizon != "all"  # the first divergence is found by the sampled tokens' k1
+        logp, ent, kl, *t_logp = policy_scores_and_full_kl(
+            self.model, rollout, t_hidden, t_head, self.sampling.temperature, self.chunk, self.opd.top_k or None,
+            teacher_tokens=horizon)
+        return logp, ent, {"opd_kl": kl, **({"teacher_logp": t_logp[0]} if horizon else {})}
 
     def _teacher_scores(self, records: list[dict], rollout: Rollout, plan: list[MicroBatch],
                         instruction: str = DEFAULT_INSTRUCTION) -> dict:

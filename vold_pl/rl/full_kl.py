@@ -105,9 +105,14 @@ def teacher_token_logprobs_shared(teacher: torch.nn.Module, input_ids: torch.Ten
 
 
 def policy_scores_and_full_kl(model: torch.nn.Module, rollout: Rollout, t_hidden: torch.Tensor, t_head,
-                              temperature: float, chunk_size: int, top_k: int | None = None):
+                              temperature: float, chunk_size: int, top_k: int | None = None,
+                              teacher_tokens: bool = False):
     """One policy forward for both the token scores and the full KL of a (micro-batch) rollout: ``logp [n, l]``,
-    ``entropy [n, l]`` (slabs recomputed in backward, as the trainer's scoring) and ``kl [n, l]``."""
+    ``entropy [n, l]`` (slabs recomputed in backward, as the trainer's scoring) and ``kl [n, l]``.
+
+    ``teacher_tokens``: also the teacher's log-probs of the sampled tokens, ``t_logp [n, l]`` (no gradient), from
+    the same hidden states, as a fourth value: an ``opd.horizon`` other than ``all`` finds a rollout's first
+    divergence by their k1."""
     from vold_pl.rl.logprobs import token_logprobs_from_hidden
 
     hidden, head = rollout_hidden(model, rollout)  # [n, l, H]
@@ -115,6 +120,12 @@ def policy_scores_and_full_kl(model: torch.nn.Module, rollout: Rollout, t_hidden
     logp, ent = token_logprobs_from_hidden(hidden, head, rollout.completion_ids, chunk_size=chunk_size,
                                            temperature=temperature, return_entropy=True, checkpoint_chunks=True,
                                            blocked_ids=blocked)
-    kl = sliced_full_kl(hidden, head, t_hidden[:, : hidden.size(1)], t_head, temperature, blocked, top_k, chunk_size,
+    t_hidden = t_hidden[:, : hidden.size(1)]  # [n, l, H_T]
+    kl = sliced_full_kl(hidden, head, t_hidden, t_head, temperature, blocked, top_k, chunk_size,
                         mask=rollout.completion_mask)
-    return logp, ent, kl
+    if not teacher_tokens:
+        return logp, ent, kl
+    with torch.no_grad():
+        t_logp = token_logprobs_from_hidden(t_hidden, t_head, rollout.completion_ids, chunk_size=chunk_size,
+                                            temperature=temperature, blocked_ids=blocked)  # [n, l]
+    return logp, ent, kl, t_logp

@@ -98,9 +98,6 @@ def check_opd_options(estimator: str, mode: str, gate: str, where: str = "opd", 
             f"estimator: full with mode: loss.")
     if horizon not in OPD_HORIZONS:
         raise UserError(f"{where}.horizon: {horizon!r} is not one of {sorted(OPD_HORIZONS)}.")
-    if horizon != "all" and estimator != "k1":
-        raise UserError(f"{where}.horizon: {horizon} finds the first divergence by the sampled tokens' k1, which "
-                        f"{where}.estimator: {estimator} does not compute. Use estimator: k1, or horizon: all.")
 
 
 @dataclass(frozen=True)
@@ -119,7 +116,8 @@ class LossSettings:
         ref_kl: a :data:`~vold_pl.rl.losses.REF_KL_ESTIMATORS` name: ``k1``, ``k2``, ``k3`` or ``k3_clamped``.
         lam: λ, weight of the OPD term; 0 turns OPD off (the teacher fields are then ignored).
         gate: ``failed`` (g = 1 − success) or ``all`` (g = 1).
-        estimator: ``k1`` (needs ``teacher_logp``) or ``full`` (needs ``student_logits`` and ``teacher_logits``).
+        estimator: ``k1`` (needs ``teacher_logp``) or ``full`` (needs ``student_logits`` and ``teacher_logits``,
+            or ``opd_kl``; with a horizon other than ``all`` also ``teacher_logp``, which finds the divergence).
         mode: ``loss`` (λ·agg(g·KL) added) or ``advantage`` (k1 only: A_t = A − λ·g·sg(k1_old)).
         top_k: with ``estimator: full``, the KL on the student's top-k tokens, both renormalised (0 = all).
         horizon: an :data:`~vold_pl.rl.losses.OPD_HORIZONS` name: ``all`` (every token of a gated rollout) or
@@ -240,7 +238,7 @@ def _frozen_scores_outside_mask_finite(exp: Experience) -> Experience:
 
 def _k1_at_sampling(exp: Experience, old_logp: torch.Tensor) -> torch.Tensor | None:
     """``[N, L]`` k1 of the sampled tokens at sampling time, ``log π_old − log π_T`` (constant); ``None`` without
-    the teacher's token log-probs (the full estimator)."""
+    the teacher's token log-probs (the full estimator with ``horizon: all`` does not score them)."""
     return None if exp.teacher_logp is None else old_logp.detach() - exp.teacher_logp.detach()
 
 
