@@ -327,6 +327,11 @@ class OPDGRPOModule(PolicyModule):
         return self.sampling.max_new_tokens
 
     @property
+    def teacher(self) -> torch.nn.Module | None:
+        """The frozen OPD teacher (loaded by :meth:`configure_model` when ``opd.lam > 0``), else None."""
+        return self._frozen.get("teacher")
+
+    @property
     def loss_settings(self) -> LossSettings:
         """The options of :func:`~vold_pl.rl.objective.opd_grpo_loss`, from the GRPO, OPD and sampling configs."""
         g, o = self.grpo, self.opd
@@ -584,7 +589,7 @@ class OPDGRPOModule(PolicyModule):
         forward; the teacher runs here (each prompt once per group), so only this micro-batch's hidden states and
         one ``[chunk, V]`` logits slab per model are alive (vold_pl.rl.full_kl)."""
         group = rollout.group_size if start % rollout.group_size == 0 else 1
-        t_hidden, t_head = teacher_hidden(self._frozen["teacher"], sub.input_ids, sub.attention_mask,
+        t_hidden, t_head = teacher_hidden(self.teacher, sub.input_ids, sub.attention_mask,
                                           sub.completion_start, group)  # [n, l, H_T]
         horizon = self.opd.horizon != "all"  # the first divergence is found by the sampled tokens' k1
         logp, ent, kl, *t_logp = policy_scores_and_full_kl(
@@ -600,7 +605,7 @@ class OPDGRPOModule(PolicyModule):
         scored inside the micro-batch loop (:meth:`_logprobs_and_full_kl`)."""
         tin = build_teacher_inputs(self.teacher_tokenizer, records, rollout.completion_ids, rollout.completion_mask,
                                    rollout.group_size, instruction)
-        teacher = self._frozen["teacher"]
+        teacher = self.teacher
         kind = TEACHER_SCORES[self.opd.estimator]
         T, blocked = self.sampling.temperature, rollout.blocked_ids
         out = {"available": tin.available}

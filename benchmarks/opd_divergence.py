@@ -1,0 +1,186 @@
+"""Where a student's rollouts first diverge from its OPD teacher, and whether that token is the student's error.
+
+The student samples G rollouts per problem as the RL stage does (``OPDGRPOModule.build_experience``: the same
+sampler, rewards and teacher scores), and each token's sampling-time k1 (``log π_θ − log π_T``) is taken. A rollout's
+first divergence t* is its first token with k1 above ``--nats`` (:func:`vold_pl.rl.losses.opd_horizon`, the tokens
+``opd.horizon: first_divergence`` distils). For each failed rollout with one, the teacher continues greedily under
+its own view of the problem:
+
+- **before**: from the student's prefix ``o_<t*`` (the tokens it agreed with);
+- **after**: from ``o_<=t*`` (the student's token at t* kept);
+
+and each continuation is scored with the accuracy reward. Before near 1 and after well below it: the token at t* is
+where the student went wrong, and the teacher's own choice there (``teacher_top``) is the correction OPD distils.
+Before well below 1: the student's prefix had already gone wrong where the teacher did not notice it.
+
+    python benchmarks/opd_divergence.py --student runs/quickstart/seed0/cold_start/export \\
+        --teacher vold_pl/toy/pretrained/teacher --data artifacts/data/val.jsonl \\
+        --out benchmarks/results/opd_divergence/cold_start.json
+
+Writes ``--out`` (the arguments and ``summary``), with ``--rows`` one row per rollout, and prints the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as ``python benchmarks/x.py`` from a checkout
+    sys.path.insert(0, str(REPO))
+
+from vold_pl.compare import bootstrap_mean_ci  # noqa: E402
+from vold_pl.rl.losses import opd_horizon  # noqa: E402
+
+
+def first_divergence(k1: torch.Tensor, mask: torch.Tensor, nats: float) -> list[int | None]:
+    """Per row, the first completion token whose k1 is above ``nats`` (``None``: none is): the last token that
+    ``opd.horizon: first_divergence`` distils when that token is a divergence. ``[N, L], [N, L] -> N``."""
+    distilled = opd_horizon(k1, mask, "first_divergence", nats)  # [N, L]
+    last = distilled.sum(-1).long() - 1  # [N]
+    return [int(t) if t >= 0 and bool(k1[i, t] > nats) and bool(mask[i, t]) else None for i, t in enumerate(last)]
+
+
+def build_module(student: str, teacher: str, group_size: int, temperature: float, max_new_tokens: int):
+    """The RL stage's module with the teacher scoring each sampled token (k1); no optimizer step is taken."""
+    from vold_pl.models.factory import ModelSpec
+    from vold_pl.modules.opd_grpo import GRPOConfig, OPDConfig, OPDGRPOModule
+    from vold_pl.rl.rollout_types import SamplingConfig
+
+    module = OPDGRPOModule(ModelSpec(student), teacher=ModelSpec(teacher),
+                           grpo=GRPOConfig(num_generations=group_size, beta_ref=0.0),
+                           opd=OPDConfig(lam=1.0, gate="failed", estimator="k1", mode="loss"),
+                           sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature),
+                           export=False, log_completions_every_n_steps=0)
+    module.configure_model()
+    module.model.eval()
+    return module
+
+
+@torch.no_grad()
+def teacher_continues(teacher, tokenizer, prompt_ids: torch.Tensor, completion_ids: torch.Tensor, cut: int,
+                      max_new_tokens: int) -> tuple[str, str]:
+    """The teacher's greedy continuation from its prompt ``[S]`` and the student's first ``cut`` completion tokens
+    ``[L]``: the completion text (the student's prefix, then the teacher's tokens), and the teacher's top token at
+    ``cut``."""
+    ids = torch.cat([prompt_ids, completion_ids[:cut]]).unsqueeze(0)  # [1, S + cut]
+    out = teacher.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                           do_sample=False, pad_token_id=tokenizer.pad_token_id)  # [1, S + cut + new]
+    text = tokenizer.decode(torch.cat([completion_ids[:cut], out[0, ids.size(1):]]), skip_special_tokens=True)
+    return text, tokenizer.decode(out[0, ids.size(1): ids.size(1) + 1])
+
+
+def diagnose(module, records: list, nats: float, batch_size: int = 8, max_new_tokens: int = 160,
+             progress=print) -> list[dict]:
+    """One row per rollout: ``id``, ``success`` (accuracy reward), ``length``, ``completion``, ``t_star`` (None:
+    no divergence) and its ``k1``; failed rollouts with a divergence add ``prefix`` (the student's text before
+    t*), ``student_token``, ``teacher_top``, ``before``/``after`` (the teacher's continuations) and
+    ``before_ok``/``after_ok``."""
+    from vold_pl.data.collate import PromptCollator
+    from vold_pl.data.sources import to_dataset
+    from vold_pl.rewards.functions import get_reward
+    from vold_pl.rl.logprobs import rollout_token_logprobs
+    from vold_pl.rl.teacher import build_teacher_inputs
+
+    accuracy, G = get_reward("accuracy"), module.grpo.num_generations
+    teacher, tok = module.teacher, module.teacher_tokenizer
+    ds, collate, rows = to_dataset(records), PromptCollator(module.processor), []
+    for start in range(0, len(records), batch_size):
+        batch = collate([ds[i] for i in range(start, min(start + batch_size, len(records)))])
+        with torch.no_grad():
+            step = module.build_experience(batch)
+            ro, exp = step.rollout, step.experience
+            logp = rollout_token_logprobs(module.model, ro, temperature=module.sampling.temperature)  # [N, L]
+        k1 = torch.where(exp.mask.bool(), logp - exp.teacher_logp, 0.0)  # [N, L]
+        t_stars = first_divergence(k1, exp.mask, nats)
+        tin = build_teacher_inputs(tok, batch["records"], ro.completion_ids, ro.completion_mask, G)
+        S = tin.completion_start
+        for i, t_star in enumerate(t_stars):
+            rec = batch["records"][i // G]
+            length = int(exp.mask[i].sum())
+            row = {"id": rec["id"], "success": float(exp.success[i]), "length": length, "completion": ro.texts[i],
+                   "t_star": t_star, "k1": None if t_star is None else float(k1[i, t_star])}
+            if row["success"] == 0 and t_star is not None:
+                prompt = tin.input_ids[i, :S][tin.attention_mask[i, :S].bool()]  # [S'] the teacher's prompt, unpadded
+                comp = ro.completion_ids[i, :length]  # [length]
+                before, top = teacher_continues(teacher, tok, prompt, comp, t_star, max_new_tokens)
+                after, _ = teacher_continues(teacher, tok, prompt, comp, t_star + 1, max_new_tokens)
+                row.update(prefix=tok.decode(comp[:t_star]), student_token=tok.decode(comp[t_star: t_star + 1]),
+                           teacher_top=top, before=before, after=after,
+                           before_ok=accuracy(before, SimpleNamespace(**rec)),
+                           after_ok=accuracy(after, SimpleNamespace(**rec)))
+            rows.append(row)
+        progress(f"[opd_divergence] {min(start + batch_size, len(records))}/{len(records)} problems")
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Shares over the rollouts (bootstrap 95% intervals over rollouts for the teacher's continuations)."""
+    failed = [r for r in rows if r["success"] == 0]
+    won = [r for r in rows if r["success"] == 1]
+    cont = [r for r in failed if "before_ok" in r]
+
+    def share(xs):
+        return round(float(np.mean(xs)), 4) if xs else None
+
+    def ci(xs):
+        return [round(x, 4) for x in bootstrap_mean_ci(np.asarray(xs, dtype=float))] if xs else None
+
+    pairs = collections.Counter((r["student_token"].strip(), r["teacher_top"].strip()) for r in cont)
+    return {
+        "rollouts": len(rows), "success": share([r["success"] for r in rows]), "failed": len(failed),
+        "failed_with_divergence": share([r["t_star"] is not None for r in failed]),
+        "succeeded_with_divergence": share([r["t_star"] is not None for r in won]),
+        "teacher_before": share([r["before_ok"] for r in cont]), "teacher_before_ci": ci([r["before_ok"] for r in cont]),
+        "teacher_after": share([r["after_ok"] for r in cont]), "teacher_after_ci": ci([r["after_ok"] for r in cont]),
+        "teacher_top_is_student_token": sum(r["teacher_top"] == r["student_token"] for r in cont),
+        "relative_position": share([r["t_star"] / r["length"] for r in cont]),
+        "token_pairs": [[s, t, n] for (s, t), n in pairs.most_common(10)],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--student", required=True, help="the student's export (a VLM folder)")
+    p.add_argument("--teacher", required=True, help="the OPD teacher's export (a text LLM folder)")
+    p.add_argument("--data", required=True, help="a JSONL of problems with text views (e.g. artifacts/data/val.jsonl)")
+    p.add_argument("--limit", type=int, default=200, help="the first N problems (0: all)")
+    p.add_argument("--group-size", type=int, default=4, help="rollouts per problem (G)")
+    p.add_argument("--temperature", type=float, default=0.7, help="the sampler's temperature (the RL stage's)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="the student's generation budget")
+    p.add_argument("--nats", type=float, default=2.0,
+                   help="k1 above which a token is a divergence (opd.divergence_nats)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the sampling")
+    p.add_argument("--out", required=True, help="JSON written with the arguments and the summary")
+    p.add_argument("--rows", default=None, help="JSONL written with one row per rollout (texts included)")
+    args = p.parse_args(argv)
+
+    from lightning.pytorch import seed_everything
+
+    from vold_pl.data.sources import read_records
+
+    seed_everything(args.seed, verbose=False)
+    records, _ = read_records(args.data)
+    records = records[: args.limit] if args.limit else records
+    module = build_module(args.student, args.teacher, args.group_size, args.temperature, args.max_new_tokens)
+    rows = diagnose(module, records, args.nats)
+    summary = summarize(rows)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "summary": summary}, indent=1) + "\n")
+    if args.rows:
+        Path(args.rows).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.rows).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    for key, value in summary.items():
+        print(f"{key}: {json.dumps(value, ensure_ascii=False)}")
+
+
+if __name__ == "__main__":
+    main()
