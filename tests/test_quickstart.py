@@ -98,6 +98,45 @@ def test_a_moved_checkout_reuses_the_outputs_it_made(tmp_path):
     assert not JobKeys(tmp_path / "job_keys.json", root=after).reusable(job(after), out)
 
 
+def test_a_seeds_runner_reads_the_artifacts_once_and_reuses_nothing_made_from_others(tmp_path, monkeypatch):
+    """StageRunner is the one home of reuse: with ``art`` it takes the fingerprint once (the shipped models' check
+    reads the same one), and outputs made from other artifacts make it fresh: no command key, no previous
+    summary counts."""
+    import vold_pl.quickstart as qs
+
+    art, runs = _artifacts(tmp_path), tmp_path / "runs"
+    out = runs / "cold_start" / "export"
+    job = ["fit", "--model.init_args.export_dir", str(out)]
+    first = qs.StageRunner(runs, 0, art=art)
+    assert not first.fresh and first.fingerprint == qs.artifacts_fingerprint(art)
+    out.mkdir(parents=True)  # the job's output
+    first.keys.started[str(out)] = first.keys.key(job + first.seed_arg)
+    first.keys.ran([(job + first.seed_arg, out)])
+    (runs / "summary.json").write_text(json.dumps({"stage_seconds": {"3 cold start": 60.0}}))
+
+    configs, home = tmp_path / "configs", tmp_path / "shipped"
+    configs.mkdir()
+    for name in qs.PRETRAINING_CONFIGS:
+        (configs / name).write_text(f"# {name}\n")
+    start = qs.Pretrained(_export(tmp_path / "t", b"t"), _export(tmp_path / "p", b"p"), tmp_path / "base", [0.95],
+                          shipped=False)
+    qs.save_pretrained(art, start, 1.0, home, configs)
+
+    calls = []
+    real = qs.artifacts_fingerprint
+    monkeypatch.setattr(qs, "artifacts_fingerprint", lambda a: calls.append(a) or real(a))
+    again = qs.StageRunner(runs, 0, art=art)
+    assert not again.fresh and again.keys.reusable(job + again.seed_arg, out) and again.before == {"3 cold start": 60.0}
+    assert qs.shipped_pretrained(art, home, configs, fingerprint=again.fingerprint) is not None
+    assert len(calls) == 1  # once per seed
+
+    (art / "data" / "train.jsonl").write_text('{"trace": "regenerated"}\n')
+    changed = qs.StageRunner(runs, 0, art=art)
+    assert changed.fresh and not changed.keys.reusable(job + changed.seed_arg, out) and changed.before == {}
+    assert not qs.StageRunner(runs, 0, art=art).fresh  # the new fingerprint is kept
+    assert qs.StageRunner(runs, 0, fresh=True, art=art).fresh  # --fresh
+
+
 def test_outputs_without_a_fingerprint_count_as_stale(tmp_path):
     art, runs = _artifacts(tmp_path), tmp_path / "runs"
     (runs / "teacher_sft" / "export").mkdir(parents=True)  # made before fingerprints existed

@@ -30,11 +30,11 @@ files and the pretrained models stay the same; the seed draws the order an SFT s
 sample (with ``--pretrain``, also stage 1's initial weights). A stage whose output already exists, made by the same
 command and config (:class:`JobKeys`), is skipped, so an interrupted quickstart resumes where it stopped; the first
 stage that runs makes every later one run; when the artifacts or the shipped models have changed since (``make
-artifacts`` after a change of the generator), every stage reruns. Each seed's figures and stage times are written
-to ``<runs>/seed<N>/summary.json``, with the machine its stages ran on (:func:`machine`); its table ends with where
-its figures fall against the README's seeds: their 95% prediction interval for one more run
-(:func:`reference_spread`). ``--cores N`` runs every stage with the threads it would get on an N-core machine, the
-thread plan of figures made there.
+artifacts`` after a change of the generator), every stage reruns (both decided by a seed's :class:`StageRunner`).
+Each seed's figures and stage times are written to ``<runs>/seed<N>/summary.json``, with the machine its stages ran
+on (:func:`machine`); its table ends with where its figures fall against the README's seeds: their 95% prediction
+interval for one more run (:func:`reference_spread`). ``--cores N`` runs every stage with the threads it would get
+on an N-core machine, the thread plan of figures made there.
 """
 
 from __future__ import annotations
@@ -111,10 +111,9 @@ def main(argv: list[str] | None = None) -> None:
                          f"again.")
     if args.save_pretrained:
         seed_runs = runs / "seed0"
-        fresh = artifacts_changed(art, seed_runs) or args.fresh
-        stages = StageRunner(seed_runs, 0, fresh, cores=args.cores)
-        start = pretrained_models(art, seed_runs, 0, stages, fresh, pretrain=True)
-        home = save_pretrained(art, start, sum(stages.times.values()))
+        stages = StageRunner(seed_runs, 0, args.fresh, cores=args.cores, art=art)
+        start = pretrained_models(art, seed_runs, 0, stages, pretrain=True)
+        home = save_pretrained(art, start, sum(stages.times.values()), fingerprint=stages.fingerprint)
         print(f"[quickstart] shipped the teacher ({start.teacher}) and the perceiving student ({start.perception}) "
               f"in {home}")
         return
@@ -130,19 +129,26 @@ class StageRunner:
     """Runs a seed's stages: ``runner(name, jobs)`` runs side by side the jobs that :class:`JobKeys` cannot reuse,
     each with the seed's arguments and the threads of ``cores`` (:func:`vold_pl.pipeline.run_parallel`), and
     records the stage's wall time in ``times`` (a reused stage keeps the time it took when it ran, from the seed's
-    previous ``summary.json``)."""
+    previous ``summary.json``).
+
+    The one home of what a seed reuses: with ``art``, the artifacts' fingerprint is taken once (``fingerprint``,
+    which the shipped models' check reads too) and outputs made from other artifacts are not reused
+    (:func:`artifacts_changed`); ``fresh`` (``--fresh``, or those artifacts) reuses nothing, and otherwise a job
+    is reused only for the same command and config (:class:`JobKeys`)."""
 
     def __init__(self, runs: Path, seed: int, fresh: bool = False, in_process: bool = False,
-                 cores: int | None = None):
+                 cores: int | None = None, art: Path | None = None):
         # The seed drives every draw of a stage: sampling (seed_everything) and the order an SFT stage reads its
         # data in (data.seed); with --pretrain, initial_models gives each seed its own initial weights too.
         self.seed_arg = ["--seed_everything", str(seed), "--data.seed", str(seed)]
         self.in_process, self.cores = in_process, cores
-        self.keys = JobKeys(runs / "job_keys.json", fresh)
+        self.fingerprint = artifacts_fingerprint(art) if art is not None else None
+        self.fresh = (art is not None and artifacts_changed(art, runs, self.fingerprint)) or fresh
+        self.keys = JobKeys(runs / "job_keys.json", self.fresh)
         self.times: dict[str, float] = {}
         self.reused: list[float] = []  # seconds of the stages reused, counted in the seed's total
         self.previous = json.loads((runs / "summary.json").read_text()) \
-            if (runs / "summary.json").exists() and not fresh else {}  # the seed's summary from its last run
+            if (runs / "summary.json").exists() and not self.fresh else {}  # the seed's summary from its last run
         self.before = self.previous.get("stage_seconds", {})
 
     def __call__(self, name: str, jobs: list[tuple[list[str], Path, Path]]) -> None:
@@ -171,20 +177,19 @@ class Pretrained:
     shipped: bool  # the models shipped in PRETRAINED, not trained by this run
 
 
-def pretrained_models(art: Path, runs: Path, seed: int, stages: StageRunner, fresh: bool = False,
-                      pretrain: bool = False) -> Pretrained:
+def pretrained_models(art: Path, runs: Path, seed: int, stages: StageRunner, pretrain: bool = False) -> Pretrained:
     """Stage 1, the toy world's pretraining: the shipped models (:func:`shipped_pretrained`) unless ``pretrain``
     or they were made from other artifacts or configs; otherwise the teacher's SFT beside the student's perception
     stage, from the seed's own initial weights. Either way the teacher is checked on validation before it writes
     traces (:func:`teacher_on_target`)."""
     data = art / "data"
-    shipped = not pretrain and shipped_pretrained(art) is not None
+    shipped = not pretrain and shipped_pretrained(art, fingerprint=stages.fingerprint) is not None
     if shipped:
         teacher, perceive, base = PRETRAINED / "teacher", PRETRAINED / "perception", art / "tiny" / "student"
         print(f"[quickstart] stage 1 teacher SFT ‖ perception: the pretrained models shipped in {PRETRAINED} "
               f"(seed 0; `--pretrain` trains them: 9-12 min on 2 cores)", flush=True)
     else:
-        tiny = initial_models(art, runs, seed, fresh)
+        tiny = initial_models(art, runs, seed, stages.fresh)
         teacher, perceive, base = runs / "teacher_sft" / "export", runs / "perception" / "export", tiny / "student"
         stages("1 teacher SFT ‖ perception", [
             teacher_sft_job(runs, data, tiny / "teacher", "teacher_sft"),
@@ -203,9 +208,8 @@ def run_seed(art: Path, runs: Path, seed: int, fresh: bool = False, in_process: 
     """Every stage of the recipe for one training seed under ``runs``; returns (and writes) the summary."""
     data = art / "data"
     t_start = time.perf_counter()
-    fresh = artifacts_changed(art, runs) or fresh
-    stages = StageRunner(runs, seed, fresh, in_process, cores)
-    start = pretrained_models(art, runs, seed, stages, fresh, pretrain)
+    stages = StageRunner(runs, seed, fresh, in_process, cores, art=art)
+    start = pretrained_models(art, runs, seed, stages, pretrain)
     teacher, perceive = start.teacher, start.perception
 
     traces = runs / "traces" / "coldstart.jsonl"
@@ -375,13 +379,13 @@ def artifacts_fingerprint(art: Path) -> str:
     return digest.hexdigest()
 
 
-def artifacts_changed(art: Path, runs: Path) -> bool:
+def artifacts_changed(art: Path, runs: Path, fingerprint: str | None = None) -> bool:
     """True when ``runs`` holds outputs made from other artifacts than ``art`` holds now (a regenerated data set,
     e.g. after a change of the trace format, or rebuilt tiny models) or from other shipped pretrained models, so
     that no stage's stale output is reused. The fingerprint (:func:`artifacts_fingerprint` and the shipped models'
     manifest) is kept in ``runs/artifacts.sha256``; outputs without one predate it and count as changed. Writes
-    the new fingerprint."""
-    digest = hashlib.sha256(artifacts_fingerprint(art).encode())
+    the new fingerprint. ``fingerprint``: :func:`artifacts_fingerprint` of ``art`` when the caller has it."""
+    digest = hashlib.sha256((fingerprint or artifacts_fingerprint(art)).encode())
     if (PRETRAINED / MANIFEST).is_file():
         digest.update((PRETRAINED / MANIFEST).read_bytes())
     stamp, new = runs / "artifacts.sha256", digest.hexdigest()
@@ -405,16 +409,18 @@ def pretrained_digest(home: Path = PRETRAINED) -> str | None:
     return _sha256(home / MANIFEST) if (home / MANIFEST).is_file() else None
 
 
-def pretraining_inputs(art: Path, configs: Path = CONFIGS) -> dict:
-    """What the pretrained models of stage 1 are made from, besides vold-pl's code: the artifacts, the configs of
-    the teacher's SFT and of the perception stage, and the teacher's top-up rule."""
-    return {"artifacts": artifacts_fingerprint(art),
+def pretraining_inputs(art: Path, configs: Path = CONFIGS, fingerprint: str | None = None) -> dict:
+    """What the pretrained models of stage 1 are made from, besides vold-pl's code: the artifacts (``fingerprint``
+    when the caller has it), the configs of the teacher's SFT and of the perception stage, and the teacher's
+    top-up rule."""
+    return {"artifacts": fingerprint or artifacts_fingerprint(art),
             "configs": {name: _sha256(configs / name) for name in PRETRAINING_CONFIGS},
             "teacher_top_up": {"target": TEACHER_TARGET, "top_ups": TEACHER_TOP_UPS, "steps": TEACHER_TOP_UP_STEPS,
                                "lr": TEACHER_TOP_UP_LR}}
 
 
-def shipped_pretrained(art: Path, home: Path = PRETRAINED, configs: Path = CONFIGS) -> dict | None:
+def shipped_pretrained(art: Path, home: Path = PRETRAINED, configs: Path = CONFIGS,
+                       fingerprint: str | None = None) -> dict | None:
     """The manifest of the pretrained models shipped in ``home`` (default PRETRAINED) when they were made from
     what ``art`` and ``configs`` hold now and every file is the one the manifest lists; otherwise None, after a
     line that says why (the quickstart then trains them)."""
@@ -422,7 +428,7 @@ def shipped_pretrained(art: Path, home: Path = PRETRAINED, configs: Path = CONFI
         print(f"[quickstart] no pretrained models shipped in {home}: training them", flush=True)
         return None
     manifest = json.loads((home / MANIFEST).read_text())
-    now, made = pretraining_inputs(art, configs), manifest["inputs"]
+    now, made = pretraining_inputs(art, configs, fingerprint), manifest["inputs"]
     stale = ([name for name in now["configs"] if made["configs"].get(name) != now["configs"][name]]
              + [key for key in ("artifacts", "teacher_top_up") if made.get(key) != now[key]])
     damaged = [rel for rel, digest in manifest["files"].items()
@@ -436,7 +442,7 @@ def shipped_pretrained(art: Path, home: Path = PRETRAINED, configs: Path = CONFI
 
 
 def save_pretrained(art: Path, start: Pretrained, seconds: float, home: Path = PRETRAINED,
-                    configs: Path = CONFIGS) -> Path:
+                    configs: Path = CONFIGS, fingerprint: str | None = None) -> Path:
     """Ship ``start``'s teacher and perceiving student in ``home`` (default PRETRAINED) with a manifest of what
     they were made from (:func:`pretraining_inputs`), the teacher's validation accuracies, the time it took and
     every file's sha256; the folder is replaced whole."""
@@ -450,7 +456,7 @@ def save_pretrained(art: Path, start: Pretrained, seconds: float, home: Path = P
         shutil.copytree(src, tmp / name)
     files = {str(f.relative_to(tmp)): _sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
     manifest = {"made_by": "make toy-pretrained (python -m vold_pl.quickstart --pretrain --save-pretrained)",
-                "seed": 0, "inputs": pretraining_inputs(art, configs), "teacher_val": start.teacher_val,
+                "seed": 0, "inputs": pretraining_inputs(art, configs, fingerprint), "teacher_val": start.teacher_val,
                 "seconds": round(seconds), "torch": torch.__version__, "files": files}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     shutil.rmtree(home, ignore_errors=True)
