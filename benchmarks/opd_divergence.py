@@ -142,6 +142,8 @@ def summarize(rows: list[dict]) -> dict:
         "teacher_after": share([r["after_ok"] for r in cont]), "teacher_after_ci": ci([r["after_ok"] for r in cont]),
         "teacher_top_is_student_token": sum(r["teacher_top"] == r["student_token"] for r in cont),
         "relative_position": share([r["t_star"] / r["length"] for r in cont]),
+        # in the completion's first sentence (the toy's facts statement, "I see red squares 1, ..."), or after it
+        "in_first_sentence": share(["." not in r["prefix"] for r in cont]),
         "token_pairs": [[s, t, n] for (s, t), n in pairs.most_common(10)],
     }
 
