@@ -138,8 +138,8 @@ def summarize(rows: list[dict]) -> dict:
         "rollouts": len(rows), "success": share([r["success"] for r in rows]), "failed": len(failed),
         "failed_with_divergence": share([r["t_star"] is not None for r in failed]),
         "succeeded_with_divergence": share([r["t_star"] is not None for r in won]),
-        "teacher_before": share([r["before_ok"] for r in cont]), "teacher_before_ci": ci([r["before_ok"] for r in cont]),
-        "teacher_after": share([r["after_ok"] for r in cont]), "teacher_after_ci": ci([r["after_ok"] for r in cont]),
+        "teacher_before": share(before := [r["before_ok"] for r in cont]), "teacher_before_ci": ci(before),
+        "teacher_after": share(after := [r["after_ok"] for r in cont]), "teacher_after_ci": ci(after),
         "teacher_top_is_student_token": sum(r["teacher_top"] == r["student_token"] for r in cont),
         "relative_position": share([r["t_star"] / r["length"] for r in cont]),
         # in the completion's first sentence (the toy's facts statement, "I see red squares 1, ..."), or after it

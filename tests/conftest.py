@@ -22,6 +22,17 @@ if "MUTANT_UNDER_TEST" in os.environ:
     _reward_functions.MATH_TIMEOUT_S = 30
 
 
+def load_benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` as a module (the benchmarks folder is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "benchmarks" /
+                                                  f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _built_once(tmp_path_factory, name: str, build) -> dict[str, Path]:
     """``build(folder)`` in a fresh temporary folder; with ``VOLD_PL_TEST_FIXTURE_CACHE`` set (``make mutate``,
     which runs the tests hundreds of times) in ``$VOLD_PL_TEST_FIXTURE_CACHE/<name>``, built by the first run and

@@ -3,21 +3,15 @@ threshold, and the teacher's continuations start from the student's prefix cut t
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "opd_divergence.py"
+from tests.conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def diag():
-    spec = importlib.util.spec_from_file_location("opd_divergence", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("opd_divergence")
 
 
 def test_the_first_divergence_is_the_first_token_over_the_threshold(diag):
