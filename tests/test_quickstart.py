@@ -110,8 +110,8 @@ def test_a_seeds_runner_reads_the_artifacts_once_and_reuses_nothing_made_from_ot
     first = qs.StageRunner(runs, 0, art=art)
     assert not first.fresh and first.fingerprint == qs.artifacts_fingerprint(art)
     out.mkdir(parents=True)  # the job's output
-    first.keys.started[str(out)] = first.keys.key(job + first.seed_arg)
-    first.keys.ran([(job + first.seed_arg, out)])
+    assert not first.keys.reusable(job + first.seed_arg, out)  # no key yet: the job runs ...
+    first.keys.ran([(job + first.seed_arg, out)])  # ... and its key is kept
     (runs / "summary.json").write_text(json.dumps({"stage_seconds": {"3 cold start": 60.0}}))
 
     configs, home = tmp_path / "configs", tmp_path / "shipped"
