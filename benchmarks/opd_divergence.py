@@ -41,11 +41,10 @@ from vold_pl.rl.losses import opd_horizon  # noqa: E402
 
 
 def first_divergence(k1: torch.Tensor, mask: torch.Tensor, nats: float) -> list[int | None]:
-    """Per row, the first completion token whose k1 is above ``nats`` (``None``: none is): the last token that
-    ``opd.horizon: first_divergence`` distils when that token is a divergence. ``[N, L], [N, L] -> N``."""
-    distilled = opd_horizon(k1, mask, "first_divergence", nats)  # [N, L]
-    last = distilled.sum(-1).long() - 1  # [N]
-    return [int(t) if t >= 0 and bool(k1[i, t] > nats) and bool(mask[i, t]) else None for i, t in enumerate(last)]
+    """Per row, the first completion token whose k1 is above ``nats`` (``None``: none is): the token that
+    ``opd.horizon: at_divergence`` distils, and the last that ``first_divergence`` does. ``[N, L], [N, L] -> N``."""
+    at = opd_horizon(k1, mask, "at_divergence", nats)  # [N, L], one 1 at most per row
+    return [int(row.argmax()) if bool(row.any()) else None for row in at]
 
 
 def build_module(student: str, teacher: str, group_size: int, temperature: float, max_new_tokens: int):

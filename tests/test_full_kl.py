@@ -88,8 +88,9 @@ def full_module(tiny_models, synth_data):
     return module, batch
 
 
-@pytest.mark.parametrize("horizon", ["all", "first_divergence"])
-def test_step_equals_the_whole_logits_step(full_module, horizon):
+@pytest.mark.parametrize("estimator,horizon", [("full", "all"), ("full", "first_divergence"),
+                                               ("full", "at_divergence"), ("forward", "at_divergence")])
+def test_step_equals_the_whole_logits_step(full_module, estimator, horizon):
     """Loss and gradient of the trainer's micro-batched, slab-by-slab step = one step on the whole batch's
     student and teacher logits ``[N, L, V]`` (teacher prompts repeated G times), built here by hand. With
     ``horizon: first_divergence`` the slabs also give the teacher's token log-probs that find the divergence;
@@ -115,7 +116,7 @@ def test_step_equals_the_whole_logits_step(full_module, horizon):
             s_now = mask_blocked(module.model(input_ids=ids, attention_mask=attn, use_cache=False, **extra)
                                  .logits[:, P - 1 : -1].float() / T, ro.blocked_ids)  # [N, L, V]
         k1 = token_logprobs_from_logits(s_now, ro.completion_ids) - t_logp  # [N, L]
-        module.opd = replace(saved, horizon=horizon, divergence_nats=float(k1[mask].median()))
+        module.opd = replace(saved, estimator=estimator, horizon=horizon, divergence_nats=float(k1[mask].median()))
     try:
         module.model.zero_grad(set_to_none=True)
         totals, world = module._totals(step.experience)
@@ -133,8 +134,9 @@ def test_step_equals_the_whole_logits_step(full_module, horizon):
     finally:
         module.opd = saved
     assert float(loss) == pytest.approx(float(ref_loss), abs=1e-5)
-    assert float(metrics["opd/reverse_kl"]) == pytest.approx(float(ref_metrics["opd/reverse_kl"]), rel=1e-4)
-    assert float(ref_metrics["opd/reverse_kl"]) > 1e-3  # the KL term is really there
+    kl_name = "opd/forward_kl" if estimator == "forward" else "opd/reverse_kl"
+    assert float(metrics[kl_name]) == pytest.approx(float(ref_metrics[kl_name]), rel=1e-4)
+    assert float(ref_metrics[kl_name]) > 1e-3  # the KL term is really there
     share = float(metrics["opd/frac_tokens"])
     assert share == pytest.approx(float(ref_metrics["opd/frac_tokens"]))
     assert share == 1.0 if horizon == "all" else 0.0 < share < 0.9  # the horizon cut the rollouts

@@ -89,17 +89,33 @@ def _full_kl_and_grad(s: list[float], t: list[float], top_k: int) -> tuple[float
     return kl, grad
 
 
-def _horizon(d, i: int, mu: int, horizon: str, nats: float) -> int:
-    """How many leading tokens of row i OPD distils: all, or up to and including the first whose k1 at sampling
-    time (log π_old − log π_T) is above ``nats``."""
+def _forward_kl_and_grad(s: list[float], t: list[float], top_k: int) -> tuple[float, list[float]]:
+    """KL(softmax(t) ‖ softmax(s)) over the tokens the teacher may emit, or over its top-k (both renormalised
+    there), and its gradient w.r.t. the student's logits s: p_v − q_v on the support, 0 elsewhere."""
+    support = [v for v in range(V) if t[v] != -math.inf]
+    if top_k:
+        q_all = _softmax(t)
+        support = sorted(support, key=lambda v: -q_all[v])[:top_k]
+    p = dict(zip(support, _softmax([s[v] for v in support])))
+    q = dict(zip(support, _softmax([t[v] for v in support])))
+    kl = sum(q[v] * (math.log(q[v]) - math.log(p[v])) for v in support)
+    grad = [0.0] * V
+    for v in support:
+        grad[v] = p[v] - q[v]
+    return kl, grad
+
+
+def _distilled(d, i: int, mu: int, horizon: str, nats: float) -> range:
+    """The tokens of row i OPD distils: all; up to and including the first whose k1 at sampling time
+    (log π_old − log π_T) is above ``nats``; or that token alone (none if there is no such token)."""
     if horizon == "all":
-        return LENGTHS[i]
+        return range(LENGTHS[i])
     for t in range(LENGTHS[i]):
         lp = float(d["logp"][i, t])
         old = lp - float(d["log_ratio"][i, t]) if mu > 1 else lp
         if old - float(d["teacher_logp"][i, t]) > nats:
-            return t + 1
-    return LENGTHS[i]
+            return range(t + 1) if horizon == "first_divergence" else range(t, t + 1)
+    return range(LENGTHS[i]) if horizon == "first_divergence" else range(0)
 
 
 def _by_hand(d, *, estimator, mode, gate, beta, agg, mu, top_k, horizon="all", nats=5.0):
@@ -110,7 +126,7 @@ def _by_hand(d, *, estimator, mode, gate, beta, agg, mu, top_k, horizon="all", n
     kl_sum = kl_n = k3_sum = 0.0
     for i in range(N):
         for t in range(LENGTHS[i]):
-            g = _gate(i, gate) if t < _horizon(d, i, mu, horizon, nats) else 0.0  # no OPD after the horizon
+            g = _gate(i, gate) if t in _distilled(d, i, mu, horizon, nats) else 0.0  # no OPD outside the horizon
             w = _weight(i, agg)
             lp = float(d["logp"][i, t])
             old = lp - float(d["log_ratio"][i, t]) if mu > 1 else lp
@@ -120,7 +136,8 @@ def _by_hand(d, *, estimator, mode, gate, beta, agg, mu, top_k, horizon="all", n
             if estimator == "k1":
                 kl = lp - tl if g > 0 else float("nan")
             else:
-                kl, kl_grad = _full_kl_and_grad(d["s_logits"][i, t].tolist(), d["t_logits"][i, t].tolist(), top_k)
+                kl_and_grad = _full_kl_and_grad if estimator == "full" else _forward_kl_and_grad
+                kl, kl_grad = kl_and_grad(d["s_logits"][i, t].tolist(), d["t_logits"][i, t].tolist(), top_k)
             if g > 0:
                 kl_sum, kl_n = kl_sum + kl, kl_n + 1
             # Advantage of the token: advantage mode subtracts lam * g * k1 at sampling time (pi_old).
@@ -162,9 +179,16 @@ CASES = [
 # (μ = 1 and 2) and row 3 at its first (μ = 1), while rows 1 and 3 (μ = 2) are distilled to their end.
 CASES += [dict(estimator="k1", mode=m, gate=g, beta=0.0, agg=a, mu=mu, top_k=0, horizon="first_divergence", nats=0.15)
           for m, g, a, mu in itertools.product(["loss", "advantage"], ["failed", "all"], ["sequence", "token"], [1, 2])]
-# The full KL up to the first divergence (found by the sampled tokens' k1, as above).
-CASES += [dict(estimator="full", mode="loss", gate=g, beta=0.0, agg=a, mu=mu, top_k=k, horizon="first_divergence",
-               nats=0.15) for g, a, mu, k in itertools.product(["failed", "all"], ["sequence", "token"], [1, 2], [0, 3])]
+# The full KL up to the first divergence (found by the sampled tokens' k1, as above), and at it alone.
+CASES += [dict(estimator="full", mode="loss", gate=g, beta=0.0, agg=a, mu=mu, top_k=k, horizon=h, nats=0.15)
+          for h, g, a, mu, k in itertools.product(["first_divergence", "at_divergence"], ["failed", "all"],
+                                                  ["sequence", "token"], [1, 2], [0, 3])]
+# The forward KL (GKD): on every token, and at the first divergence alone.
+CASES += [dict(estimator="forward", mode="loss", gate=g, beta=b, agg=a, mu=mu, top_k=k, horizon=h, nats=0.15)
+          for h, g, b, a, mu, k in itertools.product(["all", "at_divergence"], ["failed", "all"], [0.0, BETA],
+                                                     ["sequence", "token"], [1, 2], [0, 3])]
+CASES += [dict(estimator="k1", mode=m, gate=g, beta=0.0, agg="token", mu=mu, top_k=0, horizon="at_divergence",
+               nats=0.15) for m, g, mu in itertools.product(["loss", "advantage"], ["failed", "all"], [1, 2])]
 
 
 def _ids(c):
@@ -181,8 +205,8 @@ def test_assembled_loss_and_gradient_equal_the_formula(case):
     exp = Experience(
         logp=logp, old_logp=old, advantages=torch.tensor(ADV, dtype=torch.float64), mask=d["mask"],
         ref_logp=d["ref"] if case["beta"] else None,
-        teacher_logp=d["teacher_logp"], student_logits=s_logits if case["estimator"] == "full" else None,
-        teacher_logits=d["t_logits"] if case["estimator"] == "full" else None,
+        teacher_logp=d["teacher_logp"], student_logits=s_logits if case["estimator"] != "k1" else None,
+        teacher_logits=d["t_logits"] if case["estimator"] != "k1" else None,
         success=torch.tensor(SUCCESS, dtype=torch.float64), teacher_available=torch.tensor(AVAILABLE))
     cfg = LossSettings(aggregation=case["agg"], max_len=BUDGET, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH,
                        beta_ref=case["beta"], lam=LAM, gate=case["gate"], estimator=case["estimator"],
@@ -196,15 +220,16 @@ def test_assembled_loss_and_gradient_equal_the_formula(case):
     tol, atol = (1e-9, 1e-12) if case["estimator"] == "k1" else (1e-5, 1e-7)
     assert float(loss.detach()) == pytest.approx(want, rel=tol, abs=atol)
     torch.testing.assert_close(logp.grad, want_g_logp, rtol=tol, atol=atol)
-    if case["estimator"] == "full":  # finite everywhere, 0 on the blocked token
+    if case["estimator"] != "k1":  # finite everywhere, 0 on the blocked token
         torch.testing.assert_close(s_logits.grad, want_g_logits, rtol=1e-5, atol=1e-8)
     else:
         assert s_logits.grad is None
-    assert float(metrics["opd/reverse_kl"]) == pytest.approx(want_rkl, rel=1e-6)
+    kl_name = "opd/forward_kl" if case["estimator"] == "forward" else "opd/reverse_kl"
+    assert float(metrics[kl_name]) == pytest.approx(want_rkl, rel=1e-6 if case["estimator"] == "k1" else 1e-5)
     hz = (case.get("horizon", "all"), case.get("nats", 5.0))
-    distilled = sum(_horizon(d, i, case["mu"], *hz) for i in range(N) if _gate(i, case["gate"]) > 0)
+    distilled = sum(len(_distilled(d, i, case["mu"], *hz)) for i in range(N) if _gate(i, case["gate"]) > 0)
     if hz[0] != "all" and (case["gate"] == "all" or case["mu"] == 1):  # some row stops before its end
-        assert distilled < sum(LENGTHS[i] for i in range(N) if _gate(i, case["gate"]) > 0)
+        assert 0 < distilled < sum(LENGTHS[i] for i in range(N) if _gate(i, case["gate"]) > 0)
     assert float(metrics["opd/frac_tokens"]) == pytest.approx(distilled / sum(LENGTHS))
     assert float(metrics["opd/frac_masked_no_text_view"]) == pytest.approx(0.25)
     if case["beta"]:
@@ -270,8 +295,8 @@ def _experience(d, case, logp, s_logits) -> Experience:
     return Experience(
         logp=logp, old_logp=old, advantages=torch.tensor(ADV, dtype=torch.float64), mask=d["mask"],
         ref_logp=d["ref"] if case["beta"] else None, teacher_logp=d["teacher_logp"],
-        student_logits=s_logits if case["estimator"] == "full" else None,
-        teacher_logits=d["t_logits"] if case["estimator"] == "full" else None,
+        student_logits=s_logits if case["estimator"] != "k1" else None,
+        teacher_logits=d["t_logits"] if case["estimator"] != "k1" else None,
         success=torch.tensor(SUCCESS, dtype=torch.float64), teacher_available=torch.tensor(AVAILABLE))
 
 
@@ -284,9 +309,9 @@ def _settings(case) -> LossSettings:
 
 SLICE_CASES = [dict(estimator=e, mode=m, gate="failed", beta=BETA, agg=a, mu=2, top_k=k)
                for a in ("sequence", "token", "dr_grpo")
-               for e, m, k in (("k1", "loss", 0), ("k1", "advantage", 0), ("full", "loss", 3))]
+               for e, m, k in (("k1", "loss", 0), ("k1", "advantage", 0), ("full", "loss", 3), ("forward", "loss", 3))]
 SLICE_CASES += [dict(estimator="k1", mode="loss", gate="all", beta=BETA, agg="token", mu=1, top_k=0,
-                     horizon="first_divergence", nats=0.15)]
+                     horizon=h, nats=0.15) for h in ("first_divergence", "at_divergence")]
 
 
 @pytest.mark.parametrize("case", SLICE_CASES, ids=[_ids(c) for c in SLICE_CASES])
@@ -313,14 +338,15 @@ def test_row_slices_with_the_step_totals_add_up_to_the_formula(case):
     tol, atol = (1e-9, 1e-12) if case["estimator"] == "k1" else (1e-5, 1e-7)
     assert total == pytest.approx(want, rel=tol, abs=atol)
     torch.testing.assert_close(logp.grad, want_g_logp, rtol=tol, atol=atol)
-    if case["estimator"] == "full":
+    if case["estimator"] != "k1":
         torch.testing.assert_close(s_logits.grad, want_g_logits, rtol=1e-5, atol=1e-8)
     combined = combine_metrics(parts)
     _, whole = opd_grpo_loss(_experience(d, case, d["logp"].clone(), d["s_logits"].clone()), cfg)
     assert combined.keys() == whole.keys()
     for k in whole:
         assert float(combined[k]) == pytest.approx(float(whole[k]), rel=1e-6, abs=1e-9), k
-    assert float(combined["opd/reverse_kl"]) == pytest.approx(want_rkl, rel=1e-6)
+    kl_name = "opd/forward_kl" if case["estimator"] == "forward" else "opd/reverse_kl"
+    assert float(combined[kl_name]) == pytest.approx(want_rkl, rel=1e-6)
     assert float(combined["kl"]) == pytest.approx(want_k3, rel=1e-6)
 
 
@@ -470,7 +496,7 @@ def test_missing_inputs_name_the_field():
 def test_option_errors_name_the_field_and_the_choices():
     from vold_pl.rl.objective import check_opd_options
 
-    with pytest.raises(ValueError, match=r"^opd\.estimator: 'k2' is not one of \['k1', 'full'\]\.$"):
+    with pytest.raises(ValueError, match=r"^opd\.estimator: 'k2' is not one of \['k1', 'full', 'forward'\]\.$"):
         check_opd_options("k2", "loss", "all")
     with pytest.raises(ValueError, match=r"^x\.mode: 'adv' is not one of \['loss', 'advantage'\]\.$"):
         check_opd_options("k1", "adv", "all", where="x")
@@ -478,7 +504,9 @@ def test_option_errors_name_the_field_and_the_choices():
         check_opd_options("k1", "loss", "some")
     with pytest.raises(ValueError, match=r"^opd\.estimator: full with opd\.mode: advantage is not supported"):
         check_opd_options("full", "advantage", "all")
-    for e, m in (("k1", "loss"), ("k1", "advantage"), ("full", "loss")):
+    with pytest.raises(ValueError, match=r"^opd\.estimator: forward with opd\.mode: advantage is not supported"):
+        check_opd_options("forward", "advantage", "failed")
+    for e, m in (("k1", "loss"), ("k1", "advantage"), ("full", "loss"), ("forward", "loss")):
         for g in ("all", "failed"):
             check_opd_options(e, m, g)  # every supported combination passes
     with pytest.raises(ValueError, match=r"^grpo\.loss_aggregation: 'mean' is not registered; choose one of "
@@ -486,7 +514,8 @@ def test_option_errors_name_the_field_and_the_choices():
         LossSettings(aggregation="mean")
     with pytest.raises(ValueError, match=r"opd\.gate: 'none'"):
         LossSettings(gate="none")
-    with pytest.raises(ValueError, match=r"^opd\.horizon: 'first' is not one of \['all', 'first_divergence'\]\.$"):
+    with pytest.raises(ValueError, match=r"^opd\.horizon: 'first' is not one of \['all', 'at_divergence', "
+                                         r"'first_divergence'\]\.$"):
         check_opd_options("k1", "loss", "all", horizon="first")
     check_opd_options("full", "loss", "failed", horizon="first_divergence")
     check_opd_options("k1", "advantage", "failed", horizon="first_divergence")
@@ -499,7 +528,7 @@ def test_loss_settings_defaults_are_the_documented_ones():
                                           top_k=0, horizon="all", divergence_nats=5.0)
     from vold_pl.rl.objective import TEACHER_SCORES
 
-    assert TEACHER_SCORES == {"k1": "logp", "full": "logits"}
+    assert TEACHER_SCORES == {"k1": "logp", "full": "logits", "forward": "logits"}
 
 
 def test_metrics_without_teacher_view_flags_or_success():

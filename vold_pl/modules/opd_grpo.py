@@ -39,7 +39,7 @@ from vold_pl.rewards.functions import compute_rewards, validate_weights
 from vold_pl.rl.advantages import group_advantages
 from vold_pl.rl.full_kl import policy_scores_and_full_kl, teacher_hidden, teacher_token_logprobs_shared
 from vold_pl.rl.logprobs import rollout_token_logprobs
-from vold_pl.rl.losses import Totals, masked_mean
+from vold_pl.rl.losses import OPD_ESTIMATORS, Totals, masked_mean
 from vold_pl.rl.objective import (
     TEACHER_SCORES,
     Experience,
@@ -128,17 +128,23 @@ class OPDConfig:
         gate_reward: the {0, 1} success reward the ``failed`` gate reads, unweighted; it must be one of the
             module's ``rewards`` (never the summed reward: a format bonus would make a wrong answer look partly
             right and get less distillation).
-        estimator: ``k1`` (sampled reverse KL on the student's tokens) or ``full`` (full-vocabulary reverse KL).
+        estimator: ``k1`` (sampled reverse KL on the student's tokens), ``full`` (full-vocabulary reverse KL), or
+            ``forward`` (beyond VOLD: the full-vocabulary forward KL ``KL(π_T ‖ π_θ)`` on the student's rollouts,
+            GKD's on-policy forward KL; its gradient ``π_θ − π_T`` raises the teacher's choice even where the
+            student gives it little mass; logged as ``opd/forward_kl``).
         mode: ``loss`` (λ·KL added to the GRPO loss, VOLD) or ``advantage`` (A_t = A − λ·g·sg(k1_t), k1 taken
-            at sampling time). ``advantage`` needs ``estimator: k1``: the full KL of a position does not depend
+            at sampling time). ``advantage`` needs ``estimator: k1``: a full-vocabulary KL of a position does not depend
             on the sampled token, so as an advantage it has zero expected gradient.
-        top_k: with ``estimator: full``, restrict the KL to the student's top-k tokens (0 = whole vocabulary).
+        top_k: with ``estimator: full``, restrict the KL to the student's top-k tokens (``forward``: the
+            teacher's top-k; 0 = whole vocabulary).
         horizon: which tokens of a gated rollout are distilled: ``all`` (the papers) or ``first_divergence``
             (beyond the papers: those up to and including the first token whose sampling-time k1 is above
             ``divergence_nats``; after the student's first step the teacher would not take, the teacher scores a
             prefix it would not have written, and the rest of the rollout is left to GRPO). The divergence is found
             by the sampled tokens' k1 with either estimator: with ``full`` the teacher's whole next-token
             distribution is distilled at those positions, its choice at the divergence included.
+            ``at_divergence``: that first divergent token alone, the teacher's correction without the tokens
+            before it (best with ``full``, which carries the teacher's own choice there).
         divergence_nats: the k1 (log π_old − log π_T of the sampled token, nats) above which a token is the
             rollout's first divergence (5 nats: the teacher finds it about 150 times less likely than the student).
     """
@@ -146,10 +152,10 @@ class OPDConfig:
     lam: float = 0.0
     gate: Literal["failed", "all"] = "failed"
     gate_reward: str = "accuracy"
-    estimator: Literal["k1", "full"] = "k1"
+    estimator: Literal["k1", "full", "forward"] = "k1"
     mode: Literal["loss", "advantage"] = "loss"
     top_k: int = 0
-    horizon: Literal["all", "first_divergence"] = "all"
+    horizon: Literal["all", "first_divergence", "at_divergence"] = "all"
     divergence_nats: float = 5.0
 
     def __post_init__(self):
@@ -594,7 +600,7 @@ class OPDGRPOModule(PolicyModule):
         horizon = self.opd.horizon != "all"  # the first divergence is found by the sampled tokens' k1
         logp, ent, kl, *t_logp = policy_scores_and_full_kl(
             self.model, rollout, t_hidden, t_head, self.sampling.temperature, self.chunk, self.opd.top_k or None,
-            teacher_tokens=horizon)
+            teacher_tokens=horizon, kl_fn=OPD_ESTIMATORS[self.opd.estimator])
         return logp, ent, {"opd_kl": kl, **({"teacher_logp": t_logp[0]} if horizon else {})}
 
     def _teacher_scores(self, records: list[dict], rollout: Rollout, plan: list[MicroBatch],

@@ -17,6 +17,8 @@ The values are those of :func:`~vold_pl.rl.losses.full_reverse_kl` on the whole 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -29,8 +31,10 @@ __all__ = ["sliced_full_kl", "teacher_hidden", "teacher_token_logprobs_shared", 
 
 def sliced_full_kl(student_hidden: torch.Tensor, student_head, teacher_hidden: torch.Tensor, teacher_head,
                    temperature: float = 1.0, blocked_ids: tuple[int, ...] = (), top_k: int | None = None,
-                   chunk_size: int = 1024, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-position reverse KL ``[n, l]`` from the two models' final hidden states ``[n, l, H]`` / ``[n, l, H_T]``
+                   chunk_size: int = 1024, mask: torch.Tensor | None = None,
+                   kl_fn: Callable[..., torch.Tensor] = full_reverse_kl) -> torch.Tensor:
+    """Per-position KL ``[n, l]`` (``kl_fn``: :func:`~vold_pl.rl.losses.full_reverse_kl`, or
+    :func:`~vold_pl.rl.losses.full_forward_kl`) from the two models' final hidden states ``[n, l, H]`` / ``[n, l, H_T]``
     (aligned: position t predicts completion token t), one ``[chunk_size, V]`` slab of logits at a time.
     Differentiable w.r.t. the student (hidden states and head); the teacher is a constant.
 
@@ -54,7 +58,7 @@ def sliced_full_kl(student_hidden: torch.Tensor, student_head, teacher_hidden: t
             t_logits = mask_blocked(t_head(h_t).float() / temperature, blocked_ids)  # [c, V]
             if pad is not None:
                 t_logits = torch.where(pad.unsqueeze(-1), s_logits.detach(), t_logits)  # [c, V]
-        return full_reverse_kl(s_logits, t_logits, top_k=top_k)
+        return kl_fn(s_logits, t_logits, top_k=top_k)
 
     use_ckpt = torch.is_grad_enabled() and student_hidden.requires_grad
     parts = []
@@ -106,7 +110,7 @@ def teacher_token_logprobs_shared(teacher: torch.nn.Module, input_ids: torch.Ten
 
 def policy_scores_and_full_kl(model: torch.nn.Module, rollout: Rollout, t_hidden: torch.Tensor, t_head,
                               temperature: float, chunk_size: int, top_k: int | None = None,
-                              teacher_tokens: bool = False):
+                              teacher_tokens: bool = False, kl_fn: Callable[..., torch.Tensor] = full_reverse_kl):
     """One policy forward for both the token scores and the full KL of a (micro-batch) rollout: ``logp [n, l]``,
     ``entropy [n, l]`` (slabs recomputed in backward, as the trainer's scoring) and ``kl [n, l]``.
 
@@ -122,7 +126,7 @@ def policy_scores_and_full_kl(model: torch.nn.Module, rollout: Rollout, t_hidden
                                            blocked_ids=blocked)
     t_hidden = t_hidden[:, : hidden.size(1)]  # [n, l, H_T]
     kl = sliced_full_kl(hidden, head, t_hidden, t_head, temperature, blocked, top_k, chunk_size,
-                        mask=rollout.completion_mask)
+                        mask=rollout.completion_mask, kl_fn=kl_fn)
     if not teacher_tokens:
         return logp, ent, kl
     with torch.no_grad():

@@ -35,7 +35,7 @@ __all__ = [
     "SurrogateStats", "masked_mean", "clipped_surrogate", "ClipRange", "POLICY_LOSSES", "register_policy_loss",
     "ppo_clip", "dual_clip", "gspo", "REF_KL_ESTIMATORS", "register_ref_kl", "k1_kl", "k2_kl", "k3_kl",
     "k3_clamped_kl", "aggregate", "AGGREGATIONS", "register_aggregation", "Totals", "sampled_reverse_kl",
-    "full_reverse_kl", "OPD_ESTIMATORS", "opd_gate", "OPD_GATES", "opd_token_advantages", "opd_loss",
+    "full_reverse_kl", "full_forward_kl", "OPD_ESTIMATORS", "opd_gate", "OPD_GATES", "opd_token_advantages", "opd_loss",
 ]
 
 _F = TypeVar("_F", bound=Callable)
@@ -396,10 +396,49 @@ def full_reverse_kl(
     return (s.exp() * diff).sum(-1)  # [N, L]
 
 
-# Name -> estimator. "k1" takes token log-probs [N, L]; "full" takes logits/log-probs [N, L, V].
+def full_forward_kl(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    top_k: int | None = None,
+    renormalize: bool = True,
+) -> torch.Tensor:
+    """Full-vocabulary forward KL per position, ``sum_v pi_T(v) (log pi_T(v) - log pi_theta(v))``, on the
+    student's own rollouts: GKD's on-policy forward KL (Agarwal et al., "On-Policy Distillation of Language
+    Models: Learning from Self-Generated Mistakes", arXiv 2306.13649), beyond VOLD, whose OPD term is reverse.
+
+    Why it is here: the gradient w.r.t. the student's logits is ``pi_theta − pi_T`` (bounded, the cross-entropy
+    on the teacher's next-token distribution), so at a token where the student puts little mass on the teacher's
+    choice it still raises that choice. The reverse KL's gradient ``pi_theta (log pi_theta − log pi_T − KL)``
+    moves a token's logit in proportion to the student's own probability of it.
+
+    Tokens the teacher gives probability 0 (logits ``-inf``, e.g. the sampler's blocked ids masked in both)
+    contribute exactly 0; a token the teacher may emit but the student gives ``-inf`` makes the KL ``+inf``.
+
+    ``top_k``: restrict the sum to the teacher's k most likely tokens at each position (the distribution the
+    expectation is under, as the reverse KL's ``top_k`` takes the student's), both renormalised there by default.
+
+    Shapes: ``[N, L, V], [N, L, V] -> [N, L]``.
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} vocab/shape differ")
+    s = F.log_softmax(student.float(), dim=-1)  # [N, L, V]
+    t = F.log_softmax(teacher.detach().float(), dim=-1)  # [N, L, V]
+    if top_k is not None and top_k < t.shape[-1]:
+        idx = t.topk(top_k, dim=-1).indices  # [N, L, k]
+        s = s.gather(-1, idx)  # [N, L, k]
+        t = t.gather(-1, idx)  # [N, L, k]
+        if renormalize:
+            s = s - s.logsumexp(-1, keepdim=True)  # [N, L, k]
+            t = t - t.logsumexp(-1, keepdim=True)  # [N, L, k]
+    diff = (t - s).masked_fill(t == float("-inf"), 0.0)  # [N, L, V]: 0 where the teacher gives no mass
+    return (t.exp() * diff).sum(-1)  # [N, L]
+
+
+# Name -> estimator. "k1" takes token log-probs [N, L]; "full" and "forward" take logits/log-probs [N, L, V].
 OPD_ESTIMATORS: dict[str, Callable[..., torch.Tensor]] = {
     "k1": sampled_reverse_kl,
     "full": full_reverse_kl,
+    "forward": full_forward_kl,
 }
 
 
@@ -450,10 +489,18 @@ def _horizon_first_divergence(k1_old: torch.Tensor | None, mask: torch.Tensor, n
     return mask.float() * ((over.cumsum(-1) - over) == 0).float()  # [N, L]
 
 
+def _horizon_at_divergence(k1_old: torch.Tensor | None, mask: torch.Tensor, nats: float) -> torch.Tensor:
+    if k1_old is None:
+        raise ValueError("horizon 'at_divergence' needs the sampled tokens' k1 (Experience.teacher_logp)")
+    # The first divergence alone: a position over the threshold with none before it.
+    over = ((k1_old.detach() > nats) & mask.bool()).long()  # [N, L]
+    return (over * (over.cumsum(-1) == 1).long()).float()  # [N, L]
+
+
 # Name -> which completion tokens the OPD term distils: [N, L] from (k1 at sampling time [N, L] or None, mask
 # [N, L], nats).
 OPD_HORIZONS: dict[str, Callable[[torch.Tensor | None, torch.Tensor, float], torch.Tensor]] = {
-    "all": _horizon_all, "first_divergence": _horizon_first_divergence}
+    "all": _horizon_all, "first_divergence": _horizon_first_divergence, "at_divergence": _horizon_at_divergence}
 
 
 def opd_horizon(k1_old: torch.Tensor | None, mask: torch.Tensor, horizon: str = "all",
@@ -463,6 +510,9 @@ def opd_horizon(k1_old: torch.Tensor | None, mask: torch.Tensor, horizon: str = 
     is above ``nats``, the first token the teacher finds far less likely than the student did. After it the
     teacher scores a prefix it would not have written, where its next-token distribution is no guide (a
     teacher trained only on its own correct traces), so the tokens after it are left to the GRPO term.
+    ``at_divergence``: that first divergent token alone (none for a rollout without one): the teacher's
+    correction without the tokens before it, where student and teacher already agree on the sampled token and
+    the full KL would only reshape the rest of the student's distribution toward the teacher's.
 
     Shapes: ``[N, L] or None, [N, L] -> [N, L]`` float in {0, 1}, 0 outside ``mask``.
     """

@@ -16,9 +16,10 @@ golden tests (``tests/test_loss_golden.py``) pin it against formulas written out
           + β_ref · agg(k3(log π_θ, log π_ref))                                 if β_ref > 0 (ref_kl: k1, k2,
                                                                             k3_clamped: losses.REF_KL_ESTIMATORS)
           + λ · agg(g_i · KL_t)                                                 loss mode
-    OPD acts on the tokens of ``horizon``: all of them, or those up to a rollout's first divergence
-    (``first_divergence``: the first token whose sampling-time k1 is above ``divergence_nats``); KL_t and the
-    advantage-mode penalty are 0 after it, and the normaliser stays that of the policy-gradient term.
+    OPD acts on the tokens of ``horizon``: all of them, those up to a rollout's first divergence
+    (``first_divergence``: the first token whose sampling-time k1 is above ``divergence_nats``), or that token
+    alone (``at_divergence``); KL_t and the advantage-mode penalty are 0 elsewhere, and the normaliser stays that
+    of the policy-gradient term.
 
 Decisions the papers leave open, made here (docs/opd.md):
 
@@ -71,7 +72,9 @@ OPD_MODES = ("loss", "advantage")
 OPD_ESTIMATOR_NAMES = tuple(OPD_ESTIMATORS)
 # What each estimator needs from the teacher: its log-prob of the sampled token (``Experience.teacher_logp``)
 # or its full next-token logits (``Experience.teacher_logits``, with the student's ``student_logits``).
-TEACHER_SCORES = {"k1": "logp", "full": "logits"}
+TEACHER_SCORES = {"k1": "logp", "full": "logits", "forward": "logits"}
+# The metric each estimator's KL is logged under (the distilled tokens' mean).
+OPD_KL_METRIC = {"k1": "opd/reverse_kl", "full": "opd/reverse_kl", "forward": "opd/forward_kl"}
 
 
 def check_registered(name: str, registry: dict, field: str) -> None:
@@ -90,12 +93,12 @@ def check_opd_options(estimator: str, mode: str, gate: str, where: str = "opd", 
         raise UserError(f"{where}.mode: {mode!r} is not one of {list(OPD_MODES)}.")
     if gate not in OPD_GATES:
         raise UserError(f"{where}.gate: {gate!r} is not one of {sorted(OPD_GATES)}.")
-    if estimator == "full" and mode == "advantage":
+    if TEACHER_SCORES[estimator] == "logits" and mode == "advantage":
         raise UserError(
-            f"{where}.estimator: full with {where}.mode: advantage is not supported: the full-vocabulary KL of a "
-            f"position does not depend on the sampled token, so as a per-token advantage its expected policy "
+            f"{where}.estimator: {estimator} with {where}.mode: advantage is not supported: the full-vocabulary KL "
+            f"of a position does not depend on the sampled token, so as a per-token advantage its expected policy "
             f"gradient is zero (METHODS.md §3). Use {where}.estimator: k1 with mode: advantage, or keep "
-            f"estimator: full with mode: loss.")
+            f"estimator: {estimator} with mode: loss.")
     if horizon not in OPD_HORIZONS:
         raise UserError(f"{where}.horizon: {horizon!r} is not one of {sorted(OPD_HORIZONS)}.")
 
@@ -116,13 +119,16 @@ class LossSettings:
         ref_kl: a :data:`~vold_pl.rl.losses.REF_KL_ESTIMATORS` name: ``k1``, ``k2``, ``k3`` or ``k3_clamped``.
         lam: λ, weight of the OPD term; 0 turns OPD off (the teacher fields are then ignored).
         gate: ``failed`` (g = 1 − success) or ``all`` (g = 1).
-        estimator: ``k1`` (needs ``teacher_logp``) or ``full`` (needs ``student_logits`` and ``teacher_logits``,
-            or ``opd_kl``; with a horizon other than ``all`` also ``teacher_logp``, which finds the divergence).
+        estimator: ``k1`` (needs ``teacher_logp``), ``full`` (reverse) or ``forward`` (full-vocabulary forward
+            KL, GKD); the last two need ``student_logits`` and ``teacher_logits``, or ``opd_kl``, and with a
+            horizon other than ``all`` also ``teacher_logp``, which finds the divergence.
         mode: ``loss`` (λ·agg(g·KL) added) or ``advantage`` (k1 only: A_t = A − λ·g·sg(k1_old)).
-        top_k: with ``estimator: full``, the KL on the student's top-k tokens, both renormalised (0 = all).
+        top_k: with ``estimator: full``, the KL on the student's top-k tokens (``forward``: the teacher's), both
+            renormalised (0 = all).
         horizon: an :data:`~vold_pl.rl.losses.OPD_HORIZONS` name: ``all`` (every token of a gated rollout) or
-            ``first_divergence`` (its tokens up to the first whose sampling-time k1 is above ``divergence_nats``).
-        divergence_nats: the k1 (nats) at which ``first_divergence`` stops distilling a rollout.
+            ``first_divergence`` (its tokens up to the first whose sampling-time k1 is above ``divergence_nats``),
+            or ``at_divergence`` (that first divergent token alone).
+        divergence_nats: the k1 (nats) at which a token is a rollout's first divergence.
     """
 
     aggregation: str = "sequence"
@@ -273,7 +279,7 @@ def opd_grpo_loss(exp: Experience, cfg: LossSettings,
         distilled = opd_horizon(k1_old, mask, cfg.horizon, cfg.divergence_nats)  # [N, L]
         kl = torch.where(distilled > 0, _opd_kl(exp, cfg, old_logp), 0.0)  # [N, L]: 0 after the horizon
         tok_mask = distilled * (gate_w > 0).float().unsqueeze(-1)  # [N, L]
-        metrics["opd/reverse_kl"] = masked_mean(kl.detach(), tok_mask)
+        metrics[OPD_KL_METRIC[cfg.estimator]] = masked_mean(kl.detach(), tok_mask)
         metrics["opd/frac_tokens"] = tok_mask.sum() / mask.sum().clamp(min=1)
         available = exp.teacher_available
         metrics["opd/frac_masked_no_text_view"] = (
@@ -307,7 +313,7 @@ def metric_weights(exp: Experience, cfg: LossSettings) -> dict[str, float]:
         gate_w = opd_gate(success, cfg.gate, exp.teacher_available)  # [N]
         k1_old = _k1_at_sampling(exp, exp.old_logp if exp.old_logp is not None else exp.logp)  # [N, L] or None
         distilled = opd_horizon(k1_old, exp.mask, cfg.horizon, cfg.divergence_nats)  # [N, L]
-        w["opd/reverse_kl"] = float((distilled * (gate_w > 0).float().unsqueeze(-1)).sum())
+        w[OPD_KL_METRIC[cfg.estimator]] = float((distilled * (gate_w > 0).float().unsqueeze(-1)).sum())
     return w
 
 
