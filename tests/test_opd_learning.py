@@ -6,7 +6,8 @@ steps and measures behaviour, so a broken estimator, sign, gate or aggregation m
 - GRPO alone raises a reward registered here (the share of digit characters in the completion);
 - OPD alone (a constant reward: every advantage is 0) lowers the *exact* reverse KL of the student to a
   fixed teacher on held-out prompts (full-vocabulary forward passes over the sampler's support, computed here,
-  not the logged estimate) for k1 and full in loss mode and k1 in advantage mode, while the student's mass
+  not the logged estimate) for k1 and full in loss mode and k1 in advantage mode, and the exact forward KL
+  for the forward estimator, while the student's mass
   on the tokens the sampler blocks (vision placeholders) stays ~0;
 - on a sparse task (reward 1 when the completion contains ``<answer>``, so most groups are all-zero), GRPO +
   OPD from a teacher that knows the answer beats GRPO alone.
@@ -121,9 +122,11 @@ def _fit(module: OPDGRPOModule, data: Path, tmp_path: Path, steps: int, metric: 
 
 
 @torch.no_grad()
-def _exact_kl_and_blocked_mass(module: OPDGRPOModule, batch: dict, G: int = 4) -> tuple[float, float]:
+def _exact_kl_and_blocked_mass(module: OPDGRPOModule, batch: dict, G: int = 4,
+                               forward: bool = False) -> tuple[float, float]:
     """On student samples for the held-out prompts: the mean over completion positions of the exact
-    KL(π_θ ‖ π_T) of the sampler's distributions (blocked ids removed from both, renormalised), by
+    KL(π_θ ‖ π_T) (``forward``: KL(π_T ‖ π_θ)) of the sampler's distributions (blocked ids removed from both,
+    renormalised), by
     full-vocabulary forward passes; and the mean mass the *unmasked* student puts on the blocked ids (what
     plain ``transformers`` generation of an export would emit)."""
     model, teacher = module.model.eval(), module._frozen["teacher"].eval()
@@ -144,7 +147,7 @@ def _exact_kl_and_blocked_mass(module: OPDGRPOModule, batch: dict, G: int = 4) -
     allowed[blocked] = False
     ls = torch.log_softmax(s_logits[..., allowed], -1)  # [N, L, V - 4]
     lt = torch.log_softmax(t_logits[..., allowed], -1)
-    kl = (ls.exp() * (ls - lt)).sum(-1)  # [N, L]
+    kl = (lt.exp() * (lt - ls)).sum(-1) if forward else (ls.exp() * (ls - lt)).sum(-1)  # [N, L]
     model.train()
     return float(kl[m].mean()), float(blocked_mass[m].mean())
 
@@ -177,6 +180,7 @@ OPD_ALONE = {
     "k1_loss": (dict(estimator="k1", mode="loss"), 30),
     "full_loss": (dict(estimator="full", mode="loss"), 20),
     "k1_advantage": (dict(estimator="k1", mode="advantage"), 30),
+    "forward_loss": (dict(estimator="forward", mode="loss"), 20),  # the KL it lowers is KL(π_T ‖ π_θ)
 }
 
 
@@ -190,9 +194,10 @@ def test_opd_alone_moves_the_student_to_the_teacher(name, tiny_models, synth_dat
     module = _module(tiny_models, {CONST: 1.0}, lam=1.0, gate="all", **opts)
     vocab = module.model.get_output_embeddings().out_features
     _bias_teacher(module, _peaked_bias(vocab, blocked_token_ids(module.tokenizer)))
-    kl0, mass0 = _exact_kl_and_blocked_mass(module, heldout)
+    forward = opts["estimator"] == "forward"
+    kl0, mass0 = _exact_kl_and_blocked_mass(module, heldout, forward=forward)
     _fit(module, synth_data["train_text"], tmp_path, steps=steps)
-    kl1, mass1 = _exact_kl_and_blocked_mass(module, heldout)
+    kl1, mass1 = _exact_kl_and_blocked_mass(module, heldout, forward=forward)
     print(f"{name}: exact KL {kl0:.3f} -> {kl1:.3f}; blocked mass {mass0:.4f} -> {mass1:.4f}")
     assert kl1 < 0.5 * kl0, (kl0, kl1)
     assert mass1 < 0.02, (mass0, mass1)
