@@ -597,11 +597,12 @@ class OPDGRPOModule(PolicyModule):
         group = rollout.group_size if start % rollout.group_size == 0 else 1
         t_hidden, t_head = teacher_hidden(self.teacher, sub.input_ids, sub.attention_mask,
                                           sub.completion_start, group)  # [n, l, H_T]
-        horizon = self.opd.horizon != "all"  # the first divergence is found by the sampled tokens' k1
-        logp, ent, kl, *t_logp = policy_scores_and_full_kl(
+        scores = policy_scores_and_full_kl(
             self.model, rollout, t_hidden, t_head, self.sampling.temperature, self.chunk, self.opd.top_k or None,
-            teacher_tokens=horizon, kl_fn=OPD_ESTIMATORS[self.opd.estimator])
-        return logp, ent, {"opd_kl": kl, **({"teacher_logp": t_logp[0]} if horizon else {})}
+            teacher_tokens=self.opd.horizon != "all",  # the first divergence is found by the sampled tokens' k1
+            kl_fn=OPD_ESTIMATORS[self.opd.estimator])
+        teacher = {"teacher_logp": scores.teacher_logp} if scores.teacher_logp is not None else {}
+        return scores.logp, scores.entropy, {"opd_kl": scores.kl, **teacher}
 
     def _teacher_scores(self, records: list[dict], rollout: Rollout, plan: list[MicroBatch],
                         instruction: str = DEFAULT_INSTRUCTION) -> dict:

@@ -18,6 +18,7 @@ The values are those of :func:`~vold_pl.rl.losses.full_reverse_kl` on the whole 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -26,7 +27,8 @@ from vold_pl.rl.logprobs import _as_head_fn, mask_blocked, rollout_hidden, share
 from vold_pl.rl.losses import full_reverse_kl
 from vold_pl.rl.rollout_types import Rollout
 
-__all__ = ["sliced_full_kl", "teacher_hidden", "teacher_token_logprobs_shared", "policy_scores_and_full_kl"]
+__all__ = ["sliced_full_kl", "teacher_hidden", "teacher_token_logprobs_shared", "PolicyScores",
+           "policy_scores_and_full_kl"]
 
 
 def sliced_full_kl(student_hidden: torch.Tensor, student_head, teacher_hidden: torch.Tensor, teacher_head,
@@ -108,15 +110,26 @@ def teacher_token_logprobs_shared(teacher: torch.nn.Module, input_ids: torch.Ten
                                       temperature=temperature, blocked_ids=blocked_ids)
 
 
+class PolicyScores(NamedTuple):
+    """What :func:`policy_scores_and_full_kl` gives for a micro-batch, each ``[n, l]``."""
+
+    logp: torch.Tensor  # log π_θ of the sampled tokens (differentiable)
+    entropy: torch.Tensor  # the policy's entropy per position
+    kl: torch.Tensor  # the full-vocabulary KL per position (differentiable)
+    teacher_logp: torch.Tensor | None  # log π_T of the sampled tokens (no gradient); None unless asked for
+
+
 def policy_scores_and_full_kl(model: torch.nn.Module, rollout: Rollout, t_hidden: torch.Tensor, t_head,
                               temperature: float, chunk_size: int, top_k: int | None = None,
-                              teacher_tokens: bool = False, kl_fn: Callable[..., torch.Tensor] = full_reverse_kl):
-    """One policy forward for both the token scores and the full KL of a (micro-batch) rollout: ``logp [n, l]``,
-    ``entropy [n, l]`` (slabs recomputed in backward, as the trainer's scoring) and ``kl [n, l]``.
+                              teacher_tokens: bool = False,
+                              kl_fn: Callable[..., torch.Tensor] = full_reverse_kl) -> PolicyScores:
+    """One policy forward for both the token scores and the full KL of a (micro-batch) rollout: ``logp``,
+    ``entropy`` (slabs recomputed in backward, as the trainer's scoring) and ``kl`` (``kl_fn``: the
+    full-vocabulary reverse KL, or the forward one).
 
-    ``teacher_tokens``: also the teacher's log-probs of the sampled tokens, ``t_logp [n, l]`` (no gradient), from
-    the same hidden states, as a fourth value: an ``opd.horizon`` other than ``all`` finds a rollout's first
-    divergence by their k1."""
+    ``teacher_tokens``: also the teacher's log-probs of the sampled tokens (``teacher_logp``), from the same
+    hidden states: an ``opd.horizon`` other than ``all`` finds a rollout's first divergence by their k1. Without
+    it they are not computed (a head pass over every slab that ``horizon: all`` does not need)."""
     from vold_pl.rl.logprobs import token_logprobs_from_hidden
 
     hidden, head = rollout_hidden(model, rollout)  # [n, l, H]
@@ -128,8 +141,8 @@ def policy_scores_and_full_kl(model: torch.nn.Module, rollout: Rollout, t_hidden
     kl = sliced_full_kl(hidden, head, t_hidden, t_head, temperature, blocked, top_k, chunk_size,
                         mask=rollout.completion_mask, kl_fn=kl_fn)
     if not teacher_tokens:
-        return logp, ent, kl
+        return PolicyScores(logp, ent, kl, None)
     with torch.no_grad():
         t_logp = token_logprobs_from_hidden(t_hidden, t_head, rollout.completion_ids, chunk_size=chunk_size,
                                             temperature=temperature, blocked_ids=blocked)  # [n, l]
-    return logp, ent, kl, t_logp
+    return PolicyScores(logp, ent, kl, t_logp)
