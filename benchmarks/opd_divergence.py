@@ -13,6 +13,15 @@ and each continuation is scored with the accuracy reward. Before near 1 and afte
 where the student went wrong, and the teacher's own choice there (``teacher_top``) is the correction OPD distils.
 Before well below 1: the student's prefix had already gone wrong where the teacher did not notice it.
 
+With ``--student-continues`` the student, too, continues greedily from its own prefix, with its image:
+
+- **corrected**: the teacher's token at t* in place of its own (what a student that had learnt that correction,
+  and nothing else, would go on from);
+- **kept**: its own token at t* (the same greedy decoding, without the correction).
+
+Corrected well above kept: one token's correction turns failed rollouts into right ones. Corrected near kept: the
+student goes wrong again after it, and the first divergence's correction alone does not make the answer.
+
     python benchmarks/opd_divergence.py --student runs/quickstart/seed0/cold_start/export \\
         --teacher vold_pl/toy/pretrained/teacher --data artifacts/data/val.jsonl \\
         --out benchmarks/results/opd_divergence/cold_start.json
@@ -65,23 +74,44 @@ def build_module(student: str, teacher: str, group_size: int, temperature: float
 
 @torch.no_grad()
 def teacher_continues(teacher, tokenizer, prompt_ids: torch.Tensor, completion_ids: torch.Tensor, cut: int,
-                      max_new_tokens: int) -> tuple[str, str]:
+                      max_new_tokens: int) -> tuple[str, int]:
     """The teacher's greedy continuation from its prompt ``[S]`` and the student's first ``cut`` completion tokens
-    ``[L]``: the completion text (the student's prefix, then the teacher's tokens), and the teacher's top token at
-    ``cut``."""
+    ``[L]``: the completion text (the student's prefix, then the teacher's tokens), and the id of the teacher's top
+    token at ``cut``."""
     ids = torch.cat([prompt_ids, completion_ids[:cut]]).unsqueeze(0)  # [1, S + cut]
     out = teacher.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                            do_sample=False, pad_token_id=tokenizer.pad_token_id)  # [1, S + cut + new]
     text = tokenizer.decode(torch.cat([completion_ids[:cut], out[0, ids.size(1):]]), skip_special_tokens=True)
-    return text, tokenizer.decode(out[0, ids.size(1): ids.size(1) + 1])
+    return text, int(out[0, ids.size(1)])
+
+
+@torch.no_grad()
+def student_continues(module, prompt: dict, completion_ids: torch.Tensor, max_new_tokens: int
+                      ) -> tuple[str, torch.Tensor]:
+    """The student's greedy continuation, under its own view (``prompt``: a one-row :class:`PromptCollator` batch,
+    its image included), of the completion tokens ``[c]`` it is given; the sampler's blocked ids are never emitted.
+    Returns the completion text (the given tokens, then the student's) and the student's new tokens ``[new]``."""
+    from vold_pl.rl.rollout_types import blocked_token_ids
+
+    tok = module.tokenizer
+    ids = torch.cat([prompt["input_ids"][0], completion_ids]).unsqueeze(0)  # [1, P + c]
+    extra = {k: v for k, v in prompt.items() if k in ("pixel_values", "image_grid_thw")}
+    if "mm_token_type_ids" in prompt:  # the given completion tokens are text
+        extra["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"][0], torch.zeros_like(completion_ids)])[None]
+    out = module.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                do_sample=False, pad_token_id=tok.pad_token_id,
+                                bad_words_ids=[[b] for b in blocked_token_ids(tok)], **extra)  # [1, P + c + new]
+    new = out[0, ids.size(1):]  # [new]
+    return tok.decode(torch.cat([completion_ids, new]), skip_special_tokens=True), new
 
 
 def diagnose(module, records: list, nats: float, batch_size: int = 8, max_new_tokens: int = 160,
-             progress=print) -> list[dict]:
+             progress=print, student: bool = False) -> list[dict]:
     """One row per rollout: ``id``, ``success`` (accuracy reward), ``length``, ``completion``, ``t_star`` (None:
     no divergence) and its ``k1``; failed rollouts with a divergence add ``prefix`` (the student's text before
     t*), ``student_token``, ``teacher_top``, ``before``/``after`` (the teacher's continuations) and
-    ``before_ok``/``after_ok``."""
+    ``before_ok``/``after_ok``; with ``student`` also ``corrected``/``kept`` (the student's continuations, module
+    docstring) and ``corrected_ok``/``kept_ok``."""
     from vold_pl.data.collate import PromptCollator
     from vold_pl.data.sources import to_dataset
     from vold_pl.rewards.functions import get_reward
@@ -112,9 +142,16 @@ def diagnose(module, records: list, nats: float, batch_size: int = 8, max_new_to
                 before, top = teacher_continues(teacher, tok, prompt, comp, t_star, max_new_tokens)
                 after, _ = teacher_continues(teacher, tok, prompt, comp, t_star + 1, max_new_tokens)
                 row.update(prefix=tok.decode(comp[:t_star]), student_token=tok.decode(comp[t_star: t_star + 1]),
-                           teacher_top=top, before=before, after=after,
+                           teacher_top=tok.decode([top]), before=before, after=after,
                            before_ok=accuracy(before, SimpleNamespace(**rec)),
                            after_ok=accuracy(after, SimpleNamespace(**rec)))
+                if student:
+                    one = collate([ds[start + i // G]])  # the student's own prompt and image, unpadded
+                    fixed = torch.cat([comp[:t_star], comp.new_tensor([top])])  # [t* + 1]
+                    row["corrected"], _ = student_continues(module, one, fixed, max_new_tokens)
+                    row["kept"], _ = student_continues(module, one, comp[: t_star + 1], max_new_tokens)
+                    row["corrected_ok"] = accuracy(row["corrected"], SimpleNamespace(**rec))
+                    row["kept_ok"] = accuracy(row["kept"], SimpleNamespace(**rec))
             rows.append(row)
         progress(f"[opd_divergence] {min(start + batch_size, len(records))}/{len(records)} problems")
     return rows
@@ -140,6 +177,9 @@ def summarize(rows: list[dict]) -> dict:
         "teacher_before": share(before := [r["before_ok"] for r in cont]), "teacher_before_ci": ci(before),
         "teacher_after": share(after := [r["after_ok"] for r in cont]), "teacher_after_ci": ci(after),
         "teacher_top_is_student_token": sum(r["teacher_top"] == r["student_token"] for r in cont),
+        **({"student_corrected": share(fixed := [r["corrected_ok"] for r in cont]), "student_corrected_ci": ci(fixed),
+            "student_kept": share(kept := [r["kept_ok"] for r in cont]), "student_kept_ci": ci(kept)}
+           if cont and "corrected_ok" in cont[0] else {}),
         "relative_position": share([r["t_star"] / r["length"] for r in cont]),
         # in the completion's first sentence (the toy's facts statement, "I see red squares 1, ..."), or after it
         "in_first_sentence": share(["." not in r["prefix"] for r in cont]),
@@ -161,6 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0, help="seeds the sampling")
     p.add_argument("--out", required=True, help="JSON written with the arguments and the summary")
     p.add_argument("--rows", default=None, help="JSONL written with one row per rollout (texts included)")
+    p.add_argument("--student-continues", action="store_true",
+                   help="the student, too, continues each failed rollout greedily: with the teacher's token at t* "
+                        "(corrected) and with its own (kept)")
     args = p.parse_args(argv)
 
     from lightning.pytorch import seed_everything
@@ -171,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     records, _ = read_records(args.data)
     records = records[: args.limit] if args.limit else records
     module = build_module(args.student, args.teacher, args.group_size, args.temperature, args.max_new_tokens)
-    rows = diagnose(module, records, args.nats)
+    rows = diagnose(module, records, args.nats, student=args.student_continues)
     summary = summarize(rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
