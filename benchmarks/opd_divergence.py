@@ -157,6 +157,16 @@ def diagnose(module, records: list, nats: float, batch_size: int = 8, max_new_to
     return rows
 
 
+def student_summary(cont: list[dict], share, ci) -> dict:
+    """The student's continuations (``--student-continues``) of the failed rollouts ``cont``: right with the
+    teacher's token at t* and with its own, over all of them and over those whose t* is decisive."""
+    decisive = [r for r in cont if r["before_ok"] == 1 and r["after_ok"] == 0]
+    return {"student_corrected": share(fixed := [r["corrected_ok"] for r in cont]), "student_corrected_ci": ci(fixed),
+            "student_kept": share(kept := [r["kept_ok"] for r in cont]), "student_kept_ci": ci(kept),
+            "student_corrected_decisive": share([r["corrected_ok"] for r in decisive]),
+            "student_kept_decisive": share([r["kept_ok"] for r in decisive])}
+
+
 def summarize(rows: list[dict]) -> dict:
     """Shares over the rollouts (bootstrap 95% intervals over rollouts for the teacher's continuations)."""
     failed = [r for r in rows if r["success"] == 0]
@@ -177,9 +187,9 @@ def summarize(rows: list[dict]) -> dict:
         "teacher_before": share(before := [r["before_ok"] for r in cont]), "teacher_before_ci": ci(before),
         "teacher_after": share(after := [r["after_ok"] for r in cont]), "teacher_after_ci": ci(after),
         "teacher_top_is_student_token": sum(r["teacher_top"] == r["student_token"] for r in cont),
-        **({"student_corrected": share(fixed := [r["corrected_ok"] for r in cont]), "student_corrected_ci": ci(fixed),
-            "student_kept": share(kept := [r["kept_ok"] for r in cont]), "student_kept_ci": ci(kept)}
-           if cont and "corrected_ok" in cont[0] else {}),
+        # the t* that decide the teacher's answer (right before it, wrong with the student's token kept)
+        "decisive": share([r["before_ok"] == 1 and r["after_ok"] == 0 for r in cont]),
+        **(student_summary(cont, share, ci) if cont and "corrected_ok" in cont[0] else {}),
         "relative_position": share([r["t_star"] / r["length"] for r in cont]),
         # in the completion's first sentence (the toy's facts statement, "I see red squares 1, ..."), or after it
         "in_first_sentence": share(["." not in r["prefix"] for r in cont]),
