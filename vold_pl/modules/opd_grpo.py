@@ -133,8 +133,8 @@ class OPDConfig:
             GKD's on-policy forward KL; its gradient ``π_θ − π_T`` raises the teacher's choice even where the
             student gives it little mass; logged as ``opd/forward_kl``).
         mode: ``loss`` (λ·KL added to the GRPO loss, VOLD) or ``advantage`` (A_t = A − λ·g·sg(k1_t), k1 taken
-            at sampling time). ``advantage`` needs ``estimator: k1``: a full-vocabulary KL of a position does not depend
-            on the sampled token, so as an advantage it has zero expected gradient.
+            at sampling time). ``advantage`` needs ``estimator: k1``: a full-vocabulary KL of a position does not
+            depend on the sampled token, so as an advantage it has zero expected gradient.
         top_k: with ``estimator: full``, restrict the KL to the student's top-k tokens (``forward``: the
             teacher's top-k; 0 = whole vocabulary).
         horizon: which tokens of a gated rollout are distilled: ``all`` (the papers) or ``first_divergence``
@@ -144,7 +144,8 @@ class OPDConfig:
             by the sampled tokens' k1 with either estimator: with ``full`` the teacher's whole next-token
             distribution is distilled at those positions, its choice at the divergence included.
             ``at_divergence``: that first divergent token alone, the teacher's correction without the tokens
-            before it (best with ``full``, which carries the teacher's own choice there).
+            before it (with ``full`` or ``forward``, which carry the teacher's own choice there; k1 only pushes
+            the student's token down).
         divergence_nats: the k1 (log π_old − log π_T of the sampled token, nats) above which a token is the
             rollout's first divergence (5 nats: the teacher finds it about 150 times less likely than the student).
     """

@@ -36,8 +36,9 @@ def sliced_full_kl(student_hidden: torch.Tensor, student_head, teacher_hidden: t
                    chunk_size: int = 1024, mask: torch.Tensor | None = None,
                    kl_fn: Callable[..., torch.Tensor] = full_reverse_kl) -> torch.Tensor:
     """Per-position KL ``[n, l]`` (``kl_fn``: :func:`~vold_pl.rl.losses.full_reverse_kl`, or
-    :func:`~vold_pl.rl.losses.full_forward_kl`) from the two models' final hidden states ``[n, l, H]`` / ``[n, l, H_T]``
-    (aligned: position t predicts completion token t), one ``[chunk_size, V]`` slab of logits at a time.
+    :func:`~vold_pl.rl.losses.full_forward_kl`) from the two models' final hidden states ``[n, l, H]`` /
+    ``[n, l, H_T]`` (aligned: position t predicts completion token t), one ``[chunk_size, V]`` slab of logits at
+    a time.
     Differentiable w.r.t. the student (hidden states and head); the teacher is a constant.
 
     ``mask [n, l]``: the completion tokens. Outside it the teacher's logits are replaced by the student's own
