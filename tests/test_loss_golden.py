@@ -73,35 +73,27 @@ def _softmax(xs: list[float]) -> list[float]:
     return [0.0 if x == -math.inf else math.exp(x - m) / z for x in xs]
 
 
-def _full_kl_and_grad(s: list[float], t: list[float], top_k: int) -> tuple[float, list[float]]:
-    """KL(softmax(s) ‖ softmax(t)) over the tokens the student may emit, or over its top-k (both renormalised
-    there), and its gradient w.r.t. the logits s: p_v (log p_v − log q_v − KL) on the support, 0 elsewhere."""
-    support = [v for v in range(V) if s[v] != -math.inf]
+def _full_kl_and_grad(s: list[float], t: list[float], top_k: int, forward: bool = False
+                      ) -> tuple[float, list[float]]:
+    """KL(p ‖ q) of p = softmax(s), q = softmax(t) (``forward``: KL(q ‖ p)) over the tokens the expectation's
+    distribution may emit, or over its top-k (both renormalised there), and its gradient w.r.t. the student's
+    logits s on that support, 0 elsewhere: p_v (log p_v − log q_v − KL), or (forward) p_v − q_v."""
+    under = t if forward else s
+    support = [v for v in range(V) if under[v] != -math.inf]
     if top_k:
-        p_all = _softmax(s)
-        support = sorted(support, key=lambda v: -p_all[v])[:top_k]
+        u_all = _softmax(under)
+        support = sorted(support, key=lambda v: -u_all[v])[:top_k]
     p = dict(zip(support, _softmax([s[v] for v in support])))
     q = dict(zip(support, _softmax([t[v] for v in support])))
-    kl = sum(p[v] * (math.log(p[v]) - math.log(q[v])) for v in support)
     grad = [0.0] * V
+    if forward:
+        kl = sum(q[v] * (math.log(q[v]) - math.log(p[v])) for v in support)
+        for v in support:
+            grad[v] = p[v] - q[v]
+        return kl, grad
+    kl = sum(p[v] * (math.log(p[v]) - math.log(q[v])) for v in support)
     for v in support:
         grad[v] = p[v] * (math.log(p[v]) - math.log(q[v]) - kl)
-    return kl, grad
-
-
-def _forward_kl_and_grad(s: list[float], t: list[float], top_k: int) -> tuple[float, list[float]]:
-    """KL(softmax(t) ‖ softmax(s)) over the tokens the teacher may emit, or over its top-k (both renormalised
-    there), and its gradient w.r.t. the student's logits s: p_v − q_v on the support, 0 elsewhere."""
-    support = [v for v in range(V) if t[v] != -math.inf]
-    if top_k:
-        q_all = _softmax(t)
-        support = sorted(support, key=lambda v: -q_all[v])[:top_k]
-    p = dict(zip(support, _softmax([s[v] for v in support])))
-    q = dict(zip(support, _softmax([t[v] for v in support])))
-    kl = sum(q[v] * (math.log(q[v]) - math.log(p[v])) for v in support)
-    grad = [0.0] * V
-    for v in support:
-        grad[v] = p[v] - q[v]
     return kl, grad
 
 
@@ -136,8 +128,8 @@ def _by_hand(d, *, estimator, mode, gate, beta, agg, mu, top_k, horizon="all", n
             if estimator == "k1":
                 kl = lp - tl if g > 0 else float("nan")
             else:
-                kl_and_grad = _full_kl_and_grad if estimator == "full" else _forward_kl_and_grad
-                kl, kl_grad = kl_and_grad(d["s_logits"][i, t].tolist(), d["t_logits"][i, t].tolist(), top_k)
+                kl, kl_grad = _full_kl_and_grad(d["s_logits"][i, t].tolist(), d["t_logits"][i, t].tolist(), top_k,
+                                                forward=estimator == "forward")
             if g > 0:
                 kl_sum, kl_n = kl_sum + kl, kl_n + 1
             # Advantage of the token: advantage mode subtracts lam * g * k1 at sampling time (pi_old).

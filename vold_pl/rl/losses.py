@@ -356,6 +356,25 @@ def sampled_reverse_kl(
     return k1.detach() + coef * (ratio - ratio.detach())
 
 
+def _paired_log_probs(student: torch.Tensor, teacher: torch.Tensor, top_k: int | None, renormalize: bool,
+                      by: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both models' float32 log-probs ``[N, L, V]`` (the teacher's detached), or, with ``top_k``, on the k most
+    likely tokens of ``by`` (``"student"`` or ``"teacher"``: the distribution the KL is an expectation under)
+    ``[N, L, k]``, renormalised there unless ``renormalize`` is False."""
+    if student.shape != teacher.shape:
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} vocab/shape differ")
+    s = F.log_softmax(student.float(), dim=-1)  # [N, L, V]
+    t = F.log_softmax(teacher.detach().float(), dim=-1)  # [N, L, V]
+    if top_k is not None and top_k < s.shape[-1]:
+        idx = (s if by == "student" else t).detach().topk(top_k, dim=-1).indices  # [N, L, k]
+        s = s.gather(-1, idx)  # [N, L, k]
+        t = t.gather(-1, idx)  # [N, L, k]
+        if renormalize:
+            s = s - s.logsumexp(-1, keepdim=True)  # [N, L, k]
+            t = t - t.logsumexp(-1, keepdim=True)  # [N, L, k]
+    return s, t
+
+
 def full_reverse_kl(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -380,17 +399,7 @@ def full_reverse_kl(
     Shapes: ``[N, L, V], [N, L, V] -> [N, L]``. Materialises a few ``[N, L, V]`` float32 tensors: chunk the
     positions in the caller for large vocabularies.
     """
-    if student.shape != teacher.shape:
-        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} vocab/shape differ")
-    s = F.log_softmax(student.float(), dim=-1)  # [N, L, V]
-    t = F.log_softmax(teacher.detach().float(), dim=-1)  # [N, L, V]
-    if top_k is not None and top_k < s.shape[-1]:
-        idx = s.detach().topk(top_k, dim=-1).indices  # [N, L, k]
-        s = s.gather(-1, idx)  # [N, L, k]
-        t = t.gather(-1, idx)  # [N, L, k]
-        if renormalize:
-            s = s - s.logsumexp(-1, keepdim=True)  # [N, L, k]
-            t = t - t.logsumexp(-1, keepdim=True)  # [N, L, k]
+    s, t = _paired_log_probs(student, teacher, top_k, renormalize, by="student")  # [N, L, V] or [N, L, k]
     # 0 * (-inf - -inf) would be NaN; masked_fill (not where) keeps the backward free of 0 * NaN as well.
     diff = (s - t).masked_fill(s == float("-inf"), 0.0)  # [N, L, V]
     return (s.exp() * diff).sum(-1)  # [N, L]
@@ -419,17 +428,7 @@ def full_forward_kl(
 
     Shapes: ``[N, L, V], [N, L, V] -> [N, L]``.
     """
-    if student.shape != teacher.shape:
-        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} vocab/shape differ")
-    s = F.log_softmax(student.float(), dim=-1)  # [N, L, V]
-    t = F.log_softmax(teacher.detach().float(), dim=-1)  # [N, L, V]
-    if top_k is not None and top_k < t.shape[-1]:
-        idx = t.topk(top_k, dim=-1).indices  # [N, L, k]
-        s = s.gather(-1, idx)  # [N, L, k]
-        t = t.gather(-1, idx)  # [N, L, k]
-        if renormalize:
-            s = s - s.logsumexp(-1, keepdim=True)  # [N, L, k]
-            t = t - t.logsumexp(-1, keepdim=True)  # [N, L, k]
+    s, t = _paired_log_probs(student, teacher, top_k, renormalize, by="teacher")  # [N, L, V] or [N, L, k]
     diff = (t - s).masked_fill(t == float("-inf"), 0.0)  # [N, L, V]: 0 where the teacher gives no mass
     return (t.exp() * diff).sum(-1)  # [N, L]
 
