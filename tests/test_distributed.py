@@ -291,7 +291,7 @@ RUN_SCRIPT = textwrap.dedent('''
                 diffs[name] = float((lp - ref_plain).abs().max())
             teacher_plain, _ = load_model(pl_module.teacher_spec)
             tp = model_token_logprobs(teacher_plain.eval(), ids, attn, start)
-            ts = model_token_logprobs(pl_module._frozen["teacher"], ids, attn, start, chunk_size=3)
+            ts = model_token_logprobs(pl_module.teacher, ids, attn, start, chunk_size=3)
             diffs["teacher"] = float((ts - tp).abs().max())
             self.info["logprob_maxdiff"] = diffs
 

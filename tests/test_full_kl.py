@@ -108,7 +108,7 @@ def test_step_equals_the_whole_logits_step(full_module, estimator, horizon):
     ids, attn, extra = rollout_model_inputs(ro, vision=True)
     P = ro.prompt_ids.size(1)
     tin = build_teacher_inputs(module.teacher_tokenizer, batch["records"], ro.completion_ids, ro.completion_mask, 4)
-    t_logits = teacher_completion_logits(module._frozen["teacher"], tin, T, ro.blocked_ids)  # [N, L, V]
+    t_logits = teacher_completion_logits(module.teacher, tin, T, ro.blocked_ids)  # [N, L, V]
     t_logp = token_logprobs_from_logits(t_logits, ro.completion_ids)  # [N, L]
     mask = ro.completion_mask.bool()  # [N, L]
     if horizon != "all":  # a threshold that cuts rollouts in their middle: the median k1 of the sampled tokens
@@ -148,7 +148,7 @@ def test_step_equals_the_whole_logits_step(full_module, estimator, horizon):
 def test_teacher_prompt_runs_once_per_group(full_module):
     module, batch = full_module
     rows: list[tuple[int, int]] = []
-    emb = module._frozen["teacher"].model.embed_tokens
+    emb = module.teacher.model.embed_tokens
     h = emb.register_forward_hook(lambda m, a, o: rows.append(tuple(a[0].shape)))
     try:
         step = module.build_experience(batch)
@@ -171,7 +171,7 @@ def test_k1_teacher_scores_run_each_teacher_prompt_once(full_module):
     saved = module.opd
     module.opd = dc_replace(saved, estimator="k1")
     rows: list[int] = []
-    emb = module._frozen["teacher"].model.embed_tokens
+    emb = module.teacher.model.embed_tokens
     h = emb.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0]))
     try:
         step = module.build_experience(batch)
@@ -181,7 +181,7 @@ def test_k1_teacher_scores_run_each_teacher_prompt_once(full_module):
     assert rows == [1, 4, 1, 4], rows
     ro = step.rollout
     tin = build_teacher_inputs(module.teacher_tokenizer, batch["records"], ro.completion_ids, ro.completion_mask, 4)
-    ref = teacher_token_logprobs(module._frozen["teacher"], tin, module.sampling.temperature,
+    ref = teacher_token_logprobs(module.teacher, tin, module.sampling.temperature,
                                  blocked_ids=ro.blocked_ids)  # [N, L]
     m = ro.completion_mask.bool()
     torch.testing.assert_close(step.experience.teacher_logp[m], ref[m], atol=1e-5, rtol=0)

@@ -462,7 +462,7 @@ def test_fit_logs_metrics_and_updates_weights(combo, tiny_models, synth_data, tm
     assert all(torch.equal(probe.steps[0][0][k], v) for k, v in initial.items() if k in probe.steps[0][0])
     assert any("pixel_values" in ro.extra for _, ro in probe.rollouts), "no batch with an image row"
     for b, (records, ro) in enumerate(probe.rollouts):
-        teacher_lp = (_teacher_scores(module._frozen["teacher"], module.teacher_tokenizer, records, ro)
+        teacher_lp = (_teacher_scores(module.teacher, module.teacher_tokenizer, records, ro)
                       if opts["lam"] > 0 else None)
         with torch.no_grad():
             load(probe.steps[b * mu][0])
@@ -621,7 +621,7 @@ def test_advantage_mode_survives_a_teacher_that_gives_padding_no_mass(tiny_model
     module = _module(tiny_models, lam=1.0, gate="all", mode="advantage", G=4, max_new_tokens=64, agg="token")
     module.rollout_engine = engine = _CapturingEngine(module.tokenizer, script)
     module.configure_model()
-    teacher = module._frozen["teacher"]
+    teacher = module.teacher
     head = torch.nn.Linear(teacher.lm_head.in_features, teacher.lm_head.out_features, bias=True)
     with torch.no_grad():
         head.weight.copy_(teacher.lm_head.weight)

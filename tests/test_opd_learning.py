@@ -82,7 +82,7 @@ def _module(tiny_models, rewards, *, lam=0.0, estimator="k1", mode="loss", gate=
 
 def _bias_teacher(module: OPDGRPOModule, bias: torch.Tensor) -> torch.nn.Module:
     """Give the frozen teacher's output layer a fixed bias: a context-free preference over tokens."""
-    teacher = module._frozen["teacher"]
+    teacher = module.teacher
     old = teacher.lm_head
     head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
     with torch.no_grad():
@@ -129,7 +129,7 @@ def _exact_kl_and_blocked_mass(module: OPDGRPOModule, batch: dict, G: int = 4,
     renormalised), by
     full-vocabulary forward passes; and the mean mass the *unmasked* student puts on the blocked ids (what
     plain ``transformers`` generation of an export would emit)."""
-    model, teacher = module.model.eval(), module._frozen["teacher"].eval()
+    model, teacher = module.model.eval(), module.teacher.eval()
     tok = module.tokenizer
     blocked = list(blocked_token_ids(tok))
     torch.manual_seed(1234)

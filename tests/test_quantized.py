@@ -157,8 +157,8 @@ def test_opd_module_loads_a_quantized_teacher(tiny_models):
                            teacher=ModelSpec(str(tiny_models["teacher"]), quantization="4bit"),
                            opd=OPDConfig(lam=0.5), export=False)
     module.configure_model()
-    teacher = module._frozen["teacher"]
+    teacher = module.teacher
     assert any(type(m).__name__ == "Linear4bit" for m in teacher.modules())
     assert not any(p.requires_grad for p in teacher.parameters())
     module.on_fit_start()  # moves unquantized frozen models to the device; a quantized one stays as loaded
-    assert module._frozen["teacher"] is teacher and is_quantized(teacher)
+    assert module.teacher is teacher and is_quantized(teacher)
