@@ -7,8 +7,8 @@ steps and measures behaviour, so a broken estimator, sign, gate or aggregation m
 - OPD alone (a constant reward: every advantage is 0) lowers the *exact* reverse KL of the student to a
   fixed teacher on held-out prompts (full-vocabulary forward passes over the sampler's support, computed here,
   not the logged estimate) for k1 and full in loss mode and k1 in advantage mode, and the exact forward KL
-  for the forward estimator, while the student's mass
-  on the tokens the sampler blocks (vision placeholders) stays ~0;
+  for the forward estimator, while the student's mass on the tokens the sampler blocks (vision placeholders)
+  stays ~0;
 - on a sparse task (reward 1 when the completion contains ``<answer>``, so most groups are all-zero), GRPO +
   OPD from a teacher that knows the answer beats GRPO alone.
 
@@ -126,8 +126,7 @@ def _exact_kl_and_blocked_mass(module: OPDGRPOModule, batch: dict, G: int = 4,
                                forward: bool = False) -> tuple[float, float]:
     """On student samples for the held-out prompts: the mean over completion positions of the exact
     KL(π_θ ‖ π_T) (``forward``: KL(π_T ‖ π_θ)) of the sampler's distributions (blocked ids removed from both,
-    renormalised), by
-    full-vocabulary forward passes; and the mean mass the *unmasked* student puts on the blocked ids (what
+    renormalised), by full-vocabulary forward passes; and the mean mass the *unmasked* student puts on the blocked ids (what
     plain ``transformers`` generation of an export would emit)."""
     model, teacher = module.model.eval(), module.teacher.eval()
     tok = module.tokenizer
