@@ -126,8 +126,8 @@ def _exact_kl_and_blocked_mass(module: OPDGRPOModule, batch: dict, G: int = 4,
                                forward: bool = False) -> tuple[float, float]:
     """On student samples for the held-out prompts: the mean over completion positions of the exact
     KL(π_θ ‖ π_T) (``forward``: KL(π_T ‖ π_θ)) of the sampler's distributions (blocked ids removed from both,
-    renormalised), by full-vocabulary forward passes; and the mean mass the *unmasked* student puts on the blocked ids (what
-    plain ``transformers`` generation of an export would emit)."""
+    renormalised), by full-vocabulary forward passes; and the mean mass the *unmasked* student puts on the
+    blocked ids (what plain ``transformers`` generation of an export would emit)."""
     model, teacher = module.model.eval(), module.teacher.eval()
     tok = module.tokenizer
     blocked = list(blocked_token_ids(tok))
