@@ -71,3 +71,44 @@ def test_example_configs_parse_stacked(capsys, monkeypatch):
     assert args["log_completions_every_n_steps"] == 10
     push = printed["trainer"]["callbacks"][0]
     assert push["class_path"] == "vold_pl.export.PushToHub" and push["init_args"]["repo_id"] == "me/tiny"
+
+
+def test_a_list_given_on_the_command_line_replaces_the_configs_list(capsys, monkeypatch):
+    """jsonargparse merges a list given on the command line with the config's list of the same length, item by
+    item: a benchmark given over configs/quickstart/bench.yaml kept its ``loader: synthetic`` and a val source its
+    ``limit: 8``. Each item given is now whole: the fields it does not name take their defaults."""
+    from dataclasses import asdict
+
+    from vold_pl.callbacks.benchmark import BenchmarkSpec
+    from vold_pl.data.sources import DataSource
+
+    monkeypatch.chdir(REPO)
+    base = ["validate", "--config", "configs/quickstart/bench.yaml"]
+    printed = _print_config(base, capsys)  # what the config's items hold, which must not leak
+    assert printed["trainer"]["callbacks"][0]["init_args"]["benchmarks"][0]["loader"] == "synthetic"
+    assert printed["data"]["val"][0]["limit"] == 8
+    printed = _print_config([*base, "--trainer.callbacks.init_args.benchmarks",
+                             '[{"name": "mathvista", "path": "mv", "limit": 5}]',
+                             "--data.val=[{path: v.jsonl, weight: 2.0}]"], capsys)
+    assert printed["trainer"]["callbacks"][0]["init_args"]["benchmarks"] == [
+        asdict(BenchmarkSpec("mathvista", "mv", limit=5))]
+    assert printed["data"]["val"] == [asdict(DataSource("v.jsonl", weight=2.0))]
+
+
+def test_whole_list_items_fills_only_lists_of_items_of_the_known_options():
+    import json
+
+    from vold_pl.cli import whole_list_items
+    from vold_pl.data.curriculum import CurriculumStage
+
+    argv = ["fit", "--trainer.callbacks.stages=[{name: yesno, steps: 3}]", "--data.train", "train.yaml",
+            "--data.val", "[{path: v.jsonl}, {path: w.jsonl, limit: 2}]", "--model.model.name_or_path", "[{a: 1}]",
+            "--data.test", "[{path: [unclosed"]
+    out = whole_list_items(argv)
+    stages = json.loads(out[1].split("=", 1)[1])
+    assert [CurriculumStage(**s) for s in stages] == [CurriculumStage("yesno", steps=3)]
+    assert set(stages[0]) == {f for f in CurriculumStage.__dataclass_fields__}  # every field written out
+    assert out[2:4] == ["--data.train", "train.yaml"]  # a file or a path: as given
+    val = json.loads(out[5])
+    assert [(v["path"], v["limit"], v["weight"]) for v in val] == [("v.jsonl", None, 1.0), ("w.jsonl", 2, 1.0)]
+    assert out[6:] == argv[6:]  # not a list option (model path), and a value the parser will refuse: untouched

@@ -221,6 +221,77 @@ def check_config_files(args: list[str]) -> None:
             raise SystemExit(2)
 
 
+def list_option_items() -> dict[str, tuple[str, type]]:
+    """The options whose value is a list of dataclass items, by their last key: ``(what the full key starts with,
+    the item's dataclass)``, read from the signatures of the data module and the callbacks that take such lists
+    (the data sources, ``benchmarks``, the curriculum's ``stages``)."""
+    import dataclasses
+    import types
+    import typing
+
+    from vold_pl.callbacks.benchmark import BenchmarkCallback
+    from vold_pl.callbacks.curriculum import Curriculum
+
+    out: dict[str, tuple[str, type]] = {}
+    for prefix, cls in (("data.", ReasoningDataModule), ("trainer.callbacks", BenchmarkCallback),
+                        ("trainer.callbacks", Curriculum)):
+        for name, hint in typing.get_type_hints(cls.__init__).items():
+            arms = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+            for arm in arms:
+                item = typing.get_args(arm)[0] if typing.get_origin(arm) is list and typing.get_args(arm) else None
+                if item is not None and dataclasses.is_dataclass(item):
+                    out[name] = (prefix, item)
+    return out
+
+
+def whole_list_items(argv: list[str]) -> list[str]:
+    """``argv`` with every list of dataclass items given on the command line (``--data.val '[{path: v.jsonl}]'``)
+    made whole: each item's unnamed fields written out at their defaults.
+
+    Why: jsonargparse merges a list given on the command line with the config's list of the same length, item by
+    item, so ``--data.val '[{path: v.jsonl}]'`` over a config whose one val source has ``limit: 32`` kept the
+    limit, and a benchmark given over ``configs/quickstart/bench.yaml`` kept ``loader: synthetic``; a list of
+    another length was taken as given. A list on the command line now always replaces the config's. (A second
+    ``--config`` file's list still merges with the first's, as jsonargparse composes config files.)"""
+    import dataclasses
+    import json
+
+    import yaml
+
+    items = list_option_items()
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        key, eq, value = a[2:].partition("=") if a.startswith("--") else ("", "", "")
+        spec = items.get(key.rsplit(".", 1)[-1]) if key else None
+        if spec is None or not key.startswith(spec[0]) or (not eq and i + 1 >= len(argv)):
+            out.append(a)
+            i += 1
+            continue
+        if not eq:
+            value, i = argv[i + 1], i + 1
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = None  # the parser reports it
+        if isinstance(parsed, list) and parsed and all(isinstance(x, dict) for x in parsed):
+            def whole(item: dict) -> dict:
+                full = {}
+                for f in dataclasses.fields(spec[1]):
+                    if f.name in item:
+                        continue
+                    if f.default is not dataclasses.MISSING:
+                        full[f.name] = f.default
+                    elif f.default_factory is not dataclasses.MISSING:
+                        full[f.name] = f.default_factory()
+                return {**item, **full}
+
+            value = json.dumps([whole(x) for x in parsed])
+        out.extend([f"--{key}={value}"] if eq else [f"--{key}", value])
+        i += 1
+    return out
+
+
 _ABSENT = object()
 
 
@@ -276,6 +347,13 @@ def main(args: list[str] | None = None) -> None:
         else:
             args = argv
     check_config_files(argv)
+    whole = whole_list_items(argv)
+    if whole != argv:
+        argv = whole
+        if args is None:
+            sys.argv[1:] = argv  # launched ranks read sys.argv again
+        else:
+            args = argv
     try:
         configure_cpu_threads()  # process set-up, here once (launched ranks run main again)
         VoldCLI(
