@@ -451,3 +451,32 @@ def test_the_readme_figures_are_those_of_the_shipped_models():
     assert all(0.0 <= r["predicted"][0] <= r["range"][0] <= r["range"][1] <= r["predicted"][1] <= 1.0
                for r in ref["rows"].values())
     assert len(ref["machines"]) == len(ref["seeds"]) and all(ref["machines"].values())  # each seed's machine known
+
+
+def test_rl_steps_reach_both_arms_and_keep_a_run_out_of_the_readme_spread(tmp_path):
+    from vold_pl.quickstart import RL_CONFIGS, declared_rl_steps, placement_reference, rl_job
+
+    n = declared_rl_steps()
+    jobs = {name: rl_job(tmp_path, tmp_path, name, config, tmp_path / "cold") for name, config in RL_CONFIGS.items()}
+    assert all("--trainer.max_steps" not in args for args, _, _ in jobs.values())
+    # the configs' own count is not written out, so the keys of runs made before the option still match
+    assert rl_job(tmp_path, tmp_path, "vold", RL_CONFIGS["vold"], tmp_path / "cold", steps=n)[0] == jobs["vold"][0]
+    longer = rl_job(tmp_path, tmp_path, "vold", RL_CONFIGS["vold"], tmp_path / "cold", steps=4 * n)[0]
+    assert longer[longer.index("--trainer.max_steps") + 1] == str(4 * n)
+
+    home = tmp_path / "shipped"
+    home.mkdir()
+    (home / MANIFEST).write_text('{"files": {"teacher/model.safetensors": "aa"}}')
+    ref_path = _reference(tmp_path / "ref.json", pretrained_digest(home), {"cold_start": [0.40, 0.37, 0.42]})
+    summary = {"pretrained": {"shipped": True}, "rows": {"cold_start": {"accuracy": 0.4}}}
+    assert placement_reference(summary, ref_path, home) is not None  # a summary from before the option
+    assert placement_reference({**summary, "rl_steps": n}, ref_path, home) is not None
+    assert placement_reference({**summary, "rl_steps": 4 * n}, ref_path, home) is None
+    assert placement_reference({**summary, "pretrained": {"shipped": False}}, ref_path, home) is None
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    for name, config in RL_CONFIGS.items():
+        (configs / config).write_text(f"trainer:\n  max_steps: {n if name == 'vold' else n + 1}\n")
+    with pytest.raises(ValueError, match="different trainer.max_steps"):
+        declared_rl_steps(configs)

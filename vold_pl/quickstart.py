@@ -72,6 +72,7 @@ PRETRAINING_CONFIGS = ("sft_teacher.yaml", "sft_perception.yaml")
 # it): a run's table places its figures in the 95% prediction interval it gives for one more run, when the run
 # started from the same shipped models.
 REFERENCE = ROOT / "benchmarks" / "results" / "shipped_models" / "toy_vold_ablation.json"
+RL_CONFIGS = {"grpo_only": "grpo_only.yaml", "vold": "opd_grpo.yaml"}  # the RL arms, side by side in stage 4
 PLACED_ROWS = ("teacher_greedy", "cold_start", "grpo_only", "vold")  # the rows placed in it (the others read 0)
 STUDENT_STAGES = ("base", "perception", "cold_start", "grpo_only", "vold")
 STAGE_LABELS = {"base": "base student (random init)", "perception": "after perception",
@@ -93,10 +94,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrain", action="store_true",
                         help="train the teacher and the perceiving student (stage 1) from each seed's own initial "
                              "weights instead of starting from the pretrained models shipped in vold_pl/toy/pretrained")
+    parser.add_argument("--rl-steps", type=int, default=None,
+                        help=f"optimizer steps of each RL arm (default: the configs' {declared_rl_steps()}, at which "
+                             f"the README's figures and its spread were measured); the arms learn on with more "
+                             f"(README \"More RL steps\"), at about 1 s a step each on 2 cores. Give another --runs "
+                             f"to keep the default's runs")
     parser.add_argument("--save-pretrained", action="store_true",
                         help="train stage 1 on seed 0 and ship its models in vold_pl/toy/pretrained (make "
                              "toy-pretrained); runs nothing after it")
     args = parser.parse_args(argv)
+    if args.rl_steps is not None and args.rl_steps < 1:
+        parser.error(f"--rl-steps {args.rl_steps}: give a whole number of optimizer steps >= 1 (or leave it out for "
+                     f"the configs' {declared_rl_steps()})")
     if args.cores is not None and args.cores < 1:
         parser.error(f"--cores {args.cores}: give the cores of the thread plan, a whole number >= 1 (or leave it out "
                      f"for this machine's)")
@@ -117,8 +126,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[quickstart] shipped the teacher ({start.teacher}) and the perceiving student ({start.perception}) "
               f"in {home}")
         return
-    summaries = [run_seed(art, runs / f"seed{seed}", seed, args.fresh, pretrain=args.pretrain, cores=args.cores)
-                 for seed in args.seeds]
+    summaries = [run_seed(art, runs / f"seed{seed}", seed, args.fresh, pretrain=args.pretrain, cores=args.cores,
+                          rl_steps=args.rl_steps) for seed in args.seeds]
     for s in summaries:
         print_table(s)
     if len(summaries) > 1:
@@ -204,8 +213,9 @@ def pretrained_models(art: Path, runs: Path, seed: int, stages: StageRunner, pre
 
 
 def run_seed(art: Path, runs: Path, seed: int, fresh: bool = False, in_process: bool = False,
-             pretrain: bool = False, cores: int | None = None) -> dict:
-    """Every stage of the recipe for one training seed under ``runs``; returns (and writes) the summary."""
+             pretrain: bool = False, cores: int | None = None, rl_steps: int | None = None) -> dict:
+    """Every stage of the recipe for one training seed under ``runs``, the RL arms for ``rl_steps`` optimizer steps
+    (default the configs'); returns (and writes) the summary."""
     data = art / "data"
     t_start = time.perf_counter()
     stages = StageRunner(runs, seed, fresh, in_process, cores, art=art)
@@ -229,9 +239,9 @@ def run_seed(art: Path, runs: Path, seed: int, fresh: bool = False, in_process: 
           "--data.val", sources(data / "val.jsonl"), "--trainer.default_root_dir", str(runs / "cold_start")],
          runs / "logs" / "3_cold_start.log", cold / "config.json")])
 
-    rl = {name: runs / name / "export" for name in ("grpo_only", "vold")}
-    stages("4 GRPO only ‖ VOLD", [rl_job(runs, data, "grpo_only", "grpo_only.yaml", cold),
-                                  rl_job(runs, data, "vold", "opd_grpo.yaml", cold, teacher)])
+    rl = {name: runs / name / "export" for name in RL_CONFIGS}
+    stages("4 GRPO only ‖ VOLD", [rl_job(runs, data, name, config, cold, teacher if name == "vold" else None,
+                                         steps=rl_steps) for name, config in RL_CONFIGS.items()])
 
     models = {"base": start.base, "perception": perceive, "cold_start": cold, **rl}
     stages("5 benchmarks", [
@@ -243,6 +253,7 @@ def run_seed(art: Path, runs: Path, seed: int, fresh: bool = False, in_process: 
           for job in benchmark_jobs(runs, stage, path, "bench.yaml", data / "test.jsonl", data, perception=True))])
 
     summary = summarize(runs, data, seed, stages.times, time.perf_counter() - t_start + sum(stages.reused))
+    summary["rl_steps"] = rl_steps or declared_rl_steps()
     summary["teacher_val"] = start.teacher_val  # greedy on the validation text views, before and after each top-up
     summary["pretrained"] = {"shipped": start.shipped, "teacher": str(teacher), "perception": str(perceive)}
     # The machine its stages ran on; when every stage was reused, that of the run which made them.
@@ -289,13 +300,28 @@ def teacher_sft_job(runs: Path, data: Path, init: Path, name: str,
             runs / "logs" / f"1_{name}.log", export / "config.json")
 
 
+def declared_rl_steps(configs: Path = CONFIGS) -> int:
+    """The RL arms' optimizer steps in their configs (``trainer.max_steps``, the same in each)."""
+    import yaml
+
+    steps = {int(yaml.safe_load((configs / c).read_text())["trainer"]["max_steps"]) for c in RL_CONFIGS.values()}
+    if len(steps) != 1:
+        raise ValueError(f"the RL configs {sorted(RL_CONFIGS.values())} in {configs} set different trainer.max_steps "
+                         f"{sorted(steps)}: the two arms must run as many steps")
+    return steps.pop()
+
+
 def rl_job(runs: Path, data: Path, name: str, config: str, init: Path,
-           teacher: Path | None = None) -> tuple[list[str], Path, Path]:
+           teacher: Path | None = None, steps: int | None = None) -> tuple[list[str], Path, Path]:
     """``vold-pl fit`` of an RL stage (``config`` in configs/quickstart) on ``rl.jsonl`` from the student ``init``,
-    with ``teacher`` for OPD; it exports to ``<runs>/<name>/export`` and logs to ``<runs>/logs/4_<name>.log``."""
+    with ``teacher`` for OPD, for ``steps`` optimizer steps (default the config's); it exports to
+    ``<runs>/<name>/export`` and logs to ``<runs>/logs/4_<name>.log``."""
     export = runs / name / "export"
+    # The config's own step count is not written on the command line, so the job's key (JobKeys) stays that of the
+    # runs made before --rl-steps existed, and they are reused.
+    more = ["--trainer.max_steps", str(steps)] if steps is not None and steps != declared_rl_steps() else []
     return (["fit", "--config", str(CONFIGS / config), "--model.init_args.model.name_or_path", str(init),
-             *(["--model.init_args.teacher.name_or_path", str(teacher)] if teacher else []),
+             *(["--model.init_args.teacher.name_or_path", str(teacher)] if teacher else []), *more,
              "--model.init_args.export_dir", str(export),
              "--data.train", sources(data / "rl.jsonl"), "--data.val", sources(data / "val.jsonl"),
              "--trainer.default_root_dir", str(runs / name)], runs / "logs" / f"4_{name}.log", export / "config.json")
@@ -502,6 +528,17 @@ def reference_spread(path: Path = REFERENCE, home: Path = PRETRAINED) -> dict | 
             "rows": {row: spread(v) for row, v in res["quickstart_rows"].items()}}
 
 
+def placement_reference(summary: dict, path: Path = REFERENCE, home: Path = PRETRAINED) -> dict | None:
+    """The README's spread a seed's summary is placed in (:func:`reference_spread`), or None where it does not
+    apply: the run did not start from the shipped models, or its RL arms ran another number of steps than the
+    configs' (those of the README's runs; a summary without ``rl_steps`` predates the option and ran them)."""
+    if not summary.get("pretrained", {}).get("shipped"):
+        return None
+    if summary.get("rl_steps", declared_rl_steps()) != declared_rl_steps():
+        return None
+    return reference_spread(path, home)
+
+
 def print_against_reference(summary: dict, ref: dict) -> None:
     """Where a seed's figures fall against the README's runs over seeds (``ref``: :func:`reference_spread`): inside
     or outside the 95% prediction interval for one more run, beside the seeds' lowest-highest, and the machines of
@@ -643,9 +680,12 @@ def print_table(summary: dict) -> None:
         val = " -> ".join(f"{_pct(a)}%" for a in summary["teacher_val"])
         print(f"teacher greedy on the validation text views: {val} ({len(summary['teacher_val']) - 1} top-up(s); "
               f"target {_pct(TEACHER_TARGET)}%)")
-    ref = reference_spread() if summary.get("pretrained", {}).get("shipped") else None
+    ref = placement_reference(summary)
     if ref:
         print_against_reference(summary, ref)
+    elif summary.get("rl_steps", declared_rl_steps()) != declared_rl_steps():
+        print(f"not placed against the README's seeds: its spread is of {declared_rl_steps()} RL steps, this run's "
+              f"arms ran {summary['rl_steps']}")
     print(f"time per stage: {times}\nquickstart (seed {summary['seed']}) finished in "
           f"{summary['total_seconds'] / 60:.1f} min")
 
