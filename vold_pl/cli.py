@@ -244,6 +244,22 @@ def list_option_items() -> dict[str, tuple[str, type]]:
     return out
 
 
+def _whole_item(cls: type, item: dict) -> dict:
+    """``item`` (a mapping given for dataclass ``cls``) with each field it does not name at its default; a field
+    without a default stays missing, for the parser to report."""
+    import dataclasses
+
+    full = dict(item)
+    for f in dataclasses.fields(cls):
+        if f.name in full:
+            continue
+        if f.default is not dataclasses.MISSING:
+            full[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            full[f.name] = f.default_factory()
+    return full
+
+
 def whole_list_items(argv: list[str]) -> list[str]:
     """``argv`` with every list of dataclass items given on the command line (``--data.val '[{path: v.jsonl}]'``)
     made whole: each item's unnamed fields written out at their defaults.
@@ -253,7 +269,6 @@ def whole_list_items(argv: list[str]) -> list[str]:
     limit, and a benchmark given over ``configs/quickstart/bench.yaml`` kept ``loader: synthetic``; a list of
     another length was taken as given. A list on the command line now always replaces the config's. (A second
     ``--config`` file's list still merges with the first's, as jsonargparse composes config files.)"""
-    import dataclasses
     import json
 
     import yaml
@@ -275,18 +290,7 @@ def whole_list_items(argv: list[str]) -> list[str]:
         except yaml.YAMLError:
             parsed = None  # the parser reports it
         if isinstance(parsed, list) and parsed and all(isinstance(x, dict) for x in parsed):
-            def whole(item: dict) -> dict:
-                full = {}
-                for f in dataclasses.fields(spec[1]):
-                    if f.name in item:
-                        continue
-                    if f.default is not dataclasses.MISSING:
-                        full[f.name] = f.default
-                    elif f.default_factory is not dataclasses.MISSING:
-                        full[f.name] = f.default_factory()
-                return {**item, **full}
-
-            value = json.dumps([whole(x) for x in parsed])
+            value = json.dumps([_whole_item(spec[1], x) for x in parsed])
         out.extend([f"--{key}={value}"] if eq else [f"--{key}", value])
         i += 1
     return out
