@@ -531,12 +531,16 @@ def reference_spread(path: Path = REFERENCE, home: Path = PRETRAINED) -> dict | 
 def placement_reference(summary: dict, path: Path = REFERENCE, home: Path = PRETRAINED) -> dict | None:
     """The README's spread a seed's summary is placed in (:func:`reference_spread`), or None where it does not
     apply: the run did not start from the shipped models, or its RL arms ran another number of steps than the
-    configs' (those of the README's runs; a summary without ``rl_steps`` predates the option and ran them)."""
-    if not summary.get("pretrained", {}).get("shipped"):
-        return None
-    if summary.get("rl_steps", declared_rl_steps()) != declared_rl_steps():
+    configs' (those of the README's runs, :func:`other_rl_steps`)."""
+    if not summary.get("pretrained", {}).get("shipped") or other_rl_steps(summary):
         return None
     return reference_spread(path, home)
+
+
+def other_rl_steps(summary: dict) -> bool:
+    """Whether a seed's RL arms ran another number of steps than the configs' (``--rl-steps``; a summary without
+    ``rl_steps`` predates the option and ran the configs')."""
+    return summary.get("rl_steps", declared_rl_steps()) != declared_rl_steps()
 
 
 def print_against_reference(summary: dict, ref: dict) -> None:
@@ -683,7 +687,7 @@ def print_table(summary: dict) -> None:
     ref = placement_reference(summary)
     if ref:
         print_against_reference(summary, ref)
-    elif summary.get("rl_steps", declared_rl_steps()) != declared_rl_steps():
+    elif other_rl_steps(summary):
         print(f"not placed against the README's seeds: its spread is of {declared_rl_steps()} RL steps, this run's "
               f"arms ran {summary['rl_steps']}")
     print(f"time per stage: {times}\nquickstart (seed {summary['seed']}) finished in "
