@@ -37,6 +37,7 @@ from vold_pl.modules.base import OptimConfig, PolicyModule
 from vold_pl.prompts import DEFAULT_INSTRUCTION
 from vold_pl.rewards.functions import compute_rewards, validate_weights
 from vold_pl.rl.advantages import group_advantages
+from vold_pl.rl.dynamic_sampling import GroupFilter, Sampled
 from vold_pl.rl.full_kl import policy_scores_and_full_kl, teacher_hidden, teacher_token_logprobs_shared
 from vold_pl.rl.logprobs import rollout_token_logprobs
 from vold_pl.rl.losses import OPD_ESTIMATORS, Totals, masked_mean
@@ -92,6 +93,15 @@ class GRPOConfig:
             ratio bounds every step after the first; the global normalisation (``Totals``) is per optimizer step.
             0 (default) = one optimizer step on the whole rollout batch. ``max_steps`` and the LR schedule count
             optimizer steps (μ x mini-batches per batch).
+        dynamic_sampling: DAPO's dynamic sampling (arXiv 2503.14476; verl's ``filter_groups``): drop the groups
+            whose rewards are all equal (zero advantage) and sample further batches of prompts under the same
+            weights until the step has ``data.batch_size`` groups with differing rewards (``vold_pl.rl.
+            dynamic_sampling``). A step then reads one or more data batches (``train/num_gen_batches``);
+            ``train/frac_reward_zero_std`` is over every group generated. With OPD the dropped groups are not
+            distilled either. A checkpoint written between the generation batches of one step (a time-based or
+            pre-emption save) does not hold the groups kept so far: the resumed run samples them again.
+        max_gen_batches: with ``dynamic_sampling``, the generation batches one step may draw from; at this many the
+            step goes ahead, topped up with dropped groups of the last batch (verl's ``max_num_gen_batches``).
     """
 
     num_generations: int = 4
@@ -107,6 +117,8 @@ class GRPOConfig:
     micro_batch_size: int = 0
     max_tokens_per_micro_batch: int = 0
     ppo_mini_batch_size: int = 0
+    dynamic_sampling: bool = False
+    max_gen_batches: int = 4
 
     def __post_init__(self):
         # Names are checked against the registries here, at config time, with the registered names listed.
@@ -116,6 +128,9 @@ class GRPOConfig:
             if getattr(self, name) < 0:
                 raise UserError(f"grpo.{name}: {getattr(self, name)} is negative; use 0 (the whole batch) or a "
                                  f"positive cap.")
+        if self.max_gen_batches < 1:
+            raise UserError(f"grpo.max_gen_batches: {self.max_gen_batches}; a step draws from at least one generation "
+                             f"batch: use 1 or more (1 = no refill: dropped groups are put back).")
 
 
 @dataclass
@@ -308,6 +323,8 @@ class OPDGRPOModule(PolicyModule):
 
         # Frozen models live outside the module tree: not trained, not checkpointed, not sharded by Lightning.
         self._frozen: dict[str, torch.nn.Module] = {}
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.group_filter = GroupFilter(self.grpo.max_gen_batches, pad_id) if self.grpo.dynamic_sampling else None
 
     # -- the curriculum's and the data module's view of the module -----------------------------------------
     def curriculum_settings(self) -> dict[str, Any]:
@@ -328,6 +345,8 @@ class OPDGRPOModule(PolicyModule):
             self.sampling = replace(self.sampling, max_new_tokens=max_new_tokens)
         if temperature is not None:
             self.sampling = replace(self.sampling, temperature=temperature)
+        if self.group_filter is not None:  # groups kept so far were sampled and rewarded under the old settings
+            self.group_filter.reset()
 
     @property
     def completion_budget(self) -> int | None:
@@ -415,7 +434,12 @@ class OPDGRPOModule(PolicyModule):
     # -- the step ------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> None:
         t0 = time.perf_counter()
-        step = self.build_experience(batch)
+        sampled = self.sample(batch)
+        if self.group_filter is not None:  # DAPO: groups with differing rewards only, from one or more batches
+            sampled = self.group_filter.add(sampled, self._fewest_over_ranks)
+            if sampled is None:  # too few yet: the next batch is sampled under the same weights, no step taken
+                return
+        step = self.score_experience(sampled)
         rollout, exp = step.rollout, step.experience
         mask = rollout.completion_mask.float()  # [N, L]
         totals, world = self._totals(exp)
@@ -435,10 +459,11 @@ class OPDGRPOModule(PolicyModule):
                 loss, stats, ent = self.backward_micro_batches(sub, totals, world)
                 entropy[s:e, : ent.size(1)] = ent
                 self._clip_step_and_schedule(opt, sched)
-        self._log_step(step.rewards, exp.advantages, step.zero_std, rollout, mask, entropy, stats,
-                       loss.detach() / world, step.t_roll, time.perf_counter() - t0)
+        zero_std = step.zero_std if sampled.generated_zero_std is None else sampled.generated_zero_std
+        self._log_step(step.rewards, exp.advantages, zero_std, rollout, mask, entropy, stats,
+                       loss.detach() / world, step.t_roll, time.perf_counter() - t0, sampled.gen_batches)
         if self.log_completions_every and self.global_step % self.log_completions_every < self.grpo.num_iterations:
-            self._write_completions(batch["records"], rollout, step.total_reward)
+            self._write_completions(sampled.records, rollout, step.total_reward)
 
     def backward_micro_batches(self, step: StepData, totals: Totals, world: int = 1, backward=None):
         """The step's loss and its gradient, micro-batch by micro-batch: every micro-batch's forward and backward
@@ -485,27 +510,33 @@ class OPDGRPOModule(PolicyModule):
         mb_loss, mb_stats = opd_grpo_loss(exp, self.loss_settings, totals)
         return mb_loss * world, [(mb_stats, metric_weights(exp, self.loss_settings))]
 
-    def build_experience(self, batch: dict) -> StepData:
-        """The step's data, built once per rollout batch: the rollout (o_1..o_G ~ π_old per prompt), rewards,
-        group advantages, and the constant scores of the :class:`Experience` (π_old when μ > 1, reference,
-        teacher), each scored micro-batch by micro-batch; ``experience.logp`` is filled per micro-batch."""
+    def sample(self, batch: dict) -> Sampled:
+        """The rollout batch: o_1..o_G ~ π_old per prompt and their rewards r_i = Σ_k w_k R_k."""
         t0 = time.perf_counter()
         G = self.grpo.num_generations
         records = batch["records"]
         rollout = self.rollout_engine.generate(self.model, batch, G, self.sampling)
         t_roll = time.perf_counter() - t0
-        plan = self._plan(rollout)
-
-        # reward r_i = Σ_k w_k R_k, group advantage A_i
         rec_objs = [SimpleNamespace(**r) for r in records for _ in range(G)]
         rw = compute_rewards(rollout.texts, rec_objs, self.reward_weights)
+        # the teacher's prompt ends with the instruction the student's did (the data module's ``instruction``)
+        return Sampled(rollout, list(records), rw, batch.get("instruction", DEFAULT_INSTRUCTION), t_roll)
+
+    def build_experience(self, batch: dict) -> StepData:
+        """The step's data from one data batch: :meth:`sample`, then :meth:`score_experience`."""
+        return self.score_experience(self.sample(batch))
+
+    def score_experience(self, sampled: Sampled) -> StepData:
+        """The step's data, built once per rollout batch: group advantages and the constant scores of the
+        :class:`Experience` (π_old when μ > 1, reference, teacher), each scored micro-batch by micro-batch;
+        ``experience.logp`` is filled per micro-batch."""
+        G, rollout, records, rw = self.grpo.num_generations, sampled.rollout, sampled.records, sampled.rewards
+        plan = self._plan(rollout)
         rewards = rw.total.to(self.device)  # [N]
         adv, zero_std = group_advantages(rewards, G, self.grpo.scale)  # [N], [B]
 
         # frozen scores, once per rollout batch: teacher log π_T(o_t | q_T, o_<t), reference, π_old
-        # the teacher's prompt ends with the instruction the student's did (the data module's ``instruction``)
-        instruction = batch.get("instruction", DEFAULT_INSTRUCTION)
-        teacher = self._teacher_scores(records, rollout, plan, instruction) if self.opd.lam > 0 else {}
+        teacher = self._teacher_scores(records, rollout, plan, sampled.instruction) if self.opd.lam > 0 else {}
         ref_logp = old_logp = None
         if self.grpo.beta_ref > 0:
             reference = self._frozen.get("reference", self.model)  # LoRA: the policy, adapters off below
@@ -518,7 +549,7 @@ class OPDGRPOModule(PolicyModule):
         exp = Experience(logp=None, old_logp=old_logp, advantages=adv, mask=rollout.completion_mask.float(),
                          ref_logp=ref_logp, success=success, teacher_logp=teacher.get("logp"),
                          teacher_logits=teacher.get("logits"), teacher_available=teacher.get("available"))
-        return StepData(rollout, exp, plan, rw, rewards, zero_std, t_roll, teacher.get("inputs"))
+        return StepData(rollout, exp, plan, rw, rewards, zero_std, sampled.t_roll, teacher.get("inputs"))
 
     def _plan(self, rollout: Rollout) -> list[MicroBatch]:
         """The step's micro-batches. Across ranks their number is made equal (padding entries,
@@ -532,6 +563,13 @@ class OPDGRPOModule(PolicyModule):
             n = torch.tensor(float(len(spans)), device=self.device)
             most = int(trainer.strategy.reduce(n, reduce_op="max"))
         return micro_batch_plan(rollout, spans, most)
+
+    def _fewest_over_ranks(self, n: int) -> int:
+        """The smallest ``n`` over the data-parallel ranks (``n`` itself on one)."""
+        trainer = self.attached_trainer()
+        if trainer is None or trainer.world_size <= 1:
+            return n
+        return int(trainer.strategy.reduce(torch.tensor(float(n), device=self.device), reduce_op="min"))
 
     def _totals(self, exp: Experience) -> tuple[Totals, int]:
         """The aggregations' global counts (completions, completion tokens) summed over ranks, and the number
@@ -639,7 +677,8 @@ class OPDGRPOModule(PolicyModule):
         sched.step()
 
     # -- logging -------------------------------------------------------------------------------------------
-    def _log_step(self, rw, adv, zero_std, rollout, mask, entropy, stats, loss, t_roll, t_step) -> None:
+    def _log_step(self, rw, adv, zero_std, rollout, mask, entropy, stats, loss, t_roll, t_step,
+                  gen_batches: int = 1) -> None:
         rewards = rw.total.to(mask.device)  # [N]
         lengths = mask.sum(-1)  # [N]
         n_tokens = float(lengths.sum())
@@ -657,6 +696,8 @@ class OPDGRPOModule(PolicyModule):
             "time/step": torch.tensor(t_step),
             "lr": torch.tensor(self.optimizers().param_groups[0]["lr"]),
         }
+        if self.group_filter is not None:
+            m["num_gen_batches"] = torch.tensor(float(gen_batches))
         for name, v in rw.named.items():
             m[f"rewards/{name}/mean"] = v.mean()
         if rw.n_errors:

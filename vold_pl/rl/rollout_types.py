@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from vold_pl.models.inputs import base_model, select_model_inputs
+from vold_pl.models.inputs import MODEL_INPUT_KEYS, TEXT_INPUT_KEYS, base_model, select_model_inputs
 
 
 @dataclass
@@ -194,3 +194,68 @@ def rollout_rows(rollout: Rollout, start: int, end: int, width: int | None = Non
                    logprobs=cut(rollout.logprobs) if rollout.logprobs is not None else None, prompts=prompts,
                    blocked_ids=rollout.blocked_ids)
 
+
+
+def _pad_to(t: torch.Tensor, width: int, value, left: bool) -> torch.Tensor:
+    """``t [n, w, ...]`` padded to ``[n, width, ...]`` with ``value``, on the left or the right."""
+    extra = width - t.size(1)
+    if extra == 0:
+        return t
+    pad = t.new_full((t.size(0), extra) + tuple(t.shape[2:]), value)
+    return torch.cat([pad, t] if left else [t, pad], dim=1)
+
+
+def _concat_inputs(parts: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Model inputs of several row batches, one batch: the token-aligned keys (ids, mask, modality ids) left-padded
+    to the widest prompt (a missing modality-id key is all text), the image patches and grids stacked in row order."""
+    unknown = {k for p in parts for k in p} - set(MODEL_INPUT_KEYS)
+    if unknown:  # a new input kind must say how its rows join (token-aligned or stacked) before it is joined
+        raise ValueError(f"concat_rollouts: no rule to join the model inputs {sorted(unknown)}")
+    width = max(p["input_ids"].size(1) for p in parts)
+    out: dict[str, Any] = {}
+    for key, value in (("input_ids", pad_id), ("attention_mask", 0), ("mm_token_type_ids", 0)):
+        if any(key in p for p in parts):
+            out[key] = torch.cat([_pad_to(p[key] if key in p else torch.zeros_like(p["input_ids"]), width, value,
+                                          left=True) for p in parts])
+    for key in ("pixel_values", "image_grid_thw"):
+        if any(key in p for p in parts):
+            out[key] = torch.cat([p[key] for p in parts if key in p])
+    return out
+
+
+def concat_rollouts(rollouts: list[Rollout], pad_id: int) -> Rollout:
+    """Several rollouts of the same group size as one (DAPO's dynamic sampling joins the kept groups of several
+    generation batches): prompts left-padded to the widest (the padding is masked, as in any collated batch),
+    completions right-padded with ``pad_id`` to the longest, images in row order. Scores of every row are those of
+    its own rollout: a left-padded prompt is the same prompt, and columns after a row's EOS are never attended to."""
+    if len(rollouts) == 1:
+        return rollouts[0]
+    G = rollouts[0].group_size
+    if any(r.group_size != G for r in rollouts) or any(r.blocked_ids != rollouts[0].blocked_ids for r in rollouts):
+        raise ValueError("concat_rollouts: the rollouts differ in group size or blocked ids")
+    L = max(r.completion_ids.size(1) for r in rollouts)
+    rows = [{"input_ids": r.prompt_ids, "attention_mask": r.prompt_mask, **r.extra} for r in rollouts]
+    joined = _concat_inputs(rows, pad_id)
+    extra = {k: v for k, v in joined.items() if k not in TEXT_INPUT_KEYS}
+    prompts = None
+    if all(r.prompts is not None for r in rollouts):
+        prompts = _concat_inputs([dict(r.prompts) for r in rollouts], pad_id)
+    logprobs = None
+    if all(r.logprobs is not None for r in rollouts):
+        logprobs = torch.cat([_pad_to(r.logprobs, L, 0.0, left=False) for r in rollouts])
+    return Rollout(joined["input_ids"], joined["attention_mask"],
+                   torch.cat([_pad_to(r.completion_ids, L, pad_id, left=False) for r in rollouts]),
+                   torch.cat([_pad_to(r.completion_mask, L, 0, left=False) for r in rollouts]),
+                   [t for r in rollouts for t in r.texts], G, torch.cat([r.clipped for r in rollouts]), extra,
+                   logprobs=logprobs, prompts=prompts, blocked_ids=rollouts[0].blocked_ids)
+
+
+def select_groups(rollout: Rollout, groups: list[int], pad_id: int) -> Rollout:
+    """The rollout's groups ``groups`` (indices of prompts, in that order), whole: rows ``g*G .. g*G+G-1`` each,
+    with their images and unrepeated prompts, completions at their full width."""
+    G, width = rollout.group_size, rollout.completion_ids.size(1)
+    if list(groups) == list(range(rollout.num_rows // G)):
+        return rollout
+    if not groups:
+        raise ValueError("select_groups: no group selected")
+    return concat_rollouts([rollout_rows(rollout, g * G, (g + 1) * G, width) for g in groups], pad_id)
