@@ -8,6 +8,8 @@ Scripted rollouts make each prompt's rewards known in advance: ``A`` prompts get
 
 from __future__ import annotations
 
+import json
+
 import lightning as L
 import pytest
 import torch
@@ -180,3 +182,89 @@ def test_the_ranks_decide_together():
 def test_max_gen_batches_below_one_is_refused():
     with pytest.raises(UserError, match="grpo.max_gen_batches"):
         GRPOConfig(dynamic_sampling=True, max_gen_batches=0)
+
+
+def test_a_curriculum_stage_starts_the_filter_afresh(tiny_models, prompts, one_thread):
+    """Groups kept under one stage's G and rewards never join a step of the next stage."""
+    named, rows = prompts
+    module = _module(tiny_models, named, dynamic_sampling=True)
+    module.configure_model()
+    batch = PromptCollator(module.processor)([rows["A_text"], rows["U_text"]])
+    assert module.group_filter.add(module.sample(batch)) is None
+    assert module.group_filter.pending_groups == 1
+    module.apply_curriculum_settings(rewards={"accuracy": 1.0})
+    assert module.group_filter.pending_groups == 0
+    assert _module(tiny_models, named).group_filter is None  # off by default: every group trains
+
+
+TWO_RANKS = '''
+"""2-rank DDP (gloo) with dynamic sampling: rank 0's batches are all informative, rank 1's first one is half so."""
+import json, os, sys
+from datetime import timedelta
+from pathlib import Path
+
+import json
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import DDPStrategy
+from torch.utils.data import DataLoader
+
+from tests.scripted_engine import ScriptedEngine
+from tests.test_dynamic_sampling import UNIFORM
+from tests.test_microbatch import SCRIPT_TEXT
+from vold_pl.data.collate import PromptCollator
+from vold_pl.data.sources import read_records, to_dataset
+from vold_pl.models.factory import ModelSpec
+from vold_pl.modules.base import OptimConfig
+from vold_pl.modules.opd_grpo import GRPOConfig, OPDGRPOModule
+from vold_pl.rl.rollout_types import SamplingConfig
+
+tiny, data, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+torch.set_num_threads(1)
+recs = [r for r in read_records(data / "train_text.jsonl")[0] if not r.images][:4]
+rank = int(os.environ.get("LOCAL_RANK", "0"))
+module = OPDGRPOModule(ModelSpec(str(tiny / "student")), optim=OptimConfig(lr=1e-3, schedule="constant"),
+                       grpo=GRPOConfig(num_generations=4, loss_aggregation="token", dynamic_sampling=True),
+                       sampling=SamplingConfig(max_new_tokens=48), export=False, log_completions_every_n_steps=0)
+module.rollout_engine = ScriptedEngine(module.tokenizer, {recs[0].id: SCRIPT_TEXT, recs[1].id: SCRIPT_TEXT,
+                                                          recs[2].id: UNIFORM, recs[3].id: SCRIPT_TEXT})
+ds = to_dataset(recs)
+rows = [ds[0], ds[1]] * 2 if rank == 0 else [ds[2], ds[3], ds[3], ds[3]]
+loader = DataLoader(rows, batch_size=2, shuffle=False, collate_fn=PromptCollator(module.processor))
+
+
+class Probe(L.Callback):
+    batches = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.batches += 1
+
+
+probe = Probe()
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(timeout=timedelta(seconds=120)), max_steps=1,
+                    logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                    num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False, callbacks=[probe])
+trainer.fit(module, train_dataloaders=loader)
+(out / f"rank{trainer.global_rank}.json").write_text(json.dumps({
+    "global_step": trainer.global_step, "batches": probe.batches,
+    "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}))
+'''
+
+
+def test_two_ranks_sample_until_every_rank_has_its_groups(tiny_models, synth_data, tmp_path):
+    """Rank 1 keeps 1 of 2 groups from its first batch, so both ranks read a second batch before their one step
+    (every rank's step runs the same collectives): no rank steps alone, none waits forever."""
+    from tests.test_distributed import RUN_TIMEOUT_S, _run_two_ranks
+
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANKS)
+    out = tmp_path / "out"
+    out.mkdir()
+    res = _run_two_ranks(script, [str(tiny_models["student"].parent), str(synth_data["train"].parent), str(out)],
+                         RUN_TIMEOUT_S)
+    assert res.returncode == 0, res.stdout[-6000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert r["global_step"] == 1 and r["batches"] == 2
+    assert ranks[0]["metrics"]["train/num_gen_batches"] == 2
