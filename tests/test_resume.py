@@ -41,10 +41,16 @@ from vold_pl.rl.rollout_types import SamplingConfig
 
 REPO = Path(__file__).resolve().parents[1]
 HASH_REWARD = "_test_resume_text_hash"
+COIN_REWARD = "_test_resume_text_coin"
 
 
 def _hash_reward(c, r):
     return (zlib.crc32(c.encode()) % 997) / 997
+
+
+def _coin_reward(c, r):
+    """0 or 1 by the text's hash: with G = 2 about half the groups tie, which dynamic sampling drops."""
+    return float(zlib.crc32(c.encode()) % 2)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -54,8 +60,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 def hash_reward():
     """A reward that varies with the text: random tiny-model rollouts get non-zero advantages, weights move."""
     reward_fns.register_reward(HASH_REWARD, overwrite=True)(_hash_reward)
+    reward_fns.register_reward(COIN_REWARD, overwrite=True)(_coin_reward)
     yield HASH_REWARD
     reward_fns._REGISTRY.pop(HASH_REWARD, None)
+    reward_fns._REGISTRY.pop(COIN_REWARD, None)
 
 
 def build(kind: str, models: dict, data: dict, optim: str = "adamw", world: int = 1):
@@ -64,13 +72,15 @@ def build(kind: str, models: dict, data: dict, optim: str = "adamw", world: int 
     if kind == "sft":
         module = SFTModule(student, optim=OptimConfig(name=optim, lr=1e-2, warmup_steps=1), export=False)
         mu = 1
-    else:
+    else:  # opd_grpo; opd_grpo_dynamic: with dynamic sampling, on a reward whose groups often tie
         mu = 2
+        dynamic = kind == "opd_grpo_dynamic"
         module = OPDGRPOModule(
             student, teacher=ModelSpec(str(models["teacher"])), optim=OptimConfig(lr=1e-3, warmup_steps=1),
-            grpo=GRPOConfig(num_generations=2, num_iterations=mu, epsilon_high=0.28, loss_aggregation="token"),
+            grpo=GRPOConfig(num_generations=2, num_iterations=mu, epsilon_high=0.28, loss_aggregation="token",
+                            dynamic_sampling=dynamic, max_gen_batches=3),
             opd=OPDConfig(lam=0.5), sampling=SamplingConfig(max_new_tokens=6),
-            rewards={"accuracy": 1.0, "format": 0.1, HASH_REWARD: 1.0}, export=False,
+            rewards={"accuracy": 1.0, "format": 0.1, COIN_REWARD if dynamic else HASH_REWARD: 1.0}, export=False,
             log_completions_every_n_steps=0)
     dm = ReasoningDataModule(
         train=[DataSource(str(data["train"]), 0.5), DataSource(str(data["train_text"]), 0.5)],
@@ -85,8 +95,10 @@ class Recorder(L.Callback):
     def __init__(self):
         self.rows: list[dict] = []
         self._texts: list[str] = []
+        self._last_step = -1
 
     def on_train_start(self, trainer, pl_module):
+        self._last_step = trainer.global_step
         engine = pl_module.rollout_engine
         orig = engine.generate
 
@@ -99,8 +111,10 @@ class Recorder(L.Callback):
         engine.generate = generate
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        m = trainer.callback_metrics
-        self.rows.append({"step": trainer.global_step, "loss": float(m["train/loss"]),
+        # a batch that took no optimizer step (dynamic sampling kept its groups for the next) logged nothing new
+        m = trainer.callback_metrics if trainer.global_step != self._last_step else {}
+        self._last_step = trainer.global_step
+        self.rows.append({"step": trainer.global_step, "loss": float(m["train/loss"]) if "train/loss" in m else None,
                           "reward": float(m["train/reward"]) if "train/reward" in m else None,
                           "ids": [r["id"] for r in batch["records"]], "texts": self._texts})
         self._texts = []
@@ -214,6 +228,19 @@ def test_resume_is_exact(kind, optim, stop_batch, tiny_models, synth_data, tmp_p
     init = build(kind, tiny_models, synth_data)[0]
     init.configure_model()
     assert any(not torch.equal(wa[k], v) for k, v in init.model.state_dict().items())
+
+
+def test_resume_is_exact_with_dynamic_sampling(tiny_models, synth_data, tmp_path):
+    """Steps that read one to three data batches: the resumed run reads the batches the straight run read after the
+    checkpoint, samples what it sampled and ends on the same weights."""
+    n = 3 * 2  # 3 rollout steps of μ = 2 optimizer steps
+    a, wa, _, _ = fit("opd_grpo_dynamic", tiny_models, synth_data, tmp_path / "straight", n)
+    assert len(a) > 3, "no step read a second batch: the case tests nothing dynamic sampling does"
+    b1, _, t1, m1 = fit("opd_grpo_dynamic", tiny_models, synth_data, tmp_path / "halves", n, stop_at=2)
+    assert t1.global_step == 2 and m1._preempted
+    b2, wb, t2, _ = fit("opd_grpo_dynamic", tiny_models, synth_data, tmp_path / "halves", n, ckpt="last")
+    assert t2.global_step == n
+    assert_same_run(a, b1 + b2, wa, wb)
 
 
 # ------------------------------------------------------------------------------------------- SIGTERM, subprocess
