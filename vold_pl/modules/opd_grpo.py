@@ -98,8 +98,10 @@ class GRPOConfig:
             weights until the step has ``data.batch_size`` groups with differing rewards (``vold_pl.rl.
             dynamic_sampling``). A step then reads one or more data batches (``train/num_gen_batches``);
             ``train/frac_reward_zero_std`` is over every group generated. With OPD the dropped groups are not
-            distilled either. A checkpoint written between the generation batches of one step (a time-based or
-            pre-emption save) does not hold the groups kept so far: the resumed run samples them again.
+            distilled either. Resume is exact from a checkpoint written at an optimizer step (``every_n_train_steps``,
+            the end of fit); one written between the generation batches of a step (a pre-emption or time-based
+            save) does not hold the groups kept so far, so the resumed run goes on from the next data batch and
+            those few prompts are not trained on in that epoch.
         max_gen_batches: with ``dynamic_sampling``, the generation batches one step may draw from; at this many the
             step goes ahead, topped up with dropped groups of the last batch (verl's ``max_num_gen_batches``).
     """
