@@ -97,8 +97,9 @@ class GRPOConfig:
             whose rewards are all equal (zero advantage) and sample further batches of prompts under the same
             weights until the step has ``data.batch_size`` groups with differing rewards (``vold_pl.rl.
             dynamic_sampling``). A step then reads one or more data batches (``train/num_gen_batches``);
-            ``train/frac_reward_zero_std`` is over every group generated. With OPD the dropped groups are not
-            distilled either. Resume is exact from a checkpoint written at an optimizer step (``every_n_train_steps``,
+            ``train/frac_reward_zero_std`` is over every group generated, the other metrics over the groups
+            trained. Lightning's loggers write at every data batch (their x-axis counts data batches), so a batch
+            that took no step repeats the last step's values. With OPD the dropped groups are not distilled either. Resume is exact from a checkpoint written at an optimizer step (``every_n_train_steps``,
             the end of fit); one written between the generation batches of a step (a pre-emption or time-based
             save) does not hold the groups kept so far, so the resumed run goes on from the next data batch and
             those few prompts are not trained on in that epoch.
