@@ -124,7 +124,7 @@ def test_joined_rollouts_score_as_their_parts(tiny_models, prompts, one_thread):
         assert not joined.completion_mask[rows_joined, w:].any()  # only padding beyond the part's width
 
 
-def _sampled(rewards: list[list[float]], tag: str) -> Sampled:
+def _sampled(rewards: list[list[float]], tag: str, errors: int = 1) -> Sampled:
     """B groups of G one-token completions with the given rewards; records named ``tag0``, ``tag1``, ..."""
     B = len(rewards)
     N = B * G
@@ -134,7 +134,7 @@ def _sampled(rewards: list[list[float]], tag: str) -> Sampled:
                  torch.zeros(N, dtype=torch.bool),
                  prompts={"input_ids": torch.ones(B, 2, dtype=torch.long), "attention_mask": torch.ones(B, 2)})
     total = torch.tensor([r for g in rewards for r in g])  # [N]
-    return Sampled(ro, [{"id": f"{tag}{b}"} for b in range(B)], RewardOutput(total, {"accuracy": total}, {"x": 1}),
+    return Sampled(ro, [{"id": f"{tag}{b}"} for b in range(B)], RewardOutput(total, {"accuracy": total}, {"x": errors}),
                    "instr", t_roll=1.5)
 
 
@@ -161,9 +161,10 @@ def test_the_filter_keeps_differing_groups_in_order_and_stops_at_the_target():
 def test_the_filter_gives_up_at_max_gen_batches_and_tops_up_from_the_last_batch():
     f = GroupFilter(max_gen_batches=2, pad_id=0)
     same, mixed = [0.0] * G, [0.0, 1.0, 0.0, 0.0]
-    assert f.add(_sampled([same, same], "a")) is None
-    step = f.add(_sampled([same, mixed], "b"))
+    assert f.add(_sampled([same, same], "a", errors=1)) is None
+    step = f.add(_sampled([same, mixed], "b", errors=3))
     assert [r["id"] for r in step.records] == ["b1", "b0"]
+    assert step.rewards.errors == {"x": 4}  # every generated rollout's failures, each counted once
     assert step.gen_batches == 2 and step.generated_zero_std.tolist() == [True, True, True, False]
     # one generation batch: never refilled, the batch's own groups, informative ones first
     one = GroupFilter(max_gen_batches=1, pad_id=0)

@@ -99,10 +99,11 @@ class GRPOConfig:
             dynamic_sampling``). A step then reads one or more data batches (``train/num_gen_batches``);
             ``train/frac_reward_zero_std`` is over every group generated, the other metrics over the groups
             trained. Lightning's loggers write at every data batch (their x-axis counts data batches), so a batch
-            that took no step repeats the last step's values. With OPD the dropped groups are not distilled either. Resume is exact from a checkpoint written at an optimizer step (``every_n_train_steps``,
-            the end of fit); one written between the generation batches of a step (a pre-emption or time-based
-            save) does not hold the groups kept so far, so the resumed run goes on from the next data batch and
-            those few prompts are not trained on in that epoch.
+            that took no step repeats the last step's values. With OPD the dropped groups are not distilled
+            either. Resume is exact from a checkpoint written at an optimizer step (``every_n_train_steps``, the
+            end of fit); one written between the generation batches of a step (a pre-emption or time-based save)
+            does not hold the groups kept so far, so the resumed run goes on from the next data batch and those
+            few prompts are not trained on in that epoch.
         max_gen_batches: with ``dynamic_sampling``, the generation batches one step may draw from; at this many the
             step goes ahead, topped up with dropped groups of the last batch (verl's ``max_num_gen_batches``).
     """

@@ -51,17 +51,12 @@ class Sampled:
                        rewards=rw)
 
 
-def concat_sampled(parts: list[Sampled], pad_id: int) -> Sampled:
-    """Several :class:`Sampled` of one group size as one (the rewards' error counts added up)."""
-    if len(parts) == 1:
-        return parts[0]
-    errors: dict[str, int] = {}
-    for p in parts:
-        for k, v in p.rewards.errors.items():
-            errors[k] = errors.get(k, 0) + v
+def concat_sampled(parts: list[Sampled], pad_id: int, errors: dict[str, int]) -> Sampled:
+    """Several :class:`Sampled` of one group size as one; ``errors``: the reward failures to report with it (those
+    of every generation batch the parts came from, which the parts cannot add up: two may share a batch)."""
     names = parts[0].rewards.named
     rw = RewardOutput(torch.cat([p.rewards.total for p in parts]),
-                      {k: torch.cat([p.rewards.named[k] for p in parts]) for k in names}, errors)
+                      {k: torch.cat([p.rewards.named[k] for p in parts]) for k in names}, dict(errors))
     return replace(parts[0], rollout=concat_rollouts([p.rollout for p in parts], pad_id),
                    records=[r for p in parts for r in p.records], rewards=rw)
 
@@ -85,6 +80,7 @@ class GroupFilter:
         """Forget the groups kept so far (a curriculum stage that changes G or the rewards starts afresh)."""
         self._kept: list[Sampled] = []
         self._zero_std: list[torch.Tensor] = []
+        self._errors: dict[str, int] = {}
         self._t_roll = 0.0
         self._target = 0
 
@@ -102,6 +98,8 @@ class GroupFilter:
         self._target = self._target or sampled.num_groups
         self._zero_std.append(zero)
         self._t_roll += sampled.t_roll
+        for k, v in sampled.rewards.errors.items():
+            self._errors[k] = self._errors.get(k, 0) + v
         kept = [g for g in range(sampled.num_groups) if not zero[g]]
         if kept:
             self._kept.append(sampled.groups(kept, self.pad_id))
@@ -112,7 +110,7 @@ class GroupFilter:
         dropped = [g for g in range(sampled.num_groups) if zero[g]][: max(missing, 0)]
         if dropped:  # gave up: dropped groups of this batch fill the step (zero advantage; OPD still sees them)
             parts.append(sampled.groups(dropped, self.pad_id))
-        step = concat_sampled(parts, self.pad_id)
+        step = concat_sampled(parts, self.pad_id, self._errors)
         if step.num_groups > self._target:  # as verl: exactly a batch's worth, the first groups kept
             step = step.groups(list(range(self._target)), self.pad_id)
         step = replace(step, t_roll=self._t_roll, generated_zero_std=torch.cat(self._zero_std),

@@ -195,7 +195,6 @@ def rollout_rows(rollout: Rollout, start: int, end: int, width: int | None = Non
                    blocked_ids=rollout.blocked_ids)
 
 
-
 def _pad_to(t: torch.Tensor, width: int, value, left: bool) -> torch.Tensor:
     """``t [n, w, ...]`` padded to ``[n, width, ...]`` with ``value``, on the left or the right."""
     extra = width - t.size(1)
