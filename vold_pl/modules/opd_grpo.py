@@ -327,8 +327,9 @@ class OPDGRPOModule(PolicyModule):
 
         # Frozen models live outside the module tree: not trained, not checkpointed, not sharded by Lightning.
         self._frozen: dict[str, torch.nn.Module] = {}
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        self.group_filter = GroupFilter(self.grpo.max_gen_batches, pad_id) if self.grpo.dynamic_sampling else None
+        # the engines pad completions with the tokenizer's pad id; joined rollouts pad with it too
+        self.group_filter = (GroupFilter(self.grpo.max_gen_batches, self.tokenizer.pad_token_id)
+                             if self.grpo.dynamic_sampling else None)
 
     # -- the curriculum's and the data module's view of the module -----------------------------------------
     def curriculum_settings(self) -> dict[str, Any]:
