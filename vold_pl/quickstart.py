@@ -540,7 +540,8 @@ def placement_reference(summary: dict, path: Path = REFERENCE, home: Path = PRET
 def other_rl_steps(summary: dict) -> bool:
     """Whether a seed's RL arms ran another number of steps than the configs' (``--rl-steps``; a summary without
     ``rl_steps`` predates the option and ran the configs')."""
-    return summary.get("rl_steps", declared_rl_steps()) != declared_rl_steps()
+    declared = declared_rl_steps()
+    return summary.get("rl_steps", declared) != declared
 
 
 def print_against_reference(summary: dict, ref: dict) -> None:
